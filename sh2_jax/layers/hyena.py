@@ -1,0 +1,87 @@
+"""Hyena-SE, Hyena-MR and Hyena-LI mixers: projections, featurizer and the inner filter.
+
+Parameter layout (our convention, converted from Evo 2 checkpoints by sh2_jax.convert):
+  in_proj      [D, 3D]  columns interleaved: 3i+0 post-gate, 3i+1 pre-gate, 3i+2 value
+  featurizer   [3D, K]  w[:, 0] on the current token (checkpoints store the reverse)
+  SE filter    [G, 7]   h[:, 0] on the current token (checkpoints store the reverse)
+  MR filter    [G, 128] hhat, h[:, 0] on the current token, times the fixed decay if mr_decay
+  LI p, gamma  [D, N]   log_pole = -exp(p + gamma); residues [D, N]
+  dskip        [D]      MR and LI only
+  out_proj     [D, D] and out_bias [D]
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sh2_jax.config import ModelConfig
+from sh2_jax.layers import params as P
+from sh2_jax.ops import filters, hyena
+
+
+class HyenaBase(nn.Module):
+  """Shared in-projection, featurizer and out-projection; subclasses supply `inner`."""
+  config: ModelConfig
+
+  def inner(self, post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array) -> jax.Array:
+    raise NotImplementedError
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    cfg = self.config
+    d, pdt, dt = cfg.d_model, jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    w_in = P.declare(self, "in_proj", P.normal(cfg.init_std), (d, 3 * d), ("embed", "channels"), pdt)
+    w_feat = P.declare(self, "featurizer", P.uniform_symmetric(1 / math.sqrt(cfg.featurizer_len)),
+                       (3 * d, cfg.featurizer_len), ("channels", "taps"), pdt)
+    w_out = P.declare(self, "out_proj", P.normal(P.output_std(cfg.init_std, cfg.num_layers)),
+                      (d, d), ("channels", "embed"), pdt)
+    b_out = P.declare(self, "out_bias", P.constant(0.0), (d,), ("embed",), pdt)
+    z_BL3D = x_BLD.astype(dt) @ w_in.astype(dt)
+    z_BL3D = hyena.featurize(z_BL3D, w_feat)
+    post, pre, v = hyena.split_interleaved(z_BL3D)
+    y_BLD = self.inner(post, pre, v)
+    return y_BLD.astype(dt) @ w_out.astype(dt) + b_out.astype(dt)
+
+
+class HyenaSE(HyenaBase):
+  """Short explicit filter (7 taps), grouped, no skip term."""
+
+  def inner(self, post_BLD, pre_BLD, v_BLD):
+    cfg = self.config
+    h = P.declare(self, "filter", P.uniform_symmetric(1 / math.sqrt(cfg.se_filter_len)),
+                  (cfg.se_groups, cfg.se_filter_len), ("groups", "taps"), jnp.dtype(cfg.param_dtype))
+    return hyena.gate_conv_gate(post_BLD, pre_BLD, v_BLD, h, None, cfg.conv_method, cfg.conv_chunk)
+
+
+class HyenaMR(HyenaBase):
+  """Medium explicit filter (128 taps) with a fixed exponential decay, grouped, with skip."""
+
+  def inner(self, post_BLD, pre_BLD, v_BLD):
+    cfg = self.config
+    pdt = jnp.dtype(cfg.param_dtype)
+    hhat_std = 1e-5 / math.sqrt(cfg.train_len)
+    hhat = P.declare(self, "filter", P.normal(hhat_std), (cfg.mr_groups, cfg.mr_filter_len),
+                     ("groups", "taps"), pdt)
+    dskip = P.declare(self, "dskip", P.normal(1.0), (cfg.d_model,), ("channels",), pdt)
+    h = filters.mr_filter(hhat, cfg.train_len, cfg.mr_decay)
+    return hyena.gate_conv_gate(post_BLD, pre_BLD, v_BLD, h, dskip, cfg.conv_method, cfg.conv_chunk)
+
+
+class HyenaLI(HyenaBase):
+  """Long implicit modal filter: li_order real poles per channel, ungrouped, with skip."""
+
+  def inner(self, post_BLD, pre_BLD, v_BLD):
+    cfg = self.config
+    d, n, pdt = cfg.d_model, cfg.li_order, jnp.float32
+    p = P.declare(self, "pole_p", P.constant(-1.0), (d, n), ("channels", "poles"), pdt)
+    gamma = P.declare(self, "pole_gamma", P.log_uniform_log(0.01, 0.1), (d, n),
+                      ("channels", "poles"), pdt)
+    residues = P.declare(self, "residues", P.normal(0.1 / 4), (d, n), ("channels", "poles"), pdt)
+    dskip = P.declare(self, "dskip", P.normal(1.0), (d,), ("channels",), jnp.dtype(cfg.param_dtype))
+    log_poles = filters.modal_log_poles(p, gamma)
+    return hyena.li_gate_conv_gate(post_BLD, pre_BLD, v_BLD, log_poles, residues, dskip,
+                                   cfg.li_method)

@@ -1,0 +1,19 @@
+"""RMSNorm module (scale initialised to 1)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sh2_jax.layers import params as P
+from sh2_jax.ops.norms import rms_norm
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-6
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    scale = P.declare(self, "scale", P.constant(1.0), (x_BLD.shape[-1],), ("norm",),
+                      jnp.dtype(self.param_dtype))
+    return rms_norm(x_BLD, scale, self.eps)

@@ -1,0 +1,50 @@
+"""StripedHyena 2: byte embedding, a stripe of Hyena/MHA blocks, final norm, tied logits."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sh2_jax.config import ModelConfig
+from sh2_jax.layers import params as P
+from sh2_jax.layers.block import Block
+from sh2_jax.layers.norm import RMSNorm
+
+
+class StripedHyena2(nn.Module):
+  """Byte-level multi-hybrid LM (SPEC.md section 1).
+
+  Call with int tokens [B, L]; returns float32 logits [B, L, V]. The residual stream is kept
+  in float32; matrix products run in `config.dtype`. With `mutable=["intermediates"]`, the
+  residual after each block is sown as intermediates["hidden_{i}"].
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+    cfg = self.config
+    embedding_VD = P.declare(self, "embedding", P.normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
+                             ("vocab", "embed"), jnp.dtype(cfg.param_dtype))
+    x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(jnp.float32)
+    block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
+    for i in range(cfg.num_layers):
+      x_BLD = block_cls(cfg, i, name=f"block_{i}")(x_BLD)
+      self.sow("intermediates", f"hidden_{i}", x_BLD)
+    x_BLD = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")(x_BLD)
+    dt = jnp.dtype(cfg.dtype)
+    return jnp.einsum("BLD,VD->BLV", x_BLD.astype(dt), embedding_VD.astype(dt),
+                      preferred_element_type=jnp.float32)
+
+
+def abstract_params(config: ModelConfig, length: int = 8) -> dict:
+  """Parameter shapes (boxed with logical axes) from abstract evaluation: no allocation."""
+  model = StripedHyena2(config)
+  tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(tokens.shape, tokens.dtype)))["params"]
+
+
+def count_params(params) -> int:
+  """Number of scalars in a (possibly abstract, possibly boxed) parameter tree."""
+  leaves = jax.tree_util.tree_leaves(nn.meta.unbox(params))
+  return sum(int(jnp.size(x)) if hasattr(x, "size") else 0 for x in leaves)

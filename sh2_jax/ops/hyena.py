@@ -1,0 +1,95 @@
+"""The Hyena mixer core shared by SE, MR and LI, given its filters (SPEC.md section 2).
+
+    z = featurizer(x @ W_in)              # [B, L, 3D], causal depthwise conv of 3 taps
+    post, pre, v = z[..., 0::3], z[..., 1::3], z[..., 2::3]   # interleaved triples
+    u = pre * v
+    out = post * (conv(u, h) + dskip * u)  # dskip absent for SE
+
+Projections live in the modules; this file holds the array math between them. Gates and the
+convolution run in float32 and return the compute dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import blocked_conv
+from sh2_jax.ops import conv, filters
+
+LI_CHUNKED_MIN_LEN = 1 << 16
+
+
+def split_interleaved(z_BL3D: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Splits interleaved projection channels 3i+0, 3i+1, 3i+2 into (post_gate, pre_gate, v)."""
+  batch, length, width3 = z_BL3D.shape
+  z = z_BL3D.reshape(batch, length, width3 // 3, 3)
+  return z[..., 0], z[..., 1], z[..., 2]
+
+
+def featurize(z_BLC: jax.Array, w_CK: jax.Array) -> jax.Array:
+  """Causal depthwise short convolution (one filter per channel, w[:, 0] on the current token)."""
+  return conv.direct_conv(z_BLC, w_CK)
+
+
+def gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array, h_GK: jax.Array,
+                   dskip_D: jax.Array | None, method: str = "auto",
+                   chunk: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
+  """post * (conv(pre * v, h) + dskip * pre * v) with a grouped explicit filter (SE, MR).
+
+  Args:
+    post_BLD, pre_BLD, v_BLD: [B, L, D] gates and value.
+    h_GK: [G, K] grouped filter, h[:, 0] on the current token.
+    dskip_D: [D] skip weights or None.
+    method: "direct" | "fft" | "blocked" | "auto" (see ops.conv.resolve_method).
+    chunk: block length of the blocked method.
+
+  Returns:
+    [B, L, D] in v's dtype.
+  """
+  method = conv.resolve_method(method, h_GK.shape[-1], chunk)
+  if method == "blocked":
+    return blocked_conv.gate_conv_gate(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D, chunk=chunk)
+  u = pre_BLD.astype(jnp.float32) * v_BLD.astype(jnp.float32)
+  y = conv.causal_conv(u, h_GK.astype(jnp.float32), method=method, chunk=chunk)
+  if dskip_D is not None:
+    y = y + dskip_D.astype(jnp.float32) * u
+  return (post_BLD.astype(jnp.float32) * y).astype(v_BLD.dtype)
+
+
+def resolve_li_method(method: str, length: int) -> str:
+  """"auto": FFT up to 64K tokens, the chunked modal recurrence beyond (linear memory)."""
+  if method == "auto":
+    return "fft" if length < LI_CHUNKED_MIN_LEN else "chunked"
+  if method not in ("fft", "chunked"):
+    raise ValueError(f"LI method {method!r}: choose one of ('auto', 'fft', 'chunked')")
+  return method
+
+
+def li_long_conv(u_BLD: jax.Array, log_poles_DN: jax.Array, residues_DN: jax.Array,
+                 method: str = "auto") -> jax.Array:
+  """Causal convolution of u with the modal filter, float32.
+
+  Args:
+    u_BLD: [B, L, D].
+    log_poles_DN, residues_DN: [D, N] (one modal system per channel).
+    method: "fft" | "chunked" | "auto".
+
+  Returns:
+    [B, L, D] float32.
+  """
+  length = u_BLD.shape[1]
+  method = resolve_li_method(method, length)
+  if method == "chunked":
+    return filters.modal_chunked_conv(u_BLD, log_poles_DN, residues_DN)
+  h_DL = filters.modal_filter(log_poles_DN, residues_DN, length)
+  return conv.fft_conv(u_BLD.astype(jnp.float32), h_DL)
+
+
+def li_gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,
+                      log_poles_DN: jax.Array, residues_DN: jax.Array, dskip_D: jax.Array,
+                      method: str = "auto") -> jax.Array:
+  """Hyena-LI: post * (modal_conv(pre * v) + dskip * pre * v); returns v's dtype."""
+  u = pre_BLD.astype(jnp.float32) * v_BLD.astype(jnp.float32)
+  y = li_long_conv(u, log_poles_DN, residues_DN, method) + dskip_D.astype(jnp.float32) * u
+  return (post_BLD.astype(jnp.float32) * y).astype(v_BLD.dtype)
