@@ -12,6 +12,8 @@ import math
 import typing
 from typing import Any, Mapping
 
+from sh2_jax.errors import UserError
+
 MIXER_TYPES = ("SE", "MR", "LI", "MHA")
 CONV_METHODS = ("auto", "direct", "fft", "blocked")
 LI_METHODS = ("auto", "fft", "chunked")
@@ -19,7 +21,7 @@ MLP_ACTIVATIONS = ("evo2", "gelu", "identity", "silu")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A configuration value is invalid; the message says which, why and how to fix it."""
 
 

@@ -19,11 +19,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from sh2_jax.config import ModelConfig
+from sh2_jax.errors import UserError
 
 QKV_LAYOUTS = ("checkpoint", "memory")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
   """A state dict does not match the config: names the keys and shapes involved."""
 
 

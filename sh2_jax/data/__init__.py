@@ -1,0 +1,1 @@
+"""Byte-level data: FASTA / raw-bytes readers, grain training windows, Markov baselines."""
