@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -47,4 +49,4 @@ def abstract_params(config: ModelConfig, length: int = 8) -> dict:
 def count_params(params) -> int:
   """Number of scalars in a (possibly abstract, possibly boxed) parameter tree."""
   leaves = jax.tree_util.tree_leaves(nn.meta.unbox(params))
-  return sum(int(jnp.size(x)) if hasattr(x, "size") else 0 for x in leaves)
+  return sum(math.prod(x.shape) for x in leaves if hasattr(x, "shape"))

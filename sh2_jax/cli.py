@@ -1,0 +1,199 @@
+"""`sh2`: the command line. Thin: parses arguments, logs versions and devices, calls the library.
+
+  sh2 train [--preset tiny] [--config run.yaml] [--set model.d_model=256 ...] [--run-dir DIR] [--resume]
+  sh2 eval --run-dir DIR [--step N] [--max-batches N]
+  sh2 info [PRESET] [--set ...]
+
+Bad input (unknown setting, missing data file, window longer than the data, ...) ends with one
+`sh2: error: ...` line on stderr and exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Sequence
+
+from sh2_jax import config as config_lib
+
+logger = logging.getLogger("sh2_jax")
+
+EPILOG_SETTINGS = """settings (--set section.name=value, or the same keys in a YAML file):
+  model.*  vocab_size d_model layout num_heads mlp_dim mlp_activation featurizer_len
+           se_filter_len mr_filter_len se_groups mr_groups li_order mr_decay train_len
+           rope_base norm_eps dtype param_dtype conv_method li_method conv_chunk remat init_std
+  data.*   path format seq_len eval_fraction seed worker_count
+  train.*  steps batch_size grad_accum learning_rate warmup_steps min_lr_ratio weight_decay
+           b1 b2 clip_norm seed log_every eval_every eval_batches checkpoint_every keep_checkpoints
+  mesh.*   data fsdp tensor context   (-1 = all remaining devices)
+presets: """ + ", ".join(sorted(config_lib.PRESETS))
+
+
+def _add_config_args(parser: argparse.ArgumentParser, preset_positional: bool = False) -> None:
+  if preset_positional:
+    parser.add_argument("preset", nargs="?", default="tiny",
+                        help="preset name (default: tiny); one of " + ", ".join(sorted(config_lib.PRESETS)))
+  else:
+    parser.add_argument("--preset", default="tiny",
+                        help="preset to start from (default: tiny); one of " + ", ".join(sorted(config_lib.PRESETS)))
+  parser.add_argument("--config", metavar="YAML", help="YAML file of settings, e.g. 'model: {d_model: 256}'; "
+                      "applied after the preset, before --set")
+  parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override one setting, e.g. --set model.d_model=256 --set train.steps=200 (repeatable)")
+
+
+def build_config(preset: str, config_file: str | None, overrides: Sequence[str]) -> config_lib.Config:
+  """Preset, then YAML file, then --set overrides (later wins)."""
+  config = config_lib.get_preset(preset)
+  if config_file:
+    config = config_lib.apply_overrides(config, config_lib.load_yaml_overrides(config_file))
+  return config_lib.apply_overrides(config, config_lib.parse_set_args(overrides))
+
+
+def make_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="sh2", description="StripedHyena 2 (Evo 2 architecture) language models in JAX.",
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+  p = sub.add_parser("train", help="train a model (default: tiny preset on the bundled bacterial genome)",
+                     description="Train a StripedHyena 2 model. With no arguments: the `tiny` preset on the "
+                                 "Corynebacterium diphtheriae genome shipped in the pyrodigal package. Writes "
+                                 "config.json, metrics.jsonl, checkpoints/ and loss.png into the run directory.",
+                     epilog=EPILOG_SETTINGS, formatter_class=argparse.RawDescriptionHelpFormatter)
+  _add_config_args(p)
+  p.add_argument("--data", metavar="PATH", help="FASTA(.gz), text or bytes file or directory "
+                 "(shorthand for --set data.path=PATH; default: the bundled genome)")
+  p.add_argument("--mesh", metavar="AXIS=N,...", help="device mesh, e.g. data=2,context=4 "
+                 "(axes data, fsdp, tensor, context; default: all devices on data)")
+  p.add_argument("--run-dir", default=None, help="run directory (default: runs/<preset>)")
+  p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+  p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                 help="stop at STEP with a checkpoint, keeping the schedule of train.steps "
+                      "(for time-limited jobs; continue with --resume)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+  p = sub.add_parser("eval", help="held-out loss and bits per byte of a run, against Markov baselines",
+                     description="Evaluate a run's checkpoint on its held-out split: loss (nats/byte) and "
+                                 "bits per byte, next to order-0 and order-3 Markov models fitted on the "
+                                 "training split, so you can see whether the model learned anything.")
+  p.add_argument("--run-dir", required=True, help="run directory written by `sh2 train`")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--max-batches", type=int, default=0, help="held-out batches to use (default 0: all)")
+  p.add_argument("--batch-size", type=int, default=None, help="eval batch size (default: the run's)")
+  p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+  p = sub.add_parser("info", help="layout and parameter count of a preset (abstract evaluation: no allocation)",
+                     description="Print a model's layout, sizes and parameter count, computed by abstract "
+                                 "evaluation (nothing is allocated, so evo2-40b works on a laptop).",
+                     epilog=EPILOG_SETTINGS, formatter_class=argparse.RawDescriptionHelpFormatter)
+  _add_config_args(p, preset_positional=True)
+  return parser
+
+
+def _parse_mesh(text: str) -> dict[str, str]:
+  out = {}
+  for item in text.split(","):
+    axis, sep, size = item.partition("=")
+    if not sep or axis.strip() not in config_lib.MeshConfig.AXES:
+      raise config_lib.ConfigError(f"--mesh {text!r}: use AXIS=N pairs separated by commas, axes "
+                                   f"{list(config_lib.MeshConfig.AXES)}, e.g. data=2,context=4")
+    out[f"mesh.{axis.strip()}"] = size.strip()
+  return out
+
+
+def _log_environment() -> None:
+  import jax
+  import flax
+  import optax
+  logger.info("jax %s, flax %s, optax %s; backend %s, devices %s", jax.__version__, flax.__version__,
+              optax.__version__, jax.default_backend(), jax.devices())
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+  config = build_config(args.preset, args.config, args.overrides)
+  extra = {}
+  if args.data:
+    extra["data.path"] = args.data
+  if args.mesh:
+    extra.update({"mesh.data": "1", **_parse_mesh(args.mesh)})
+  config = config_lib.apply_overrides(config, extra)
+  from sh2_jax.parallel.distributed import maybe_initialize
+  maybe_initialize()
+  _log_environment()
+  from sh2_jax.train.loop import train
+  run_dir = args.run_dir or os.path.join("runs", args.preset)
+  summary = train(config, run_dir, resume=args.resume, progress=not args.no_progress,
+                  stop_at=args.stop_at)
+  print(_format_eval(summary, title=f"trained to step {summary['step']}"))
+  print(f"run directory: {run_dir} (metrics.jsonl, loss.png, checkpoints/)")
+  return 0
+
+
+def _format_eval(result: dict, title: str) -> str:
+  lines = [title, f"  {'model':<16} {result['eval_bpb']:.4f} bits/byte  "
+                  f"({result['eval_loss']:.4f} nats/byte, {int(result['eval_tokens'])} held-out bytes)"]
+  for key in sorted(k for k in result if k.startswith("markov")):
+    order = key[len("markov"):-len("_bpb")]
+    lines.append(f"  {'order-' + order + ' Markov':<16} {result[key]:.4f} bits/byte")
+  return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+  _log_environment()
+  from sh2_jax.train.loop import evaluate_run
+  result = evaluate_run(args.run_dir, step=args.step, max_batches=args.max_batches,
+                        batch_size=args.batch_size)
+  print(json.dumps(result) if args.json else _format_eval(result, f"{args.run_dir} step {result['step']}"))
+  return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+  from sh2_jax.model import abstract_params, count_params
+  config = build_config(args.preset, args.config, args.overrides)
+  model = config.model
+  params = abstract_params(model)
+  total = count_params(params)
+  by_kind: dict[str, int] = {}
+  for i, kind in enumerate(model.layers):
+    by_kind[kind] = by_kind.get(kind, 0) + count_params(params[f"block_{i}"]["mixer"])
+  print(f"preset        {args.preset}")
+  print(f"layout        {model.layout}  ({model.num_layers} layers)")
+  print(f"width         d_model={model.d_model}, heads={model.num_heads} x {model.head_dim}, "
+        f"mlp={model.ffn_dim} ({model.mlp_activation})")
+  print(f"filters       featurizer {model.featurizer_len}, SE {model.se_groups}x{model.se_filter_len}, "
+        f"MR {model.mr_groups}x{model.mr_filter_len}, LI {model.li_order} poles/channel")
+  print(f"parameters    {total:,} ({total / 1e9:.3f} B)")
+  for kind, n in by_kind.items():
+    print(f"  {kind + ' mixers':<12}{n:,}")
+  print(f"  {'embedding':<12}{model.vocab_size * model.d_model:,} (tied)")
+  return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = make_parser()
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+  for noisy in ("absl", "jax._src", "orbax", "grain"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  from sh2_jax.errors import USER_ERRORS
+  try:
+    return COMMANDS[args.command](args)
+  except USER_ERRORS as error:
+    print(f"sh2: error: {error}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("sh2: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: state, optimizer, jit-compiled steps, the loop and checkpoints."""
