@@ -1,5 +1,14 @@
 """GPU kernels for sh2-jax (Pallas), importable on their own: they depend on jax only."""
 
-from pallas_kernels.blocked_conv import blocked_causal_conv, gate_conv_gate, toeplitz_blocks
+from pallas_kernels.blocked_conv import (
+    BlockSizes,
+    blocked_causal_conv,
+    gate_conv_gate,
+    gate_conv_gate_auto,
+    gate_conv_gate_pallas,
+    toeplitz_blocks,
+    unsupported_reason,
+)
 
-__all__ = ["blocked_causal_conv", "gate_conv_gate", "toeplitz_blocks"]
+__all__ = ["BlockSizes", "blocked_causal_conv", "gate_conv_gate", "gate_conv_gate_auto",
+           "gate_conv_gate_pallas", "toeplitz_blocks", "unsupported_reason"]

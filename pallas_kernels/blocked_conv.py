@@ -1,4 +1,4 @@
-"""Two-stage blocked causal convolution with fused gates (SPEC.md section 5).
+"""Two-stage blocked causal convolution with fused gates (SPEC.md section 5): Pallas GPU kernels.
 
 A causal FIR `y[t] = sum_k h[k] x[t - k]` (h[0] on the current token) with filter length
 K <= chunk T is computed chunk by chunk: with X_n the n-th block of T rows,
@@ -12,18 +12,559 @@ a (T x T) @ (T x dg) matrix product per group. The Hyena gate-conv-gate fuses th
 
     out = post_gate * (conv(pre_gate * v, h) + dskip * (pre_gate * v)).
 
-This module holds the plain-JAX (einsum) version, which is the numerical reference that the
-Pallas GPU kernels must match. It depends on jax only.
+Layout of the Pallas (Triton) kernels: one program per (batch, channel tile of `dc` channels
+inside one group, segment of the sequence); it builds H0/H1 on chip by a gather from the
+group's padded filter row (no Toeplitz tile is read from HBM), then loops over its chunks in
+`fori_loop`, carrying the previous chunk, so every input byte is read once (plus one chunk
+per segment boundary) and every output byte written once. The backward either gathers
+H0^T/H1^T too or contracts H0/H1 over their rows (`BlockSizes.bwd_transpose_by_dot`).
+
+  forward:  y_n = H0 u_n + H1 u_(n-1) (+ dskip u_n),  out_n = post_n y_n,  u = pre * v.
+  backward: a reverse loop over chunks with g = dout * post,
+            du_n = H0^T g_n + H1^T g_(n+1) + dskip g_n  (anti-causal),
+            dpost_n = dout_n y_n (y recomputed, not stored), dpre = du v, dv = du pre,
+            A0 = sum_n g_n u_n^T, A1 = sum_n g_n u_(n-1)^T (T x T, fp32, per program);
+            dh[k] = sum of A0 along diagonal i - j = k plus A1 along i - j = k - T, i.e.
+            M = tril(A0) + strict_triu(A1) summed along wrapped diagonals (i - j) mod T
+            (the per-program M are reduced over batch and group tiles by XLA),
+            ddskip = sum_t g u (per-program partial, reduced by XLA).
+
+Numerics: gates, the skip and every accumulation in float32; the matrix products take
+operands in the I/O dtype (bf16 operands with bf16 I/O, float32 operands at HIGHEST
+precision, i.e. IEEE on Triton, with float32 I/O).
+
+`gate_conv_gate_auto` picks the kernel on GPU and the plain-JAX reference elsewhere or for
+unsupported shapes. The plain-JAX (einsum) functions at the end of this module are the
+numerical reference. This module depends on jax only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 128
+SHORT_FILTER_CHUNK = 64  # default chunk for filters of <= 64 taps (faster on an H100)
+MIN_DOT_DIM = 16  # Triton tensor-core dots want every dimension >= 16.
+TARGET_PROGRAMS = 256  # block_c heuristic: about two programs per SM on a 132-SM H100/H200.
+MAX_BLOCK_C = 64  # block_c heuristic: widest channel tile it picks.
+TARGET_PROGRAMS_SEGMENTS = 512  # segment heuristic: split L until the grid has this many
+# (backward; forward: TARGET_PROGRAMS * DEFAULT_CHUNK / chunk, as fewer T = 128 programs fit
+# on an SM and a second wave cost more than it hid on an H100).
+MIN_SEGMENT_CHUNKS_FWD = 8  # segment heuristic: fewest chunks per forward program.
+MIN_SEGMENT_CHUNKS_BWD = 32  # ... per backward program (each writes a T x T partial).
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockSizes:
+  """Tile sizes and launch parameters of the blocked gate-conv-gate kernels.
+
+  Every field left None is picked per call by the heuristic given here (tuned on an H100,
+  bf16, B=1, C=4096; experiments/results/blocked_conv_h100.md).
+
+  Attributes:
+    chunk: T, rows per chunk; the Toeplitz tiles are T x T. A power of two >= 16 and >= the
+      filter length K. None: SHORT_FILTER_CHUNK (64) for K <= 64, else DEFAULT_CHUNK (128).
+    block_c: dc, channels per program: a power of two >= 16 that divides the group width
+      C // G, so that a tile never straddles two filters. None: the widest such tile up to
+      MAX_BLOCK_C that still leaves at least TARGET_PROGRAMS programs (B * C / dc).
+    num_segments_fwd: programs along the sequence in the forward kernel (each loops over
+      its own contiguous run of chunks and first reads the chunk before it); must divide
+      the number of chunks. None: doubled from 1 while the grid has fewer than
+      TARGET_PROGRAMS * DEFAULT_CHUNK / T programs and each segment keeps
+      >= MIN_SEGMENT_CHUNKS_FWD chunks.
+    num_segments_bwd: the same for the backward kernel with TARGET_PROGRAMS_SEGMENTS; every
+      segment writes its own T x T filter-gradient partial, hence the longer minimum
+      (MIN_SEGMENT_CHUNKS_BWD).
+    num_warps_fwd: Triton warps per program of the forward kernel. None: 4.
+    num_stages_fwd: software-pipelining depth of the forward chunk loop. None: 4 for 16-bit
+      I/O, 2 for float32 (shared memory).
+    num_warps_bwd: warps of the backward kernel, which carries two T x T float32
+      accumulators. None: 8 for T >= 128, else 4.
+    num_stages_bwd: pipelining depth of the backward chunk loop. None: 3 for 16-bit I/O,
+      2 for float32.
+    bwd_transpose_by_dot: the backward computes H^T g by a dot that contracts H's rows
+      (one pair of Toeplitz tiles on chip) instead of gathering H0^T and H1^T (two pairs;
+      float32 at T = 128 then overflows shared memory). None: True for T >= 128 or float32.
+  """
+  chunk: int | None = None
+  block_c: int | None = None
+  num_segments_fwd: int | None = None
+  num_segments_bwd: int | None = None
+  num_warps_fwd: int | None = None
+  num_stages_fwd: int | None = None
+  num_warps_bwd: int | None = None
+  num_stages_bwd: int | None = None
+  bwd_transpose_by_dot: bool | None = None
+
+  @classmethod
+  def get_default(cls) -> BlockSizes:
+    return cls()
+
+
+def _is_pow2(n: int) -> bool:
+  return n > 0 and n & (n - 1) == 0
+
+
+def unsupported_reason(shape_BLC: tuple[int, ...], shape_GK: tuple[int, ...],
+                       block_sizes: BlockSizes | None = None) -> str | None:
+  """Why the Pallas kernels cannot take these shapes, or None when they can.
+
+  Args:
+    shape_BLC: shape of the gates and v, [B, L, C].
+    shape_GK: shape of the filter, [G, K].
+    block_sizes: requested tiles (None: defaults).
+
+  Returns:
+    A sentence giving the value, the constraint and the fix; None if supported.
+  """
+  block_sizes = block_sizes or BlockSizes.get_default()
+  if len(shape_BLC) != 3 or len(shape_GK) != 2:
+    return f"expected gates of rank 3 and a filter of rank 2, got {shape_BLC} and {shape_GK}"
+  channels = shape_BLC[2]
+  groups, num_taps = shape_GK
+  chunk = _pick_chunk(block_sizes, num_taps)
+  if channels % groups:
+    return f"channels {channels} must be divisible by filter groups {groups}"
+  if not _is_pow2(chunk) or chunk < MIN_DOT_DIM:
+    return f"chunk {chunk} must be a power of two >= {MIN_DOT_DIM} (Triton dot shapes)"
+  if num_taps > chunk:
+    return f"filter length {num_taps} must be <= chunk {chunk}; raise BlockSizes.chunk"
+  group_width = channels // groups
+  if group_width % MIN_DOT_DIM:
+    return (f"group width C/G = {group_width} must be a multiple of {MIN_DOT_DIM} (a channel "
+            "tile lies in one group and Triton dots need >= 16 columns); use the reference")
+  block_c = block_sizes.block_c
+  if block_c is not None and (not _is_pow2(block_c) or block_c < MIN_DOT_DIM
+                              or group_width % block_c):
+    return (f"block_c {block_c} must be a power of two >= {MIN_DOT_DIM} dividing the group "
+            f"width {group_width}")
+  num_chunks = -(-shape_BLC[1] // chunk)
+  for name in ("num_segments_fwd", "num_segments_bwd"):
+    segments = getattr(block_sizes, name)
+    if segments is not None and (segments < 1 or num_chunks % segments):
+      return f"{name} {segments} must divide the number of chunks {num_chunks}"
+  return None
+
+
+def _pick_chunk(block_sizes: BlockSizes, num_taps: int) -> int:
+  if block_sizes.chunk is not None:
+    return block_sizes.chunk
+  return SHORT_FILTER_CHUNK if num_taps <= SHORT_FILTER_CHUNK else DEFAULT_CHUNK
+
+
+def _pick_block_c(batch: int, channels: int, groups: int, block_sizes: BlockSizes) -> int:
+  """Channels per program: block_sizes.block_c, else the heuristic in BlockSizes."""
+  if block_sizes.block_c is not None:
+    return block_sizes.block_c
+  group_width = channels // groups
+  block_c = MIN_DOT_DIM
+  while (2 * block_c <= min(group_width, MAX_BLOCK_C) and group_width % (2 * block_c) == 0
+         and batch * channels // (2 * block_c) >= TARGET_PROGRAMS):
+    block_c *= 2
+  return block_c
+
+
+def _pick_segments(requested: int | None, programs: int, num_chunks: int, min_chunks: int,
+                   target_programs: int) -> int:
+  """Programs along L: `requested`, else the heuristic in BlockSizes."""
+  if requested is not None:
+    return requested
+  segments = 1
+  while (programs * segments < target_programs and num_chunks % (2 * segments) == 0
+         and num_chunks // (2 * segments) >= min_chunks):
+    segments *= 2
+  return segments
+
+
+def _dot_config(dtype: jnp.dtype) -> tuple[jnp.dtype, jax.lax.Precision | None]:
+  """Operand dtype and precision of the kernels' matrix products for an I/O dtype."""
+  if jnp.dtype(dtype).itemsize <= 2:
+    return jnp.dtype(dtype), None
+  return jnp.dtype(jnp.float32), jax.lax.Precision.HIGHEST
+
+
+def _resolve(block_sizes: BlockSizes | None, shape_BLC: tuple[int, ...],
+             shape_GK: tuple[int, ...], dtype: jnp.dtype) -> BlockSizes:
+  """Fills every None field of block_sizes by its heuristic (see BlockSizes)."""
+  block_sizes = block_sizes or BlockSizes.get_default()
+  batch, length, channels = shape_BLC
+  groups, num_taps = shape_GK
+  chunk = _pick_chunk(block_sizes, num_taps)
+  block_c = _pick_block_c(batch, channels, groups, block_sizes)
+  num_chunks = -(-length // chunk)
+  programs = batch * channels // block_c
+  wide = jnp.dtype(_dot_config(dtype)[0]).itemsize > 2
+
+  def pick(value, default):
+    return default if value is None else value
+
+  return BlockSizes(
+      chunk=chunk,
+      block_c=block_c,
+      num_segments_fwd=_pick_segments(block_sizes.num_segments_fwd, programs, num_chunks,
+                                      MIN_SEGMENT_CHUNKS_FWD,
+                                      TARGET_PROGRAMS * DEFAULT_CHUNK // chunk),
+      num_segments_bwd=_pick_segments(block_sizes.num_segments_bwd, programs, num_chunks,
+                                      MIN_SEGMENT_CHUNKS_BWD, TARGET_PROGRAMS_SEGMENTS),
+      num_warps_fwd=pick(block_sizes.num_warps_fwd, 4),
+      num_stages_fwd=pick(block_sizes.num_stages_fwd, 2 if wide else 4),
+      num_warps_bwd=pick(block_sizes.num_warps_bwd, 8 if chunk >= 128 else 4),
+      num_stages_bwd=pick(block_sizes.num_stages_bwd, 2 if wide else 3),
+      bwd_transpose_by_dot=pick(block_sizes.bwd_transpose_by_dot, chunk >= 128 or wide),
+  )
+
+
+def _padded_filter(h_GK: jax.Array, chunk: int) -> jax.Array:
+  """[G, K] -> [G, 4T] float32 row hp with hp[T + k] = h[k] and zeros elsewhere.
+
+  With this padding H0[i, j] = hp[T + i - j], H1[i, j] = hp[2T + i - j] and the transposes
+  swap i and j: every gather index lies in [1, 3T) and no mask is needed.
+  """
+  num_taps = h_GK.shape[1]
+  return jnp.pad(h_GK.astype(jnp.float32), ((0, 0), (chunk, 3 * chunk - num_taps)))
+
+
+def _toeplitz_tile(hp_ref, chunk: int, offset: int, transpose: bool, dtype) -> jax.Array:
+  """On-chip T x T tile hp[offset + i - j] (transpose: hp[offset + j - i]) by a gather."""
+  rows = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+  lag = cols - rows if transpose else rows - cols
+  return hp_ref[lag + offset].astype(dtype)
+
+
+def _chunk_rows(n, chunk: int):
+  return pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
+
+
+def _gcg_fwd_kernel(
+    # Inputs
+    hp_ref,  # [4T] padded filter row of this tile's group, float32
+    dskip_ref,  # [dc] skip weights, float32
+    post_ref,  # [Lp, dc] output gate
+    pre_ref,  # [Lp, dc] input gate
+    v_ref,  # [Lp, dc]
+    # Outputs
+    out_ref,  # [Lp, dc]; this program writes its segment's rows
+    *,
+    chunk: int,
+    segment_chunks: int,
+    dot_dtype: jnp.dtype,
+    precision: jax.lax.Precision | None,
+):
+  f32 = jnp.float32
+  h0_TT = _toeplitz_tile(hp_ref, chunk, chunk, False, dot_dtype)
+  h1_TT = _toeplitz_tile(hp_ref, chunk, 2 * chunk, False, dot_dtype)
+  dskip_1C = dskip_ref[...].astype(f32)[None, :]
+  dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=f32)
+  first = pl.program_id(2) * segment_chunks
+
+  def body(step, u_prev_TC):
+    rows = _chunk_rows(first + step, chunk)
+    u_TC = pre_ref[rows, :].astype(f32) * v_ref[rows, :].astype(f32)
+    u_dot_TC = u_TC.astype(dot_dtype)
+    y_TC = dot(h0_TT, u_dot_TC) + dot(h1_TT, u_prev_TC) + dskip_1C * u_TC
+    out_ref[rows, :] = (post_ref[rows, :].astype(f32) * y_TC).astype(out_ref.dtype)
+    return u_dot_TC
+
+  # The chunk before the segment (zero before the sequence start).
+  rows_prev = _chunk_rows(jnp.maximum(first - 1, 0), chunk)
+  u_prev_TC = pre_ref[rows_prev, :].astype(f32) * v_ref[rows_prev, :].astype(f32)
+  u_prev_TC = jnp.where(first > 0, u_prev_TC, 0.0).astype(dot_dtype)
+  jax.lax.fori_loop(0, segment_chunks, body, u_prev_TC)
+
+
+def _gcg_bwd_kernel(
+    # Inputs
+    hp_ref,  # [4T] padded filter row of this tile's group, float32
+    dskip_ref,  # [dc] skip weights, float32
+    post_ref,  # [Lp, dc]
+    pre_ref,  # [Lp, dc]
+    v_ref,  # [Lp, dc]
+    dout_ref,  # [Lp, dc] cotangent of the output
+    # Outputs
+    dpost_ref,  # [Lp, dc]
+    dpre_ref,  # [Lp, dc]
+    dv_ref,  # [Lp, dc]
+    dh_part_ref,  # [T, T] float32: tril(sum g_n u_n^T) + strict_triu(sum g_n u_(n-1)^T)
+    ddskip_part_ref,  # [dc] float32: sum_t g u
+    *,
+    chunk: int,
+    segment_chunks: int,
+    num_chunks: int,
+    dot_dtype: jnp.dtype,
+    precision: jax.lax.Precision | None,
+    transpose_by_dot: bool,
+):
+  f32 = jnp.float32
+  block_c = dv_ref.shape[-1]
+  h0_TT = _toeplitz_tile(hp_ref, chunk, chunk, False, dot_dtype)
+  h1_TT = _toeplitz_tile(hp_ref, chunk, 2 * chunk, False, dot_dtype)
+  dskip_1C = dskip_ref[...].astype(f32)[None, :]
+  dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=f32)
+
+  def dot_general(a, b, contract):
+    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                               preferred_element_type=f32)
+
+  if transpose_by_dot:
+    h0t_dot = lambda g: dot_general(h0_TT, g, ((0,), (0,)))  # noqa: E731
+    h1t_dot = lambda g: dot_general(h1_TT, g, ((0,), (0,)))  # noqa: E731
+  else:
+    h0t_TT = _toeplitz_tile(hp_ref, chunk, chunk, True, dot_dtype)
+    h1t_TT = _toeplitz_tile(hp_ref, chunk, 2 * chunk, True, dot_dtype)
+    h0t_dot = functools.partial(dot, h0t_TT)
+    h1t_dot = functools.partial(dot, h1t_TT)
+
+  end = (pl.program_id(2) + 1) * segment_chunks  # one past the segment's last chunk
+
+  def body(step, carry):
+    pre_TC, v_TC, g_next_TC, a0_TT, a1_TT, ddskip_TC = carry
+    n = end - 1 - step
+    rows = _chunk_rows(n, chunk)
+    rows_prev = _chunk_rows(jnp.maximum(n - 1, 0), chunk)
+    has_prev = n > 0
+    pre_prev_TC = jnp.where(has_prev, pre_ref[rows_prev, :], 0).astype(pre_TC.dtype)
+    v_prev_TC = jnp.where(has_prev, v_ref[rows_prev, :], 0).astype(v_TC.dtype)
+    u_TC = pre_TC.astype(f32) * v_TC.astype(f32)
+    u_dot_TC = u_TC.astype(dot_dtype)
+    u_prev_dot_TC = (pre_prev_TC.astype(f32) * v_prev_TC.astype(f32)).astype(dot_dtype)
+    dout_TC = dout_ref[rows, :].astype(f32)
+    # Recompute y rather than store it: one T x T product pair instead of an HBM round trip.
+    y_TC = dot(h0_TT, u_dot_TC) + dot(h1_TT, u_prev_dot_TC) + dskip_1C * u_TC
+    dpost_ref[rows, :] = (dout_TC * y_TC).astype(dpost_ref.dtype)
+    g_TC = dout_TC * post_ref[rows, :].astype(f32)
+    g_dot_TC = g_TC.astype(dot_dtype)
+    du_TC = h0t_dot(g_dot_TC) + h1t_dot(g_next_TC) + dskip_1C * g_TC
+    dpre_ref[rows, :] = (du_TC * v_TC.astype(f32)).astype(dpre_ref.dtype)
+    dv_ref[rows, :] = (du_TC * pre_TC.astype(f32)).astype(dv_ref.dtype)
+    a0_TT = a0_TT + dot_general(g_dot_TC, u_dot_TC, ((1,), (1,)))
+    a1_TT = a1_TT + dot_general(g_dot_TC, u_prev_dot_TC, ((1,), (1,)))
+    ddskip_TC = ddskip_TC + g_TC * u_TC
+    return pre_prev_TC, v_prev_TC, g_dot_TC, a0_TT, a1_TT, ddskip_TC
+
+  # The segment's last chunk, and g of the chunk after it (zero past the sequence end).
+  rows_last = _chunk_rows(end - 1, chunk)
+  rows_next = _chunk_rows(jnp.minimum(end, num_chunks - 1), chunk)
+  g_next_TC = dout_ref[rows_next, :].astype(f32) * post_ref[rows_next, :].astype(f32)
+  g_next_TC = jnp.where(end < num_chunks, g_next_TC, 0.0).astype(dot_dtype)
+  init = (pre_ref[rows_last, :], v_ref[rows_last, :], g_next_TC,
+          jnp.zeros((chunk, chunk), f32), jnp.zeros((chunk, chunk), f32),
+          jnp.zeros((chunk, block_c), f32))
+  _, _, _, a0_TT, a1_TT, ddskip_TC = jax.lax.fori_loop(0, segment_chunks, body, init)
+  rows_TT = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+  cols_TT = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+  dh_part_ref[...] = jnp.where(rows_TT >= cols_TT, a0_TT, a1_TT)
+  ddskip_part_ref[...] = jnp.sum(ddskip_TC, axis=0)
+
+
+def _pad_rows(x_BLC: jax.Array, padded_len: int) -> jax.Array:
+  pad = padded_len - x_BLC.shape[1]
+  return jnp.pad(x_BLC, ((0, 0), (0, pad), (0, 0))) if pad else x_BLC
+
+
+def _specs(batch: int, padded_len: int, channels: int, groups: int, block_c: int,
+           chunk: int, segments: int):
+  """Grid (B, C / dc, segments) and the BlockSpecs that the kernels share."""
+  tiles_per_group = channels // groups // block_c
+  grid = (batch, channels // block_c, segments)
+  tile = pl.BlockSpec((None, padded_len, block_c), lambda b, c, s: (b, 0, c))
+  filter_row = pl.BlockSpec((None, 4 * chunk), lambda b, c, s: (c // tiles_per_group, 0))
+  skip = pl.BlockSpec((block_c,), lambda b, c, s: (c,))
+  return grid, tile, filter_row, skip
+
+
+def _gcg_fwd_call(post_BLC, pre_BLC, v_BLC, hp_GX, dskip_C, *, block_sizes: BlockSizes,
+                  interpret: bool) -> jax.Array:
+  batch, padded_len, channels = v_BLC.shape
+  chunk, block_c = block_sizes.chunk, block_sizes.block_c
+  num_chunks = padded_len // chunk
+  segments = block_sizes.num_segments_fwd
+  grid, tile, filter_row, skip = _specs(batch, padded_len, channels, hp_GX.shape[0], block_c,
+                                        chunk, segments)
+  dot_dtype, precision = _dot_config(v_BLC.dtype)
+  kernel = functools.partial(_gcg_fwd_kernel, chunk=chunk,
+                             segment_chunks=num_chunks // segments, dot_dtype=dot_dtype,
+                             precision=precision)
+  return pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=[filter_row, skip, tile, tile, tile],
+      out_specs=tile,
+      out_shape=jax.ShapeDtypeStruct(v_BLC.shape, v_BLC.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps_fwd,
+                                           num_stages=block_sizes.num_stages_fwd),
+      interpret=interpret,
+      name="gate_conv_gate_fwd",
+  )(hp_GX, dskip_C, post_BLC, pre_BLC, v_BLC)
+
+
+def _gcg_bwd_call(post_BLC, pre_BLC, v_BLC, dout_BLC, hp_GX, dskip_C, *,
+                  block_sizes: BlockSizes, interpret: bool):
+  batch, padded_len, channels = v_BLC.shape
+  chunk, block_c = block_sizes.chunk, block_sizes.block_c
+  num_chunks = padded_len // chunk
+  num_tiles = channels // block_c
+  segments = block_sizes.num_segments_bwd
+  grid, tile, filter_row, skip = _specs(batch, padded_len, channels, hp_GX.shape[0], block_c,
+                                        chunk, segments)
+  dot_dtype, precision = _dot_config(v_BLC.dtype)
+  kernel = functools.partial(_gcg_bwd_kernel, chunk=chunk,
+                             segment_chunks=num_chunks // segments, num_chunks=num_chunks,
+                             dot_dtype=dot_dtype, precision=precision,
+                             transpose_by_dot=block_sizes.bwd_transpose_by_dot)
+  out_shape = (
+      jax.ShapeDtypeStruct(post_BLC.shape, post_BLC.dtype),
+      jax.ShapeDtypeStruct(pre_BLC.shape, pre_BLC.dtype),
+      jax.ShapeDtypeStruct(v_BLC.shape, v_BLC.dtype),
+      jax.ShapeDtypeStruct((batch, num_tiles, segments, chunk, chunk), jnp.float32),
+      jax.ShapeDtypeStruct((batch, segments, channels), jnp.float32),
+  )
+  out_specs = (
+      tile, tile, tile,
+      pl.BlockSpec((None, None, None, chunk, chunk), lambda b, c, s: (b, c, s, 0, 0)),
+      pl.BlockSpec((None, None, block_c), lambda b, c, s: (b, s, c)),
+  )
+  return pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=[filter_row, skip, tile, tile, tile, tile],
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps_bwd,
+                                           num_stages=block_sizes.num_stages_bwd),
+      interpret=interpret,
+      name="gate_conv_gate_bwd",
+  )(hp_GX, dskip_C, post_BLC, pre_BLC, v_BLC, dout_BLC)
+
+
+def _dh_from_partials(dh_part_BNSTT: jax.Array, groups: int, num_taps: int) -> jax.Array:
+  """[B, C/dc, S, T, T] per-program partials -> [G, K]:
+  dh[g, k] = sum_i M[g, i, (i - k) mod T], M summed over batch, tiles and segments."""
+  batch, num_tiles, segments, chunk, _ = dh_part_BNSTT.shape
+  m_GTT = dh_part_BNSTT.reshape(batch, groups, num_tiles // groups * segments, chunk,
+                                chunk).sum((0, 2))
+  rows = jnp.arange(chunk)[:, None]
+  taps = jnp.arange(num_taps)[None, :]
+  cols_GTK = jnp.broadcast_to((rows - taps) % chunk, (groups, chunk, num_taps))
+  return jnp.take_along_axis(m_GTT, cols_GTK, axis=2).sum(1)
+
+
+def _padded_len(length: int, chunk: int) -> int:
+  return -(-length // chunk) * chunk
+
+
+def _gcg_fwd_impl(post_BLC, pre_BLC, v_BLC, h_GK, dskip_C, block_sizes, interpret):
+  length = v_BLC.shape[1]
+  chunk = block_sizes.chunk
+  pad = functools.partial(_pad_rows, padded_len=_padded_len(length, chunk))
+  out = _gcg_fwd_call(pad(post_BLC), pad(pre_BLC), pad(v_BLC), _padded_filter(h_GK, chunk),
+                      dskip_C.astype(jnp.float32), block_sizes=block_sizes,
+                      interpret=interpret)
+  return out[:, :length]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _gcg(post_BLC, pre_BLC, v_BLC, h_GK, dskip_C, block_sizes, interpret):
+  return _gcg_fwd_impl(post_BLC, pre_BLC, v_BLC, h_GK, dskip_C, block_sizes, interpret)
+
+
+def _gcg_fwd(post_BLC, pre_BLC, v_BLC, h_GK, dskip_C, block_sizes, interpret):
+  out = _gcg_fwd_impl(post_BLC, pre_BLC, v_BLC, h_GK, dskip_C, block_sizes, interpret)
+  return out, (post_BLC, pre_BLC, v_BLC, h_GK, dskip_C)
+
+
+def _gcg_bwd(block_sizes, interpret, residuals, dout_BLC):
+  post_BLC, pre_BLC, v_BLC, h_GK, dskip_C = residuals
+  length = v_BLC.shape[1]
+  chunk = block_sizes.chunk
+  pad = functools.partial(_pad_rows, padded_len=_padded_len(length, chunk))
+  dpost, dpre, dv, dh_part, ddskip_part = _gcg_bwd_call(
+      pad(post_BLC), pad(pre_BLC), pad(v_BLC), pad(dout_BLC.astype(v_BLC.dtype)),
+      _padded_filter(h_GK, chunk), dskip_C.astype(jnp.float32), block_sizes=block_sizes,
+      interpret=interpret)
+  dh_GK = _dh_from_partials(dh_part, h_GK.shape[0], h_GK.shape[1]).astype(h_GK.dtype)
+  ddskip_C = ddskip_part.sum((0, 1)).astype(dskip_C.dtype)
+  return (dpost[:, :length], dpre[:, :length], dv[:, :length], dh_GK, ddskip_C)
+
+
+_gcg.defvjp(_gcg_fwd, _gcg_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def gate_conv_gate_pallas(post_gate_BLC: jax.Array, pre_gate_BLC: jax.Array, v_BLC: jax.Array,
+                          h_GK: jax.Array, dskip_C: jax.Array | None = None, *,
+                          block_sizes: BlockSizes | None = None,
+                          interpret: bool = False) -> jax.Array:
+  """Hyena gate-conv-gate by the blocked Pallas (Triton) kernels, differentiable.
+
+  out = post_gate * (conv(u, h) + dskip * u), u = pre_gate * v, conv(x, h)[t] =
+  sum_{k<K} h[g, k] x[t - k] (h[:, 0] on the current token; causal); float32 accumulation.
+  Gradients (custom_vjp) for all five inputs come from a blocked backward kernel.
+
+  Args:
+    post_gate_BLC, pre_gate_BLC, v_BLC: [B, L, C] (x1, x2, v of the Hyena projection), bf16
+      or float32; any L (padded internally to a multiple of the chunk).
+    h_GK: [G, K] grouped filter: channel c uses row c // (C // G); K <= chunk.
+    dskip_C: [C] skip weights, or None (Hyena-SE has none).
+    block_sizes: tiles and launch parameters; None: BlockSizes.get_default().
+    interpret: run the kernels in Pallas interpret mode (CPU), for tests.
+
+  Returns:
+    [B, L, C] in v's dtype.
+
+  Raises:
+    ValueError: shapes the kernels do not take (see `unsupported_reason`); use
+      `gate_conv_gate_auto` to fall back to the reference instead.
+  """
+  if not pre_gate_BLC.shape == post_gate_BLC.shape == v_BLC.shape:
+    raise ValueError(f"gates and v must share one shape, got {post_gate_BLC.shape}, "
+                     f"{pre_gate_BLC.shape}, {v_BLC.shape}")
+  reason = unsupported_reason(v_BLC.shape, h_GK.shape, block_sizes)
+  if reason:
+    raise ValueError(reason)
+  channels = v_BLC.shape[2]
+  if dskip_C is None:
+    dskip_C = jnp.zeros((channels,), jnp.float32)
+  elif dskip_C.shape != (channels,):
+    raise ValueError(f"dskip shape {dskip_C.shape} must be ({channels},)")
+  resolved = _resolve(block_sizes, v_BLC.shape, h_GK.shape, v_BLC.dtype)
+  return _gcg(post_gate_BLC, pre_gate_BLC, v_BLC, h_GK, dskip_C, resolved, interpret)
+
+
+def gate_conv_gate_auto(post_gate_BLC: jax.Array, pre_gate_BLC: jax.Array, v_BLC: jax.Array,
+                        h_GK: jax.Array, dskip_C: jax.Array | None = None, *,
+                        chunk: int | None = None,
+                        block_sizes: BlockSizes | None = None) -> jax.Array:
+  """Gate-conv-gate by the Pallas kernels on GPU, else by the plain-JAX reference.
+
+  Same arguments and result as `gate_conv_gate_pallas`; `chunk` applies when block_sizes is
+  None (None: the kernel's heuristic, DEFAULT_CHUNK for the reference). The reference is used
+  off GPU and for shapes the kernels do not take (the reason is logged at debug level).
+  """
+  block_sizes = block_sizes or BlockSizes(chunk=chunk)
+  backend = jax.default_backend()
+  reason = None if backend == "gpu" else f"backend {backend!r} is not a GPU"
+  reason = reason or unsupported_reason(v_BLC.shape, h_GK.shape, block_sizes)
+  if reason:
+    logger.debug("gate_conv_gate_auto: plain-JAX reference (%s)", reason)
+    return gate_conv_gate(post_gate_BLC, pre_gate_BLC, v_BLC, h_GK, dskip_C,
+                          chunk=block_sizes.chunk or DEFAULT_CHUNK)
+  return gate_conv_gate_pallas(post_gate_BLC, pre_gate_BLC, v_BLC, h_GK, dskip_C,
+                               block_sizes=block_sizes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-JAX reference (einsum), the numerical reference of the kernels above.
+# ---------------------------------------------------------------------------------------------
 
 
 def toeplitz_blocks(h_GK: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:

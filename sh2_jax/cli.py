@@ -3,6 +3,7 @@
   sh2 train [--preset tiny] [--config run.yaml] [--set model.d_model=256 ...] [--run-dir DIR] [--resume]
   sh2 eval --run-dir DIR [--step N] [--max-batches N]
   sh2 info [PRESET] [--set ...]
+  sh2 bench ops [--lengths ...]           (from the source checkout)
 
 Bad input (unknown setting, missing data file, window longer than the data, ...) ends with one
 `sh2: error: ...` line on stderr and exit status 2, no traceback.
@@ -87,12 +88,39 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=None, help="eval batch size (default: the run's)")
   p.add_argument("--json", action="store_true", help="print the result as JSON")
 
+  p = sub.add_parser("bench", help="benchmarks (code in experiments/; run from the source checkout)",
+                     description="Run a benchmark from experiments/ and write its table to "
+                                 "experiments/results/. `sh2 bench NAME --help` lists its options.")
+  p.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark: " + ", ".join(
+      f"{k} ({v[1]})" for k, v in sorted(BENCHMARKS.items())))
+  p.add_argument("args", nargs=argparse.REMAINDER, help="options passed to the benchmark")
+
   p = sub.add_parser("info", help="layout and parameter count of a preset (abstract evaluation: no allocation)",
                      description="Print a model's layout, sizes and parameter count, computed by abstract "
                                  "evaluation (nothing is allocated, so evo2-40b works on a laptop).",
                      epilog=EPILOG_SETTINGS, formatter_class=argparse.RawDescriptionHelpFormatter)
   _add_config_args(p, preset_positional=True)
   return parser
+
+
+BENCHMARKS = {
+    "ops": ("experiments.bench_ops", "fwd and fwd+bwd ms of SE/MR/LI/MHA operators and the GEMM floor"),
+}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+  import importlib
+  module_name = BENCHMARKS[args.name][0]
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as error:
+    if not (error.name or "").startswith("experiments"):
+      raise
+    raise config_lib.ConfigError(
+        f"sh2 bench needs the source checkout ({module_name} is not installed): run it from the "
+        "repository root, e.g. `PYTHONPATH=. sh2 bench ops`") from None
+  _log_environment()
+  return module.main(list(args.args))
 
 
 def _parse_mesh(text: str) -> dict[str, str]:
@@ -174,7 +202,7 @@ def cmd_info(args: argparse.Namespace) -> int:
   return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

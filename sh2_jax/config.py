@@ -128,6 +128,9 @@ class ModelConfig:
       if kind in layers and self.d_model % groups:
         raise ConfigError(f"model.{kind.lower()}_groups={groups} must divide "
                           f"model.d_model={self.d_model} (channels are split into equal groups)")
+    if "MHA" in layers and (self.d_model // self.num_heads) % 2:
+      raise ConfigError(f"head dim {self.d_model // self.num_heads} must be even for rotary "
+                        f"embeddings: change model.d_model={self.d_model} or model.num_heads={self.num_heads}")
     if self.mlp_activation not in MLP_ACTIVATIONS:
       raise ConfigError(f"model.mlp_activation={self.mlp_activation!r}: choose one of {MLP_ACTIVATIONS}")
     for name in ("dtype", "param_dtype"):
@@ -372,9 +375,11 @@ def _coerce(section: str, field: dataclasses.Field, raw: Any) -> Any:
     if text.startswith("int"):
       if isinstance(raw, bool):
         raise ValueError
+      if isinstance(raw, str) and "e" in raw.lower():
+        raw = float(raw)
       if isinstance(raw, float) and not raw.is_integer():
         raise ValueError
-      return int(float(raw)) if isinstance(raw, str) and "e" in raw.lower() else int(raw)
+      return int(raw)
     if text.startswith("float"):
       return float(raw)
     return str(raw)

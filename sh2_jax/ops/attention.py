@@ -11,10 +11,12 @@ def causal_attention(q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array) ->
     q_BLNH, k_BLNH, v_BLNH: [B, L, N, H] in one dtype.
 
   Returns:
-    [B, L, N, H] in q's dtype. cuDNN is used on GPU for bf16/fp16 inputs, XLA otherwise.
+    [B, L, N, H] in q's dtype. On GPU, bf16/fp16 inputs go to cuDNN; elsewhere the XLA path
+    runs in float32 (XLA:CPU has no bf16 x bf16 -> f32 dot for some shapes).
   """
-  implementation = None
-  if jax.default_backend() != "gpu" or q_BLNH.dtype == jnp.float32:
-    implementation = "xla"
-  return jax.nn.dot_product_attention(q_BLNH, k_BLNH, v_BLNH, is_causal=True,
-                                      implementation=implementation)
+  if jax.default_backend() == "gpu" and q_BLNH.dtype != jnp.float32:
+    return jax.nn.dot_product_attention(q_BLNH, k_BLNH, v_BLNH, is_causal=True)
+  upcast = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  out = jax.nn.dot_product_attention(upcast(q_BLNH), upcast(k_BLNH), upcast(v_BLNH),
+                                     is_causal=True, implementation="xla")
+  return out.astype(q_BLNH.dtype)

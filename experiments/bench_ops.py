@@ -1,0 +1,228 @@
+"""`sh2 bench ops`: forward and forward+backward time of the full mixer operators.
+
+Every operator is the whole Linen module (in-projection, featurizer, inner filter, gates,
+out-projection) at width D (default 4096), batch 1, bf16 compute: Hyena-SE, -MR, -LI in each
+of their methods, MHA through jax.nn.dot_product_attention (cuDNN on GPU), and the GEMM floor
+(the two Hyena projections' matrix products alone). Times are medians of repeated, synchronised
+runs after warm-up; the results table (markdown) goes to experiments/results/ops_<device>.md.
+
+  python -m sh2_jax.cli bench ops [--lengths 4096,8192,16384,32768] [--long 131072,1048576]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import logging
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sh2_jax.config import ModelConfig
+from sh2_jax.layers.attention import MHA
+from sh2_jax.layers.hyena import HyenaLI, HyenaMR, HyenaSE
+
+logger = logging.getLogger(__name__)
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One operator in one implementation."""
+  name: str
+  module: type[nn.Module] | None  # None: the GEMM floor
+  overrides: dict[str, Any]
+  hyena: bool = True
+
+
+def default_variants(kernels: bool) -> list[Variant]:
+  fast = "pallas" if kernels else "blocked"
+  out = [
+      Variant("GEMM floor", None, {}),
+      Variant(f"SE ({fast})", HyenaSE, {"conv_method": fast}),
+      Variant("SE (XLA direct)", HyenaSE, {"conv_method": "direct"}),
+      Variant(f"MR ({fast})", HyenaMR, {"conv_method": fast}),
+      Variant("MR (XLA blocked einsum)", HyenaMR, {"conv_method": "blocked"}),
+      Variant("MR (XLA fft)", HyenaMR, {"conv_method": "fft"}),
+      Variant("LI (XLA fft)", HyenaLI, {"li_method": "fft"}),
+      Variant("LI (XLA chunked)", HyenaLI, {"li_method": "chunked"}),
+      Variant("MHA (cuDNN)" if jax.default_backend() == "gpu" else "MHA (XLA)", MHA, {}, hyena=False),
+  ]
+  seen, unique = set(), []
+  for v in out:
+    if v.name not in seen:
+      seen.add(v.name)
+      unique.append(v)
+  return unique
+
+
+def median_ms(fn: Callable[[], Any], warmup: int = 2, iters: int = 10, max_seconds: float = 20.0) -> float:
+  """Median wall time in ms of fn() with block_until_ready, after warm-up."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  deadline = time.perf_counter() + max_seconds
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append((time.perf_counter() - start) * 1e3)
+    if time.perf_counter() > deadline and len(times) >= 3:
+      break
+  return statistics.median(times)
+
+
+def _gemm_floor_fns(config: ModelConfig, x_BLD: jax.Array, key: jax.Array):
+  d, dt = config.d_model, jnp.dtype(config.dtype)
+  k1, k2 = jax.random.split(key)
+  w_in = (jax.random.normal(k1, (d, 3 * d), jnp.float32) * 0.02).astype(dt)
+  w_out = (jax.random.normal(k2, (d, d), jnp.float32) * 0.02).astype(dt)
+
+  def forward(x, w_in, w_out):
+    z = x @ w_in
+    return z[..., :d] @ w_out  # the out-projection consumes a D-wide slice, as after the mixer
+
+  fwd = jax.jit(forward)
+  cotangent = jnp.ones(x_BLD.shape, dt)
+  grad = jax.jit(lambda x, a, b: jax.vjp(forward, x, a, b)[1](cotangent))
+  return (lambda: fwd(x_BLD, w_in, w_out)), (lambda: grad(x_BLD, w_in, w_out))
+
+
+def _module_fns(variant: Variant, config: ModelConfig, x_BLD: jax.Array, key: jax.Array):
+  module = variant.module(dataclasses.replace(config, **variant.overrides))
+  params = nn.meta.unbox(jax.jit(module.init)(key, x_BLD[:, :128])["params"])
+  fwd = jax.jit(module.apply)
+  cotangent = jnp.ones(x_BLD.shape, x_BLD.dtype)
+
+  def loss_vjp(p, x):
+    _, pullback = jax.vjp(lambda p, x: module.apply({"params": p}, x), p, x)
+    return pullback(cotangent)
+
+  grad = jax.jit(loss_vjp)
+  return (lambda: fwd({"params": params}, x_BLD)), (lambda: grad(params, x_BLD))
+
+
+def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups: int = 256,
+        heads: int = 32, kernels: bool | None = None, iters: int = 10) -> list[dict[str, Any]]:
+  """Times every variant at every length; returns rows {op, L, fwd_ms, fwdbwd_ms}."""
+  if kernels is None:
+    kernels = jax.default_backend() == "gpu"
+  config = ModelConfig(d_model=d_model, num_heads=heads, se_groups=groups, mr_groups=groups,
+                       layout="SE MR LI MHA", dtype="bfloat16", param_dtype="float32",
+                       mr_filter_len=128, train_len=8192)
+  rows = []
+  key = jax.random.key(0)
+  for length in sorted(set(lengths) | set(long_lengths)):
+    x = jax.random.normal(jax.random.fold_in(key, length), (1, length, d_model), jnp.bfloat16)
+    for variant in default_variants(kernels):
+      if length in long_lengths and length not in lengths and not variant.hyena:
+        continue
+      row = {"op": variant.name, "L": length}
+      try:
+        if variant.module is None:
+          fwd, fwdbwd = _gemm_floor_fns(config, x, key)
+        else:
+          fwd, fwdbwd = _module_fns(variant, config, x, key)
+        row["fwd_ms"] = median_ms(fwd, iters=iters)
+        row["fwdbwd_ms"] = median_ms(fwdbwd, iters=iters)
+      except Exception as error:  # noqa: BLE001 - an OOM or a compile failure is a table entry
+        message = str(error).splitlines()[0][:120]
+        row["error"] = "OOM" if "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower() else message
+        logger.warning("%s at L=%d: %s", variant.name, length, message)
+      rows.append(row)
+      logger.info("%s", row)
+      jax.clear_caches()
+  return rows
+
+
+def _len(length: int) -> str:
+  return f"{length // 1024}K" if length % 1024 == 0 else str(length)
+
+
+def _fmt(value: float | None) -> str:
+  return "—" if value is None else (f"{value:.2f}" if value < 100 else f"{value:.0f}")
+
+
+def ratios(rows: list[dict[str, Any]], kernels: bool) -> list[tuple[str, int, float | None, str]]:
+  """The acceptance ratios of issue 3 per length: (name, L, value, target)."""
+  fast = "pallas" if kernels else "blocked"
+  get = {(r["op"], r["L"]): r for r in rows}
+  mha = "MHA (cuDNN)" if any(r["op"] == "MHA (cuDNN)" for r in rows) else "MHA (XLA)"
+  best_li = lambda L: min((get[(n, L)]["fwdbwd_ms"] for n in ("LI (XLA fft)", "LI (XLA chunked)")
+                           if "fwdbwd_ms" in get.get((n, L), {})), default=None)
+  out = []
+  for length in sorted({r["L"] for r in rows}):
+    def val(op, field="fwdbwd_ms"):
+      return get.get((op, length), {}).get(field)
+    se, mr, floor, attn = val(f"SE ({fast})"), val(f"MR ({fast})"), val("GEMM floor"), val(mha)
+    li = best_li(length)
+    div = lambda a, b: None if a is None or b is None else a / b
+    out += [("SE / GEMM floor (fwd+bwd)", length, div(se, floor), "<= 1.2"),
+            ("MR / SE (fwd+bwd)", length, div(mr, se), "<= 1.3"),
+            ("MR bwd / MR fwd", length, div(None if mr is None else mr - val(f"MR ({fast})", "fwd_ms"),
+                                             val(f"MR ({fast})", "fwd_ms")), "<= 1.5"),
+            ("LI (best) / MHA (fwd+bwd)", length, div(li, attn), "<= 0.8 at 8K, <= 0.5 at 32K"),
+            ("SE / MHA (fwd+bwd)", length, div(se, attn), "<= 0.75 at 4K, <= 0.5 at 16K")]
+  return out
+
+
+def write_markdown(rows: list[dict[str, Any]], kernels: bool, path: str, command: str,
+                   d_model: int = 4096) -> str:
+  device = jax.devices()[0]
+  lengths = sorted({r["L"] for r in rows})
+  ops = list(dict.fromkeys(r["op"] for r in rows))
+  get = {(r["op"], r["L"]): r for r in rows}
+  lines = [f"# Mixer operators: forward and forward+backward time (ms)", "",
+           f"- device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}",
+           f"- date: {datetime.date.today().isoformat()}",
+           f"- command: `{command}`",
+           f"- B=1, D={d_model}, bf16 compute (float32 params), full operators with projections; "
+           "median of synchronised runs after warm-up", "",
+           "| operator | " + " | ".join(f"L={_len(L)} fwd | fwd+bwd" for L in lengths) + " |",
+           "|---|" + "---|---|" * len(lengths)]
+  for op in ops:
+    cells = []
+    for L in lengths:
+      r = get.get((op, L))
+      if r is None:
+        cells += ["", ""]
+      elif "error" in r:
+        cells += [r["error"][:20], ""]
+      else:
+        cells += [_fmt(r["fwd_ms"]), _fmt(r["fwdbwd_ms"])]
+    lines.append(f"| {op} | " + " | ".join(cells) + " |")
+  lines += ["", "| ratio | L | value | target |", "|---|---|---|---|"]
+  for name, L, value, target in ratios(rows, kernels):
+    lines.append(f"| {name} | {_len(L)} | {'—' if value is None else f'{value:.2f}'} | {target} |")
+  text = "\n".join(lines) + "\n"
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+  return text
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="sh2 bench ops", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--lengths", default="4096,8192,16384,32768",
+                      help="sequence lengths for every operator (comma-separated)")
+  parser.add_argument("--long", default="", help="extra lengths for the Hyena operators only, e.g. 131072,1048576")
+  parser.add_argument("--d-model", type=int, default=4096)
+  parser.add_argument("--groups", type=int, default=256)
+  parser.add_argument("--heads", type=int, default=32)
+  parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--out", default=None, help="markdown path (default experiments/results/ops_<device>.md)")
+  args = parser.parse_args(argv)
+  parse = lambda s: [int(x) for x in s.split(",") if x.strip()]
+  kernels = jax.default_backend() == "gpu"
+  rows = run(parse(args.lengths), parse(args.long), args.d_model, args.groups, args.heads, kernels, args.iters)
+  device = jax.devices()[0].device_kind.lower().replace(" ", "_")
+  path = args.out or os.path.join(RESULTS, f"ops_{device}.md")
+  command = "sh2 bench ops " + " ".join(argv or [])
+  print(write_markdown(rows, kernels, path, command.strip(), args.d_model))
+  return 0
