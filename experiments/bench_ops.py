@@ -107,9 +107,16 @@ def _module_fns(variant: Variant, config: ModelConfig, x_BLD: jax.Array, key: ja
   return (lambda: fwd({"params": params}, x_BLD)), (lambda: grad(params, x_BLD))
 
 
+CHUNKED_LI_MAX_LEN = 32768  # the XLA chunked LI scan is sequential over chunks: too slow beyond
+
+
 def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups: int = 256,
-        heads: int = 32, kernels: bool | None = None, iters: int = 10) -> list[dict[str, Any]]:
-  """Times every variant at every length; returns rows {op, L, fwd_ms, fwdbwd_ms}."""
+        heads: int = 32, kernels: bool | None = None, iters: int = 10,
+        on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+  """Times every variant at every length; returns rows {op, L, fwd_ms, fwdbwd_ms}.
+
+  `on_row(rows)` is called after each measurement (e.g. to rewrite the table as it grows).
+  """
   if kernels is None:
     kernels = jax.default_backend() == "gpu"
   config = ModelConfig(d_model=d_model, num_heads=heads, se_groups=groups, mr_groups=groups,
@@ -121,6 +128,8 @@ def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups
     x = jax.random.normal(jax.random.fold_in(key, length), (1, length, d_model), jnp.bfloat16)
     for variant in default_variants(kernels):
       if length in long_lengths and length not in lengths and not variant.hyena:
+        continue
+      if variant.overrides.get("li_method") == "chunked" and length > CHUNKED_LI_MAX_LEN:
         continue
       row = {"op": variant.name, "L": length}
       try:
@@ -137,6 +146,8 @@ def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups
       rows.append(row)
       logger.info("%s", row)
       jax.clear_caches()
+      if on_row is not None:
+        on_row(rows)
   return rows
 
 
@@ -220,9 +231,11 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   parse = lambda s: [int(x) for x in s.split(",") if x.strip()]
   kernels = jax.default_backend() == "gpu"
-  rows = run(parse(args.lengths), parse(args.long), args.d_model, args.groups, args.heads, kernels, args.iters)
   device = jax.devices()[0].device_kind.lower().replace(" ", "_")
   path = args.out or os.path.join(RESULTS, f"ops_{device}.md")
-  command = "sh2 bench ops " + " ".join(argv or [])
-  print(write_markdown(rows, kernels, path, command.strip(), args.d_model))
+  command = ("sh2 bench ops " + " ".join(argv or [])).strip()
+  rewrite = lambda rows: write_markdown(rows, kernels, path, command, args.d_model)
+  rows = run(parse(args.lengths), parse(args.long), args.d_model, args.groups, args.heads, kernels,
+             args.iters, on_row=rewrite)
+  print(rewrite(rows))
   return 0

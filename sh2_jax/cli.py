@@ -105,6 +105,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 BENCHMARKS = {
     "ops": ("experiments.bench_ops", "fwd and fwd+bwd ms of SE/MR/LI/MHA operators and the GEMM floor"),
+    "train": ("experiments.bench_train", "tokens/s and MFU of a train step, SH2 vs all-MHA"),
 }
 
 

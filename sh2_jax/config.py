@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from sh2_jax.errors import UserError
 
 MIXER_TYPES = ("SE", "MR", "LI", "MHA")
-CONV_METHODS = ("auto", "direct", "fft", "blocked")
+CONV_METHODS = ("auto", "direct", "fft", "blocked", "pallas")
 LI_METHODS = ("auto", "fft", "chunked")
 MLP_ACTIVATIONS = ("evo2", "gelu", "identity", "silu")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -81,7 +81,10 @@ class ModelConfig:
     norm_eps: RMSNorm epsilon, added to the RMS outside the sqrt.
     dtype: compute dtype of projections and attention; filters and FFTs stay float32.
     param_dtype: storage dtype of parameters (master weights).
-    conv_method: inner-convolution method for SE/MR ("auto", "direct", "fft", "blocked").
+    conv_method: inner-convolution method for SE/MR: "direct" (sum of shifted copies), "fft",
+      "blocked" (two-stage chunked GEMMs in XLA), "pallas" (the fused blocked GPU kernel; Pallas
+      interpret mode off GPU, slow), or "auto" (pallas on GPU where the shape allows, else
+      direct for short filters and blocked up to the chunk).
     li_method: LI long-convolution method: "fft" (float32 FFT of the materialised filter),
       "chunked" (exact Toeplitz inside chunks, 16-state carry between), "auto".
     conv_chunk: chunk length of the blocked convolution (>= the longest blocked filter).
@@ -140,12 +143,12 @@ class ModelConfig:
       raise ConfigError(f"model.conv_method={self.conv_method!r}: choose one of {CONV_METHODS}")
     if self.li_method not in LI_METHODS:
       raise ConfigError(f"model.li_method={self.li_method!r}: choose one of {LI_METHODS}")
-    if self.conv_method == "blocked":
+    if self.conv_method in ("blocked", "pallas"):
       longest = max([self.se_filter_len if "SE" in layers else 0,
                      self.mr_filter_len if "MR" in layers else 0])
       if longest > self.conv_chunk:
         raise ConfigError(f"model.conv_chunk={self.conv_chunk} must be >= the longest blocked "
-                          f"filter ({longest} taps) for conv_method='blocked'")
+                          f"filter ({longest} taps) for conv_method={self.conv_method!r}")
     if self.mlp_dim is not None and (not isinstance(self.mlp_dim, int) or self.mlp_dim < 1):
       raise ConfigError(f"model.mlp_dim={self.mlp_dim!r} must be a positive integer or null")
 

@@ -469,6 +469,11 @@ def test_resolve_method():
   assert conv.resolve_method("auto", 128, 128) == "blocked"
   assert conv.resolve_method("auto", 129, 128) == "fft"
   assert conv.resolve_method("fft", 3, 128) == "fft"
+  # The fused kernel: "auto" picks it on GPU only; a bare convolution runs its reference.
+  assert conv.resolve_method("auto", 7, 128, fused=True) == (
+      "pallas" if jax.default_backend() == "gpu" else "direct")
+  assert conv.resolve_method("pallas", 7, 128, fused=True) == "pallas"
+  assert conv.resolve_method("pallas", 7, 128) == "blocked"
   with pytest.raises(ValueError, match="choose one of"):
     conv.resolve_method("winograd", 3, 128)
 

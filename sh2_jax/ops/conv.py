@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import blocked_conv
 
-METHODS = ("direct", "fft", "blocked", "auto")
+METHODS = ("direct", "fft", "blocked", "pallas", "auto")
 DIRECT_MAX_TAPS = 16
 
 
@@ -80,13 +80,21 @@ def _fft_size(n: int) -> int:
   return best
 
 
-def resolve_method(method: str, num_taps: int, chunk: int) -> str:
-  """Picks a concrete method for "auto": direct for short filters, blocked up to the chunk,
-  FFT beyond it."""
+def resolve_method(method: str, num_taps: int, chunk: int, fused: bool = False) -> str:
+  """Picks a concrete method for "auto".
+
+  With `fused` (a gate-conv-gate that the Pallas kernel can take), "auto" is "pallas" on GPU.
+  Otherwise: direct for short filters, blocked up to the chunk, FFT beyond it. "pallas"
+  without `fused` (a bare convolution) runs as "blocked", the kernel's reference.
+  """
   if method not in METHODS:
     raise ValueError(f"conv method {method!r}: choose one of {METHODS}")
+  if method == "pallas" and not fused:
+    return "blocked"
   if method != "auto":
     return method
+  if fused and jax.default_backend() == "gpu" and num_taps <= chunk:
+    return "pallas"
   if num_taps <= DIRECT_MAX_TAPS:
     return "direct"
   if num_taps <= chunk:

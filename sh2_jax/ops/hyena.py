@@ -41,13 +41,20 @@ def gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array, h_
     post_BLD, pre_BLD, v_BLD: [B, L, D] gates and value.
     h_GK: [G, K] grouped filter, h[:, 0] on the current token.
     dskip_D: [D] skip weights or None.
-    method: "direct" | "fft" | "blocked" | "auto" (see ops.conv.resolve_method).
+    method: "direct" | "fft" | "blocked" | "pallas" | "auto" (see ops.conv.resolve_method;
+      "pallas" on GPU falls back to the blocked reference for shapes the kernel does not take,
+      and runs in interpret mode off GPU).
     chunk: block length of the blocked method.
 
   Returns:
     [B, L, D] in v's dtype.
   """
-  method = conv.resolve_method(method, h_GK.shape[-1], chunk)
+  method = conv.resolve_method(method, h_GK.shape[-1], chunk, fused=True)
+  if method == "pallas":
+    if jax.default_backend() == "gpu":
+      return blocked_conv.gate_conv_gate_auto(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D)
+    return blocked_conv.gate_conv_gate_pallas(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D,
+                                              interpret=True)
   if method == "blocked":
     return blocked_conv.gate_conv_gate(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D, chunk=chunk)
   u = pre_BLD.astype(jnp.float32) * v_BLD.astype(jnp.float32)

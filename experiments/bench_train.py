@@ -1,0 +1,133 @@
+"""`sh2 bench train`: tokens/s and MFU of one training step, StripedHyena 2 against all-MHA.
+
+The `evo2-1b`-shaped model (25 layers, D=1920, SE/MR/LI striped with MHA) and the same model
+with every mixer replaced by MHA, through the same code path (train/step.py: bf16 compute,
+float32 master weights, AdamW, per-block remat), B=1, on one device; median step time after
+warm-up. MFU = model FLOPs per step / step time / peak bf16 rate, with model FLOPs =
+6 x (non-embedding params) x tokens + attention 6 x 2 x L^2 x D per MHA layer (causal: half
+of 12 L^2 D) + the tied unembedding 6 x L x D x V. Hyena filter FLOPs are not counted (they
+are small next to the projections), so Hyena MFU is slightly understated.
+
+  python -m sh2_jax.cli bench train [--lengths 8192,32768] [--preset evo2-1b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import logging
+import os
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sh2_jax import config as config_lib
+from sh2_jax.model import abstract_params, count_params
+from sh2_jax.parallel import mesh as mesh_lib
+from sh2_jax.train import optim, step as step_lib
+from sh2_jax.train.state import create_train_state
+
+logger = logging.getLogger(__name__)
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  kind = device_kind.lower()
+  return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
+
+
+def model_flops_per_step(model: config_lib.ModelConfig, length: int, batch: int) -> float:
+  params = count_params(abstract_params(model)) - model.vocab_size * model.d_model
+  tokens = batch * length
+  attention_layers = sum(kind == "MHA" for kind in model.layers)
+  return (6.0 * params * tokens + 6.0 * 2.0 * batch * length * length * model.d_model * attention_layers / 2.0
+          + 6.0 * tokens * model.d_model * model.vocab_size)
+
+
+def time_step(model: config_lib.ModelConfig, length: int, batch: int, iters: int) -> float:
+  """Median ms of a jitted train step (forward, backward, AdamW update)."""
+  train_cfg = config_lib.TrainConfig(steps=1000, batch_size=batch, warmup_steps=10)
+  mesh = mesh_lib.make_mesh(config_lib.MeshConfig())
+  tx = optim.make_optimizer(train_cfg)
+  state, shardings = create_train_state(model, tx, mesh, seed=0)
+  step = step_lib.make_train_step(model, train_cfg, tx, mesh, shardings)
+  rng = np.random.default_rng(0)
+  windows = [jnp.asarray(rng.integers(0, 256, (batch, length + 1)), jnp.int32) for _ in range(2)]
+  for i in range(2):
+    state, metrics = step(state, windows[i % 2])
+  jax.block_until_ready(metrics)
+  times = []
+  for i in range(iters):
+    start = time.perf_counter()
+    state, metrics = step(state, windows[i % 2])
+    jax.block_until_ready(metrics)
+    times.append((time.perf_counter() - start) * 1e3)
+  del state
+  return statistics.median(times)
+
+
+def variants(preset: str) -> list[tuple[str, config_lib.ModelConfig]]:
+  base = dataclasses.replace(config_lib.get_preset(preset).model, remat=True, dtype="bfloat16")
+  all_mha = dataclasses.replace(base, layout=" ".join(["MHA"] * base.num_layers))
+  return [(f"{preset} (SH2: {base.layout.count('MHA')} MHA of {base.num_layers})", base),
+          (f"{preset} shape, all MHA", all_mha)]
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="sh2 bench train", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--preset", default="evo2-1b")
+  parser.add_argument("--lengths", default="8192,32768")
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--out", default=None, help="markdown path (default experiments/results/train_<device>.md)")
+  args = parser.parse_args(argv)
+  device = jax.devices()[0]
+  peak = peak_tflops(device.device_kind)
+  rows: list[dict[str, Any]] = []
+  for length in [int(x) for x in args.lengths.split(",") if x.strip()]:
+    for name, model in variants(args.preset):
+      row = {"model": name, "L": length}
+      try:
+        ms = time_step(model, length, args.batch, args.iters)
+        flops = model_flops_per_step(model, length, args.batch)
+        row.update(ms=ms, tokens_per_s=args.batch * length / (ms / 1e3),
+                   mfu=None if peak is None else flops / (ms / 1e3) / (peak * 1e12))
+      except Exception as error:  # noqa: BLE001 - OOM/compile failures are reported in the table
+        message = str(error).splitlines()[0][:100]
+        row["error"] = "OOM" if "RESOURCE_EXHAUSTED" in message or "memory" in message.lower() else message
+      logger.info("%s", row)
+      rows.append(row)
+      jax.clear_caches()
+  lines = ["# Training step: StripedHyena 2 vs all-MHA, same code path", "",
+           f"- device: {device.device_kind}, jax {jax.__version__}; peak bf16 {peak} TFLOP/s for MFU",
+           f"- date: {datetime.date.today().isoformat()}",
+           f"- command: `sh2 bench train {' '.join(argv or [])}`".rstrip(),
+           f"- B={args.batch}, bf16 compute, float32 params + AdamW, remat per block, median of "
+           f"{args.iters} steps after 2 warm-up steps", "",
+           "| model | L | step ms | tokens/s | MFU |", "|---|---|---|---|---|"]
+  for r in rows:
+    if "error" in r:
+      lines.append(f"| {r['model']} | {r['L']} | {r['error']} | | |")
+    else:
+      mfu = "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+      lines.append(f"| {r['model']} | {r['L']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {mfu} |")
+  lines += ["", "| L | SH2 tokens/s / all-MHA tokens/s | target |", "|---|---|---|"]
+  for length in sorted({r["L"] for r in rows}):
+    pair = [r for r in rows if r["L"] == length and "tokens_per_s" in r]
+    if len(pair) == 2:
+      target = ">= 1.3" if length <= 8192 else ">= 2"
+      lines.append(f"| {length} | {pair[0]['tokens_per_s'] / pair[1]['tokens_per_s']:.2f} | {target} |")
+  text = "\n".join(lines) + "\n"
+  path = args.out or os.path.join(RESULTS, f"train_{device.device_kind.lower().replace(' ', '_')}.md")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+  print(text)
+  return 0
