@@ -35,8 +35,9 @@ class StripedHyena2(nn.Module):
       self.sow("intermediates", f"hidden_{i}", x_BLD)
     x_BLD = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")(x_BLD)
     dt = jnp.dtype(cfg.dtype)
-    return jnp.einsum("BLD,VD->BLV", x_BLD.astype(dt), embedding_VD.astype(dt),
-                      preferred_element_type=jnp.float32)
+    with P.matmul_precision(dt):
+      return jnp.einsum("BLD,VD->BLV", x_BLD.astype(dt), embedding_VD.astype(dt),
+                        preferred_element_type=jnp.float32)
 
 
 def abstract_params(config: ModelConfig, length: int = 8) -> dict:

@@ -619,6 +619,35 @@ def test_split_interleaved():
     np.testing.assert_array_equal(np.asarray(v[..., i]), z[..., 3 * i + 2])
 
 
+@pytest.mark.parametrize("length", [1, 9])
+def test_project_and_featurize_matches_interleaved_projection(length):
+  """Three contiguous streams equal the interleaved projection + featurizer + split, for
+  values and for the gradients of x, the in-projection and the featurizer taps."""
+  rng = _rng("project", length)
+  d, taps = 4, 3
+  x = rng.standard_normal((2, length, d))
+  w_in = rng.standard_normal((d, 3 * d))
+  w_feat = rng.standard_normal((3 * d, taps))
+  z = x @ w_in
+  feat = np.zeros_like(z)
+  for t in range(length):
+    for k in range(taps):
+      if t - k >= 0:
+        feat[:, t] += w_feat[:, k] * z[:, t - k]
+  streams = [feat[..., s::3] for s in range(3)]
+  out = hyena.project_and_featurize(jnp.asarray(x), jnp.asarray(w_in), jnp.asarray(w_feat))
+  for got, want in zip(out, streams):
+    _assert_close(got, want, (2e-6, 2e-6))
+  cot = [rng.standard_normal(st.shape) for st in streams]
+  loss = lambda *a: sum(jnp.sum(o * c) for o, c in zip(hyena.project_and_featurize(*a), cot))
+  fused = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(w_in), jnp.asarray(w_feat))
+  split = lambda a, b, c: hyena.split_interleaved(hyena.featurize(a @ b, c))
+  loss_ref = lambda *a: sum(jnp.sum(o * c) for o, c in zip(split(*a), cot))
+  reference = jax.grad(loss_ref, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(w_in), jnp.asarray(w_feat))
+  for got, want in zip(fused, reference):
+    _assert_close(got, np.asarray(want), (2e-6, 2e-6))
+
+
 def test_featurize_is_depthwise_causal_with_w0_on_current_token():
   rng = _rng("featurize")
   z, z64 = _rand(rng, (2, 9, 6), "float64")

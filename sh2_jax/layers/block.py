@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 
 from sh2_jax.config import ModelConfig
+from sh2_jax.layers import params as P
 from sh2_jax.layers.attention import MHA
 from sh2_jax.layers.hyena import HyenaLI, HyenaMR, HyenaSE
 from sh2_jax.layers.mlp import GatedMLP
@@ -23,9 +24,10 @@ class Block(nn.Module):
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     cfg = self.config
     kind = cfg.layers[self.layer]
-    mixer = MIXERS[kind](cfg, name="mixer")
-    h = mixer(RMSNorm(cfg.norm_eps, cfg.param_dtype, name="pre_norm")(x_BLD))
-    x_BLD = x_BLD + h.astype(x_BLD.dtype)
-    h = GatedMLP(cfg, self.layer, name="mlp")(RMSNorm(cfg.norm_eps, cfg.param_dtype,
-                                                      name="post_norm")(x_BLD))
-    return x_BLD + h.astype(x_BLD.dtype)
+    with P.matmul_precision(cfg.dtype):
+      mixer = MIXERS[kind](cfg, name="mixer")
+      h = mixer(RMSNorm(cfg.norm_eps, cfg.param_dtype, name="pre_norm")(x_BLD))
+      x_BLD = x_BLD + h.astype(x_BLD.dtype)
+      h = GatedMLP(cfg, self.layer, name="mlp")(RMSNorm(cfg.norm_eps, cfg.param_dtype,
+                                                        name="post_norm")(x_BLD))
+      return x_BLD + h.astype(x_BLD.dtype)

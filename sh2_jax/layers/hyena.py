@@ -40,9 +40,7 @@ class HyenaBase(nn.Module):
     w_out = P.declare(self, "out_proj", P.normal(P.output_std(cfg.init_std, cfg.num_layers)),
                       (d, d), ("channels", "embed"), pdt)
     b_out = P.declare(self, "out_bias", P.constant(0.0), (d,), ("embed",), pdt)
-    z_BL3D = x_BLD.astype(dt) @ w_in.astype(dt)
-    z_BL3D = hyena.featurize(z_BL3D, w_feat)
-    post, pre, v = hyena.split_interleaved(z_BL3D)
+    post, pre, v = hyena.project_and_featurize(x_BLD.astype(dt), w_in.astype(dt), w_feat)
     y_BLD = self.inner(post, pre, v)
     return y_BLD.astype(dt) @ w_out.astype(dt) + b_out.astype(dt)
 

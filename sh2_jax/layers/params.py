@@ -20,6 +20,11 @@ def declare(module: nn.Module, name: str, init: Initializer, shape: Sequence[int
   return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
+def matmul_precision(dtype: jnp.dtype):
+  """Context in which float32 compute means IEEE float32 products (no TF32 on GPU)."""
+  return jax.default_matmul_precision("highest" if jnp.dtype(dtype) == jnp.float32 else "default")
+
+
 def normal(std: float) -> Initializer:
   return jax.nn.initializers.normal(stddev=std)
 
