@@ -765,3 +765,19 @@ def test_resolve_li_method():
   assert hyena.resolve_li_method("auto", hyena.LI_CHUNKED_MIN_LEN) == "chunked"
   with pytest.raises(ValueError, match="choose one of"):
     hyena.resolve_li_method("scan", 10)
+
+
+def test_modal_filter_gradient_never_holds_all_modes():
+  """The backward of the LI filter recomputes the modes chunk by chunk: its temporary memory
+  stays far below the [C, N, L] tensor that plain autodiff keeps (34 GiB at D=4096, 131K)."""
+  channels, poles, length = 64, 16, 65536
+  spec = jax.ShapeDtypeStruct((channels, poles), jnp.float32)
+  cot = jax.ShapeDtypeStruct((channels, length), jnp.float32)
+
+  def grads(log_poles, residues, g):
+    loss = lambda a, b: jnp.sum(filters.modal_filter(a, b, length) * g)
+    return jax.grad(loss, argnums=(0, 1))(log_poles, residues)
+
+  memory = jax.jit(grads).lower(spec, spec, cot).compile().memory_analysis()
+  all_modes_bytes = channels * poles * length * 4
+  assert memory.temp_size_in_bytes < all_modes_bytes / 4, memory.temp_size_in_bytes
