@@ -83,3 +83,16 @@ def test_console_entry_point_runs_as_module():
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == "sh2: error: train.steps=0 must be a positive integer"
   assert "Traceback" not in result.stderr
+
+
+def test_yaml_config_then_set_overrides(capsys, tmp_path):
+  path = tmp_path / "run.yaml"
+  path.write_text("model:\n  d_model: 64\n  layout: SE MR MHA\ntrain: {steps: 7}\n")
+  code, out, _ = run_cli(capsys, "info", "tiny", "--config", str(path), "--set", "model.num_heads=4")
+  assert code == 0
+  assert "SE MR MHA  (3 layers)" in out and "d_model=64, heads=4 x 16" in out
+  config = cli.build_config("tiny", str(path), ["train.steps=9"])
+  assert (config.model.d_model, config.train.steps) == (64, 9)
+  path.write_text("- not a mapping\n")
+  code, _, err = run_cli(capsys, "info", "--config", str(path))
+  assert code == 2 and "must hold a mapping" in err

@@ -178,3 +178,63 @@ def test_eval_run_reports_model_and_markov_baselines(tmp_path):
     assert config_lib.Config.from_dict(json.load(f)) == config
   with pytest.raises(RunError, match="not a run directory"):
     evaluate_run(str(tmp_path / "nothing"))
+
+
+def test_remat_gives_identical_loss_and_gradients():
+  config = small_config()
+  model_cfg = dataclasses.replace(config.model, dtype="float32")
+  rng = np.random.default_rng(1)
+  window = jnp.asarray(rng.integers(0, 256, (2, 33)), jnp.int32)
+  results = []
+  for remat in (False, True):
+    cfg = dataclasses.replace(model_cfg, remat=remat)
+    model = step_lib.StripedHyena2(cfg)
+    params = jax.tree.map(lambda x: x, __import__("flax").linen.meta.unbox(
+        model.init(jax.random.key(0), window[:, :-1])["params"]))
+    loss = lambda p: jnp.mean(step_lib.next_token_nll(model, p, window))
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+  assert float(results[0][0]) == pytest.approx(float(results[1][0]), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+MESH_SCRIPT = r"""
+import dataclasses, json, sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, sys.argv[1])
+from tests.test_train import small_config
+from sh2_jax import config as config_lib
+from sh2_jax.parallel import mesh as mesh_lib
+from sh2_jax.train import optim, step as step_lib
+from sh2_jax.train.state import create_train_state
+config = small_config()
+model = dataclasses.replace(config.model, dtype="float32")
+window = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 65)), jnp.int32)
+out = {}
+for name, mesh_cfg in [("single", config_lib.MeshConfig(data=1)),
+                       ("data2_tensor2", config_lib.MeshConfig(data=2, tensor=2)),
+                       ("fsdp4", config_lib.MeshConfig(data=1, fsdp=4))]:
+  devices = jax.devices()[:1] if name == "single" else jax.devices()
+  mesh = mesh_lib.make_mesh(mesh_cfg, devices)
+  tx = optim.make_optimizer(config.train)
+  state, shardings = create_train_state(model, tx, mesh, seed=0)
+  step = step_lib.make_train_step(model, config.train, tx, mesh, shardings)
+  state, metrics = step(state, window)
+  state, metrics = step(state, window)
+  out[name] = [float(metrics["loss"]), float(metrics["grad_norm"]),
+               float(jnp.sum(state.params["block_0"]["mixer"]["in_proj"]))]
+print(json.dumps(out))
+"""
+
+
+def test_train_step_on_a_device_mesh_matches_one_device(tmp_path):
+  """Data, tensor and FSDP sharding from the logical-axis rules give the single-device step
+  (4 fake CPU devices, in a fresh process so the device count can be set)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", MESH_SCRIPT, root], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=root)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  for name in ("data2_tensor2", "fsdp4"):
+    np.testing.assert_allclose(out[name], out["single"], rtol=2e-5, err_msg=name)
