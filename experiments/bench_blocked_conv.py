@@ -16,18 +16,20 @@ bwd 7). Results: experiments/results/blocked_conv_h100.md.
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import logging
 import pathlib
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import blocked_conv as bc
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.timing import median_ms  # noqa: E402
 
 logger = logging.getLogger("bench_blocked_conv")
 HBM_BYTES_PER_S = 3.0e12
@@ -58,17 +60,6 @@ def _fns(conv):
     return out, vjp(ct)
 
   return fwd, jax.jit(bwd), jax.jit(fwd_bwd)
-
-
-def _time_ms(fn, *args, reps=20, warmup=3):
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
 
 
 def _rel(a, b):
@@ -102,7 +93,7 @@ def _time_variant(args, ct, bs, which):
   conv = lambda *a: bc.gate_conv_gate_pallas(*a, block_sizes=bs, interpret=INTERPRET)
   fwd, bwd, _ = _fns(conv)
   try:
-    return _time_ms(fwd, *args) if which == "fwd" else _time_ms(bwd, args, ct)
+    return median_ms(fwd, *args, warmup=3, iters=20) if which == "fwd" else median_ms(bwd, args, ct, warmup=3, iters=20)
   except Exception as e:  # noqa: BLE001 - report and go on
     logger.info("  %s %s FAILED %s", which, bs, str(e)[:300])
     return float("inf")
@@ -172,7 +163,7 @@ def table(key, lengths, best_by_taps=None):
         for fwd, bwd, fwd_bwd in ((kern, ref) if WITH_XLA else (kern,)):
           for fn, fn_args in ((fwd, args), (bwd, (args, ct)), (fwd_bwd, (args, ct))):
             try:
-              t.append(_time_ms(fn, *fn_args))
+              t.append(median_ms(fn, *fn_args, warmup=3, iters=20))
             except Exception as e:  # noqa: BLE001 - report and go on
               logger.info("FAILED G=%d K=%d L=%d: %s", groups, taps, length, str(e)[:500])
               t.append(float("nan"))

@@ -16,14 +16,13 @@ import dataclasses
 import datetime
 import logging
 import os
-import statistics
-import time
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from experiments.timing import median_ms
 from sh2_jax.config import ModelConfig
 from sh2_jax.layers.attention import MHA
 from sh2_jax.layers.hyena import HyenaLI, HyenaMR, HyenaSE
@@ -60,21 +59,6 @@ def default_variants(kernels: bool) -> list[Variant]:
       seen.add(v.name)
       unique.append(v)
   return unique
-
-
-def median_ms(fn: Callable[[], Any], warmup: int = 2, iters: int = 10, max_seconds: float = 20.0) -> float:
-  """Median wall time in ms of fn() with block_until_ready, after warm-up."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  deadline = time.perf_counter() + max_seconds
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append((time.perf_counter() - start) * 1e3)
-    if time.perf_counter() > deadline and len(times) >= 3:
-      break
-  return statistics.median(times)
 
 
 def _gemm_floor_fns(config: ModelConfig, x_BLD: jax.Array, key: jax.Array):
@@ -137,8 +121,8 @@ def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups
           fwd, fwdbwd = _gemm_floor_fns(config, x, key)
         else:
           fwd, fwdbwd = _module_fns(variant, config, x, key)
-        row["fwd_ms"] = median_ms(fwd, iters=iters)
-        row["fwdbwd_ms"] = median_ms(fwdbwd, iters=iters)
+        row["fwd_ms"] = median_ms(fwd, iters=iters, max_seconds=20.0)
+        row["fwdbwd_ms"] = median_ms(fwdbwd, iters=iters, max_seconds=20.0)
       except Exception as error:  # noqa: BLE001 - an OOM or a compile failure is a table entry
         message = str(error).splitlines()[0][:120]
         row["error"] = "OOM" if "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower() else message

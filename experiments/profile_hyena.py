@@ -14,8 +14,8 @@ Pieces (each a jitted vjp with respect to x and every weight, B=1, D=4096, bf16)
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+import os
 
 import jax
 import jax.numpy as jnp
@@ -23,16 +23,8 @@ import jax.numpy as jnp
 from pallas_kernels import blocked_conv
 from sh2_jax.ops import hyena
 
-
-def median_ms(fn, *args, iters: int = 10) -> float:
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.timing import median_ms  # noqa: E402
 
 
 def vjp_fn(f):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import zlib
 from typing import Callable
 
 import jax
@@ -18,44 +17,18 @@ import numpy as np
 import pytest
 
 from pallas_kernels import blocked_conv
+from tests.helpers import DTYPES, x64  # noqa: F401 - x64 is a fixture
+from tests.helpers import assert_close as _assert_close
+from tests.helpers import jax_vjp as _jax_vjp
+from tests.helpers import random_array as _rand
+from tests.helpers import seeded_rng as _rng
 
 # (rtol, atol as a fraction of max |expected|) per input dtype.
 TOL = {"float64": (2e-5, 2e-6), "float32": (5e-5, 5e-6), "bfloat16": (2e-2, 1e-2)}
 GRAD_TOL = (1e-4, 1e-5)
-DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-@pytest.fixture(autouse=True)
-def _x64():
-  with jax.enable_x64(True):
-    yield
-
-
-def _rng(*key: object) -> np.random.Generator:
-  return np.random.default_rng(zlib.crc32(repr(key).encode()))
-
-
-def _rand(rng: np.random.Generator, shape: tuple[int, ...], dtype: str,
-          scale: float = 1.0) -> tuple[jax.Array, np.ndarray]:
-  x = jnp.asarray(scale * rng.standard_normal(shape), DTYPES[dtype])
-  return x, np.asarray(x).astype(np.float64)
-
-
-def _assert_close(actual, expected, tol: tuple[float, float], err_msg: str = "") -> None:
-  rtol, atol = tol
-  expected = np.asarray(expected, np.float64)
-  actual = np.asarray(actual).astype(np.float64)
-  assert actual.shape == expected.shape, (actual.shape, expected.shape)
-  scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-30)
-  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale, err_msg=err_msg)
-
-
-def _jax_vjp(fn: Callable, args: tuple, cot: np.ndarray, argnums: tuple[int, ...]) -> tuple:
-  """Gradient of sum(fn(*args) * cot) wrt args[argnums], as float64 numpy arrays."""
-  def functional(*a):
-    return jnp.sum(fn(*a).astype(jnp.float64) * jnp.asarray(cot))
-  grads = jax.jit(jax.grad(functional, argnums=argnums))(*args)
-  return tuple(np.asarray(g).astype(np.float64) for g in grads)
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 # ---------------------------------------------------------------------------------------------

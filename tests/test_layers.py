@@ -11,7 +11,6 @@ validation. Runs in the default float32 mode (ModelConfig accepts no float64 dty
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from typing import Callable
 
 import flax.linen as nn
@@ -28,6 +27,9 @@ from sh2_jax.layers.block import Block
 from sh2_jax.layers.hyena import HyenaLI, HyenaMR, HyenaSE
 from sh2_jax.layers.mlp import GatedMLP
 from sh2_jax.layers.norm import RMSNorm
+from tests.helpers import assert_close as _assert_close
+from tests.helpers import np_causal_conv
+from tests.helpers import seeded_rng as _rng
 
 # (rtol, atol as a fraction of max |expected|) per compute dtype.
 TOL = {"float32": (1e-4, 1e-5), "bfloat16": (5e-2, 3e-2)}
@@ -37,37 +39,12 @@ BASE = C.ModelConfig(d_model=32, num_heads=2, se_groups=4, mr_groups=2, mr_filte
                      param_dtype="float32", conv_chunk=16)
 
 
-def _rng(*key: object) -> np.random.Generator:
-  return np.random.default_rng(zlib.crc32(repr(key).encode()))
-
-
-def _assert_close(actual, expected, tol, err_msg=""):
-  rtol, atol = tol
-  expected = np.asarray(expected, np.float64)
-  actual = np.asarray(actual).astype(np.float64)
-  assert actual.shape == expected.shape, (actual.shape, expected.shape)
-  scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-30)
-  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale, err_msg=err_msg)
-
-
 # ---------------------------------------------------------------------------------------------
 # numpy float64 reference of SPEC.md sections 1-4
 # ---------------------------------------------------------------------------------------------
 
 def np_rms_norm(x, scale, eps):
   return scale * x / (np.sqrt(np.mean(x * x, axis=-1, keepdims=True)) + eps)
-
-
-def np_causal_conv(x_BLC, h_GK):
-  """y[b, t, c] = sum_{k <= t} h[c // dg, k] x[b, t - k, c] (h[:, 0] on the current token)."""
-  _, length, channels = x_BLC.shape
-  groups, taps = h_GK.shape
-  h_CK = np.repeat(h_GK, channels // groups, axis=0)
-  y = np.zeros_like(x_BLC)
-  for t in range(length):
-    n = min(taps, t + 1)
-    y[:, t] = np.einsum("bkc,ck->bc", x_BLC[:, t - n + 1:t + 1][:, ::-1], h_CK[:, :n])
-  return y
 
 
 def np_hyena(p, x, kind, cfg):

@@ -11,7 +11,6 @@ float64 (x64) cases check against float32-level tolerances, not 1e-9.
 
 from __future__ import annotations
 
-import zlib
 from typing import Callable
 
 import jax
@@ -20,38 +19,19 @@ import numpy as np
 import pytest
 
 from sh2_jax.ops import attention, conv, filters, hyena, norms, rotary
+from tests.helpers import DTYPES, x64  # noqa: F401 - x64 is a fixture
+from tests.helpers import assert_close as _assert_close
+from tests.helpers import jax_vjp as _jax_vjp
+from tests.helpers import random_array as _rand
+from tests.helpers import np_causal_conv
+from tests.helpers import seeded_rng as _rng
 
 # (rtol, atol as a fraction of max |expected|) per input dtype.
 TOL = {"float64": (2e-5, 2e-6), "float32": (5e-5, 5e-6), "bfloat16": (2e-2, 1e-2)}
 GRAD_TOL = {"float64": (1e-4, 1e-5), "float32": (1e-4, 2e-5)}
-DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-@pytest.fixture(autouse=True)
-def _x64():
-  """x64 on for this module only (other test files run in float32 in the same process)."""
-  with jax.enable_x64(True):
-    yield
-
-
-def _rng(*key: object) -> np.random.Generator:
-  return np.random.default_rng(zlib.crc32(repr(key).encode()))
-
-
-def _rand(rng: np.random.Generator, shape: tuple[int, ...], dtype: str,
-          scale: float = 1.0) -> tuple[jax.Array, np.ndarray]:
-  """A random jax array in `dtype` and its exact value in float64."""
-  x = jnp.asarray(scale * rng.standard_normal(shape), DTYPES[dtype])
-  return x, np.asarray(x).astype(np.float64)
-
-
-def _assert_close(actual, expected, tol: tuple[float, float], err_msg: str = "") -> None:
-  rtol, atol = tol
-  expected = np.asarray(expected, np.float64)
-  actual = np.asarray(actual).astype(np.float64)
-  assert actual.shape == expected.shape, (actual.shape, expected.shape)
-  scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-30)
-  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale, err_msg=err_msg)
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def _fd_grad(f: Callable[[np.ndarray], float], x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -63,14 +43,6 @@ def _fd_grad(f: Callable[[np.ndarray], float], x: np.ndarray, eps: float = 1e-6)
     xm[idx] -= eps
     g[idx] = (f(xp) - f(xm)) / (2 * eps)
   return g
-
-
-def _jax_vjp(fn: Callable, args: tuple, cot: np.ndarray, argnums: tuple[int, ...]) -> tuple:
-  """Gradient of sum(fn(*args) * cot) wrt args[argnums], as float64 numpy arrays."""
-  def functional(*a):
-    return jnp.sum(fn(*a).astype(jnp.float64) * jnp.asarray(cot))
-  grads = jax.jit(jax.grad(functional, argnums=argnums))(*args)
-  return tuple(np.asarray(g).astype(np.float64) for g in grads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,19 +76,6 @@ def np_causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarr
   weights = np.exp(scores - scores.max(-1, keepdims=True))
   weights /= weights.sum(-1, keepdims=True)
   return np.einsum("bnqk,bknh->bqnh", weights, v)
-
-
-def np_causal_conv(x_BLC: np.ndarray, h_GK: np.ndarray) -> np.ndarray:
-  """y[b, t, c] = sum_{k <= t} h[c // dg, k] x[b, t - k, c], one output position at a time."""
-  _, length, channels = x_BLC.shape
-  groups, taps = h_GK.shape
-  h_CK = np.repeat(h_GK, channels // groups, axis=0)
-  y = np.zeros_like(x_BLC)
-  for t in range(length):
-    n = min(taps, t + 1)
-    window = x_BLC[:, t - n + 1:t + 1][:, ::-1]  # window[:, k] = x[t - k]
-    y[:, t] = np.einsum("bkc,ck->bc", window, h_CK[:, :n])
-  return y
 
 
 def np_causal_conv_vjp(x_BLC: np.ndarray, h_GK: np.ndarray,

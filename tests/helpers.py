@@ -1,0 +1,64 @@
+"""Shared test helpers: seeded inputs, float64 comparisons, gradients of random functionals."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+DTYPES = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@pytest.fixture
+def x64():
+  """Use as `pytestmark = pytest.mark.usefixtures("x64")`: x64 for one module only (other
+  test files run in float32 in the same process)."""
+  with jax.enable_x64(True):
+    yield
+
+
+def seeded_rng(*key: object) -> np.random.Generator:
+  """A generator seeded from the test's own key: fresh inputs per case, reproducible runs."""
+  return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: str,
+                 scale: float = 1.0) -> tuple[jax.Array, np.ndarray]:
+  """A random jax array in `dtype` and its exact value in float64."""
+  x = jnp.asarray(scale * rng.standard_normal(shape), DTYPES[dtype])
+  return x, np.asarray(x).astype(np.float64)
+
+
+def assert_close(actual, expected, tol: tuple[float, float], err_msg: str = "") -> None:
+  """rtol, and atol as a fraction of max |expected|, compared in float64."""
+  rtol, atol = tol
+  expected = np.asarray(expected, np.float64)
+  actual = np.asarray(actual).astype(np.float64)
+  assert actual.shape == expected.shape, (actual.shape, expected.shape)
+  scale = max(float(np.max(np.abs(expected), initial=0.0)), 1e-30)
+  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale, err_msg=err_msg)
+
+
+def jax_vjp(fn: Callable, args: tuple, cot: np.ndarray, argnums: tuple[int, ...]) -> tuple:
+  """Gradient of sum(fn(*args) * cot) wrt args[argnums], as float64 numpy arrays."""
+  def functional(*a):
+    return jnp.sum(fn(*a).astype(jnp.float64) * jnp.asarray(cot))
+  grads = jax.jit(jax.grad(functional, argnums=argnums))(*args)
+  return tuple(np.asarray(g).astype(np.float64) for g in grads)
+
+
+def np_causal_conv(x_BLC: np.ndarray, h_GK: np.ndarray) -> np.ndarray:
+  """y[b, t, c] = sum_{k <= t} h[c // dg, k] x[b, t - k, c], one output position at a time."""
+  _, length, channels = x_BLC.shape
+  groups, taps = h_GK.shape
+  h_CK = np.repeat(h_GK, channels // groups, axis=0)
+  y = np.zeros_like(x_BLC)
+  for t in range(length):
+    n = min(taps, t + 1)
+    window = x_BLC[:, t - n + 1:t + 1][:, ::-1]  # window[:, k] = x[t - k]
+    y[:, t] = np.einsum("bkc,ck->bc", window, h_CK[:, :n])
+  return y
