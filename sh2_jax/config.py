@@ -293,7 +293,8 @@ class MeshConfig:
       sizes = [num_devices // known if s == -1 else s for s in sizes]
     if math.prod(sizes) != num_devices:
       raise ConfigError(f"mesh {dict(zip(self.AXES, sizes))} uses {math.prod(sizes)} devices "
-                        f"but {num_devices} are available; make the product match or use -1")
+                        f"but {num_devices} {'is' if num_devices == 1 else 'are'} available; make the product "
+                        "match or use -1")
     return tuple(sizes)
 
 

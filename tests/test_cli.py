@@ -55,6 +55,7 @@ def _write(path, data: bytes, gz: bool = False):
     ("window_longer_than_data", "data.seq_len"),
     ("bad_layout", "unknown mixer"),
     ("bad_mesh", "--mesh"),
+    ("mesh_product", "uses 4 devices but 1 is available"),
 ])
 def test_bad_input_gives_one_error_line(capsys, tmp_path, case, expected):
   run_dir = str(tmp_path / "run")
@@ -68,6 +69,7 @@ def test_bad_input_gives_one_error_line(capsys, tmp_path, case, expected):
       "window_longer_than_data": ["train", "--data", _write(tmp_path / "s.fa", b">x\n" + b"ACGT" * 100 + b"\n")],
       "bad_layout": ["info", "--set", "model.layout=SE XX"],
       "bad_mesh": ["train", "--mesh", "pipeline=2"],
+      "mesh_product": ["train", "--mesh", "data=2,tensor=2"],
   }[case]
   code, out, err = run_cli(capsys, *argv, "--run-dir", run_dir) if argv[0] == "train" else run_cli(capsys, *argv)
   assert code == 2

@@ -150,6 +150,9 @@ class _Setup:
 
 def _setup(config: Config) -> _Setup:
   mesh = mesh_lib.make_mesh(config.mesh)
+  if mesh.shape["context"] > 1:
+    raise ConfigError(f"mesh context={mesh.shape['context']}: sequence (context) parallelism is "
+                      "not wired into training yet; put the devices on data, fsdp or tensor")
   global_batch = config.train.batch_size
   processes = jax.process_count()
   if global_batch % processes:
