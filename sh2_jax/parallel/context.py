@@ -1,0 +1,277 @@
+"""Context-parallel Hyena primitives: p2p halo exchange and all-to-all resharding (SPEC.md s6).
+
+The sequence is sharded in contiguous blocks over a mesh axis (rank r of N holds positions
+[r L/N, (r+1) L/N)). Two strategies keep the causal convolutions exact:
+- p2p (featurizer, SE, MR while K-1 <= local length): each shard receives the last K-1 rows of
+  its causal predecessor by `jax.lax.ppermute` (i -> i+1, zeros on shard 0), prepends them,
+  runs the local causal convolution and drops the first K-1 outputs. Autodiff of ppermute is
+  the reverse ppermute, so the halo gradients flow back to the predecessor.
+- all-to-all (LI, optionally MR): `jax.lax.all_to_all` switches from sequence sharding
+  [B, L/N, C] to channel sharding [B, L, C/N], the full-length convolution runs on the rank's
+  channels (whole filter groups), and a second all-to-all switches back.
+
+The `cp_*`, `halo_exchange`, `seq_to_channels` and `channels_to_seq` functions are pure and run
+INSIDE `jax.shard_map` over the axis named by `axis_name`; filters, poles, residues and skips
+are passed whole (replicated over that axis) and each rank slices its own rows by
+`jax.lax.axis_index`; shard_map then sums their gradients over the axis. The
+`context_parallel_*` wrappers build the shard_map over a mesh, validate the sequence length
+and take/return sequence-sharded arrays ([B, L, C] with the spec P(None, axis, None)).
+
+Convention as in ops/conv.py: h[:, 0] multiplies the current token; the math runs in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from pallas_kernels import blocked_conv
+from sh2_jax.ops import conv, hyena
+
+STRATEGIES = ("p2p", "a2a")
+
+
+# ---- pure functions, called inside jax.shard_map ------------------------------------------
+
+
+def halo_exchange(x_BLC: jax.Array, halo: int, axis_name: str) -> jax.Array:
+  """Prepends the last `halo` rows of the causal predecessor shard (zeros on shard 0).
+
+  Args:
+    x_BLC: [B, L_local, C] local block of a sequence sharded over `axis_name`.
+    halo: rows to receive; must be <= L_local.
+    axis_name: the shard_map axis holding the sequence.
+
+  Returns:
+    [B, halo + L_local, C] in x's dtype.
+  """
+  local_len = x_BLC.shape[1]
+  if halo < 0:
+    raise ValueError(f"halo {halo} must be >= 0")
+  if halo > local_len:
+    raise ValueError(f"halo {halo} is longer than the local block of {local_len} rows: p2p context "
+                     f"parallelism needs K-1 <= L/N; use the all-to-all strategy instead")
+  if halo == 0:
+    return x_BLC
+  num_shards = jax.lax.axis_size(axis_name)
+  tail_BHC = x_BLC[:, local_len - halo:]
+  perm = [(i, i + 1) for i in range(num_shards - 1)]
+  # ppermute leaves zeros on ranks that receive nothing (shard 0): the causal left padding.
+  received_BHC = jax.lax.ppermute(tail_BHC, axis_name, perm) if perm else jnp.zeros_like(tail_BHC)
+  return jnp.concatenate([received_BHC, x_BLC], axis=1)
+
+
+def cp_causal_conv_p2p(x_BLC: jax.Array, h_GK: jax.Array, axis_name: str,
+                       method: str = "auto", chunk: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
+  """Grouped causal convolution of a sequence-sharded input by halo exchange (featurizer, SE, MR).
+
+  Equals the local shard of `conv.causal_conv` on the full sequence.
+
+  Args:
+    x_BLC: [B, L_local, C] local block.
+    h_GK: [G, K] grouped filter (replicated), h[:, 0] on the current token; K-1 <= L_local.
+    axis_name: the shard_map axis holding the sequence.
+    method, chunk: as in `conv.causal_conv`.
+
+  Returns:
+    [B, L_local, C] in x's dtype.
+  """
+  halo = h_GK.shape[-1] - 1
+  padded_BLC = halo_exchange(x_BLC, halo, axis_name)
+  return conv.causal_conv(padded_BLC, h_GK, method=method, chunk=chunk)[:, halo:]
+
+
+def cp_gate_conv_gate_p2p(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,
+                          h_GK: jax.Array, dskip_D: jax.Array | None, axis_name: str,
+                          method: str = "auto",
+                          chunk: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
+  """post * (conv(pre * v, h) + dskip * pre * v) on a sequence-sharded input, p2p (SE, MR).
+
+  Only u = pre * v crosses shards (K-1 rows); the gates are pointwise. The local convolution
+  runs through `conv.causal_conv` ("pallas" runs as its "blocked" reference here).
+
+  Args:
+    post_BLD, pre_BLD, v_BLD: [B, L_local, D] local blocks.
+    h_GK: [G, K] grouped filter (replicated), K-1 <= L_local.
+    dskip_D: [D] skip weights (replicated) or None.
+    axis_name: the shard_map axis holding the sequence.
+
+  Returns:
+    [B, L_local, D] in v's dtype.
+  """
+  u = pre_BLD.astype(jnp.float32) * v_BLD.astype(jnp.float32)
+  y = cp_causal_conv_p2p(u, h_GK.astype(jnp.float32), axis_name, method, chunk)
+  if dskip_D is not None:
+    y = y + dskip_D.astype(jnp.float32) * u
+  return (post_BLD.astype(jnp.float32) * y).astype(v_BLD.dtype)
+
+
+def seq_to_channels(x_BLC: jax.Array, axis_name: str) -> jax.Array:
+  """[B, L/N, C] sequence-sharded -> [B, L, C/N] channel-sharded (rank r: channel block r)."""
+  num_shards = jax.lax.axis_size(axis_name)
+  channels = x_BLC.shape[-1]
+  if channels % num_shards:
+    raise ValueError(f"channels {channels} must be divisible by the {num_shards} shards of axis "
+                     f"{axis_name!r} for the all-to-all strategy")
+  return jax.lax.all_to_all(x_BLC, axis_name, split_axis=2, concat_axis=1, tiled=True)
+
+
+def channels_to_seq(x_BLC: jax.Array, axis_name: str) -> jax.Array:
+  """[B, L, C/N] channel-sharded -> [B, L/N, C] sequence-sharded (inverse of seq_to_channels)."""
+  num_shards = jax.lax.axis_size(axis_name)
+  length = x_BLC.shape[1]
+  if length % num_shards:
+    raise ValueError(f"length {length} must be divisible by the {num_shards} shards of axis "
+                     f"{axis_name!r}")
+  return jax.lax.all_to_all(x_BLC, axis_name, split_axis=1, concat_axis=2, tiled=True)
+
+
+def local_rows(w_CX: jax.Array, axis_name: str) -> jax.Array:
+  """The rank's contiguous block of rows of a replicated per-channel array: [C, X] -> [C/N, X]."""
+  num_shards = jax.lax.axis_size(axis_name)
+  rows = w_CX.shape[0]
+  if rows % num_shards:
+    raise ValueError(f"{rows} rows must be divisible by the {num_shards} shards of {axis_name!r}")
+  size = rows // num_shards
+  return jax.lax.dynamic_slice_in_dim(w_CX, jax.lax.axis_index(axis_name) * size, size, axis=0)
+
+
+def local_groups(h_GK: jax.Array, channels: int, axis_name: str) -> jax.Array:
+  """Filters of the rank's channel block [r C/N, (r+1) C/N) of a grouped filter [G, K].
+
+  Whole groups per rank when N divides G ([G/N, K]); a rank inside one group when G divides N
+  ([1, K]); anything else splits a group across ranks unevenly and is refused.
+  """
+  num_shards = jax.lax.axis_size(axis_name)
+  groups = h_GK.shape[0]
+  if channels % num_shards or channels % groups:
+    raise ValueError(f"channels {channels} must be divisible by the {num_shards} shards and the "
+                     f"{groups} filter groups")
+  if groups % num_shards == 0:
+    return local_rows(h_GK, axis_name)
+  if num_shards % groups == 0:
+    per_group = num_shards // groups
+    return jax.lax.dynamic_slice_in_dim(h_GK, jax.lax.axis_index(axis_name) // per_group, 1, axis=0)
+  raise ValueError(f"{groups} filter groups over {num_shards} shards: the channel block C/N = "
+                   f"{channels // num_shards} must be a multiple or a divisor of the group width "
+                   f"{channels // groups}; choose N dividing G or G dividing N")
+
+
+def cp_gate_conv_gate_a2a(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,
+                          h_GK: jax.Array, dskip_D: jax.Array | None, axis_name: str,
+                          method: str = "auto",
+                          chunk: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
+  """Grouped gate-conv-gate by all-to-all (MR at any K): u goes channel-sharded, full length.
+
+  Args:
+    post_BLD, pre_BLD, v_BLD: [B, L_local, D] local blocks.
+    h_GK: [G, K] grouped filter, whole (replicated); the rank takes its groups by axis_index.
+    dskip_D: [D] (replicated) or None; applied in the sequence-sharded layout.
+    axis_name: the shard_map axis holding the sequence.
+
+  Returns:
+    [B, L_local, D] in v's dtype.
+  """
+  u = pre_BLD.astype(jnp.float32) * v_BLD.astype(jnp.float32)
+  h_local = local_groups(h_GK.astype(jnp.float32), u.shape[-1], axis_name)
+  y_ch = conv.causal_conv(seq_to_channels(u, axis_name), h_local, method=method, chunk=chunk)
+  y = channels_to_seq(y_ch, axis_name)
+  if dskip_D is not None:
+    y = y + dskip_D.astype(jnp.float32) * u
+  return (post_BLD.astype(jnp.float32) * y).astype(v_BLD.dtype)
+
+
+def cp_li_gate_conv_gate_a2a(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,
+                             log_poles_DN: jax.Array, residues_DN: jax.Array, dskip_D: jax.Array,
+                             axis_name: str, method: str = "auto") -> jax.Array:
+  """Hyena-LI post * (modal_conv(pre * v) + dskip * pre * v) by all-to-all.
+
+  Args:
+    post_BLD, pre_BLD, v_BLD: [B, L_local, D] local blocks.
+    log_poles_DN, residues_DN: [D, N] whole (replicated); the rank takes its D/N rows by
+      axis_index.
+    dskip_D: [D] whole; applied in the sequence-sharded layout.
+    axis_name: the shard_map axis holding the sequence.
+    method: as in `hyena.li_long_conv`, resolved against the full length.
+
+  Returns:
+    [B, L_local, D] in v's dtype.
+  """
+  u = pre_BLD.astype(jnp.float32) * v_BLD.astype(jnp.float32)
+  y_ch = hyena.li_long_conv(seq_to_channels(u, axis_name), local_rows(log_poles_DN, axis_name),
+                            local_rows(residues_DN, axis_name), method)
+  y = channels_to_seq(y_ch, axis_name) + dskip_D.astype(jnp.float32) * u
+  return (post_BLD.astype(jnp.float32) * y).astype(v_BLD.dtype)
+
+
+# ---- wrappers building the shard_map --------------------------------------------------------
+
+
+def validate_length(length: int, num_shards: int, halo: int = 0) -> None:
+  """Raises ValueError unless `length` splits into equal blocks of at least `halo` rows."""
+  minimum = max(halo * num_shards, num_shards)
+  if length % num_shards or length < minimum:
+    need = f"multiples of {num_shards}" + (f" that are >= (K-1)*N = {halo}*{num_shards} = "
+                                           f"{halo * num_shards} (p2p halo), or use the all-to-all "
+                                           f"strategy" if halo else "")
+    raise ValueError(f"sequence length {length} cannot be sharded over {num_shards} context "
+                     f"shards: valid lengths are {need}")
+
+
+def _shard(body: Callable[..., jax.Array], mesh: Mesh, axis_name: str,
+           seq_args: tuple[jax.Array, ...],
+           rep_args: tuple[jax.Array, ...]) -> jax.Array:
+  """shard_map of body(*seq_args, *rep_args): seq args sequence-sharded, the rest replicated."""
+  seq_spec = P(None, axis_name, None)
+  in_specs = (seq_spec,) * len(seq_args) + (P(),) * len(rep_args)
+  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=seq_spec)(*seq_args, *rep_args)
+
+
+def context_parallel_halo_exchange(x_BLC: jax.Array, halo: int, mesh: Mesh,
+                                   axis_name: str = "context") -> jax.Array:
+  """[B, L, C] -> [B, N (halo + L/N), C]: every shard's block with its halo prepended."""
+  validate_length(x_BLC.shape[1], mesh.shape[axis_name])
+  return _shard(lambda x: halo_exchange(x, halo, axis_name), mesh, axis_name, (x_BLC,), ())
+
+
+def context_parallel_causal_conv(x_BLC: jax.Array, h_GK: jax.Array, mesh: Mesh,
+                                 axis_name: str = "context", method: str = "auto") -> jax.Array:
+  """`conv.causal_conv` with the sequence sharded over `axis_name` (p2p)."""
+  validate_length(x_BLC.shape[1], mesh.shape[axis_name], h_GK.shape[-1] - 1)
+  return _shard(lambda x, h: cp_causal_conv_p2p(x, h, axis_name, method), mesh, axis_name,
+                (x_BLC,), (h_GK,))
+
+
+def context_parallel_gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,
+                                    h_GK: jax.Array, dskip_D: jax.Array | None, mesh: Mesh,
+                                    axis_name: str = "context", strategy: str = "p2p",
+                                    method: str = "auto") -> jax.Array:
+  """`hyena.gate_conv_gate` with the sequence sharded over `axis_name` ("p2p" or "a2a")."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"context-parallel strategy {strategy!r}: choose one of {STRATEGIES}")
+  halo = h_GK.shape[-1] - 1 if strategy == "p2p" else 0
+  validate_length(v_BLD.shape[1], mesh.shape[axis_name], halo)
+  fn = cp_gate_conv_gate_p2p if strategy == "p2p" else cp_gate_conv_gate_a2a
+  rep_args = (h_GK,) if dskip_D is None else (h_GK, dskip_D)
+
+  def body(post, pre, v, h, dskip=None):
+    return fn(post, pre, v, h, dskip, axis_name, method)
+
+  return _shard(body, mesh, axis_name, (post_BLD, pre_BLD, v_BLD), rep_args)
+
+
+def context_parallel_li_gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,
+                                       log_poles_DN: jax.Array, residues_DN: jax.Array,
+                                       dskip_D: jax.Array, mesh: Mesh, axis_name: str = "context",
+                                       method: str = "auto") -> jax.Array:
+  """`hyena.li_gate_conv_gate` with the sequence sharded over `axis_name` (all-to-all)."""
+  validate_length(v_BLD.shape[1], mesh.shape[axis_name])
+
+  def body(post, pre, v, log_poles, residues, dskip):
+    return cp_li_gate_conv_gate_a2a(post, pre, v, log_poles, residues, dskip, axis_name, method)
+
+  return _shard(body, mesh, axis_name, (post_BLD, pre_BLD, v_BLD),
+                (log_poles_DN, residues_DN, dskip_D))

@@ -1,0 +1,165 @@
+"""Context parallelism: p2p halo exchange and all-to-all primitives equal one device.
+
+The multi-device cases run on fake CPU devices in one fresh process (the device count must be
+set before jax initialises; this pytest process already has one device), which prints JSON.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TOLERANCE = 1e-5  # max |cp - single| / max |single|, float32
+
+CP_SCRIPT = r"""
+import json, sys, time
+START = time.time()
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, sys.argv[1])
+from sh2_jax.ops import conv, hyena
+from sh2_jax.config import MeshConfig
+from sh2_jax.parallel import context as cp, mesh as mesh_lib
+
+AXIS = "context"
+rng = np.random.default_rng(0)
+out = {}
+
+
+def rand(*shape):
+  return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+def value_and_grads(fn, args, cot):
+  # Output and the vjp of the cotangent wrt every argument, in one compiled call.
+  @jax.jit
+  def run(args, cot):
+    y, vjp = jax.vjp(fn, *args)
+    return y, vjp(cot)
+  return run(args, cot)
+
+
+def compare(name, cp_fn, ref_fn, args):
+  cot = rand(*jax.eval_shape(ref_fn, *args).shape)
+  y, g = value_and_grads(cp_fn, args, cot)
+  y0, g0 = value_and_grads(ref_fn, args, cot)
+  out[name] = max([rel_err(y, y0)] + [rel_err(a, b) for a, b in zip(g, g0)])
+
+
+def halo_reference(x, halo, n):
+  b, l, c = x.shape
+  blocks = x.reshape(b, n, l // n, c)
+  tails = jnp.pad(blocks[:, :-1, l // n - halo:], ((0, 0), (1, 0), (0, 0), (0, 0)))
+  return jnp.concatenate([tails, blocks], axis=2).reshape(b, -1, c)
+
+
+def errors(n, mesh):
+  msgs = {}
+  try:  # K-1 > local length, inside the shard_map (bypassing the wrapper's length check)
+    jax.shard_map(lambda x, h: cp.cp_causal_conv_p2p(x, h, AXIS), mesh=mesh,
+                  in_specs=(jax.P(None, AXIS, None), jax.P()), out_specs=jax.P(None, AXIS, None))(
+                      rand(1, 4 * n, 4), rand(4, 7))
+  except ValueError as e:
+    msgs["halo"] = str(e)
+  try:
+    cp.context_parallel_causal_conv(rand(1, 4 * n + 1, 4), rand(4, 3), mesh)
+  except ValueError as e:
+    msgs["indivisible"] = str(e)
+  try:
+    cp.context_parallel_causal_conv(rand(1, 4 * n, 4), rand(4, 7), mesh)
+  except ValueError as e:
+    msgs["short"] = str(e)
+  try:
+    cp.context_parallel_gate_conv_gate(*(rand(1, 2 * n, 3 * n),) * 3, rand(3, 5), None, mesh,
+                                       strategy="a2a")
+  except ValueError as e:
+    msgs["groups"] = str(e)
+  return msgs
+
+
+for n in [int(a) for a in sys.argv[2].split(",")]:
+  if n == 4:  # the project's 4-axis mesh (data, fsdp, tensor of size 1)
+    mesh = mesh_lib.make_mesh(MeshConfig(data=1, context=n), jax.devices()[:n])
+  else:
+    mesh = jax.make_mesh((n,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:n])
+  b, c, l = 2, 16, 64
+  x = rand(b, l, c)
+  compare(f"halo/{n}", lambda x: cp.context_parallel_halo_exchange(x, 5, mesh),
+          lambda x: halo_reference(x, 5, n), (x,))
+  for k, groups, length, method in [(3, 16, l, "direct"), (7, 4, l, "auto"), (128, 2, 128 * n, "auto")]:
+    xk = rand(b, length, c if k < 128 else 4)
+    compare(f"conv_p2p_K{k}/{n}",
+            lambda x, h: cp.context_parallel_causal_conv(x, h, mesh, method=method),
+            lambda x, h: conv.causal_conv(x, h, method=method), (xk, rand(groups, k)))
+  gates = (rand(b, l, c), rand(b, l, c), rand(b, l, c))
+  for strategy, k, groups in [("p2p", 7, 4), ("a2a", 7, 8), ("a2a", 128, 16), ("a2a", 3, 1)]:
+    for skip in (True, False):
+      args = gates + (rand(groups, k),) + ((rand(c),) if skip else ())
+      name = f"gcg_{strategy}_K{k}_G{groups}{'_skip' if skip else ''}/{n}"
+      compare(name,
+              lambda *a: cp.context_parallel_gate_conv_gate(*a[:4], a[4] if len(a) > 4 else None,
+                                                            mesh, strategy=strategy),
+              lambda *a: hyena.gate_conv_gate(*a[:4], a[4] if len(a) > 4 else None), args)
+  li_args = gates + (-jnp.exp(rand(c, 4)), rand(c, 4), rand(c))
+  compare(f"li_a2a/{n}",
+          lambda *a: cp.context_parallel_li_gate_conv_gate(*a, mesh, method="fft"),
+          lambda *a: hyena.li_gate_conv_gate(*a, method="fft"), li_args)
+  # Causality under CP: perturb one position; earlier outputs must not move.
+  t = l // 2 + 1
+  bumped = tuple(g.at[:, t].add(3.0) for g in gates)
+  h_causal = rand(4, 7)
+  for name, fn in [
+      ("p2p", lambda post, pre, v: cp.context_parallel_gate_conv_gate(post, pre, v, h_causal,
+                                                                      li_args[5], mesh)),
+      ("li", lambda *g: cp.context_parallel_li_gate_conv_gate(*g, *li_args[3:], mesh, method="fft"))]:
+    fn = jax.jit(fn)  # eager shard_map dispatches op by op: slow
+    before, after = fn(*gates), fn(*bumped)
+    out[f"causal_{name}/{n}"] = [float(jnp.max(jnp.abs(after - before)[:, :t])),
+                                 float(jnp.max(jnp.abs(after - before)[:, t:]))]
+  out[f"errors/{n}"] = errors(n, mesh)
+  out[f"seconds/{n}"] = time.time() - START
+out["seconds"] = time.time() - START
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def cp_results():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", CP_SCRIPT, root, "8,4,2"], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=root)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_cp_values_and_gradients_match_one_device(cp_results):
+  errs = {k: v for k, v in cp_results.items() if not k.startswith(("causal", "errors", "seconds"))}
+  assert len(errs) == 3 * 13
+  bad = {k: v for k, v in errs.items() if not v <= TOLERANCE}
+  assert not bad, bad
+
+
+def test_cp_is_causal(cp_results):
+  for key in [k for k in cp_results if k.startswith("causal")]:
+    earlier, later = cp_results[key]
+    limit = 0.0 if key.startswith("causal_p2p") else 1e-5 * later  # fft: roundoff only
+    assert earlier <= limit and later > 0.1, (key, earlier, later)
+
+
+@pytest.mark.parametrize("n", [8, 4, 2])
+def test_cp_error_messages(cp_results, n):
+  msgs = cp_results[f"errors/{n}"]
+  assert "halo 6 is longer than the local block of 4 rows" in msgs["halo"]
+  assert "all-to-all" in msgs["halo"]
+  assert f"sequence length {4 * n + 1} cannot be sharded" in msgs["indivisible"]
+  assert f"multiples of {n}" in msgs["indivisible"]
+  assert f">= (K-1)*N = 6*{n} = {6 * n}" in msgs["short"]
+  assert "3 filter groups" in msgs["groups"] or "channels" in msgs["groups"]
