@@ -11,6 +11,8 @@ convolution run in float32 and return the compute dtype.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -53,6 +55,20 @@ def featurize(z_BLC: jax.Array, w_CK: jax.Array) -> jax.Array:
   return conv.direct_conv(z_BLC, w_CK)
 
 
+def gated(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array, dskip_D: jax.Array | None,
+          inner_conv: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """post * (inner_conv(u) + dskip * u) with u = pre * v, in float32; returns v's dtype.
+
+  The one place the Hyena gates and skip are written; `inner_conv` maps u [B, L, D] float32 to
+  the convolved [B, L, D] (single-device, p2p or all-to-all).
+  """
+  u = pre_BLD.astype(jnp.float32) * v_BLD.astype(jnp.float32)
+  y = inner_conv(u).astype(jnp.float32)
+  if dskip_D is not None:
+    y = y + dskip_D.astype(jnp.float32) * u
+  return (post_BLD.astype(jnp.float32) * y).astype(v_BLD.dtype)
+
+
 def gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array, h_GK: jax.Array,
                    dskip_D: jax.Array | None, method: str = "auto",
                    chunk: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
@@ -78,11 +94,9 @@ def gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array, h_
                                               interpret=True)
   if method == "blocked":
     return blocked_conv.gate_conv_gate(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D, chunk=chunk)
-  u = pre_BLD.astype(jnp.float32) * v_BLD.astype(jnp.float32)
-  y = conv.causal_conv(u, h_GK.astype(jnp.float32), method=method, chunk=chunk)
-  if dskip_D is not None:
-    y = y + dskip_D.astype(jnp.float32) * u
-  return (post_BLD.astype(jnp.float32) * y).astype(v_BLD.dtype)
+  h = h_GK.astype(jnp.float32)
+  return gated(post_BLD, pre_BLD, v_BLD, dskip_D,
+               lambda u: conv.causal_conv(u, h, method=method, chunk=chunk))
 
 
 def resolve_li_method(method: str, length: int) -> str:
@@ -118,6 +132,5 @@ def li_gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,
                       log_poles_DN: jax.Array, residues_DN: jax.Array, dskip_D: jax.Array,
                       method: str = "auto") -> jax.Array:
   """Hyena-LI: post * (modal_conv(pre * v) + dskip * pre * v); returns v's dtype."""
-  u = pre_BLD.astype(jnp.float32) * v_BLD.astype(jnp.float32)
-  y = li_long_conv(u, log_poles_DN, residues_DN, method) + dskip_D.astype(jnp.float32) * u
-  return (post_BLD.astype(jnp.float32) * y).astype(v_BLD.dtype)
+  return gated(post_BLD, pre_BLD, v_BLD, dskip_D,
+               lambda u: li_long_conv(u, log_poles_DN, residues_DN, method))

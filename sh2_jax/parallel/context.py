@@ -102,11 +102,9 @@ def cp_gate_conv_gate_p2p(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Ar
   Returns:
     [B, L_local, D] in v's dtype.
   """
-  u = pre_BLD.astype(jnp.float32) * v_BLD.astype(jnp.float32)
-  y = cp_causal_conv_p2p(u, h_GK.astype(jnp.float32), axis_name, method, chunk)
-  if dskip_D is not None:
-    y = y + dskip_D.astype(jnp.float32) * u
-  return (post_BLD.astype(jnp.float32) * y).astype(v_BLD.dtype)
+  h = h_GK.astype(jnp.float32)
+  return hyena.gated(post_BLD, pre_BLD, v_BLD, dskip_D,
+                     lambda u: cp_causal_conv_p2p(u, h, axis_name, method, chunk))
 
 
 def seq_to_channels(x_BLC: jax.Array, axis_name: str) -> jax.Array:
@@ -175,13 +173,13 @@ def cp_gate_conv_gate_a2a(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Ar
   Returns:
     [B, L_local, D] in v's dtype.
   """
-  u = pre_BLD.astype(jnp.float32) * v_BLD.astype(jnp.float32)
-  h_local = local_groups(h_GK.astype(jnp.float32), u.shape[-1], axis_name)
-  y_ch = conv.causal_conv(seq_to_channels(u, axis_name), h_local, method=method, chunk=chunk)
-  y = channels_to_seq(y_ch, axis_name)
-  if dskip_D is not None:
-    y = y + dskip_D.astype(jnp.float32) * u
-  return (post_BLD.astype(jnp.float32) * y).astype(v_BLD.dtype)
+  h_local = local_groups(h_GK.astype(jnp.float32), v_BLD.shape[-1], axis_name)
+
+  def inner_conv(u):
+    y_ch = conv.causal_conv(seq_to_channels(u, axis_name), h_local, method=method, chunk=chunk)
+    return channels_to_seq(y_ch, axis_name)
+
+  return hyena.gated(post_BLD, pre_BLD, v_BLD, dskip_D, inner_conv)
 
 
 def cp_li_gate_conv_gate_a2a(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,
@@ -200,11 +198,13 @@ def cp_li_gate_conv_gate_a2a(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax
   Returns:
     [B, L_local, D] in v's dtype.
   """
-  u = pre_BLD.astype(jnp.float32) * v_BLD.astype(jnp.float32)
-  y_ch = hyena.li_long_conv(seq_to_channels(u, axis_name), local_rows(log_poles_DN, axis_name),
-                            local_rows(residues_DN, axis_name), method)
-  y = channels_to_seq(y_ch, axis_name) + dskip_D.astype(jnp.float32) * u
-  return (post_BLD.astype(jnp.float32) * y).astype(v_BLD.dtype)
+  log_poles, residues = local_rows(log_poles_DN, axis_name), local_rows(residues_DN, axis_name)
+
+  def inner_conv(u):
+    y_ch = hyena.li_long_conv(seq_to_channels(u, axis_name), log_poles, residues, method)
+    return channels_to_seq(y_ch, axis_name)
+
+  return hyena.gated(post_BLD, pre_BLD, v_BLD, dskip_D, inner_conv)
 
 
 # ---- wrappers building the shard_map --------------------------------------------------------
