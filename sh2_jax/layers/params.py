@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Sequence
 
@@ -20,9 +21,12 @@ def declare(module: nn.Module, name: str, init: Initializer, shape: Sequence[int
   return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
-def matmul_precision(dtype: jnp.dtype):
-  """Context in which float32 compute means IEEE float32 products (no TF32 on GPU)."""
-  return jax.default_matmul_precision("highest" if jnp.dtype(dtype) == jnp.float32 else "default")
+def matmul_precision(dtype: jnp.dtype) -> contextlib.AbstractContextManager:
+  """Context in which float32 compute means IEEE float32 products (no TF32 on GPU); other
+  compute dtypes leave the global precision setting alone."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return jax.default_matmul_precision("highest")
+  return contextlib.nullcontext()
 
 
 def normal(std: float) -> Initializer:
