@@ -7,9 +7,37 @@ import os
 
 import jax
 
+from sh2_jax.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 COORDINATOR_VARS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+
+
+class DistributedError(UserError, ValueError):
+  """The multi-process environment variables are inconsistent (one line)."""
+
+
+def _env_int(names: tuple[str, ...]) -> int | None:
+  for name in names:
+    text = os.environ.get(name)
+    if text:
+      try:
+        return int(text)
+      except ValueError:
+        raise DistributedError(f"{name}={text!r} is not an integer: set it to a whole number "
+                               "(or unset it)") from None
+  return None
+
+
+def _use_gloo_on_cpu() -> None:
+  """CPU processes exchange collectives through gloo over TCP (jax's default where it has one);
+  set it explicitly when unset so multi-process CPU runs never fall back to "no collectives"."""
+  try:
+    if jax.config.jax_cpu_collectives_implementation is None:
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except AttributeError:  # A jax without the option: nothing to choose.
+    pass
 
 
 def maybe_initialize() -> bool:
@@ -24,13 +52,17 @@ def maybe_initialize() -> bool:
     return False
   kwargs = {}
   if address is not None:
-    count = os.environ.get("JAX_NUM_PROCESSES") or os.environ.get("NUM_PROCESSES")
-    index = os.environ.get("JAX_PROCESS_ID") or os.environ.get("PROCESS_ID")
+    count = _env_int(("JAX_NUM_PROCESSES", "NUM_PROCESSES"))
+    index = _env_int(("JAX_PROCESS_ID", "PROCESS_ID"))
+    if count is not None and index is not None and not 0 <= index < count:
+      raise DistributedError(f"process id {index} is outside [0, {count}): give each of the "
+                             f"{count} processes a distinct JAX_PROCESS_ID from 0 to {count - 1}")
     kwargs = {"coordinator_address": address}
     if count is not None:
-      kwargs["num_processes"] = int(count)
+      kwargs["num_processes"] = count
     if index is not None:
-      kwargs["process_id"] = int(index)
+      kwargs["process_id"] = index
+  _use_gloo_on_cpu()
   jax.distributed.initialize(**kwargs)
   logger.info("distributed: process %d of %d", jax.process_index(), jax.process_count())
   return True

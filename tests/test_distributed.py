@@ -1,0 +1,153 @@
+"""Multi-process training through jax.distributed: 2 CPU processes on localhost equal one process.
+
+Each process gets 2 fake CPU devices, so the global mesh has 4 devices spread over 2 processes;
+cross-process collectives on CPU go through gloo (jax's CPU default, set explicitly by
+`maybe_initialize`). The processes run the real `sh2 train` command line.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from sh2_jax import config as config_lib
+from sh2_jax.parallel import distributed, mesh as mesh_lib
+from sh2_jax.train import optim
+from sh2_jax.train.checkpoint import Checkpointer
+from sh2_jax.train.loop import read_metrics, train
+from sh2_jax.train.state import state_shardings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROCESS_TIMEOUT_S = 240
+
+OVERRIDES = {
+    "model.d_model": 32, "model.num_heads": 2, "model.se_groups": 4, "model.mr_groups": 4,
+    "model.mr_filter_len": 16, "model.li_order": 4, "model.train_len": 64, "model.conv_chunk": 32,
+    "model.dtype": "float32", "data.seq_len": 64,
+    "train.steps": 4, "train.batch_size": 4, "train.warmup_steps": 1, "train.log_every": 1,
+    "train.eval_every": 0, "train.eval_batches": 2, "train.checkpoint_every": 2,
+    "train.learning_rate": 3e-3,
+}
+
+
+def _config() -> config_lib.Config:
+  return config_lib.apply_overrides(config_lib.get_preset("tiny"), OVERRIDES)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _restore(run_dir: str, config: config_lib.Config):
+  """The latest checkpoint of `run_dir`, restored onto this process's devices."""
+  tx = optim.make_optimizer(config.train)
+  abstract, _ = state_shardings(config.model, tx, mesh_lib.make_mesh(config_lib.MeshConfig()))
+  ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
+  state = ckpt.restore(ckpt.latest_step(), abstract)
+  steps = ckpt.all_steps()
+  ckpt.close()
+  return state, steps
+
+
+def _run_processes(run_dir: str, mesh: str, count: int = 2, devices_each: int = 2) -> list[str]:
+  """Starts `count` `sh2 train` processes against one coordinator; returns their logs."""
+  port = _free_port()
+  sets = [f"--set={k}={v}" for k, v in OVERRIDES.items()]
+  command = [sys.executable, "-m", "sh2_jax.cli", "train", "--no-progress", "--run-dir", run_dir,
+             "--mesh", mesh, *sets]
+  processes = []
+  for index in range(count):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               JAX_NUM_PROCESSES=str(count), JAX_PROCESS_ID=str(index),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
+    processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+  deadline = time.monotonic() + PROCESS_TIMEOUT_S
+  logs = []
+  try:
+    for process in processes:
+      out, _ = process.communicate(timeout=max(deadline - time.monotonic(), 1.0))
+      logs.append(out)
+  except subprocess.TimeoutExpired:
+    pytest.fail(f"multi-process training did not finish within {PROCESS_TIMEOUT_S} s")
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  for index, (process, log) in enumerate(zip(processes, logs)):
+    assert process.returncode == 0, f"process {index} failed:\n{log[-3000:]}"
+  return logs
+
+
+def test_two_processes_train_like_one(tmp_path):
+  """`sh2 train` on 2 processes x 2 CPU devices (mesh data=2, fsdp=2: parameters and optimizer
+  state sharded across the processes, each process loading its rows of every global batch)
+  gives the losses, held-out loss and parameters of a one-process run on the same global batch;
+  its checkpoints (written by both processes to one directory) restore on one device."""
+  config = _config()
+  multi_dir = str(tmp_path / "multi")
+  logs = _run_processes(multi_dir, "data=2,fsdp=2")
+  for index, log in enumerate(logs):
+    assert f"distributed: process {index} of 2" in log, log[-2000:]
+    assert "mesh: data=2, fsdp=2, tensor=1, context=1 over 4 cpu device(s)" in log, log[-2000:]
+
+  single_dir = str(tmp_path / "single")
+  summary = train(config, single_dir, progress=False)
+  assert summary["step"] == 4
+
+  records = {d: read_metrics(os.path.join(d, "metrics.jsonl")) for d in (multi_dir, single_dir)}
+  for key in ("loss", "grad_norm"):
+    multi = [r[key] for r in records[multi_dir] if key in r]
+    single = [r[key] for r in records[single_dir] if key in r]
+    assert len(multi) == len(single) == 4, (multi, single)
+    np.testing.assert_allclose(multi, single, rtol=2e-5, err_msg=key)
+  assert records[single_dir][0]["loss"] != records[single_dir][-2]["loss"]  # It did train.
+  eval_multi = [r["eval_loss"] for r in records[multi_dir] if "eval_loss" in r]
+  eval_single = [r["eval_loss"] for r in records[single_dir] if "eval_loss" in r]
+  np.testing.assert_allclose(eval_multi, eval_single, rtol=2e-5)
+
+  multi_state, multi_steps = _restore(multi_dir, config)
+  single_state, _ = _restore(single_dir, config)
+  assert multi_steps == [2, 4] and int(multi_state.step) == 4
+  leaves_multi = jax.tree_util.tree_leaves_with_path(multi_state.params)
+  leaves_single = jax.tree.leaves(single_state.params)
+  for (path, a), b in zip(leaves_multi, leaves_single, strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_maybe_initialize_reads_the_environment(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  for name in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SH2_DISTRIBUTED",
+               "JAX_NUM_PROCESSES", "NUM_PROCESSES", "JAX_PROCESS_ID", "PROCESS_ID"):
+    monkeypatch.delenv(name, raising=False)
+  assert distributed.maybe_initialize() is False and calls == []
+
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("PROCESS_ID", "3")
+  assert distributed.maybe_initialize() is True
+  assert calls[-1] == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+
+  monkeypatch.setenv("PROCESS_ID", "4")
+  with pytest.raises(distributed.DistributedError, match=r"process id 4 is outside \[0, 4\)"):
+    distributed.maybe_initialize()
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "four")
+  with pytest.raises(distributed.DistributedError, match="JAX_NUM_PROCESSES='four' is not an integer"):
+    distributed.maybe_initialize()
+
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
+  monkeypatch.setenv("SH2_DISTRIBUTED", "1")  # Cluster auto-detection: no arguments.
+  assert distributed.maybe_initialize() is True and calls[-1] == {}
+  assert len(calls) == 2
