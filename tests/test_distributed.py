@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -31,7 +32,7 @@ OVERRIDES = {
     "model.d_model": 32, "model.num_heads": 2, "model.se_groups": 4, "model.mr_groups": 4,
     "model.mr_filter_len": 16, "model.li_order": 4, "model.train_len": 64, "model.conv_chunk": 32,
     "model.dtype": "float32", "data.seq_len": 64,
-    "train.steps": 4, "train.batch_size": 4, "train.warmup_steps": 1, "train.log_every": 1,
+    "train.steps": 6, "train.batch_size": 4, "train.warmup_steps": 1, "train.log_every": 1,
     "train.eval_every": 0, "train.eval_batches": 2, "train.checkpoint_every": 2,
     "train.learning_rate": 3e-3,
 }
@@ -53,17 +54,18 @@ def _restore(run_dir: str, config: config_lib.Config):
   abstract, _ = state_shardings(config.model, tx, mesh_lib.make_mesh(config_lib.MeshConfig()))
   ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
   state = ckpt.restore(ckpt.latest_step(), abstract)
-  steps = ckpt.all_steps()
   ckpt.close()
-  return state, steps
+  return state
 
 
-def _run_processes(run_dir: str, mesh: str, count: int = 2, devices_each: int = 2) -> list[str]:
-  """Starts `count` `sh2 train` processes against one coordinator; returns their logs."""
+def _run_processes(run_dir: str, mesh: str, stop_at: int, meanwhile: Callable[[], Any],
+                   count: int = 2, devices_each: int = 2) -> tuple[list[str], Any]:
+  """Runs `count` `sh2 train` processes against one coordinator and `meanwhile()` in this
+  process while they run; returns their logs and what `meanwhile` returned."""
   port = _free_port()
   sets = [f"--set={k}={v}" for k, v in OVERRIDES.items()]
   command = [sys.executable, "-m", "sh2_jax.cli", "train", "--no-progress", "--run-dir", run_dir,
-             "--mesh", mesh, *sets]
+             "--mesh", mesh, "--stop-at", str(stop_at), *sets]
   processes = []
   for index in range(count):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
@@ -74,6 +76,7 @@ def _run_processes(run_dir: str, mesh: str, count: int = 2, devices_each: int = 
   deadline = time.monotonic() + PROCESS_TIMEOUT_S
   logs = []
   try:
+    result = meanwhile()
     for process in processes:
       out, _ = process.communicate(timeout=max(deadline - time.monotonic(), 1.0))
       logs.append(out)
@@ -86,42 +89,44 @@ def _run_processes(run_dir: str, mesh: str, count: int = 2, devices_each: int = 
         process.wait()
   for index, (process, log) in enumerate(zip(processes, logs)):
     assert process.returncode == 0, f"process {index} failed:\n{log[-3000:]}"
-  return logs
+  return logs, result
 
 
 def test_two_processes_train_like_one(tmp_path):
   """`sh2 train` on 2 processes x 2 CPU devices (mesh data=2, fsdp=2: parameters and optimizer
-  state sharded across the processes, each process loading its rows of every global batch)
-  gives the losses, held-out loss and parameters of a one-process run on the same global batch;
-  its checkpoints (written by both processes to one directory) restore on one device."""
+  state sharded across the processes, each process loading its rows of every global batch) for
+  4 of 6 steps, then resumed in this one process from the checkpoint both processes wrote to
+  one directory, gives the losses, held-out loss and parameters of a one-process 6-step run on
+  the same global batches."""
   config = _config()
   multi_dir = str(tmp_path / "multi")
-  logs = _run_processes(multi_dir, "data=2,fsdp=2")
+  single_run = lambda: train(config, str(tmp_path / "single"), progress=False)
+  logs, single = _run_processes(multi_dir, "data=2,fsdp=2", stop_at=4, meanwhile=single_run)
   for index, log in enumerate(logs):
     assert f"distributed: process {index} of 2" in log, log[-2000:]
     assert "mesh: data=2, fsdp=2, tensor=1, context=1 over 4 cpu device(s)" in log, log[-2000:]
+  ckpt = Checkpointer(os.path.join(multi_dir, "checkpoints"))
+  assert ckpt.all_steps() == [2, 4]
+  ckpt.close()
+  assert sorted(os.listdir(os.path.join(multi_dir, "checkpoints", "4", "data"))) == [
+      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
 
-  single_dir = str(tmp_path / "single")
-  summary = train(config, single_dir, progress=False)
-  assert summary["step"] == 4
+  resumed = train(config, multi_dir, resume=True, progress=False)  # 2 processes -> 1.
+  assert resumed["step"] == single["step"] == 6
+  np.testing.assert_allclose(resumed["eval_loss"], single["eval_loss"], rtol=2e-5)
 
-  records = {d: read_metrics(os.path.join(d, "metrics.jsonl")) for d in (multi_dir, single_dir)}
+  records = {d: read_metrics(os.path.join(d, "metrics.jsonl")) for d in (multi_dir, single["run_dir"])}
   for key in ("loss", "grad_norm"):
-    multi = [r[key] for r in records[multi_dir] if key in r]
-    single = [r[key] for r in records[single_dir] if key in r]
-    assert len(multi) == len(single) == 4, (multi, single)
-    np.testing.assert_allclose(multi, single, rtol=2e-5, err_msg=key)
-  assert records[single_dir][0]["loss"] != records[single_dir][-2]["loss"]  # It did train.
-  eval_multi = [r["eval_loss"] for r in records[multi_dir] if "eval_loss" in r]
-  eval_single = [r["eval_loss"] for r in records[single_dir] if "eval_loss" in r]
-  np.testing.assert_allclose(eval_multi, eval_single, rtol=2e-5)
+    multi = {r["step"]: r[key] for r in records[multi_dir] if key in r}
+    one = {r["step"]: r[key] for r in records[single["run_dir"]] if key in r}
+    assert sorted(multi) == sorted(one) == [1, 2, 3, 4, 5, 6], (multi, one)
+    np.testing.assert_allclose([multi[s] for s in one], list(one.values()), rtol=2e-5, err_msg=key)
+    assert len(set(one.values())) == 6  # Every step saw new data or new weights.
 
-  multi_state, multi_steps = _restore(multi_dir, config)
-  single_state, _ = _restore(single_dir, config)
-  assert multi_steps == [2, 4] and int(multi_state.step) == 4
-  leaves_multi = jax.tree_util.tree_leaves_with_path(multi_state.params)
-  leaves_single = jax.tree.leaves(single_state.params)
-  for (path, a), b in zip(leaves_multi, leaves_single, strict=True):
+  multi_state, single_state = _restore(multi_dir, config), _restore(single["run_dir"], config)
+  assert int(multi_state.step) == 6
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(multi_state.params),
+                          jax.tree.leaves(single_state.params), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6,
                                err_msg=jax.tree_util.keystr(path))
 
