@@ -1,0 +1,194 @@
+"""The model as a state machine: `extend` consumes T tokens from a DecodeState, `prefill` builds
+the state from a prompt (one parallel pass, or chunks), `step` is one token.
+
+With `fresh=True` (zero state, position 0) every mixer runs exactly the training path
+(ops.hyena.gate_conv_gate / li_gate_conv_gate, causal attention) and the states are read off
+its intermediates: the last rows of the projected streams and of u = pre * v, the LI modal
+state as a chunked weighted sum of u, and the rotated keys/values. Otherwise the mixers
+continue the cached history: FIRs over [cache; new rows], LI as its own chunked convolution
+plus the decayed readout of the carried state (or the one-step recurrence for T = 1), and
+attention of the new queries over the KV cache.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from sh2_jax.config import ModelConfig
+from sh2_jax.errors import UserError
+from sh2_jax.inference import recurrent
+from sh2_jax.inference.cache import AttentionCache, DecodeState, HyenaCache, init_state
+from sh2_jax.layers import params as P
+from sh2_jax.layers.mlp import ACTIVATIONS
+from sh2_jax.ops import filters, hyena
+from sh2_jax.ops.attention import causal_attention
+from sh2_jax.ops.norms import rms_norm
+from sh2_jax.ops.rotary import apply_rope
+
+
+class PromptError(UserError, ValueError):
+  """A prompt does not fit the requested generation (empty, or longer than the cache)."""
+
+
+def hyena_extend(p: dict, config: ModelConfig, kind: str, x_BTD: jax.Array, cache: HyenaCache,
+                 fresh: bool) -> tuple[jax.Array, HyenaCache]:
+  """Hyena SE/MR/LI mixer over T new rows; returns ([B, T, D] in the compute dtype, cache)."""
+  dt, d, length = jnp.dtype(config.dtype), config.d_model, x_BTD.shape[1]
+  w_in_DCS = p["in_proj"].astype(dt).reshape(d, d, 3)
+  w_feat_CSK = p["featurizer"].reshape(d, 3, config.featurizer_len)
+  x = x_BTD.astype(dt)
+  streams, feats = [], []
+  for s in range(3):
+    z_BTD = x @ w_in_DCS[:, :, s]
+    if fresh:
+      streams.append(hyena.featurize(z_BTD, w_feat_CSK[:, s]))
+    else:
+      streams.append(recurrent.fir_extend(z_BTD, cache.feat[s], w_feat_CSK[:, s], "direct"))
+    feats.append(recurrent.last_rows(z_BTD, cache.feat[s]))
+  post, pre, v = streams
+  u_BTD = pre.astype(jnp.float32) * v.astype(jnp.float32)  # as in ops.hyena.gated
+  dskip = p.get("dskip")
+  if kind in ("SE", "MR"):
+    h_GK = p["filter"] if kind == "SE" else filters.mr_filter(p["filter"], config.train_len,
+                                                               config.mr_decay)
+    if fresh:
+      y = hyena.gate_conv_gate(post, pre, v, h_GK, dskip, config.conv_method, config.conv_chunk)
+    else:
+      y = hyena.gated(post, pre, v, dskip, lambda u: recurrent.fir_extend(
+          u, cache.inner, h_GK, config.conv_method, config.conv_chunk))
+    inner = recurrent.last_rows(u_BTD, cache.inner)
+  else:
+    log_poles = filters.modal_log_poles(p["pole_p"], p["pole_gamma"])
+    residues = p["residues"]
+    if fresh:
+      y = hyena.li_gate_conv_gate(post, pre, v, log_poles, residues, dskip, config.li_method)
+      inner = recurrent.modal_state(u_BTD, log_poles)
+    elif length == 1:
+      y_BC, inner = recurrent.modal_step(u_BTD[:, 0], cache.inner, log_poles, residues)
+      y = hyena.gated(post, pre, v, dskip, lambda u: y_BC[:, None])
+    else:
+      y = hyena.gated(post, pre, v, dskip, lambda u: (
+          hyena.li_long_conv(u, log_poles, residues, config.li_method)
+          + recurrent.modal_state_readout(cache.inner, log_poles, residues, length)))
+      inner = recurrent.modal_state(u_BTD, log_poles, cache.inner)
+  out = y.astype(dt) @ p["out_proj"].astype(dt) + p["out_bias"].astype(dt)
+  return out, HyenaCache(jnp.stack(feats), inner)
+
+
+def mha_extend(p: dict, config: ModelConfig, x_BTD: jax.Array, cache: AttentionCache,
+               pos: jax.Array, fresh: bool) -> tuple[jax.Array, AttentionCache]:
+  """MHA over T new rows at positions pos..pos+T-1; keys/values written into the cache."""
+  dt = jnp.dtype(config.dtype)
+  qkv = jnp.einsum("BTD,DSNH->BTSNH", x_BTD.astype(dt), p["qkv"].astype(dt))
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  positions = pos + jnp.arange(x_BTD.shape[1])
+  q = apply_rope(q, positions, config.rope_base)
+  k = apply_rope(k, positions, config.rope_base)
+  k_cache = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (0, pos, 0, 0))
+  v_cache = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (0, pos, 0, 0))
+  if fresh:
+    out = causal_attention(q, k, v)
+  else:
+    out = recurrent.cached_attention(q, k_cache, v_cache, positions)
+  out = jnp.einsum("BTNH,NHD->BTD", out, p["out_proj"].astype(dt)) + p["out_bias"].astype(dt)
+  return out, AttentionCache(k_cache, v_cache)
+
+
+def mlp(p: dict, config: ModelConfig, layer: int, x_BTD: jax.Array,
+        row_chunk: int | None = None) -> jax.Array:
+  """Gated MLP (same math as layers.mlp.GatedMLP); with row_chunk, rows go in chunks so the
+  [T, F] hidden never exists for the whole sequence."""
+  dt = jnp.dtype(config.dtype)
+  act = ACTIVATIONS[config.activation(layer)]
+
+  def apply(x):
+    x = x.astype(dt)
+    return (act(x @ p["w1"].astype(dt)) * (x @ p["w2"].astype(dt))) @ p["w3"].astype(dt)
+
+  batch, length, width = x_BTD.shape
+  if row_chunk is None or length <= row_chunk:
+    return apply(x_BTD)
+  num = -(-length // row_chunk)
+  x = jnp.pad(x_BTD, ((0, 0), (0, num * row_chunk - length), (0, 0)))
+  x = jnp.moveaxis(x.reshape(batch, num, row_chunk, width), 1, 0)
+  y = jax.lax.map(apply, x)
+  return jnp.moveaxis(y, 0, 1).reshape(batch, num * row_chunk, width)[:, :length]
+
+
+def extend(params: dict, config: ModelConfig, state: DecodeState, tokens_BT: jax.Array,
+           fresh: bool = False, last_only: bool = False,
+           row_chunk: int | None = None) -> tuple[jax.Array, DecodeState]:
+  """Consumes tokens [B, T] after the state's history.
+
+  Args:
+    params: the StripedHyena2 parameter tree (unboxed arrays).
+    state: DecodeState (pos tokens consumed); `fresh=True` requires the zero state.
+    last_only: return logits of the last position only ([B, 1, V]).
+    row_chunk: rows per chunk of the MLP (long prompts; None = all at once).
+
+  Returns:
+    (float32 logits [B, T or 1, V], the state after the tokens).
+  """
+  cfg = config
+  embedding_VD = params["embedding"]
+  x_BTD = jnp.take(embedding_VD, tokens_BT, axis=0).astype(jnp.float32)
+  layers = []
+  with P.matmul_precision(cfg.dtype):
+    for i, kind in enumerate(cfg.layers):
+      bp, cache = params[f"block_{i}"], state.layers[i]
+      h = rms_norm(x_BTD, bp["pre_norm"]["scale"], cfg.norm_eps)
+      if kind == "MHA":
+        h, cache = mha_extend(bp["mixer"], cfg, h, cache, state.pos, fresh)
+      else:
+        h, cache = hyena_extend(bp["mixer"], cfg, kind, h, cache, fresh)
+      x_BTD = x_BTD + h.astype(x_BTD.dtype)
+      h = mlp(bp["mlp"], cfg, i, rms_norm(x_BTD, bp["post_norm"]["scale"], cfg.norm_eps), row_chunk)
+      x_BTD = x_BTD + h.astype(x_BTD.dtype)
+      layers.append(cache)
+    x_BTD = rms_norm(x_BTD, params["final_norm"]["scale"], cfg.norm_eps)
+    if last_only:
+      x_BTD = x_BTD[:, -1:]
+    dt = jnp.dtype(cfg.dtype)
+    logits = jnp.einsum("BLD,VD->BLV", x_BTD.astype(dt), embedding_VD.astype(dt),
+                        preferred_element_type=jnp.float32)
+  return logits, DecodeState(state.pos + tokens_BT.shape[1], tuple(layers))
+
+
+extend_jit = jax.jit(extend, static_argnames=("config", "fresh", "last_only", "row_chunk"))
+
+
+def prefill(params: dict, config: ModelConfig, tokens_BL: jax.Array, max_len: int,
+            chunk: int | None = None, last_only: bool = False,
+            row_chunk: int | None = None) -> tuple[jax.Array, DecodeState]:
+  """Builds the state of a prompt [B, L] for up to `max_len` total tokens.
+
+  With `chunk`, the prompt goes in pieces of `chunk` tokens: the first through the parallel
+  (training) path, the rest continuing the state (bounded activation memory for long prompts).
+
+  Returns:
+    (float32 logits [B, L, V], or [B, 1, V] with last_only; the state at position L).
+  """
+  batch, length = tokens_BL.shape
+  if length < 1:
+    raise PromptError("the prompt is empty: give at least one byte")
+  if length > max_len:
+    raise PromptError(f"prompt of {length} tokens does not fit max_len={max_len}")
+  state = init_state(config, batch, max_len)
+  chunk = length if chunk is None else chunk
+  outputs = []
+  for start in range(0, length, chunk):
+    logits, state = extend_jit(params, config, state, tokens_BL[:, start:start + chunk],
+                               fresh=start == 0, last_only=last_only, row_chunk=row_chunk)
+    outputs.append(logits)
+  return (outputs[-1] if last_only else jnp.concatenate(outputs, axis=1)), state
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def step(params: dict, config: ModelConfig, state: DecodeState,
+         token_B: jax.Array) -> tuple[jax.Array, DecodeState]:
+  """One token per sequence: (float32 logits [B, V], next state)."""
+  logits, state = extend(params, config, state, token_B[:, None])
+  return logits[:, 0], state

@@ -1,0 +1,249 @@
+"""Recurrent inference (sh2_jax.inference): prefill + single-token decode equals the parallel
+forward for every mixer and the whole model; the stateful pieces against float64 numpy loops;
+sampling against numpy masks; scoring against the log-softmax of the forward; the golden
+vortex decode logits."""
+
+import pathlib
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+
+from tests.helpers import np_causal_conv, seeded_rng
+from sh2_jax import inference as inf
+from sh2_jax.config import ModelConfig
+from sh2_jax.convert import evo2
+from sh2_jax.inference import recurrent
+from sh2_jax.inference.sampling import SamplingConfig, filter_logits
+from sh2_jax.model import StripedHyena2
+
+GOLDEN = pathlib.Path(__file__).parent / "data" / "golden"
+SMALL = dict(d_model=32, num_heads=2, se_groups=4, mr_groups=4, mr_filter_len=16, li_order=4,
+             train_len=64, mlp_activation="evo2", mr_decay=True)
+TOL = 2e-5  # float32: max |error| / max |logit|; bf16 is judged against bf16's own error below
+
+
+def random_params(config: ModelConfig, seed: int, scale: float = 0.3) -> dict:
+  """Init params plus O(scale) noise on every leaf, so every filter tap, pole and skip matters."""
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  params = nn.meta.unbox(StripedHyena2(config).init(jax.random.key(seed), tokens)["params"])
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+  return jax.tree.unflatten(treedef, noisy)
+
+
+def decode_logits(params, config, tokens, prompt_len, chunk=0):
+  """Logits at every position from prefill(prompt), then `chunk` tokens in one `extend` that
+  continues the state (a later prefill chunk), then one `step` per remaining token."""
+  logits, state = inf.prefill(params, config, jnp.asarray(tokens[:, :prompt_len]), tokens.shape[1])
+  out = [np.asarray(logits)]
+  if chunk:
+    logits, state = inf.extend(params, config, state, jnp.asarray(tokens[:, prompt_len:prompt_len + chunk]))
+    out.append(np.asarray(logits))
+  for t in range(prompt_len + chunk, tokens.shape[1]):
+    step_logits, state = inf.step(params, config, state, jnp.asarray(tokens[:, t]))
+    out.append(np.asarray(step_logits)[:, None])
+  return np.concatenate(out, axis=1), state
+
+
+def forward(params, config, tokens):
+  """The parallel (training) forward, StripedHyena2.apply, jitted."""
+  return np.asarray(jax.jit(lambda p, x: StripedHyena2(config).apply({"params": p}, x))(
+      params, jnp.asarray(tokens)))
+
+
+def assert_logits_close(actual, expected, what, tol=TOL):
+  scale = float(np.max(np.abs(expected)))
+  err = float(np.max(np.abs(actual - expected)))
+  assert err <= tol * scale, f"{what}: max error {err:.3g} vs logit range {scale:.3g}"
+
+
+@pytest.mark.parametrize("layout,prompt_len", [
+    ("SE", 3),    # 7 taps: the prompt is shorter than the filter
+    ("MR", 5),    # 16 taps
+    ("LI", 1),
+    ("MHA", 2),
+])
+def test_each_mixer_prefill_plus_decode_equals_parallel(layout, prompt_len):
+  """Prefill (shorter than the filter), a 20-token chunk continuing the state (longer than the
+  filter: the chunked-prefill path), then single steps, equal the parallel forward (float32)."""
+  config = ModelConfig(layout=layout, dtype="float32", **SMALL)
+  params = random_params(config, seed=len(layout))
+  tokens = seeded_rng("mixer", layout).integers(0, 256, (2, 30))
+  expected = forward(params, config, tokens)
+  got, state = decode_logits(params, config, tokens, prompt_len, chunk=20)
+  assert int(state.pos) == tokens.shape[1]
+  assert_logits_close(got, expected, f"{layout}, prompt {prompt_len}")
+
+
+def test_whole_model_prefill_decode_float32_and_bfloat16():
+  """float32: tight. bf16: the decode path (which rounds other intermediates to bf16 than the
+  parallel path does) is no further from the float32 forward than the bf16 parallel forward is,
+  up to a factor 2 (both ~10% of the logit range on this unit-gain random model)."""
+  config = ModelConfig(layout="SE MR LI MHA", dtype="float32", **SMALL)
+  params = random_params(config, seed=7)
+  tokens = seeded_rng("model").integers(0, 256, (3, 24))
+  expected = forward(params, config, tokens)
+  got, _ = decode_logits(params, config, tokens, 4)
+  assert_logits_close(got, expected, "float32 prefill 4 + decode")
+  bf16 = dataclasses.replace(config, dtype="bfloat16")
+  parallel_err = np.max(np.abs(forward(params, bf16, tokens) - expected))
+  got, _ = decode_logits(params, bf16, tokens, 4)
+  decode_err = np.max(np.abs(got - expected))
+  assert decode_err <= 2 * parallel_err, (decode_err, parallel_err)
+
+
+def np_modal_state(u_BTC, log_poles_CN, s0=None):
+  poles = np.exp(log_poles_CN.astype(np.float64))
+  s = np.zeros((u_BTC.shape[0],) + poles.shape) if s0 is None else s0.astype(np.float64)
+  for t in range(u_BTC.shape[1]):
+    s = poles * s + u_BTC[:, t, :, None]
+  return s
+
+
+def test_li_prefill_state_and_readout_match_float64_loop():
+  rng = seeded_rng("li state")
+  u = rng.standard_normal((2, 300, 6)).astype(np.float32)
+  log_poles = -np.exp(rng.uniform(np.log(5e-3), np.log(0.7), (6, 4))).astype(np.float32)
+  residues = rng.standard_normal((6, 4)).astype(np.float32)
+  s0 = rng.standard_normal((2, 6, 4)).astype(np.float32)
+  expected = np_modal_state(u.astype(np.float64), log_poles, s0)
+  for chunk in (64, 256, 1000):  # 300 = 4 x 64 + 44: front padding; one chunk; > length
+    got = np.asarray(recurrent.modal_state(jnp.asarray(u), jnp.asarray(log_poles), jnp.asarray(s0), chunk))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+  # readout of the carried state over the next 50 positions: y[t] = sum_n R pole^(t+1) s
+  poles = np.exp(log_poles.astype(np.float64))
+  t = np.arange(50)
+  expected_y = np.einsum("cn,bcn,cnt->btc", residues, s0, poles[:, :, None] ** (t + 1))
+  got_y = np.asarray(recurrent.modal_state_readout(jnp.asarray(s0), jnp.asarray(log_poles),
+                                                   jnp.asarray(residues), 50))
+  np.testing.assert_allclose(got_y, expected_y, rtol=1e-4, atol=1e-5 * np.abs(expected_y).max())
+
+
+@pytest.mark.parametrize("length", [1, 5, 40])
+def test_fir_extend_equals_convolution_of_the_whole_history(length):
+  rng = seeded_rng("fir", length)
+  history = rng.standard_normal((2, 9 + length, 8))
+  h = rng.standard_normal((2, 10))
+  cache = history[:, 9 - 9:9]  # the K - 1 = 9 rows before the new ones
+  got = recurrent.fir_extend(jnp.asarray(history[:, 9:], jnp.float32), jnp.asarray(cache, jnp.float32),
+                             jnp.asarray(h, jnp.float32))
+  expected = np_causal_conv(history, h)[:, 9:]
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_cached_attention_blocks_and_mask_match_numpy():
+  rng = seeded_rng("attn")
+  q = rng.standard_normal((2, 13, 2, 8))
+  k, v = rng.standard_normal((2, 2, 20, 2, 8))
+  positions = np.arange(4, 17)
+  got = recurrent.cached_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)),
+                                   jnp.asarray(positions), block=5)
+  scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(8)
+  scores = np.where(np.arange(20)[None, None, None] <= positions[None, None, :, None], scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(got), np.einsum("bnts,bsnh->btnh", probs, v), rtol=1e-5, atol=1e-5)
+
+
+def np_filter(logits, temperature, top_k, top_p):
+  x = logits.astype(np.float64) / (temperature or 1.0)
+  out = np.full_like(x, -np.inf)
+  for b in range(x.shape[0]):
+    order = np.argsort(-x[b], kind="stable")
+    keep = order[:top_k] if top_k else order
+    if top_p < 1.0:
+      kept = x[b, keep]
+      probs = np.exp(kept - kept.max())
+      probs /= probs.sum()
+      cum = np.cumsum(probs)
+      n = int(np.searchsorted(cum, top_p) + 1)  # smallest prefix with mass >= top_p
+      keep = keep[:n]
+    out[b, keep] = x[b, keep]
+  return out
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, 1.0), (0.7, 0, 0.8), (1.3, 40, 0.5),
+                                                     (1.0, 0, 1.0)])
+def test_sampling_masks_match_numpy(temperature, top_k, top_p):
+  logits = seeded_rng("mask", top_k, top_p).standard_normal((4, 300)).astype(np.float32) * 3
+  config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, vocab_limit=256)
+  got = np.asarray(filter_logits(jnp.asarray(logits), config))
+  expected = np_filter(logits[:, :256], temperature, top_k, top_p)
+  np.testing.assert_array_equal(np.isfinite(got), np.isfinite(expected))
+  np.testing.assert_allclose(got[np.isfinite(got)], expected[np.isfinite(expected)], rtol=1e-6)
+  draws = inf.sample_logits(jnp.asarray(logits), jax.random.key(3), config)
+  assert np.all(np.isfinite(expected[np.arange(4), np.asarray(draws)]))  # never a masked token
+
+
+def test_top_k_1_is_argmax_and_greedy():
+  logits = seeded_rng("argmax").standard_normal((8, 512)).astype(np.float32)
+  for config in (SamplingConfig(top_k=1), SamplingConfig(temperature=0.0)):
+    got = inf.sample_logits(jnp.asarray(logits), jax.random.key(0), config)
+    np.testing.assert_array_equal(np.asarray(got), logits[:, :256].argmax(-1))
+
+
+@pytest.fixture(scope="module")
+def small_model():
+  config = ModelConfig(layout="SE LI MHA", dtype="float32", **SMALL)
+  return config, random_params(config, seed=11, scale=0.1)
+
+
+def test_generate_seed_segments_greedy_and_stop(small_model):
+  config, params = small_model
+  prompt = np.tile(np.frombuffer(b"ACGTTGCA", np.uint8).astype(np.int32), (3, 1))
+  sampling = SamplingConfig(temperature=1.0, top_k=4)
+  a = inf.generate(params, config, prompt, 12, sampling, seed=5)
+  b = inf.generate(params, config, prompt, 12, sampling, seed=5, segment=5)
+  c = inf.generate(params, config, prompt, 12, sampling, seed=6)
+  np.testing.assert_array_equal(a["tokens"], b["tokens"])  # same seed, any segmentation
+  assert not np.array_equal(a["tokens"], c["tokens"])
+  assert np.all(a["lengths"] == 12) and np.all(a["tokens"] < 256)
+  # greedy: each generated token is the argmax of the parallel forward over what precedes it
+  greedy = inf.generate(params, config, prompt, 6, SamplingConfig(temperature=0.0))
+  seq = np.concatenate([prompt, greedy["tokens"]], axis=1)
+  np.testing.assert_array_equal(forward(params, config, seq)[:, 7:-1, :256].argmax(-1), greedy["tokens"])
+  # stop bytes: each sequence ends before its first stop byte; zeros after it
+  stop = int(a["tokens"][0, 3])
+  s = inf.generate(params, config, prompt, 12, sampling, seed=5, stop_tokens=[stop])
+  for row, length in zip(a["tokens"], s["lengths"]):
+    hits = np.flatnonzero(row == stop)
+    assert length == (hits[0] if hits.size else 12)
+  assert s["lengths"][0] == 3 and np.all(s["tokens"][0, 3:] == 0)
+  np.testing.assert_array_equal(s["tokens"][0, :3], a["tokens"][0, :3])
+
+
+def test_score_equals_sum_of_log_softmax_with_padding(small_model):
+  config, params = small_model
+  rng = seeded_rng("score")
+  lengths = np.array([20, 7, 1, 13])
+  tokens = rng.integers(0, 256, (4, 20))
+  padded = np.where(np.arange(20)[None] < lengths[:, None], tokens, 0)
+  got = np.asarray(inf.score(params, config, jnp.asarray(padded), jnp.asarray(lengths)))
+  logits = forward(params, config, tokens).astype(np.float64)  # unpadded: other bytes after len
+  top = logits.max(-1, keepdims=True)
+  logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+  for b, n in enumerate(lengths):
+    expected = sum(logp[b, t - 1, tokens[b, t]] for t in range(1, n))
+    np.testing.assert_allclose(got[b], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_golden_prefill_and_decode_reproduce_vortex():
+  """Prefill 16 / 6 tokens of the golden model, then teacher-forced single-token steps,
+  reproduce vortex's cached logits (shorter prompts, where vortex itself is wrong, README
+  sec. 5, are covered against the parallel forward by the per-mixer tests)."""
+  vortex_cfg = yaml.safe_load((GOLDEN / "vortex_A_config.yml").read_text())
+  io = dict(np.load(GOLDEN / "vortex_A_io.npz"))
+  config = evo2.config_from_vortex(vortex_cfg, dtype="float32")
+  params = jax.tree.map(jnp.asarray, evo2.vortex_to_params(dict(np.load(GOLDEN / "vortex_A_ckpt_state.npz")),
+                                                           config))
+  tokens = io["tokens"][:, :40]
+  for prompt_len, key in ((16, "step_logits"), (6, "step_logits_p6")):
+    got, _ = decode_logits(params, config, tokens, prompt_len)
+    assert float(np.max(np.abs(got - io[key]))) < 1e-4, key
