@@ -16,7 +16,7 @@ from sh2_jax.errors import UserError
 
 MIXER_TYPES = ("SE", "MR", "LI", "MHA")
 CONV_METHODS = ("auto", "direct", "fft", "blocked", "pallas")
-LI_METHODS = ("auto", "fft", "chunked")
+LI_METHODS = ("auto", "fft", "chunked", "pallas")
 MLP_ACTIVATIONS = ("evo2", "gelu", "identity", "silu")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -86,7 +86,8 @@ class ModelConfig:
       interpret mode off GPU, slow), or "auto" (pallas on GPU where the shape allows, else
       direct for short filters and blocked up to the chunk).
     li_method: LI long-convolution method: "fft" (float32 FFT of the materialised filter),
-      "chunked" (exact Toeplitz inside chunks, 16-state carry between), "auto".
+      "chunked" (exact Toeplitz inside chunks, 16-state carry between), "pallas" (the fused
+      modal-recurrence GPU kernel; interpret mode off GPU, slow), "auto".
     conv_chunk: chunk length of the blocked convolution (>= the longest blocked filter).
     remat: rematerialise each block in the backward pass.
     init_std: standard deviation of embedding and projection init.

@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import blocked_conv
+from pallas_kernels import blocked_conv, featurized_conv, modal_conv
 from sh2_jax.ops import conv, filters
 
 LI_CHUNKED_MIN_LEN = 1 << 16
@@ -99,13 +99,84 @@ def gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array, h_
                lambda u: conv.causal_conv(u, h, method=method, chunk=chunk))
 
 
-def resolve_li_method(method: str, length: int) -> str:
-  """"auto": FFT up to 64K tokens, the chunked modal recurrence beyond (linear memory)."""
+def blocked_columns(w_in_D3D: jax.Array, w_feat_3DK: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Interleaved projection columns (3i+0, 3i+1, 3i+2) -> three blocks [post | pre | v].
+
+  Returns the in-projection [D, 3D] and featurizer taps [3D, K] with the same column order,
+  so that x @ w gives the three streams as contiguous column blocks.
+  """
+  width = w_in_D3D.shape[0]
+  w_in = jnp.swapaxes(w_in_D3D.reshape(width, width, 3), 1, 2).reshape(width, 3 * width)
+  num_taps = w_feat_3DK.shape[-1]
+  w_feat = jnp.swapaxes(w_feat_3DK.reshape(width, 3, num_taps), 0, 1).reshape(3 * width, num_taps)
+  return w_in, w_feat
+
+
+def fused_explicit_supported(shape_BLD: tuple[int, ...], w_feat_shape: tuple[int, ...],
+                             h_shape: tuple[int, ...], method: str, chunk: int) -> bool:
+  """Whether explicit_mixer takes the fused featurizer + gate-conv-gate kernel (GPU only)."""
+  if jax.default_backend() != "gpu":
+    return False
+  if conv.resolve_method(method, h_shape[-1], chunk, fused=True) != "pallas":
+    return False
+  batch, length, width = shape_BLD
+  return featurized_conv.unsupported_reason((batch, length, 3 * width), w_feat_shape,
+                                            h_shape) is None
+
+
+def explicit_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array, h_GK: jax.Array,
+                   dskip_D: jax.Array | None, method: str = "auto",
+                   chunk: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
+  """Hyena-SE/MR between the projections: project, featurize, gate-conv-gate.
+
+  On GPU, where the Pallas path applies, one [D, 3D] product writes z with its three streams
+  as column blocks and the fused kernel (pallas_kernels/featurized_conv.py) featurizes and
+  gates it in one pass; elsewhere project_and_featurize + gate_conv_gate.
+
+  Args:
+    x_BLD: [B, L, D] normalised input in the compute dtype.
+    w_in_D3D, w_feat_3DK: interleaved in-projection and featurizer taps (module layout).
+    h_GK, dskip_D, method, chunk: as in gate_conv_gate.
+
+  Returns:
+    [B, L, D] in x's dtype.
+  """
+  if fused_explicit_supported(x_BLD.shape, w_feat_3DK.shape, h_GK.shape, method, chunk):
+    w_in, w_feat = blocked_columns(w_in_D3D, w_feat_3DK)
+    return featurized_conv.featurized_gate_conv_gate_pallas(x_BLD @ w_in, w_feat, h_GK, dskip_D)
+  post, pre, v = project_and_featurize(x_BLD, w_in_D3D, w_feat_3DK)
+  return gate_conv_gate(post, pre, v, h_GK, dskip_D, method, chunk)
+
+
+LI_METHODS = ("auto", "fft", "chunked", "pallas")
+
+
+def resolve_li_method(method: str, length: int, shape_BLD: tuple[int, ...] | None = None,
+                      order: int | None = None) -> str:
+  """"auto": the Pallas modal-recurrence kernel on GPU where it takes the shape (given
+  `shape_BLD` and `order`), else FFT up to 64K tokens and the chunked recurrence beyond."""
   if method == "auto":
+    if (jax.default_backend() == "gpu" and shape_BLD is not None and order is not None
+        and modal_conv.unsupported_reason(shape_BLD, (shape_BLD[-1], order)) is None):
+      return "pallas"
     return "fft" if length < LI_CHUNKED_MIN_LEN else "chunked"
-  if method not in ("fft", "chunked"):
-    raise ValueError(f"LI method {method!r}: choose one of ('auto', 'fft', 'chunked')")
+  if method not in LI_METHODS[1:]:
+    raise ValueError(f"LI method {method!r}: choose one of {LI_METHODS}")
   return method
+
+
+def _li_pallas(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,
+               log_poles_DN: jax.Array, residues_DN: jax.Array,
+               dskip_D: jax.Array | None) -> jax.Array:
+  """The modal kernel on GPU (the FFT path for shapes it does not take), interpret mode off GPU."""
+  if jax.default_backend() != "gpu":
+    return modal_conv.gate_conv_gate_pallas(post_BLD, pre_BLD, v_BLD, log_poles_DN, residues_DN,
+                                            dskip_D, interpret=True)
+  if modal_conv.unsupported_reason(v_BLD.shape, log_poles_DN.shape) is not None:
+    return gated(post_BLD, pre_BLD, v_BLD, dskip_D,
+                 lambda u: li_long_conv(u, log_poles_DN, residues_DN, "fft"))
+  return modal_conv.gate_conv_gate_pallas(post_BLD, pre_BLD, v_BLD, log_poles_DN, residues_DN,
+                                          dskip_D)
 
 
 def li_long_conv(u_BLD: jax.Array, log_poles_DN: jax.Array, residues_DN: jax.Array,
@@ -115,13 +186,17 @@ def li_long_conv(u_BLD: jax.Array, log_poles_DN: jax.Array, residues_DN: jax.Arr
   Args:
     u_BLD: [B, L, D].
     log_poles_DN, residues_DN: [D, N] (one modal system per channel).
-    method: "fft" | "chunked" | "auto".
+    method: "fft" | "chunked" | "pallas" | "auto" (see resolve_li_method).
 
   Returns:
     [B, L, D] float32.
   """
   length = u_BLD.shape[1]
-  method = resolve_li_method(method, length)
+  method = resolve_li_method(method, length, u_BLD.shape, log_poles_DN.shape[-1])
+  if method == "pallas":
+    u = u_BLD.astype(jnp.float32)
+    ones = jnp.ones_like(u)
+    return _li_pallas(ones, ones, u, log_poles_DN, residues_DN, None)
   if method == "chunked":
     return filters.modal_chunked_conv(u_BLD, log_poles_DN, residues_DN)
   h_DL = filters.modal_filter(log_poles_DN, residues_DN, length)
@@ -131,6 +206,13 @@ def li_long_conv(u_BLD: jax.Array, log_poles_DN: jax.Array, residues_DN: jax.Arr
 def li_gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,
                       log_poles_DN: jax.Array, residues_DN: jax.Array, dskip_D: jax.Array,
                       method: str = "auto") -> jax.Array:
-  """Hyena-LI: post * (modal_conv(pre * v) + dskip * pre * v); returns v's dtype."""
+  """Hyena-LI: post * (modal_conv(pre * v) + dskip * pre * v); returns v's dtype.
+
+  "pallas" (and "auto" on GPU) runs the fused modal-recurrence kernel
+  (pallas_kernels/modal_conv.py): gates, skip and recurrence in one pass.
+  """
+  method = resolve_li_method(method, v_BLD.shape[1], v_BLD.shape, log_poles_DN.shape[-1])
+  if method == "pallas":
+    return _li_pallas(post_BLD, pre_BLD, v_BLD, log_poles_DN, residues_DN, dskip_D)
   return gated(post_BLD, pre_BLD, v_BLD, dskip_D,
                lambda u: li_long_conv(u, log_poles_DN, residues_DN, method))

@@ -1,0 +1,550 @@
+"""Hyena-LI gate-conv-gate with the modal filter as a diagonal recurrence: Pallas GPU kernels.
+
+The LI filter of channel c is a sum of N real exponentials (SPEC.md section 2),
+
+    h[c, t] = sum_n R[c, n] p[c, n]^t,   p = exp(log_pole) in (0, 1),  t >= 0,
+
+so the causal convolution y = h * u is the diagonal linear recurrence of order N
+
+    s_t = p * s_(t-1) + u_t  (per mode n),   y_t = sum_n R_n s_t,n.
+
+The operator fuses the gates and the skip:
+
+    u = pre * v,   out = post * (y + dskip * u).
+
+Layout: one program per (batch, tile of `block_c` channels, segment of the sequence). A
+segment is walked row by row (a `fori_loop` over chunks of `chunk` rows, the rows of a chunk
+unrolled), the [N, block_c] float32 state in registers; every input byte is read once per
+pass and every output byte written once. Segments make the grid wide enough for the GPU: a
+first pass computes each segment's state from a zero start, XLA chains the [B, S, N, C]
+segment states (a scan of S steps), and the main pass starts every segment from its true
+state. All math is float32 and exact up to rounding (no p^-t scalings, any decay rate).
+
+Backward (custom_vjp), with g = dout * post:
+  - a forward walk recomputes s and y and carries z_t = sum_(j<=t) (t - j) p^(t-j) u_j
+    (z_t = p (z_(t-1) + s_(t-1))): dpost = dout * y, dR = sum_t g_t s_t,
+    dlog_pole = R sum_t g_t z_t, ddskip = sum_t g_t u_t, and each segment's adjoint at its
+    first row from a zero end, sum_tau p^tau g_tau;
+  - XLA chains the adjoints from the right;
+  - a reverse walk runs the adjoint a_t = p a_(t+1) + g_t: du = sum_n R_n a_t + dskip g,
+    dpre = du v, dv = du pre.
+The forward saves the segment-start states of s and z ([B, S, N, C], small).
+
+`gate_conv_gate_auto` picks the kernel on GPU and the plain-JAX reference (`gate_conv_gate`,
+a chunked scan) elsewhere or for unsupported shapes. This module depends on jax only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 16  # rows unrolled per loop iteration
+DEFAULT_BLOCK_C = 32
+TARGET_PROGRAMS = 2048  # segment heuristic: about 16 programs per SM on a 132-SM H100/H200
+MIN_SEGMENT_CHUNKS = 8  # segment heuristic: fewest chunks per program
+MAX_ORDER = 64  # modes per channel the kernels take (padded to a power of two)
+PAD_LOG_POLE = -1.0  # log pole of the padding modes (residue 0): bounded, harmless
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockSizes:
+  """Tile sizes and launch parameters of the modal-recurrence kernels.
+
+  Every field left None is picked per call by the heuristic given here.
+
+  Attributes:
+    chunk: rows per loop iteration (unrolled), a power of two. None: DEFAULT_CHUNK.
+    block_c: channels per program, a power of two dividing C. None: DEFAULT_BLOCK_C, halved
+      while it does not divide C.
+    segment_chunks: chunks per program along the sequence (every program walks
+      chunk * segment_chunks rows; L is padded to a multiple of that). None: halved from the
+      whole sequence while the grid has fewer than TARGET_PROGRAMS programs and a segment
+      keeps >= MIN_SEGMENT_CHUNKS chunks.
+    num_warps: Triton warps per program (all kernels). None: 1.
+    num_stages: software-pipelining depth of the chunk loops. None: 2.
+  """
+  chunk: int | None = None
+  block_c: int | None = None
+  segment_chunks: int | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
+
+  @classmethod
+  def get_default(cls) -> BlockSizes:
+    return cls()
+
+
+def _is_pow2(n: int) -> bool:
+  return n > 0 and n & (n - 1) == 0
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def unsupported_reason(shape_BLC: tuple[int, ...], shape_CN: tuple[int, ...],
+                       block_sizes: BlockSizes | None = None) -> str | None:
+  """Why the Pallas kernels cannot take these shapes, or None when they can.
+
+  Args:
+    shape_BLC: shape of the gates and v, [B, L, C].
+    shape_CN: shape of the log poles and residues, [C, N].
+    block_sizes: requested tiles (None: defaults).
+
+  Returns:
+    A sentence giving the value, the constraint and the fix; None if supported.
+  """
+  block_sizes = block_sizes or BlockSizes.get_default()
+  if len(shape_BLC) != 3 or len(shape_CN) != 2:
+    return f"expected gates of rank 3 and poles of rank 2, got {shape_BLC} and {shape_CN}"
+  channels = shape_BLC[2]
+  if shape_CN[0] != channels:
+    return f"poles for {shape_CN[0]} channels, gates have {channels}"
+  if shape_CN[1] > MAX_ORDER:
+    return f"modal order {shape_CN[1]} must be <= {MAX_ORDER}"
+  if block_sizes.chunk is not None and not _is_pow2(block_sizes.chunk):
+    return f"chunk {block_sizes.chunk} must be a power of two"
+  block_c = _pick_block_c(channels, block_sizes)
+  if not _is_pow2(block_c) or channels % block_c:
+    return (f"block_c {block_c} must be a power of two dividing the channels {channels}; "
+            "use the reference")
+  if block_sizes.segment_chunks is not None and block_sizes.segment_chunks < 1:
+    return f"segment_chunks {block_sizes.segment_chunks} must be >= 1"
+  return None
+
+
+def _pick_block_c(channels: int, block_sizes: BlockSizes) -> int:
+  if block_sizes.block_c is not None:
+    return block_sizes.block_c
+  block_c = DEFAULT_BLOCK_C
+  while block_c > 1 and channels % block_c:
+    block_c //= 2
+  return block_c
+
+
+def _resolve(block_sizes: BlockSizes | None, shape_BLC: tuple[int, ...]) -> BlockSizes:
+  """Fills every None field of block_sizes by its heuristic (see BlockSizes)."""
+  block_sizes = block_sizes or BlockSizes.get_default()
+  batch, length, channels = shape_BLC
+  chunk = block_sizes.chunk or DEFAULT_CHUNK
+  block_c = _pick_block_c(channels, block_sizes)
+  num_chunks = -(-length // chunk)
+  segment_chunks = block_sizes.segment_chunks
+  if segment_chunks is None:
+    programs = batch * channels // block_c
+    segment_chunks = _next_pow2(num_chunks)
+    while (programs * -(-num_chunks // segment_chunks) < TARGET_PROGRAMS
+           and segment_chunks // 2 >= MIN_SEGMENT_CHUNKS):
+      segment_chunks //= 2
+  segment_chunks = min(segment_chunks, num_chunks)
+  return BlockSizes(chunk=chunk, block_c=block_c, segment_chunks=segment_chunks,
+                    num_warps=block_sizes.num_warps or 1,
+                    num_stages=block_sizes.num_stages or 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels. Refs of per-channel parameters are [N, dc] (modes on rows), sequence refs are the
+# batch row's whole padded [Lp, dc] column tile; a program walks its segment's rows.
+# ---------------------------------------------------------------------------------------------
+
+
+def _walk(refs, chunk: int, segment_chunks: int, reverse: bool, process, init):
+  """Runs `process(carry, base, rows)` over this program's segment, chunk by chunk (last
+  chunk first if `reverse`); rows[k][i] is row base + i of refs[k], float32 [1, dc]. The next
+  chunk's rows are loaded before the current chunk is processed (software prefetch: the loads
+  are in flight during the chunk's arithmetic)."""
+  first_row = pl.program_id(2) * segment_chunks * chunk
+
+  def chunk_base(step):
+    index = segment_chunks - 1 - step if reverse else step
+    return first_row + index * chunk
+
+  def load(step):
+    base = chunk_base(jnp.minimum(step, segment_chunks - 1))
+    return tuple(tuple(ref[pl.ds(base + i, 1), :] for i in range(chunk)) for ref in refs)
+
+  def body(step, carry):
+    state, rows = carry
+    next_rows = load(step + 1)
+    rows = tuple(tuple(r.astype(jnp.float32) for r in ref_rows) for ref_rows in rows)
+    return process(state, chunk_base(step), rows), next_rows
+
+  return jax.lax.fori_loop(0, segment_chunks, body, (init, load(0)))[0]
+
+
+def _states_kernel(p_ref, pre_ref, v_ref, s_ref, z_ref, *, chunk: int, segment_chunks: int):
+  """Segment-local final states from a zero start: s (and z if z_ref is given)."""
+  p_NC = p_ref[...]
+
+  def process(carry, base, rows):
+    s_NC, z_NC = carry
+    for pre_1C, v_1C in zip(*rows):
+      if z_ref is not None:
+        z_NC = p_NC * (z_NC + s_NC)
+      s_NC = p_NC * s_NC + pre_1C * v_1C
+    return s_NC, z_NC
+
+  zeros = jnp.zeros_like(p_NC)
+  s_NC, z_NC = _walk((pre_ref, v_ref), chunk, segment_chunks, False, process, (zeros, zeros))
+  s_ref[...] = s_NC
+  if z_ref is not None:
+    z_ref[...] = z_NC
+
+
+def _fwd_kernel(p_ref, r_ref, dskip_ref, s0_ref, post_ref, pre_ref, v_ref, out_ref, *,
+                chunk: int, segment_chunks: int):
+  p_NC = p_ref[...]
+  r_NC = r_ref[...]
+  dskip_1C = dskip_ref[...]
+
+  def process(s_NC, base, rows):
+    for i, (post_1C, pre_1C, v_1C) in enumerate(zip(*rows)):
+      u_1C = pre_1C * v_1C
+      s_NC = p_NC * s_NC + u_1C
+      y_1C = jnp.sum(r_NC * s_NC, axis=0, keepdims=True) + dskip_1C * u_1C
+      out_ref[pl.ds(base + i, 1), :] = (post_1C * y_1C).astype(out_ref.dtype)
+    return s_NC
+
+  _walk((post_ref, pre_ref, v_ref), chunk, segment_chunks, False, process, s0_ref[...])
+
+
+def _bwd_forward_kernel(lp_ref, p_ref, r_ref, dskip_ref, s0_ref, z0_ref, post_ref, pre_ref,
+                        v_ref, dout_ref, dpost_ref, dr_ref, dz_ref, ddskip_ref, a_ref, *,
+                        chunk: int, segment_chunks: int):
+  """Forward walk of the backward: dpost and the per-program partial parameter gradients."""
+  lp_NC = lp_ref[...]
+  p_NC = p_ref[...]
+  r_NC = r_ref[...]
+  dskip_1C = dskip_ref[...]
+  first_row = pl.program_id(2) * segment_chunks * chunk
+
+  def process(carry, base, rows):
+    s_NC, z_NC, dr_NC, dz_NC, dd_1C, a_NC = carry
+    # p^tau at the chunk's first row (tau: offset in the segment), exact rather than a long
+    # product of p; multiplied by p along the chunk's rows.
+    pw_NC = jnp.exp(lp_NC * (base - first_row).astype(jnp.float32))
+    for i, (post_1C, pre_1C, v_1C, dout_1C) in enumerate(zip(*rows)):
+      u_1C = pre_1C * v_1C
+      g_1C = dout_1C * post_1C
+      z_NC = p_NC * (z_NC + s_NC)
+      s_NC = p_NC * s_NC + u_1C
+      y_1C = jnp.sum(r_NC * s_NC, axis=0, keepdims=True) + dskip_1C * u_1C
+      dpost_ref[pl.ds(base + i, 1), :] = (dout_1C * y_1C).astype(dpost_ref.dtype)
+      dr_NC = dr_NC + g_1C * s_NC
+      dz_NC = dz_NC + g_1C * z_NC
+      dd_1C = dd_1C + g_1C * u_1C
+      a_NC = a_NC + pw_NC * g_1C
+      if i + 1 < chunk:
+        pw_NC = pw_NC * p_NC
+    return s_NC, z_NC, dr_NC, dz_NC, dd_1C, a_NC
+
+  zeros = jnp.zeros_like(p_NC)
+  init = (s0_ref[...], z0_ref[...], zeros, zeros, jnp.zeros_like(dskip_1C), zeros)
+  _, _, dr_NC, dz_NC, dd_1C, a_NC = _walk((post_ref, pre_ref, v_ref, dout_ref), chunk,
+                                          segment_chunks, False, process, init)
+  dr_ref[...] = dr_NC
+  dz_ref[...] = dz_NC
+  ddskip_ref[...] = dd_1C
+  a_ref[...] = a_NC
+
+
+def _bwd_reverse_kernel(p_ref, r_ref, dskip_ref, a0_ref, post_ref, pre_ref, v_ref, dout_ref,
+                        dpre_ref, dv_ref, *, chunk: int, segment_chunks: int):
+  """Reverse walk of the backward: the adjoint recurrence, dpre and dv."""
+  p_NC = p_ref[...]
+  r_NC = r_ref[...]
+  dskip_1C = dskip_ref[...]
+
+  def process(a_NC, base, rows):
+    for i in reversed(range(chunk)):
+      post_1C, pre_1C, v_1C, dout_1C = (ref_rows[i] for ref_rows in rows)
+      g_1C = dout_1C * post_1C
+      a_NC = p_NC * a_NC + g_1C
+      du_1C = jnp.sum(r_NC * a_NC, axis=0, keepdims=True) + dskip_1C * g_1C
+      dpre_ref[pl.ds(base + i, 1), :] = (du_1C * v_1C).astype(dpre_ref.dtype)
+      dv_ref[pl.ds(base + i, 1), :] = (du_1C * pre_1C).astype(dv_ref.dtype)
+    return a_NC
+
+  _walk((post_ref, pre_ref, v_ref, dout_ref), chunk, segment_chunks, True, process,
+        a0_ref[...])
+
+
+# ---------------------------------------------------------------------------------------------
+# pallas_call wrappers.
+# ---------------------------------------------------------------------------------------------
+
+
+def _specs(batch: int, padded_len: int, channels: int, order: int, bs: BlockSizes):
+  segments = padded_len // (bs.chunk * bs.segment_chunks)
+  grid = (batch, channels // bs.block_c, segments)
+  tile = pl.BlockSpec((None, padded_len, bs.block_c), lambda b, c, s: (b, 0, c))
+  param = pl.BlockSpec((order, bs.block_c), lambda b, c, s: (0, c))
+  skip = pl.BlockSpec((1, bs.block_c), lambda b, c, s: (0, c))
+  state = pl.BlockSpec((None, None, order, bs.block_c), lambda b, c, s: (b, s, 0, c))
+  row = pl.BlockSpec((None, None, 1, bs.block_c), lambda b, c, s: (b, s, 0, c))
+  return grid, segments, tile, param, skip, state, row
+
+
+def _call(kernel, name, bs, grid, in_specs, out_specs, out_shape, interpret, *args):
+  kernel = functools.partial(kernel, chunk=bs.chunk, segment_chunks=bs.segment_chunks)
+  return pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+      interpret=interpret,
+      name=name,
+  )(*args)
+
+
+def _segment_states(p_NC, pre, v, bs, interpret, with_z):
+  batch, padded_len, channels = v.shape
+  order = p_NC.shape[0]
+  grid, segments, tile, param, _, state, _ = _specs(batch, padded_len, channels, order, bs)
+  shape = jax.ShapeDtypeStruct((batch, segments, order, channels), jnp.float32)
+  kernel = _states_kernel
+  if not with_z:
+    kernel = lambda p, pr, vv, s, **kw: _states_kernel(p, pr, vv, s, None, **kw)  # noqa: E731
+  out = _call(kernel, "modal_conv_states", bs, grid, [param, tile, tile],
+              (state, state) if with_z else state, (shape, shape) if with_z else shape,
+              interpret, p_NC, pre, v)
+  return out if with_z else (out, None)
+
+
+def _chain_forward(s_hat_BSNC, z_hat_BSNC, p_seg_NC):
+  """Segment-start states from segment-local final ones: s0_(k+1) = P s0_k + s_hat_k,
+  z0_(k+1) = P z0_k + Ls P s0_k + z_hat_k (P = p^Ls, Ls rows per segment)."""
+  p_seg, ls_p = p_seg_NC
+
+  def step(carry, hats):
+    s0, z0 = carry
+    s_hat, z_hat = hats
+    s1 = p_seg * s0 + s_hat
+    z1 = None if z_hat is None else p_seg * z0 + ls_p * s0 + z_hat
+    return (s1, z1), (s0, z0)
+
+  zeros = jnp.zeros_like(s_hat_BSNC[:, 0])
+  hats = (jnp.moveaxis(s_hat_BSNC, 1, 0),
+          None if z_hat_BSNC is None else jnp.moveaxis(z_hat_BSNC, 1, 0))
+  init = (zeros, None if z_hat_BSNC is None else zeros)
+  _, (s0, z0) = jax.lax.scan(step, init, hats)
+  return jnp.moveaxis(s0, 0, 1), None if z0 is None else jnp.moveaxis(z0, 0, 1)
+
+
+def _chain_reverse(a_hat_BSNC, p_seg_NC):
+  """Adjoint entering each segment from the right: c_k = a_hat_(k+1) + P c_(k+1), c_last = 0."""
+
+  def step(c, a_hat_next):
+    c = a_hat_next + p_seg_NC * c
+    return c, c
+
+  zeros = jnp.zeros_like(a_hat_BSNC[:, 0])
+  shifted = jnp.moveaxis(a_hat_BSNC[:, 1:], 1, 0)
+  _, c_rev = jax.lax.scan(step, zeros, shifted, reverse=True)
+  c_SBNC = jnp.concatenate([c_rev, zeros[None]], axis=0)
+  return jnp.moveaxis(c_SBNC, 0, 1)
+
+
+def _prepare(log_poles_CN, residues_CN, dskip_C, bs, padded_len):
+  """[N', C] float32 log poles, poles, residues (N' = N padded to a power of two), the
+  [1, C] skip, and the per-segment decay P = p^Ls with Ls P."""
+  order = log_poles_CN.shape[1]
+  pad = _next_pow2(order) - order
+  lp = jnp.pad(log_poles_CN.astype(jnp.float32), ((0, 0), (0, pad)),
+               constant_values=PAD_LOG_POLE).T
+  r = jnp.pad(residues_CN.astype(jnp.float32), ((0, 0), (0, pad))).T
+  seg_len = bs.chunk * bs.segment_chunks
+  p_seg = jnp.exp(lp * seg_len)
+  return lp, jnp.exp(lp), r, dskip_C.astype(jnp.float32)[None, :], (p_seg, seg_len * p_seg)
+
+
+def _pad_rows(x_BLC: jax.Array, padded_len: int) -> jax.Array:
+  pad = padded_len - x_BLC.shape[1]
+  return jnp.pad(x_BLC, ((0, 0), (0, pad), (0, 0))) if pad else x_BLC
+
+
+def _padded_len(length: int, bs: BlockSizes) -> int:
+  seg_len = bs.chunk * bs.segment_chunks
+  return -(-length // seg_len) * seg_len
+
+
+def _fwd_impl(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret, with_z):
+  batch, length, channels = v.shape
+  padded_len = _padded_len(length, bs)
+  pad = functools.partial(_pad_rows, padded_len=padded_len)
+  post_p, pre_p, v_p = pad(post), pad(pre), pad(v)
+  _, p_NC, r_NC, dskip_1C, p_seg = _prepare(log_poles_CN, residues_CN, dskip_C, bs, padded_len)
+  s_hat, z_hat = _segment_states(p_NC, pre_p, v_p, bs, interpret, with_z)
+  s0, z0 = _chain_forward(s_hat, z_hat, p_seg)
+  grid, _, tile, param, skip, state, _ = _specs(batch, padded_len, channels, p_NC.shape[0], bs)
+  out = _call(_fwd_kernel, "modal_conv_fwd", bs, grid, [param, param, skip, state, tile, tile,
+                                                          tile], tile,
+              jax.ShapeDtypeStruct(v_p.shape, v.dtype), interpret,
+              p_NC, r_NC, dskip_1C, s0, post_p, pre_p, v_p)
+  return out[:, :length], (s0, z0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _modal_gcg(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret):
+  return _fwd_impl(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret, False)[0]
+
+
+def _modal_gcg_fwd(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret):
+  out, (s0, z0) = _fwd_impl(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret,
+                            True)
+  return out, (post, pre, v, log_poles_CN, residues_CN, dskip_C, s0, z0)
+
+
+def _modal_gcg_bwd(bs, interpret, residuals, dout):
+  post, pre, v, log_poles_CN, residues_CN, dskip_C, s0, z0 = residuals
+  batch, length, channels = v.shape
+  order = log_poles_CN.shape[1]
+  padded_len = _padded_len(length, bs)
+  pad = functools.partial(_pad_rows, padded_len=padded_len)
+  post_p, pre_p, v_p, dout_p = pad(post), pad(pre), pad(v), pad(dout.astype(v.dtype))
+  lp_NC, p_NC, r_NC, dskip_1C, p_seg = _prepare(log_poles_CN, residues_CN, dskip_C, bs,
+                                                padded_len)
+  grid, segments, tile, param, skip, state, row = _specs(batch, padded_len, channels,
+                                                         p_NC.shape[0], bs)
+  state_shape = jax.ShapeDtypeStruct((batch, segments) + p_NC.shape, jnp.float32)
+  dpost, dr, dz, ddskip, a_hat = _call(
+      _bwd_forward_kernel, "modal_conv_bwd_forward", bs, grid,
+      [param, param, param, skip, state, state, tile, tile, tile, tile],
+      (tile, state, state, row, state),
+      (jax.ShapeDtypeStruct(post_p.shape, post.dtype), state_shape, state_shape,
+       jax.ShapeDtypeStruct((batch, segments, 1, channels), jnp.float32), state_shape),
+      interpret, lp_NC, p_NC, r_NC, dskip_1C, s0, z0, post_p, pre_p, v_p, dout_p)
+  a0 = _chain_reverse(a_hat, p_seg[0])
+  dpre, dv = _call(
+      _bwd_reverse_kernel, "modal_conv_bwd_reverse", bs, grid,
+      [param, param, skip, state, tile, tile, tile, tile], (tile, tile),
+      (jax.ShapeDtypeStruct(pre_p.shape, pre.dtype), jax.ShapeDtypeStruct(v_p.shape, v.dtype)),
+      interpret, p_NC, r_NC, dskip_1C, a0, post_p, pre_p, v_p, dout_p)
+  dr_CN = dr.sum((0, 1)).T[:, :order]
+  dlp_CN = (r_NC * dz.sum((0, 1))).T[:, :order]
+  return (dpost[:, :length], dpre[:, :length], dv[:, :length],
+          dlp_CN.astype(log_poles_CN.dtype), dr_CN.astype(residues_CN.dtype),
+          ddskip.sum((0, 1, 2)).astype(dskip_C.dtype))
+
+
+_modal_gcg.defvjp(_modal_gcg_fwd, _modal_gcg_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def gate_conv_gate_pallas(post_gate_BLC: jax.Array, pre_gate_BLC: jax.Array, v_BLC: jax.Array,
+                          log_poles_CN: jax.Array, residues_CN: jax.Array,
+                          dskip_C: jax.Array | None = None, *,
+                          block_sizes: BlockSizes | None = None,
+                          interpret: bool = False) -> jax.Array:
+  """Hyena-LI gate-conv-gate by the modal-recurrence Pallas (Triton) kernels, differentiable.
+
+  out = post_gate * (conv(u, h) + dskip * u), u = pre_gate * v, with the modal filter
+  h[c, t] = sum_n R[c, n] exp(log_pole[c, n] t) (h[:, 0] on the current token; causal);
+  float32 math. Gradients (custom_vjp) for all six inputs come from the backward kernels.
+
+  Args:
+    post_gate_BLC, pre_gate_BLC, v_BLC: [B, L, C], bf16 or float32, any L (padded inside).
+    log_poles_CN: [C, N] log of the real poles (negative for a decaying filter).
+    residues_CN: [C, N] residues.
+    dskip_C: [C] skip weights, or None.
+    block_sizes: tiles and launch parameters; None: BlockSizes.get_default().
+    interpret: run the kernels in Pallas interpret mode (CPU), for tests.
+
+  Returns:
+    [B, L, C] in v's dtype.
+
+  Raises:
+    ValueError: shapes the kernels do not take (see `unsupported_reason`).
+  """
+  if not pre_gate_BLC.shape == post_gate_BLC.shape == v_BLC.shape:
+    raise ValueError(f"gates and v must share one shape, got {post_gate_BLC.shape}, "
+                     f"{pre_gate_BLC.shape}, {v_BLC.shape}")
+  if log_poles_CN.shape != residues_CN.shape:
+    raise ValueError(f"log poles {log_poles_CN.shape} and residues {residues_CN.shape} must "
+                     "share one shape")
+  reason = unsupported_reason(v_BLC.shape, log_poles_CN.shape, block_sizes)
+  if reason:
+    raise ValueError(reason)
+  channels = v_BLC.shape[2]
+  if dskip_C is None:
+    dskip_C = jnp.zeros((channels,), jnp.float32)
+  elif dskip_C.shape != (channels,):
+    raise ValueError(f"dskip shape {dskip_C.shape} must be ({channels},)")
+  resolved = _resolve(block_sizes, v_BLC.shape)
+  return _modal_gcg(post_gate_BLC, pre_gate_BLC, v_BLC, log_poles_CN, residues_CN, dskip_C,
+                    resolved, interpret)
+
+
+def gate_conv_gate_auto(post_gate_BLC: jax.Array, pre_gate_BLC: jax.Array, v_BLC: jax.Array,
+                        log_poles_CN: jax.Array, residues_CN: jax.Array,
+                        dskip_C: jax.Array | None = None, *,
+                        block_sizes: BlockSizes | None = None) -> jax.Array:
+  """The Pallas kernels on GPU, else the plain-JAX reference `gate_conv_gate` (same result)."""
+  backend = jax.default_backend()
+  reason = None if backend == "gpu" else f"backend {backend!r} is not a GPU"
+  reason = reason or unsupported_reason(v_BLC.shape, log_poles_CN.shape, block_sizes)
+  if reason:
+    logger.debug("modal gate_conv_gate_auto: plain-JAX reference (%s)", reason)
+    return gate_conv_gate(post_gate_BLC, pre_gate_BLC, v_BLC, log_poles_CN, residues_CN,
+                          dskip_C)
+  return gate_conv_gate_pallas(post_gate_BLC, pre_gate_BLC, v_BLC, log_poles_CN, residues_CN,
+                               dskip_C, block_sizes=block_sizes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-JAX reference: the same recurrence as a chunked scan (autodiff gradients).
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def gate_conv_gate(post_gate_BLC: jax.Array, pre_gate_BLC: jax.Array, v_BLC: jax.Array,
+                   log_poles_CN: jax.Array, residues_CN: jax.Array,
+                   dskip_C: jax.Array | None = None, chunk: int = 64) -> jax.Array:
+  """post * (conv(u, h_modal) + dskip * u), u = pre * v, by a scan over chunks of `chunk` rows
+  (exact Toeplitz inside a chunk, the N-mode state between chunks); float32 math.
+
+  Returns:
+    [B, L, C] in v's dtype.
+  """
+  batch, length, channels = v_BLC.shape
+  hi = jax.lax.Precision.HIGHEST
+  lp = log_poles_CN.astype(jnp.float32)
+  r = residues_CN.astype(jnp.float32)
+  u = pre_gate_BLC.astype(jnp.float32) * v_BLC.astype(jnp.float32)
+  chunk = min(chunk, length)
+  padded = -(-length // chunk) * chunk
+  u_p = jnp.pad(u, ((0, 0), (0, padded - length), (0, 0)))
+  u_KBTC = jnp.moveaxis(u_p.reshape(batch, padded // chunk, chunk, channels), 1, 0)
+  offsets = jnp.arange(chunk, dtype=jnp.float32)
+  lag = offsets[:, None] - offsets[None, :]
+  decay_CNTT = jnp.exp(lp[:, :, None, None] * jnp.maximum(lag, 0.0))
+  toeplitz_CTT = jnp.where(lag >= 0, jnp.einsum("cn,cnij->cij", r, decay_CNTT, precision=hi),
+                           0.0)
+  readout_CTN = r[:, None, :] * jnp.exp(lp[:, None, :] * (offsets[None, :, None] + 1.0))
+  in_decay_CNT = jnp.exp(lp[:, :, None] * (chunk - 1.0 - offsets))
+  chunk_decay_CN = jnp.exp(lp * chunk)
+
+  def step(state_BCN, u_BTC):
+    y = jnp.einsum("cij,bjc->bic", toeplitz_CTT, u_BTC, precision=hi)
+    y = y + jnp.einsum("ctn,bcn->btc", readout_CTN, state_BCN, precision=hi)
+    state_BCN = chunk_decay_CN * state_BCN + jnp.einsum("cnt,btc->bcn", in_decay_CNT, u_BTC,
+                                                        precision=hi)
+    return state_BCN, y
+
+  state0 = jnp.zeros((batch, channels, lp.shape[-1]), jnp.float32)
+  _, y_KBTC = jax.lax.scan(step, state0, u_KBTC)
+  y = jnp.moveaxis(y_KBTC, 0, 1).reshape(batch, padded, channels)[:, :length]
+  if dskip_C is not None:
+    y = y + dskip_C.astype(jnp.float32) * u
+  return (post_gate_BLC.astype(jnp.float32) * y).astype(v_BLC.dtype)
