@@ -30,6 +30,7 @@ EPILOG_SETTINGS = """settings (--set section.name=value, or the same keys in a Y
   train.*  steps batch_size grad_accum learning_rate warmup_steps min_lr_ratio weight_decay
            b1 b2 clip_norm seed log_every eval_every eval_batches checkpoint_every keep_checkpoints
   mesh.*   data fsdp tensor context   (-1 = all remaining devices)
+           context_conv (p2p|a2a) context_attention (allgather|ring) zigzag
 presets: """ + ", ".join(sorted(config_lib.PRESETS))
 
 

@@ -15,10 +15,12 @@ from typing import Any, Mapping
 from sh2_jax.errors import UserError
 
 MIXER_TYPES = ("SE", "MR", "LI", "MHA")
-CONV_METHODS = ("auto", "direct", "fft", "blocked", "pallas")
+CONV_METHODS = ("auto", "direct", "fft", "blocked", "pallas", "pallas_fused")
 LI_METHODS = ("auto", "fft", "chunked", "pallas")
 MLP_ACTIVATIONS = ("evo2", "gelu", "identity", "silu")
 DTYPES = ("float32", "bfloat16", "float16")
+CONTEXT_CONV = ("p2p", "a2a")
+CONTEXT_ATTENTION = ("allgather", "ring")
 
 
 class ConfigError(UserError, ValueError):
@@ -83,8 +85,10 @@ class ModelConfig:
     param_dtype: storage dtype of parameters (master weights).
     conv_method: inner-convolution method for SE/MR: "direct" (sum of shifted copies), "fft",
       "blocked" (two-stage chunked GEMMs in XLA), "pallas" (the fused blocked GPU kernel; Pallas
-      interpret mode off GPU, slow), or "auto" (pallas on GPU where the shape allows, else
-      direct for short filters and blocked up to the chunk).
+      interpret mode off GPU, slow), "pallas_fused" (the same with the featurizer fused into
+      the kernel, pallas_kernels/featurized_conv.py; experimental, slower on an H100 so far),
+      or "auto" (pallas on GPU where the shape allows, else direct for short filters and
+      blocked up to the chunk).
     li_method: LI long-convolution method: "fft" (float32 FFT of the materialised filter),
       "chunked" (exact Toeplitz inside chunks, 16-state carry between), "pallas" (the fused
       modal-recurrence GPU kernel; interpret mode off GPU, slow), "auto".
@@ -144,7 +148,7 @@ class ModelConfig:
       raise ConfigError(f"model.conv_method={self.conv_method!r}: choose one of {CONV_METHODS}")
     if self.li_method not in LI_METHODS:
       raise ConfigError(f"model.li_method={self.li_method!r}: choose one of {LI_METHODS}")
-    if self.conv_method in ("blocked", "pallas"):
+    if self.conv_method in ("blocked", "pallas", "pallas_fused"):
       longest = max([self.se_filter_len if "SE" in layers else 0,
                      self.mr_filter_len if "MR" in layers else 0])
       if longest > self.conv_chunk:
@@ -269,15 +273,31 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh sizes; -1 means "all remaining devices" (at most one axis)."""
+  """Device mesh sizes; -1 means "all remaining devices" (at most one axis).
+
+  Context parallelism (context > 1; sh2_jax.parallel.context_sharding):
+    context_conv: "p2p" (halo exchange) or "a2a" (sequence <-> channel all-to-all) for the
+      inner convolutions of SE and MR (the featurizer is always p2p, LI always all-to-all).
+    context_attention: "allgather" (gather K/V) or "ring" (K/V blocks passed around the axis,
+      online softmax).
+    zigzag: load-balance causal attention: rank r of N holds chunks r and 2N-1-r of 2N.
+  """
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
   context: int = 1
+  context_conv: str = "p2p"
+  context_attention: str = "allgather"
+  zigzag: bool = False
 
   AXES: typing.ClassVar[tuple[str, ...]] = ("data", "fsdp", "tensor", "context")
 
   def __post_init__(self) -> None:
+    if self.context_conv not in CONTEXT_CONV:
+      raise ConfigError(f"mesh.context_conv={self.context_conv!r}: choose one of {CONTEXT_CONV}")
+    if self.context_attention not in CONTEXT_ATTENTION:
+      raise ConfigError(f"mesh.context_attention={self.context_attention!r}: choose one of "
+                        f"{CONTEXT_ATTENTION}")
     sizes = [getattr(self, a) for a in self.AXES]
     if sum(s == -1 for s in sizes) > 1:
       raise ConfigError(f"mesh {dict(zip(self.AXES, sizes))}: at most one axis may be -1")

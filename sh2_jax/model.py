@@ -12,6 +12,7 @@ from sh2_jax.config import ModelConfig
 from sh2_jax.layers import params as P
 from sh2_jax.layers.block import Block
 from sh2_jax.layers.norm import RMSNorm
+from sh2_jax.parallel.context_sharding import ContextSharding
 
 
 class StripedHyena2(nn.Module):
@@ -20,24 +21,37 @@ class StripedHyena2(nn.Module):
   Call with int tokens [B, L]; returns float32 logits [B, L, V]. The residual stream is kept
   in float32; matrix products run in `config.dtype`. With `mutable=["intermediates"]`, the
   residual after each block is sown as intermediates["hidden_{i}"].
+
+  With `parallel` (a mesh whose context axis is > 1, see parallel.context_sharding) the
+  sequence is sharded over the context axis and every mixer runs context-parallel. Under
+  zigzag, `in_layout=True` says the tokens are already in storage order (`parallel.to_layout`)
+  and the logits (and sown hiddens) stay in it; the default takes and returns natural order.
   """
   config: ModelConfig
+  parallel: ContextSharding | None = None
 
   @nn.compact
-  def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+  def __call__(self, tokens_BL: jax.Array, in_layout: bool = False) -> jax.Array:
     cfg = self.config
+    cp = self.parallel
+    constrain = (lambda x: x) if cp is None else cp.constrain
+    if cp is not None and not in_layout:
+      tokens_BL = cp.to_layout(tokens_BL)
     embedding_VD = P.declare(self, "embedding", P.normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
                              ("vocab", "embed"), jnp.dtype(cfg.param_dtype))
-    x_BLD = jnp.take(embedding_VD, tokens_BL, axis=0).astype(jnp.float32)
+    x_BLD = constrain(jnp.take(embedding_VD, tokens_BL, axis=0).astype(jnp.float32))
     block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
     for i in range(cfg.num_layers):
-      x_BLD = block_cls(cfg, i, name=f"block_{i}")(x_BLD)
+      x_BLD = constrain(block_cls(cfg, i, cp, name=f"block_{i}")(x_BLD))
       self.sow("intermediates", f"hidden_{i}", x_BLD)
     x_BLD = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")(x_BLD)
     dt = jnp.dtype(cfg.dtype)
     with P.matmul_precision(dt):
-      return jnp.einsum("BLD,VD->BLV", x_BLD.astype(dt), embedding_VD.astype(dt),
-                        preferred_element_type=jnp.float32)
+      logits_BLV = constrain(jnp.einsum("BLD,VD->BLV", x_BLD.astype(dt), embedding_VD.astype(dt),
+                                        preferred_element_type=jnp.float32))
+    if cp is not None and not in_layout:
+      logits_BLV = cp.from_layout(logits_BLV)
+    return logits_BLV
 
 
 def abstract_params(config: ModelConfig, length: int = 8) -> dict:

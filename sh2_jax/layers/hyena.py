@@ -21,14 +21,24 @@ import jax.numpy as jnp
 from sh2_jax.config import ModelConfig
 from sh2_jax.layers import params as P
 from sh2_jax.ops import filters, hyena
+from sh2_jax.parallel.context_sharding import ContextSharding
 
 
 class HyenaBase(nn.Module):
-  """Shared in-projection, featurizer and out-projection; subclasses supply `inner`."""
+  """Shared in-projection, featurizer and out-projection; subclasses supply `inner`.
+
+  With `parallel` (context parallelism), the featurizer and the inner convolution run on the
+  sequence-sharded activations through it.
+  """
   config: ModelConfig
+  parallel: ContextSharding | None = None
 
   def inner(self, post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array) -> jax.Array:
     raise NotImplementedError
+
+  def explicit_filter(self) -> tuple[jax.Array, jax.Array | None] | None:
+    """(h [G, K] float32, dskip [D] or None) of an explicit-filter mixer (SE, MR), else None."""
+    return None
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
@@ -40,33 +50,52 @@ class HyenaBase(nn.Module):
     w_out = P.declare(self, "out_proj", P.normal(P.output_std(cfg.init_std, cfg.num_layers)),
                       (d, d), ("channels", "embed"), pdt)
     b_out = P.declare(self, "out_bias", P.constant(0.0), (d,), ("embed",), pdt)
-    post, pre, v = hyena.project_and_featurize(x_BLD.astype(dt), w_in.astype(dt), w_feat)
-    y_BLD = self.inner(post, pre, v)
+    explicit = self.explicit_filter() if self.parallel is None else None
+    if explicit is not None:  # SE/MR on one device: fused kernel where it applies
+      y_BLD = hyena.explicit_mixer(x_BLD.astype(dt), w_in.astype(dt), w_feat, *explicit,
+                                   cfg.conv_method, cfg.conv_chunk)
+    else:
+      if self.parallel is None:
+        post, pre, v = hyena.project_and_featurize(x_BLD.astype(dt), w_in.astype(dt), w_feat)
+      else:
+        post, pre, v = self.parallel.project_and_featurize(x_BLD.astype(dt), w_in.astype(dt), w_feat)
+      y_BLD = self.inner(post, pre, v)
     return y_BLD.astype(dt) @ w_out.astype(dt) + b_out.astype(dt)
 
 
 class HyenaSE(HyenaBase):
   """Short explicit filter (7 taps), grouped, no skip term."""
 
-  def inner(self, post_BLD, pre_BLD, v_BLD):
+  def explicit_filter(self):
     cfg = self.config
     h = P.declare(self, "filter", P.uniform_symmetric(1 / math.sqrt(cfg.se_filter_len)),
                   (cfg.se_groups, cfg.se_filter_len), ("groups", "taps"), jnp.dtype(cfg.param_dtype))
-    return hyena.gate_conv_gate(post_BLD, pre_BLD, v_BLD, h, None, cfg.conv_method, cfg.conv_chunk)
+    return h, None
+
+  def inner(self, post_BLD, pre_BLD, v_BLD):
+    cfg = self.config
+    h, _ = self.explicit_filter()
+    gcg = hyena.gate_conv_gate if self.parallel is None else self.parallel.gate_conv_gate
+    return gcg(post_BLD, pre_BLD, v_BLD, h, None, cfg.conv_method, cfg.conv_chunk)
 
 
 class HyenaMR(HyenaBase):
   """Medium explicit filter (128 taps) with a fixed exponential decay, grouped, with skip."""
 
-  def inner(self, post_BLD, pre_BLD, v_BLD):
+  def explicit_filter(self):
     cfg = self.config
     pdt = jnp.dtype(cfg.param_dtype)
     hhat_std = 1e-5 / math.sqrt(cfg.train_len)
     hhat = P.declare(self, "filter", P.normal(hhat_std), (cfg.mr_groups, cfg.mr_filter_len),
                      ("groups", "taps"), pdt)
     dskip = P.declare(self, "dskip", P.normal(1.0), (cfg.d_model,), ("channels",), pdt)
-    h = filters.mr_filter(hhat, cfg.train_len, cfg.mr_decay)
-    return hyena.gate_conv_gate(post_BLD, pre_BLD, v_BLD, h, dskip, cfg.conv_method, cfg.conv_chunk)
+    return filters.mr_filter(hhat, cfg.train_len, cfg.mr_decay), dskip
+
+  def inner(self, post_BLD, pre_BLD, v_BLD):
+    cfg = self.config
+    h, dskip = self.explicit_filter()
+    gcg = hyena.gate_conv_gate if self.parallel is None else self.parallel.gate_conv_gate
+    return gcg(post_BLD, pre_BLD, v_BLD, h, dskip, cfg.conv_method, cfg.conv_chunk)
 
 
 class HyenaLI(HyenaBase):
@@ -81,5 +110,5 @@ class HyenaLI(HyenaBase):
     residues = P.declare(self, "residues", P.normal(0.1 / 4), (d, n), ("channels", "poles"), pdt)
     dskip = P.declare(self, "dskip", P.normal(1.0), (d,), ("channels",), jnp.dtype(cfg.param_dtype))
     log_poles = filters.modal_log_poles(p, gamma)
-    return hyena.li_gate_conv_gate(post_BLD, pre_BLD, v_BLD, log_poles, residues, dskip,
-                                   cfg.li_method)
+    li = hyena.li_gate_conv_gate if self.parallel is None else self.parallel.li_gate_conv_gate
+    return li(post_BLD, pre_BLD, v_BLD, log_poles, residues, dskip, cfg.li_method)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import blocked_conv
 
-METHODS = ("direct", "fft", "blocked", "pallas", "auto")
+METHODS = ("direct", "fft", "blocked", "pallas", "pallas_fused", "auto")
 DIRECT_MAX_TAPS = 16
 
 
@@ -89,6 +89,8 @@ def resolve_method(method: str, num_taps: int, chunk: int, fused: bool = False) 
   """
   if method not in METHODS:
     raise ValueError(f"conv method {method!r}: choose one of {METHODS}")
+  if method == "pallas_fused":  # the featurizer fusion is ops.hyena.explicit_mixer's business
+    method = "pallas"
   if method == "pallas" and not fused:
     return "blocked"
   if method != "auto":

@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import blocked_conv, modal_conv
+from pallas_kernels import blocked_conv, featurized_conv, modal_conv
 from sh2_jax.ops import conv, filters
 
 LI_CHUNKED_MIN_LEN = 1 << 16
@@ -97,6 +97,47 @@ def gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array, h_
   h = h_GK.astype(jnp.float32)
   return gated(post_BLD, pre_BLD, v_BLD, dskip_D,
                lambda u: conv.causal_conv(u, h, method=method, chunk=chunk))
+
+
+def blocked_columns(w_in_D3D: jax.Array, w_feat_3DK: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Interleaved projection columns (3i+0, 3i+1, 3i+2) -> three blocks [post | pre | v].
+
+  Returns the in-projection [D, 3D] and featurizer taps [3D, K] with the same column order,
+  so that x @ w gives the three streams as contiguous column blocks.
+  """
+  width = w_in_D3D.shape[0]
+  w_in = jnp.swapaxes(w_in_D3D.reshape(width, width, 3), 1, 2).reshape(width, 3 * width)
+  num_taps = w_feat_3DK.shape[-1]
+  w_feat = jnp.swapaxes(w_feat_3DK.reshape(width, 3, num_taps), 0, 1).reshape(3 * width, num_taps)
+  return w_in, w_feat
+
+
+def explicit_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array, h_GK: jax.Array,
+                   dskip_D: jax.Array | None, method: str = "auto",
+                   chunk: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
+  """Hyena-SE/MR between the projections: project, featurize, gate-conv-gate.
+
+  With method "pallas_fused" (where the kernel takes the shapes), one [D, 3D] product writes z
+  with its three streams as column blocks and pallas_kernels/featurized_conv.py featurizes
+  and gates it in one kernel (interpret mode off GPU); otherwise project_and_featurize +
+  gate_conv_gate with `method`.
+
+  Args:
+    x_BLD: [B, L, D] normalised input in the compute dtype.
+    w_in_D3D, w_feat_3DK: interleaved in-projection and featurizer taps (module layout).
+    h_GK, dskip_D, method, chunk: as in gate_conv_gate.
+
+  Returns:
+    [B, L, D] in x's dtype.
+  """
+  batch, length, width = x_BLD.shape
+  if method == "pallas_fused" and featurized_conv.unsupported_reason(
+      (batch, length, 3 * width), w_feat_3DK.shape, h_GK.shape) is None:
+    w_in, w_feat = blocked_columns(w_in_D3D, w_feat_3DK)
+    return featurized_conv.featurized_gate_conv_gate_pallas(
+        x_BLD @ w_in, w_feat, h_GK, dskip_D, interpret=jax.default_backend() != "gpu")
+  post, pre, v = project_and_featurize(x_BLD, w_in_D3D, w_feat_3DK)
+  return gate_conv_gate(post, pre, v, h_GK, dskip_D, method, chunk)
 
 
 LI_METHODS = ("auto", "fft", "chunked", "pallas")

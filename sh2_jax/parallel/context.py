@@ -1,14 +1,20 @@
 """Context-parallel Hyena primitives: p2p halo exchange and all-to-all resharding (SPEC.md s6).
 
 The sequence is sharded in contiguous blocks over a mesh axis (rank r of N holds positions
-[r L/N, (r+1) L/N)). Two strategies keep the causal convolutions exact:
+[r L/N, (r+1) L/N)), or, with `zigzag`, in 2N chunks of c = L/2N where rank r holds chunks r
+and 2N-1-r (balances causal attention; the sequence is permuted once at the input, see
+`zigzag_order`). Two strategies keep the causal convolutions exact:
 - p2p (featurizer, SE, MR while K-1 <= local length): each shard receives the last K-1 rows of
   its causal predecessor by `jax.lax.ppermute` (i -> i+1, zeros on shard 0), prepends them,
   runs the local causal convolution and drops the first K-1 outputs. Autodiff of ppermute is
-  the reverse ppermute, so the halo gradients flow back to the predecessor.
+  the reverse ppermute, so the halo gradients flow back to the predecessor. Under zigzag a
+  rank's two chunks have different predecessors: chunk r's is rank r-1's first chunk, chunk
+  2N-1-r's is rank r+1's second chunk (rank N-1: its own first chunk).
 - all-to-all (LI, optionally MR): `jax.lax.all_to_all` switches from sequence sharding
   [B, L/N, C] to channel sharding [B, L, C/N], the full-length convolution runs on the rank's
-  channels (whole filter groups), and a second all-to-all switches back.
+  channels (whole filter groups), and a second all-to-all switches back. Under zigzag the
+  gathered sequence arrives in rank-major chunk order and is put in natural order (a local
+  gather of chunks) around the convolution.
 
 The `cp_*`, `halo_exchange`, `seq_to_channels` and `channels_to_seq` functions are pure and run
 INSIDE `jax.shard_map` over the axis named by `axis_name`; filters, poles, residues and skips
@@ -26,12 +32,36 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from pallas_kernels import blocked_conv
+from sh2_jax.config import ConfigError
 from sh2_jax.ops import conv, hyena
 
 STRATEGIES = ("p2p", "a2a")
+
+
+# ---- zigzag layout ---------------------------------------------------------------------------
+
+
+def zigzag_chunks(num_shards: int) -> np.ndarray:
+  """Chunk ids in zigzag storage order: [0, 2N-1, 1, 2N-2, ..., N-1, N] (rank r: r, 2N-1-r)."""
+  ranks = np.arange(num_shards)
+  return np.stack([ranks, 2 * num_shards - 1 - ranks], axis=1).reshape(-1)
+
+
+def zigzag_order(length: int, num_shards: int) -> np.ndarray:
+  """Positions in zigzag storage order: permuted = natural[..., order] ([L] int32).
+
+  Sharding the permuted sequence contiguously over N ranks gives rank r the chunks r and
+  2N-1-r of length L/2N; `np.argsort(order)` undoes it.
+  """
+  if length % (2 * num_shards):
+    raise ValueError(f"length {length} must be divisible by 2N = {2 * num_shards} for zigzag")
+  chunk = length // (2 * num_shards)
+  starts = zigzag_chunks(num_shards) * chunk
+  return (starts[:, None] + np.arange(chunk)[None, :]).reshape(-1).astype(np.int32)
 
 
 # ---- pure functions, called inside jax.shard_map ------------------------------------------
@@ -64,30 +94,64 @@ def halo_exchange(x_BLC: jax.Array, halo: int, axis_name: str) -> jax.Array:
   return jnp.concatenate([received_BHC, x_BLC], axis=1)
 
 
+def zigzag_halo_exchange(x_BLC: jax.Array, halo: int, axis_name: str) -> jax.Array:
+  """Halos of a zigzag shard: [B, 2c, C] (chunks r, 2N-1-r) -> [2, B, halo + c, C].
+
+  Chunk r gets the tail of chunk r-1 (rank r-1's first chunk; zeros on rank 0); chunk 2N-1-r
+  gets the tail of chunk 2N-2-r (rank r+1's second chunk; rank N-1's own first chunk).
+  """
+  local_len = x_BLC.shape[1]
+  if local_len % 2:
+    raise ValueError(f"a zigzag shard holds two equal chunks; got {local_len} rows")
+  first_BcC, second_BcC = jnp.split(x_BLC, 2, axis=1)
+  if halo == 0:
+    return jnp.stack([first_BcC, second_BcC])
+  padded_first = halo_exchange(first_BcC, halo, axis_name)
+  num_shards = jax.lax.axis_size(axis_name)
+  tail_second = second_BcC[:, second_BcC.shape[1] - halo:]
+  perm = [(i + 1, i) for i in range(num_shards - 1)]
+  received = jax.lax.ppermute(tail_second, axis_name, perm) if perm else jnp.zeros_like(tail_second)
+  own_first_tail = padded_first[:, padded_first.shape[1] - halo:]
+  last = jax.lax.axis_index(axis_name) == num_shards - 1
+  halo_second = jnp.where(last, own_first_tail, received)
+  return jnp.stack([padded_first, jnp.concatenate([halo_second, second_BcC], axis=1)])
+
+
 def cp_causal_conv_p2p(x_BLC: jax.Array, h_GK: jax.Array, axis_name: str,
-                       method: str = "auto", chunk: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
+                       method: str = "auto", chunk: int = blocked_conv.DEFAULT_CHUNK,
+                       zigzag: bool = False) -> jax.Array:
   """Grouped causal convolution of a sequence-sharded input by halo exchange (featurizer, SE, MR).
 
-  Equals the local shard of `conv.causal_conv` on the full sequence.
+  Equals the local shard of `conv.causal_conv` on the full sequence (in zigzag order with
+  `zigzag`).
 
   Args:
     x_BLC: [B, L_local, C] local block.
-    h_GK: [G, K] grouped filter (replicated), h[:, 0] on the current token; K-1 <= L_local.
+    h_GK: [G, K] grouped filter (replicated), h[:, 0] on the current token; K-1 <= L_local
+      (K-1 <= L_local / 2 with zigzag).
     axis_name: the shard_map axis holding the sequence.
     method, chunk: as in `conv.causal_conv`.
+    zigzag: the shard holds chunks r and 2N-1-r (see `zigzag_order`).
 
   Returns:
     [B, L_local, C] in x's dtype.
   """
   halo = h_GK.shape[-1] - 1
-  padded_BLC = halo_exchange(x_BLC, halo, axis_name)
-  return conv.causal_conv(padded_BLC, h_GK, method=method, chunk=chunk)[:, halo:]
+  if not zigzag:
+    padded_BLC = halo_exchange(x_BLC, halo, axis_name)
+    return conv.causal_conv(padded_BLC, h_GK, method=method, chunk=chunk)[:, halo:]
+  padded_2BLC = zigzag_halo_exchange(x_BLC, halo, axis_name)
+  two, batch = padded_2BLC.shape[:2]
+  y = conv.causal_conv(padded_2BLC.reshape(two * batch, *padded_2BLC.shape[2:]), h_GK,
+                       method=method, chunk=chunk)[:, halo:]
+  first, second = jnp.split(y, 2, axis=0)
+  return jnp.concatenate([first, second], axis=1)
 
 
 def cp_gate_conv_gate_p2p(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,
                           h_GK: jax.Array, dskip_D: jax.Array | None, axis_name: str,
-                          method: str = "auto",
-                          chunk: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
+                          method: str = "auto", chunk: int = blocked_conv.DEFAULT_CHUNK,
+                          zigzag: bool = False) -> jax.Array:
   """post * (conv(pre * v, h) + dskip * pre * v) on a sequence-sharded input, p2p (SE, MR).
 
   Only u = pre * v crosses shards (K-1 rows); the gates are pointwise. The local convolution
@@ -98,32 +162,46 @@ def cp_gate_conv_gate_p2p(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Ar
     h_GK: [G, K] grouped filter (replicated), K-1 <= L_local.
     dskip_D: [D] skip weights (replicated) or None.
     axis_name: the shard_map axis holding the sequence.
+    zigzag: the shard holds chunks r and 2N-1-r.
 
   Returns:
     [B, L_local, D] in v's dtype.
   """
   h = h_GK.astype(jnp.float32)
   return hyena.gated(post_BLD, pre_BLD, v_BLD, dskip_D,
-                     lambda u: cp_causal_conv_p2p(u, h, axis_name, method, chunk))
+                     lambda u: cp_causal_conv_p2p(u, h, axis_name, method, chunk, zigzag))
 
 
-def seq_to_channels(x_BLC: jax.Array, axis_name: str) -> jax.Array:
-  """[B, L/N, C] sequence-sharded -> [B, L, C/N] channel-sharded (rank r: channel block r)."""
+def _reorder_chunks(x_BLC: jax.Array, chunk_ids: np.ndarray) -> jax.Array:
+  """Chunk k of the result is chunk chunk_ids[k] of x (a static local gather along L)."""
+  batch, length, channels = x_BLC.shape
+  chunks = x_BLC.reshape(batch, len(chunk_ids), length // len(chunk_ids), channels)
+  return chunks[:, chunk_ids].reshape(batch, length, channels)
+
+
+def seq_to_channels(x_BLC: jax.Array, axis_name: str, zigzag: bool = False) -> jax.Array:
+  """[B, L/N, C] sequence-sharded -> [B, L, C/N] channel-sharded (rank r: channel block r).
+
+  With `zigzag` the input shards hold chunks r, 2N-1-r; the output is in natural order.
+  """
   num_shards = jax.lax.axis_size(axis_name)
   channels = x_BLC.shape[-1]
   if channels % num_shards:
     raise ValueError(f"channels {channels} must be divisible by the {num_shards} shards of axis "
                      f"{axis_name!r} for the all-to-all strategy")
-  return jax.lax.all_to_all(x_BLC, axis_name, split_axis=2, concat_axis=1, tiled=True)
+  y = jax.lax.all_to_all(x_BLC, axis_name, split_axis=2, concat_axis=1, tiled=True)
+  return _reorder_chunks(y, np.argsort(zigzag_chunks(num_shards))) if zigzag else y
 
 
-def channels_to_seq(x_BLC: jax.Array, axis_name: str) -> jax.Array:
+def channels_to_seq(x_BLC: jax.Array, axis_name: str, zigzag: bool = False) -> jax.Array:
   """[B, L, C/N] channel-sharded -> [B, L/N, C] sequence-sharded (inverse of seq_to_channels)."""
   num_shards = jax.lax.axis_size(axis_name)
   length = x_BLC.shape[1]
-  if length % num_shards:
+  if length % (2 * num_shards if zigzag else num_shards):
     raise ValueError(f"length {length} must be divisible by the {num_shards} shards of axis "
-                     f"{axis_name!r}")
+                     f"{axis_name!r}{' (2N chunks with zigzag)' if zigzag else ''}")
+  if zigzag:
+    x_BLC = _reorder_chunks(x_BLC, zigzag_chunks(num_shards))
   return jax.lax.all_to_all(x_BLC, axis_name, split_axis=1, concat_axis=2, tiled=True)
 
 
@@ -160,8 +238,8 @@ def local_groups(h_GK: jax.Array, channels: int, axis_name: str) -> jax.Array:
 
 def cp_gate_conv_gate_a2a(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,
                           h_GK: jax.Array, dskip_D: jax.Array | None, axis_name: str,
-                          method: str = "auto",
-                          chunk: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
+                          method: str = "auto", chunk: int = blocked_conv.DEFAULT_CHUNK,
+                          zigzag: bool = False) -> jax.Array:
   """Grouped gate-conv-gate by all-to-all (MR at any K): u goes channel-sharded, full length.
 
   Args:
@@ -169,6 +247,7 @@ def cp_gate_conv_gate_a2a(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Ar
     h_GK: [G, K] grouped filter, whole (replicated); the rank takes its groups by axis_index.
     dskip_D: [D] (replicated) or None; applied in the sequence-sharded layout.
     axis_name: the shard_map axis holding the sequence.
+    zigzag: the shard holds chunks r and 2N-1-r.
 
   Returns:
     [B, L_local, D] in v's dtype.
@@ -176,15 +255,17 @@ def cp_gate_conv_gate_a2a(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Ar
   h_local = local_groups(h_GK.astype(jnp.float32), v_BLD.shape[-1], axis_name)
 
   def inner_conv(u):
-    y_ch = conv.causal_conv(seq_to_channels(u, axis_name), h_local, method=method, chunk=chunk)
-    return channels_to_seq(y_ch, axis_name)
+    y_ch = conv.causal_conv(seq_to_channels(u, axis_name, zigzag), h_local, method=method,
+                            chunk=chunk)
+    return channels_to_seq(y_ch, axis_name, zigzag)
 
   return hyena.gated(post_BLD, pre_BLD, v_BLD, dskip_D, inner_conv)
 
 
 def cp_li_gate_conv_gate_a2a(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,
                              log_poles_DN: jax.Array, residues_DN: jax.Array, dskip_D: jax.Array,
-                             axis_name: str, method: str = "auto") -> jax.Array:
+                             axis_name: str, method: str = "auto",
+                             zigzag: bool = False) -> jax.Array:
   """Hyena-LI post * (modal_conv(pre * v) + dskip * pre * v) by all-to-all.
 
   Args:
@@ -194,6 +275,7 @@ def cp_li_gate_conv_gate_a2a(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax
     dskip_D: [D] whole; applied in the sequence-sharded layout.
     axis_name: the shard_map axis holding the sequence.
     method: as in `hyena.li_long_conv`, resolved against the full length.
+    zigzag: the shard holds chunks r and 2N-1-r.
 
   Returns:
     [B, L_local, D] in v's dtype.
@@ -201,8 +283,8 @@ def cp_li_gate_conv_gate_a2a(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax
   log_poles, residues = local_rows(log_poles_DN, axis_name), local_rows(residues_DN, axis_name)
 
   def inner_conv(u):
-    y_ch = hyena.li_long_conv(seq_to_channels(u, axis_name), log_poles, residues, method)
-    return channels_to_seq(y_ch, axis_name)
+    y_ch = hyena.li_long_conv(seq_to_channels(u, axis_name, zigzag), log_poles, residues, method)
+    return channels_to_seq(y_ch, axis_name, zigzag)
 
   return hyena.gated(post_BLD, pre_BLD, v_BLD, dskip_D, inner_conv)
 
@@ -210,15 +292,18 @@ def cp_li_gate_conv_gate_a2a(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax
 # ---- wrappers building the shard_map --------------------------------------------------------
 
 
-def validate_length(length: int, num_shards: int, halo: int = 0) -> None:
-  """Raises ValueError unless `length` splits into equal blocks of at least `halo` rows."""
-  minimum = max(halo * num_shards, num_shards)
-  if length % num_shards or length < minimum:
-    need = f"multiples of {num_shards}" + (f" that are >= (K-1)*N = {halo}*{num_shards} = "
-                                           f"{halo * num_shards} (p2p halo), or use the all-to-all "
-                                           f"strategy" if halo else "")
-    raise ValueError(f"sequence length {length} cannot be sharded over {num_shards} context "
-                     f"shards: valid lengths are {need}")
+def validate_length(length: int, num_shards: int, halo: int = 0, zigzag: bool = False) -> None:
+  """Raises ValueError (a ConfigError) unless `length` splits into equal blocks of at least
+  `halo` rows: N blocks, or 2N chunks with `zigzag`."""
+  blocks = 2 * num_shards if zigzag else num_shards
+  minimum = max(halo * blocks, blocks)
+  if length % blocks or length < minimum:
+    what = f"2N = {blocks} zigzag chunks" if zigzag else f"{num_shards} context shards"
+    need = f"multiples of {blocks}" + (f" that are >= (K-1)*{'2N' if zigzag else 'N'} = "
+                                       f"{halo}*{blocks} = {halo * blocks} (p2p halo), or use the "
+                                       f"all-to-all strategy" if halo else "")
+    raise ConfigError(f"sequence length {length} cannot be sharded over {what}: valid lengths "
+                      f"are {need}")
 
 
 def _shard(body: Callable[..., jax.Array], mesh: Mesh, axis_name: str,

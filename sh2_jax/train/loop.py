@@ -26,6 +26,7 @@ from sh2_jax.data import markov
 from sh2_jax.errors import UserError
 from sh2_jax.data.pipeline import DataError, build_data
 from sh2_jax.parallel import mesh as mesh_lib
+from sh2_jax.parallel.context_sharding import validate_model_length
 from sh2_jax.train import optim, step as step_lib
 from sh2_jax.train.checkpoint import Checkpointer
 from sh2_jax.train.state import TrainState, create_train_state, state_shardings
@@ -150,9 +151,7 @@ class _Setup:
 
 def _setup(config: Config) -> _Setup:
   mesh = mesh_lib.make_mesh(config.mesh)
-  if mesh.shape["context"] > 1:
-    raise ConfigError(f"mesh context={mesh.shape['context']}: sequence (context) parallelism is "
-                      "not wired into training yet; put the devices on data, fsdp or tensor")
+  validate_model_length(config.model, config.data.seq_len, mesh.shape["context"], config.mesh)
   global_batch = config.train.batch_size
   processes = jax.process_count()
   if global_batch % processes:
@@ -197,8 +196,9 @@ def train(config: Config, run_dir: str, resume: bool = False, progress: bool = T
     state, _ = create_train_state(config.model, setup.optimizer, setup.mesh, tc.seed)
   save_config(config, run_dir)
   metrics_log = MetricsWriter(os.path.join(run_dir, "metrics.jsonl"))
-  train_step = step_lib.make_train_step(config.model, tc, setup.optimizer, setup.mesh, setup.shardings)
-  eval_step = step_lib.make_eval_step(config.model, setup.mesh, setup.shardings.params)
+  train_step = step_lib.make_train_step(config.model, tc, setup.optimizer, setup.mesh,
+                                        setup.shardings, config.mesh)
+  eval_step = step_lib.make_eval_step(config.model, setup.mesh, setup.shardings.params, config.mesh)
   batch_sharding = mesh_lib.batch_sharding(setup.mesh)
   eval_batches = setup.data.eval_batches(tc.batch_size, tc.eval_batches)
 
@@ -269,7 +269,7 @@ def evaluate_run(run_dir: str, step: int | None = None, max_batches: int = 0,
   state = ckpt.restore(step, setup.abstract_state)
   ckpt.close()
   batch_size = batch_size or config.train.batch_size
-  eval_step = step_lib.make_eval_step(config.model, setup.mesh, setup.shardings.params)
+  eval_step = step_lib.make_eval_step(config.model, setup.mesh, setup.shardings.params, config.mesh)
   batches = setup.data.eval_batches(batch_size, max_batches)
   result = evaluate(eval_step, state.params, tqdm.tqdm(batches, desc="eval", disable=not _is_main()),
                     mesh_lib.batch_sharding(setup.mesh))

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from sh2_jax.config import ModelConfig, TrainConfig
+from sh2_jax.config import MeshConfig, ModelConfig, TrainConfig
 from sh2_jax.model import StripedHyena2
+from sh2_jax.parallel import context_sharding
 from sh2_jax.parallel import mesh as mesh_lib
 from sh2_jax.train.optim import learning_rate_schedule
 from sh2_jax.train.state import TrainState
@@ -27,25 +28,43 @@ def global_norm(tree: Any) -> jax.Array:
 def next_token_nll(model: StripedHyena2, params: Any, window_BL1: jax.Array) -> jax.Array:
   """Per-position negative log-likelihood (nats, float32) of window[:, 1:] given window[:, :-1].
 
+  Under context parallelism with zigzag, inputs and targets are permuted once into the
+  storage order, the logits stay in it, and only the per-token losses are put back.
+
   Args:
     window_BL1: [B, L + 1] int tokens.
 
   Returns:
-    [B, L] float32.
+    [B, L] float32, natural order.
   """
-  logits_BLV = model.apply({"params": params}, window_BL1[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BLV, window_BL1[:, 1:])
+  inputs_BL, targets_BL = window_BL1[:, :-1], window_BL1[:, 1:]
+  cp = model.parallel
+  if cp is None:
+    logits_BLV = model.apply({"params": params}, inputs_BL)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
+  logits_BLV = model.apply({"params": params}, cp.to_layout(inputs_BL), in_layout=True)
+  nll_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, cp.to_layout(targets_BL))
+  return cp.from_layout(nll_BL)
+
+
+def make_model(model_config: ModelConfig, mesh: Mesh,
+               mesh_config: MeshConfig | None = None) -> StripedHyena2:
+  """The model for `mesh`: context-parallel when its context axis is > 1 (strategies from
+  `mesh_config`, default MeshConfig())."""
+  return StripedHyena2(model_config, context_sharding.from_mesh(mesh, mesh_config))
 
 
 def make_train_step(model_config: ModelConfig, train_config: TrainConfig,
                     optimizer: optax.GradientTransformation, mesh: Mesh,
-                    shardings: TrainState) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
+                    shardings: TrainState, mesh_config: MeshConfig | None = None,
+                    ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict]]:
   """A jitted `(state, window_BL1) -> (state, metrics)`; the state buffer is donated.
 
   The batch is split into `grad_accum` micro-batches scanned sequentially; gradients are
-  averaged in float32. Metrics: loss (nats/token), bpb, grad_norm, lr.
+  averaged in float32. Metrics: loss (nats/token), bpb, grad_norm, lr. A mesh with context > 1
+  trains context-parallel (`make_model`; strategies from `mesh_config`).
   """
-  model = StripedHyena2(model_config)
+  model = make_model(model_config, mesh, mesh_config)
   accum = train_config.grad_accum
   schedule = learning_rate_schedule(train_config)
 
@@ -78,10 +97,11 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig,
                  out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
 
 
-def make_eval_step(model_config: ModelConfig, mesh: Mesh,
-                   param_shardings: Any) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
+def make_eval_step(model_config: ModelConfig, mesh: Mesh, param_shardings: Any,
+                   mesh_config: MeshConfig | None = None,
+                   ) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
   """A jitted `(params, window_BL1) -> (sum of nll in nats, number of predicted tokens)`."""
-  model = StripedHyena2(model_config)
+  model = make_model(model_config, mesh, mesh_config)
 
   def step(params, window_BL1):
     nll = next_token_nll(model, params, window_BL1)

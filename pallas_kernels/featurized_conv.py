@@ -1,0 +1,450 @@
+"""The Hyena-SE/MR core after the in-projection, fused: featurizer + gate-conv-gate (Pallas GPU).
+
+Input is the in-projection product z = x @ W with its 3C columns in three contiguous blocks
+[post | pre | v] (the interleave of Evo 2 checkpoints undone on the weights). Per stream s the
+featurizer is a causal depthwise FIR of J <= 4 taps, then the gate-conv-gate of
+blocked_conv.py:
+
+    f_s[t] = sum_j w_s[j] z_s[t - j]                       (w[:, 0] on the current token)
+    out = f_post * (conv(u, h) + dskip * u),  u = f_pre * f_v,  conv grouped, K <= chunk.
+
+Fusing the featurizer into the kernels removes its memory passes: the forward reads z once
+(its J shifted row windows come from cache) and never writes f; the backward recomputes f
+from z, writes df = dL/df per stream and reduces the featurizer-tap gradient on chip. Only
+dz[t] = sum_j w[j] df[t + j] (anti-causal, across chunk edges) is left to one XLA fusion,
+which also concatenates the three streams for the in-projection's gradient products.
+
+Kernel layout, Toeplitz tiles, numerics and BlockSizes are those of blocked_conv.py: one
+program per (batch, channel tile, sequence segment), chunks of T rows in a fori_loop,
+float32 gates and accumulation, matrix-product operands in the I/O dtype. The three streams
+are read from the one z array through three BlockSpecs (channel tile offsets 0, C, 2C), so no
+slice of z is ever copied.
+
+`featurized_gate_conv_gate` (plain JAX, at the end) is the numerical reference and the path
+off GPU. This module depends on jax and pallas_kernels.blocked_conv only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import blocked_conv as bc
+
+logger = logging.getLogger(__name__)
+
+MAX_FEATURIZER_TAPS = 4
+FUSED_BWD_STAGES_LONG_CHUNK = 1
+_STREAMS = 3  # post, pre, v
+_STREAMS_PADDED = 4  # Triton block dims are powers of two
+
+
+def unsupported_reason(shape_BL3C: tuple[int, ...], shape_3CJ: tuple[int, ...],
+                       shape_GK: tuple[int, ...],
+                       block_sizes: bc.BlockSizes | None = None) -> str | None:
+  """Why the fused kernels cannot take these shapes (a sentence with the fix), or None."""
+  if len(shape_BL3C) != 3 or len(shape_3CJ) != 2:
+    return f"expected z of rank 3 and featurizer taps of rank 2, got {shape_BL3C}, {shape_3CJ}"
+  batch, length, width3 = shape_BL3C
+  if width3 % _STREAMS:
+    return f"z width {width3} must be 3 C (post, pre and v blocks)"
+  channels = width3 // _STREAMS
+  if shape_3CJ[0] != width3:
+    return f"featurizer taps {shape_3CJ} must have {width3} rows, one per column of z"
+  num_taps_f = shape_3CJ[1]
+  if not 1 <= num_taps_f <= MAX_FEATURIZER_TAPS:
+    return (f"featurizer length {num_taps_f} must be in [1, {MAX_FEATURIZER_TAPS}]; use the "
+            "unfused path (ops.hyena.project_and_featurize + gate_conv_gate)")
+  reason = bc.unsupported_reason((batch, length, channels), shape_GK, block_sizes)
+  if reason:
+    return reason
+  resolved = bc._resolve(block_sizes, (batch, length, channels), shape_GK, jnp.bfloat16)
+  if num_taps_f > resolved.chunk:
+    return f"featurizer length {num_taps_f} must be <= chunk {resolved.chunk}"
+  return None
+
+
+def _resolve(block_sizes: bc.BlockSizes | None, shape_BLC: tuple[int, ...],
+             shape_GK: tuple[int, ...], dtype: jnp.dtype) -> bc.BlockSizes:
+  """blocked_conv's heuristics, except the backward's pipelining depth: the fused backward
+  loads 5 J shifted tiles per chunk, so with T >= 128 it gets FUSED_BWD_STAGES_LONG_CHUNK
+  (more stages overflow the H100's shared memory)."""
+  resolved = bc._resolve(block_sizes, shape_BLC, shape_GK, dtype)
+  if (block_sizes is None or block_sizes.num_stages_bwd is None) and resolved.chunk >= 128:
+    resolved = dataclasses.replace(resolved, num_stages_bwd=FUSED_BWD_STAGES_LONG_CHUNK)
+  return resolved
+
+
+def _taps_pad(num_taps_f: int) -> int:
+  return 1 << max(num_taps_f - 1, 0).bit_length()
+
+
+def _kernel_taps(w_feat_3CJ: jax.Array) -> jax.Array:
+  """[3C, J] -> [4, Jp, C] float32 (stream, tap, channel), zero-padded to powers of two."""
+  width3, num_taps_f = w_feat_3CJ.shape
+  w_SJC = w_feat_3CJ.astype(jnp.float32).reshape(_STREAMS, width3 // _STREAMS, num_taps_f)
+  w_SJC = jnp.swapaxes(w_SJC, 1, 2)
+  return jnp.pad(w_SJC, ((0, _STREAMS_PADDED - _STREAMS), (0, _taps_pad(num_taps_f) - num_taps_f),
+                         (0, 0)))
+
+
+def _shifted_rows(z_ref, n, chunk: int, num_taps_f: int, windows: bool) -> list[jax.Array]:
+  """z[t - j] for the rows t of chunk n and j < J, float32 [T, dc] each; rows before 0 are 0.
+
+  windows=True (GPU): masked loads of row windows starting at nT - j (contiguous, any start).
+  windows=False (interpret mode, whose loads cannot start before row 0): clamped row
+  gathers, then masked. Both read the same values.
+  """
+  f32 = jnp.float32
+  out = [z_ref[bc._chunk_rows(n, chunk), :].astype(f32)]
+  for j in range(1, num_taps_f):
+    rows = n * chunk - j + jax.lax.iota(jnp.int32, chunk)
+    valid = (rows >= 0)[:, None]
+    if windows:
+      z_TC = plgpu.load(z_ref.at[pl.ds(n * chunk - j, chunk), :], mask=valid, other=0.0)
+      out.append(z_TC.astype(f32))
+    else:
+      z_TC = z_ref[jnp.maximum(rows, 0), :].astype(f32)
+      out.append(jnp.where(valid, z_TC, 0.0))
+  return out
+
+
+def _featurize(wf_ref, stream: int, shifted: list[jax.Array]) -> jax.Array:
+  """f = sum_j w[stream, j] z[t - j], float32 [T, dc]."""
+  acc = wf_ref[stream, 0, :].astype(jnp.float32)[None, :] * shifted[0]
+  for j in range(1, len(shifted)):
+    acc = acc + wf_ref[stream, j, :].astype(jnp.float32)[None, :] * shifted[j]
+  return acc
+
+
+def _featurized(z_ref, wf_ref, stream: int, n, chunk: int, num_taps_f: int,
+                windows: bool) -> jax.Array:
+  """f_stream for chunk n, float32 [T, dc]."""
+  return _featurize(wf_ref, stream, _shifted_rows(z_ref, n, chunk, num_taps_f, windows))
+
+
+def _fgcg_fwd_kernel(
+    hp_ref,  # [4T] padded filter row of this tile's group, float32
+    dskip_ref,  # [dc] float32
+    wf_ref,  # [4, Jp, dc] featurizer taps, float32
+    zpost_ref, zpre_ref, zv_ref,  # [Lp, dc] column tiles of z in the three streams
+    out_ref,  # [Lp, dc]
+    *,
+    chunk: int,
+    segment_chunks: int,
+    num_taps_f: int,
+    dot_dtype: jnp.dtype,
+    precision: jax.lax.Precision | None,
+    windows: bool,
+):
+  f32 = jnp.float32
+  h0_TT = bc._toeplitz_tile(hp_ref, chunk, chunk, False, dot_dtype)
+  h1_TT = bc._toeplitz_tile(hp_ref, chunk, 2 * chunk, False, dot_dtype)
+  dskip_1C = dskip_ref[...].astype(f32)[None, :]
+  dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=f32)
+  feat = functools.partial(_featurized, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
+                           windows=windows)
+  first = pl.program_id(2) * segment_chunks
+
+  def body(step, u_prev_TC):
+    n = first + step
+    u_TC = feat(zpre_ref, stream=1, n=n) * feat(zv_ref, stream=2, n=n)
+    u_dot_TC = u_TC.astype(dot_dtype)
+    y_TC = dot(h0_TT, u_dot_TC) + dot(h1_TT, u_prev_TC) + dskip_1C * u_TC
+    out_ref[bc._chunk_rows(n, chunk), :] = (feat(zpost_ref, stream=0, n=n) * y_TC).astype(out_ref.dtype)
+    return u_dot_TC
+
+  prev = jnp.maximum(first - 1, 0)
+  u_prev_TC = feat(zpre_ref, stream=1, n=prev) * feat(zv_ref, stream=2, n=prev)
+  u_prev_TC = jnp.where(first > 0, u_prev_TC, 0.0).astype(dot_dtype)
+  jax.lax.fori_loop(0, segment_chunks, body, u_prev_TC)
+
+
+def _fgcg_bwd_kernel(
+    hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref,
+    dout_ref,  # [Lp, dc] cotangent of the output
+    # Outputs
+    dfpost_ref, dfpre_ref, dfv_ref,  # [Lp, dc] gradients of the featurized streams
+    dh_part_ref,  # [T, T] float32, as in blocked_conv
+    ddskip_part_ref,  # [dc] float32
+    dwf_part_ref,  # [4, Jp, dc] float32: sum_t df_s[t] z_s[t - j]
+    *,
+    chunk: int,
+    segment_chunks: int,
+    num_chunks: int,
+    num_taps_f: int,
+    dot_dtype: jnp.dtype,
+    precision: jax.lax.Precision | None,
+    transpose_by_dot: bool,
+    windows: bool,
+):
+  f32 = jnp.float32
+  block_c = dfv_ref.shape[-1]
+  h0_TT = bc._toeplitz_tile(hp_ref, chunk, chunk, False, dot_dtype)
+  h1_TT = bc._toeplitz_tile(hp_ref, chunk, 2 * chunk, False, dot_dtype)
+  dskip_1C = dskip_ref[...].astype(f32)[None, :]
+  dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=f32)
+  feat = functools.partial(_featurized, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
+                           windows=windows)
+  z_refs = (zpost_ref, zpre_ref, zv_ref)
+
+  def dot_general(a, b, contract):
+    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                               preferred_element_type=f32)
+
+  if transpose_by_dot:
+    h0t_dot = lambda g: dot_general(h0_TT, g, ((0,), (0,)))  # noqa: E731
+    h1t_dot = lambda g: dot_general(h1_TT, g, ((0,), (0,)))  # noqa: E731
+  else:
+    h0t_dot = functools.partial(dot, bc._toeplitz_tile(hp_ref, chunk, chunk, True, dot_dtype))
+    h1t_dot = functools.partial(dot, bc._toeplitz_tile(hp_ref, chunk, 2 * chunk, True, dot_dtype))
+
+  end = (pl.program_id(2) + 1) * segment_chunks
+
+  def body(step, carry):
+    g_next_TC, a0_TT, a1_TT, ddskip_TC, dwf = carry
+    n = end - 1 - step
+    rows = bc._chunk_rows(n, chunk)
+    shifted = [_shifted_rows(z_ref, n, chunk, num_taps_f, windows) for z_ref in z_refs]
+    post_TC, pre_TC, v_TC = (_featurize(wf_ref, s, shifted[s]) for s in range(_STREAMS))
+    prev = jnp.maximum(n - 1, 0)
+    u_prev_TC = feat(zpre_ref, stream=1, n=prev) * feat(zv_ref, stream=2, n=prev)
+    u_prev_dot_TC = jnp.where(n > 0, u_prev_TC, 0.0).astype(dot_dtype)
+    u_TC = pre_TC * v_TC
+    u_dot_TC = u_TC.astype(dot_dtype)
+    dout_TC = dout_ref[rows, :].astype(f32)
+    y_TC = dot(h0_TT, u_dot_TC) + dot(h1_TT, u_prev_dot_TC) + dskip_1C * u_TC
+    g_TC = dout_TC * post_TC
+    g_dot_TC = g_TC.astype(dot_dtype)
+    du_TC = h0t_dot(g_dot_TC) + h1t_dot(g_next_TC) + dskip_1C * g_TC
+    dfs = (dout_TC * y_TC, du_TC * v_TC, du_TC * pre_TC)
+    new_dwf = []
+    for stream, (df_ref, df_TC) in enumerate(zip((dfpost_ref, dfpre_ref, dfv_ref), dfs)):
+      df_stored = df_TC.astype(df_ref.dtype)
+      df_ref[rows, :] = df_stored
+      # The tap gradient uses df as stored (rounded to the I/O dtype), like the unfused path.
+      for j in range(num_taps_f):
+        new_dwf.append(dwf[stream * num_taps_f + j] + shifted[stream][j] * df_stored.astype(f32))
+    a0_TT = a0_TT + dot_general(g_dot_TC, u_dot_TC, ((1,), (1,)))
+    a1_TT = a1_TT + dot_general(g_dot_TC, u_prev_dot_TC, ((1,), (1,)))
+    ddskip_TC = ddskip_TC + g_TC * u_TC
+    return g_dot_TC, a0_TT, a1_TT, ddskip_TC, tuple(new_dwf)
+
+  n_next = jnp.minimum(end, num_chunks - 1)
+  g_next_TC = dout_ref[bc._chunk_rows(n_next, chunk), :].astype(f32) * feat(zpost_ref, stream=0, n=n_next)
+  g_next_TC = jnp.where(end < num_chunks, g_next_TC, 0.0).astype(dot_dtype)
+  zeros_C = jnp.zeros((block_c,), f32)
+  zeros_TC = jnp.zeros((chunk, block_c), f32)
+  init = (g_next_TC, jnp.zeros((chunk, chunk), f32), jnp.zeros((chunk, chunk), f32), zeros_TC,
+          (zeros_TC,) * (_STREAMS * num_taps_f))
+  _, a0_TT, a1_TT, ddskip_TC, dwf = jax.lax.fori_loop(0, segment_chunks, body, init)
+  rows_TT = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+  cols_TT = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+  dh_part_ref[...] = jnp.where(rows_TT >= cols_TT, a0_TT, a1_TT)
+  ddskip_part_ref[...] = jnp.sum(ddskip_TC, axis=0)
+  for stream in range(_STREAMS_PADDED):
+    for j in range(dwf_part_ref.shape[1]):
+      real = stream < _STREAMS and j < num_taps_f
+      dwf_part_ref[stream, j, :] = jnp.sum(dwf[stream * num_taps_f + j], axis=0) if real else zeros_C
+
+
+def _specs(batch: int, padded_len: int, channels: int, groups: int, taps_pad: int,
+           block_sizes: bc.BlockSizes, segments: int):
+  chunk, block_c = block_sizes.chunk, block_sizes.block_c
+  grid, tile, filter_row, skip = bc._specs(batch, padded_len, channels, groups, block_c, chunk,
+                                           segments)
+  tiles = channels // block_c
+  z_tiles = [pl.BlockSpec((None, padded_len, block_c), lambda b, c, s, k=k: (b, 0, c + k * tiles))
+             for k in range(_STREAMS)]
+  taps = pl.BlockSpec((_STREAMS_PADDED, taps_pad, block_c), lambda b, c, s: (0, 0, c))
+  return grid, tile, filter_row, skip, taps, z_tiles
+
+
+def _fwd_call(z_BL3C, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int, block_sizes: bc.BlockSizes,
+              interpret: bool) -> jax.Array:
+  batch, padded_len, width3 = z_BL3C.shape
+  channels = width3 // _STREAMS
+  num_chunks = padded_len // block_sizes.chunk
+  segments = block_sizes.num_segments_fwd
+  grid, tile, filter_row, skip, taps, z_tiles = _specs(
+      batch, padded_len, channels, hp_GX.shape[0], wf_SJC.shape[1], block_sizes, segments)
+  dot_dtype, precision = bc._dot_config(z_BL3C.dtype)
+  kernel = functools.partial(_fgcg_fwd_kernel, chunk=block_sizes.chunk,
+                             segment_chunks=num_chunks // segments, num_taps_f=num_taps_f,
+                             dot_dtype=dot_dtype, precision=precision, windows=not interpret)
+  return pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=[filter_row, skip, taps, *z_tiles],
+      out_specs=tile,
+      out_shape=jax.ShapeDtypeStruct((batch, padded_len, channels), z_BL3C.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps_fwd,
+                                           num_stages=block_sizes.num_stages_fwd),
+      interpret=interpret,
+      name="featurized_gate_conv_gate_fwd",
+  )(hp_GX, dskip_C, wf_SJC, z_BL3C, z_BL3C, z_BL3C)
+
+
+def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
+              block_sizes: bc.BlockSizes, interpret: bool):
+  batch, padded_len, width3 = z_BL3C.shape
+  channels = width3 // _STREAMS
+  chunk, block_c = block_sizes.chunk, block_sizes.block_c
+  num_chunks = padded_len // chunk
+  segments = block_sizes.num_segments_bwd
+  taps_pad = wf_SJC.shape[1]
+  grid, tile, filter_row, skip, taps, z_tiles = _specs(
+      batch, padded_len, channels, hp_GX.shape[0], taps_pad, block_sizes, segments)
+  dot_dtype, precision = bc._dot_config(z_BL3C.dtype)
+  kernel = functools.partial(_fgcg_bwd_kernel, chunk=chunk,
+                             segment_chunks=num_chunks // segments, num_chunks=num_chunks,
+                             num_taps_f=num_taps_f, dot_dtype=dot_dtype, precision=precision,
+                             transpose_by_dot=block_sizes.bwd_transpose_by_dot,
+                             windows=not interpret)
+  stream = jax.ShapeDtypeStruct((batch, padded_len, channels), z_BL3C.dtype)
+  out_shape = (
+      stream, stream, stream,
+      jax.ShapeDtypeStruct((batch, channels // block_c, segments, chunk, chunk), jnp.float32),
+      jax.ShapeDtypeStruct((batch, segments, channels), jnp.float32),
+      jax.ShapeDtypeStruct((batch, segments, _STREAMS_PADDED, taps_pad, channels), jnp.float32),
+  )
+  out_specs = (
+      tile, tile, tile,
+      pl.BlockSpec((None, None, None, chunk, chunk), lambda b, c, s: (b, c, s, 0, 0)),
+      pl.BlockSpec((None, None, block_c), lambda b, c, s: (b, s, c)),
+      pl.BlockSpec((None, None, _STREAMS_PADDED, taps_pad, block_c),
+                   lambda b, c, s: (b, s, 0, 0, c)),
+  )
+  return pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=[filter_row, skip, taps, *z_tiles, tile],
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps_bwd,
+                                           num_stages=block_sizes.num_stages_bwd),
+      interpret=interpret,
+      name="featurized_gate_conv_gate_bwd",
+  )(hp_GX, dskip_C, wf_SJC, z_BL3C, z_BL3C, z_BL3C, dout_BLC)
+
+
+def featurizer_transpose(df_BLC: jax.Array, w_CJ: jax.Array) -> jax.Array:
+  """Adjoint of the causal depthwise FIR: dz[t] = sum_j w[:, j] df[t + j], float32."""
+  length = df_BLC.shape[1]
+  num_taps_f = w_CJ.shape[1]
+  df = jnp.pad(df_BLC.astype(jnp.float32), ((0, 0), (0, num_taps_f - 1), (0, 0)))
+  w = w_CJ.astype(jnp.float32)
+  return sum(w[:, j] * df[:, j:j + length] for j in range(num_taps_f))
+
+
+def _pad_rows(z_BL3C: jax.Array, chunk: int) -> jax.Array:
+  return bc._pad_rows(z_BL3C, bc._padded_len(z_BL3C.shape[1], chunk))
+
+
+def _fwd_impl(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret):
+  length = z_BL3C.shape[1]
+  chunk = block_sizes.chunk
+  out = _fwd_call(_pad_rows(z_BL3C, chunk), _kernel_taps(w_feat_3CJ), bc._padded_filter(h_GK, chunk),
+                  dskip_C.astype(jnp.float32), num_taps_f=w_feat_3CJ.shape[1],
+                  block_sizes=block_sizes, interpret=interpret)
+  return out[:, :length]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fgcg(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret):
+  return _fwd_impl(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret)
+
+
+def _fgcg_fwd(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret):
+  out = _fwd_impl(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret)
+  return out, (z_BL3C, w_feat_3CJ, h_GK, dskip_C)
+
+
+def _fgcg_bwd(block_sizes, interpret, residuals, dout_BLC):
+  z_BL3C, w_feat_3CJ, h_GK, dskip_C = residuals
+  batch, length, width3 = z_BL3C.shape
+  channels = width3 // _STREAMS
+  num_taps_f = w_feat_3CJ.shape[1]
+  chunk = block_sizes.chunk
+  dout = bc._pad_rows(dout_BLC.astype(z_BL3C.dtype), bc._padded_len(length, chunk))
+  dfpost, dfpre, dfv, dh_part, ddskip_part, dwf_part = _bwd_call(
+      _pad_rows(z_BL3C, chunk), dout, _kernel_taps(w_feat_3CJ), bc._padded_filter(h_GK, chunk),
+      dskip_C.astype(jnp.float32), num_taps_f=num_taps_f, block_sizes=block_sizes,
+      interpret=interpret)
+  w_SCJ = w_feat_3CJ.reshape(_STREAMS, channels, num_taps_f)
+  dz_BL3C = jnp.concatenate(
+      [featurizer_transpose(df[:, :length], w_SCJ[s]) for s, df in enumerate((dfpost, dfpre, dfv))],
+      axis=-1).astype(z_BL3C.dtype)
+  dw_SJC = dwf_part.sum((0, 1))[:_STREAMS, :num_taps_f]
+  dw_3CJ = jnp.swapaxes(dw_SJC, 1, 2).reshape(width3, num_taps_f).astype(w_feat_3CJ.dtype)
+  dh_GK = bc._dh_from_partials(dh_part, h_GK.shape[0], h_GK.shape[1]).astype(h_GK.dtype)
+  ddskip_C = ddskip_part.sum((0, 1)).astype(dskip_C.dtype)
+  return dz_BL3C, dw_3CJ, dh_GK, ddskip_C
+
+
+_fgcg.defvjp(_fgcg_fwd, _fgcg_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def featurized_gate_conv_gate_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h_GK: jax.Array,
+                                     dskip_C: jax.Array | None = None, *,
+                                     block_sizes: bc.BlockSizes | None = None,
+                                     interpret: bool = False) -> jax.Array:
+  """Featurizer + Hyena gate-conv-gate by the fused Pallas (Triton) kernels, differentiable.
+
+  Args:
+    z_BL3C: [B, L, 3C] in-projection product, columns [post | pre | v]; bf16 or float32;
+      any L (padded internally).
+    w_feat_3CJ: [3C, J] featurizer taps for the same columns, w[:, 0] on the current token,
+      J <= MAX_FEATURIZER_TAPS.
+    h_GK: [G, K] grouped filter (h[:, 0] on the current token), K <= chunk.
+    dskip_C: [C] skip weights, or None (Hyena-SE).
+    block_sizes: tiles and launch parameters (blocked_conv.BlockSizes); None: defaults.
+    interpret: Pallas interpret mode (CPU), for tests.
+
+  Returns:
+    [B, L, C] in z's dtype. Gradients (custom_vjp) for z, the taps, h and dskip.
+
+  Raises:
+    ValueError: shapes the kernels do not take (see `unsupported_reason`).
+  """
+  reason = unsupported_reason(z_BL3C.shape, w_feat_3CJ.shape, h_GK.shape, block_sizes)
+  if reason:
+    raise ValueError(reason)
+  batch, length, width3 = z_BL3C.shape
+  channels = width3 // _STREAMS
+  if dskip_C is None:
+    dskip_C = jnp.zeros((channels,), jnp.float32)
+  elif dskip_C.shape != (channels,):
+    raise ValueError(f"dskip shape {dskip_C.shape} must be ({channels},)")
+  resolved = _resolve(block_sizes, (batch, length, channels), h_GK.shape, z_BL3C.dtype)
+  return _fgcg(z_BL3C, w_feat_3CJ, h_GK, dskip_C, resolved, interpret)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-JAX reference.
+# ---------------------------------------------------------------------------------------------
+
+
+def featurize_streams(z_BL3C: jax.Array,
+                      w_feat_3CJ: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Featurizer on z, split into (post, pre, v) [B, L, C] in z's dtype (plain JAX)."""
+  length, num_taps_f = z_BL3C.shape[1], w_feat_3CJ.shape[1]
+  z = jnp.pad(z_BL3C.astype(jnp.float32), ((0, 0), (num_taps_f - 1, 0), (0, 0)))
+  w = w_feat_3CJ.astype(jnp.float32)
+  f = sum(w[:, j] * z[:, num_taps_f - 1 - j:num_taps_f - 1 - j + length] for j in range(num_taps_f))
+  return tuple(jnp.split(f.astype(z_BL3C.dtype), _STREAMS, axis=-1))
+
+
+def featurized_gate_conv_gate(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h_GK: jax.Array,
+                              dskip_C: jax.Array | None = None,
+                              chunk: int = bc.DEFAULT_CHUNK) -> jax.Array:
+  """Reference of featurized_gate_conv_gate_pallas: featurizer, then blocked gate-conv-gate."""
+  post, pre, v = featurize_streams(z_BL3C, w_feat_3CJ)
+  return bc.gate_conv_gate(post, pre, v, h_GK, dskip_C, chunk=max(chunk, h_GK.shape[1]))

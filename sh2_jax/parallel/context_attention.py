@@ -1,0 +1,268 @@
+"""Causal attention with the sequence sharded over a mesh axis: all-gather K/V, or a ring.
+
+Both run INSIDE `jax.shard_map` over `axis_name` and mask by token positions
+(query i sees key j iff pos_q[i] >= pos_k[j]), so they hold for any layout of the sequence
+over the ranks (contiguous blocks or zigzag chunks); RoPE is applied outside, with the same
+positions.
+
+- all-gather: gather K, V and their positions (autodiff reduce-scatters dK, dV back).
+- ring: N steps; at step s rank r holds the K/V block of rank r - s (ppermute i -> i+1) and
+  folds it into an online softmax (running max m, sum l, unnormalised output o). The backward
+  (custom VJP) runs the ring again: each visiting block carries its dK/dV accumulators with
+  it and they arrive home after the N-th rotation. Per device memory is O(L/N): one K/V block
+  in flight, no [L, L] scores.
+
+Inside a block the scores are tiled (flash-style: `lax.map` over query tiles, `lax.scan` over
+key tiles, a tile pair skipped by `lax.cond` when every key is in the future of every query),
+forward and backward (the backward recomputes the probabilities from the saved log-sum-exp).
+Scores, softmax and accumulators are float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+TILE = 512
+STRATEGIES = ("allgather", "ring")
+F32 = jnp.float32
+
+
+def _tile(length: int, target: int = TILE) -> int:
+  """Largest divisor of `length` that is <= target."""
+  for size in range(min(length, target), 0, -1):
+    if length % size == 0:
+      return size
+  return 1
+
+
+def _split(x: jax.Array, tile: int, axis: int) -> jax.Array:
+  """[..., L, ...] -> [L / tile, ..., tile, ...] (the tile index first)."""
+  shape = x.shape
+  x = x.reshape(shape[:axis] + (shape[axis] // tile, tile) + shape[axis + 1:])
+  return jnp.moveaxis(x, axis, 0)
+
+
+def _merge(x: jax.Array, axis: int) -> jax.Array:
+  """Inverse of `_split`."""
+  x = jnp.moveaxis(x, 0, axis)
+  return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def _full(shape, value, like: jax.Array) -> jax.Array:
+  """float32 constant with the varying mesh axes of `like` (for shard_map's type checks)."""
+  return jnp.full_like(like, value, dtype=F32, shape=shape)
+
+
+def _scores(q_BQNH, k_BKNH, pos_Q, pos_K, scale):
+  s_BNQK = jnp.einsum("bqnh,bknh->bnqk", q_BQNH, k_BKNH, preferred_element_type=F32) * scale
+  return s_BNQK, pos_Q[:, None] >= pos_K[None, :]
+
+
+def _visible(pos_Q, pos_K):
+  """Some key of the tile is at or before some query of the tile."""
+  return jnp.max(pos_Q) >= jnp.min(pos_K)
+
+
+def _block_forward(q, k, v, pos_q, pos_k, o, m, l, scale):
+  """Folds one key block into the online-softmax state.
+
+  q [B, Lq, N, H], k/v [B, Lk, N, H], pos [Lq]/[Lk] int; o [B, Lq, N, H] f32, m/l [B, N, Lq] f32.
+  """
+  tq, tk = _tile(q.shape[1]), _tile(k.shape[1])
+  ks, vs, pks = _split(k, tk, 1), _split(v, tk, 1), _split(pos_k, tk, 0)
+
+  def q_tile(args):
+    q_i, pq_i, o_i, m_i, l_i = args
+
+    def k_tile(carry, kargs):
+      k_j, v_j, pk_j = kargs
+
+      def update(carry):
+        o_i, m_i, l_i = carry
+        s, mask = _scores(q_i, k_j, pq_i, pk_j, scale)
+        m_new = jnp.maximum(m_i, jnp.max(jnp.where(mask, s, NEG_INF), axis=-1))
+        p = jnp.where(mask, jnp.exp(jnp.where(mask, s - m_new[..., None], NEG_INF)), 0.0)
+        alpha = jnp.exp(m_i - m_new)
+        pv = jnp.einsum("bnqk,bknh->bqnh", p.astype(v_j.dtype), v_j, preferred_element_type=F32)
+        return o_i * jnp.swapaxes(alpha, 1, 2)[..., None] + pv, m_new, alpha * l_i + p.sum(-1)
+
+      return jax.lax.cond(_visible(pq_i, pk_j), update, lambda c: c, carry), None
+
+    carry, _ = jax.lax.scan(k_tile, (o_i, m_i, l_i), (ks, vs, pks))
+    return carry
+
+  o, m, l = jax.lax.map(q_tile, (_split(q, tq, 1), _split(pos_q, tq, 0), _split(o, tq, 1),
+                                 _split(m, tq, 2), _split(l, tq, 2)))
+  return _merge(o, 1), _merge(m, 2), _merge(l, 2)
+
+
+def _block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale):
+  """Gradients of one key block: (dq [B, Lq, N, H], dk, dv [B, Lk, N, H]), float32.
+
+  lse, delta: [B, N, Lq] final log-sum-exp and rowsum(d_out * out) of the queries.
+  """
+  tq, tk = _tile(q.shape[1]), _tile(k.shape[1])
+  qs, pqs, dos = _split(q, tq, 1), _split(pos_q, tq, 0), _split(d_out, tq, 1)
+  lses, deltas = _split(lse, tq, 2), _split(delta, tq, 2)
+
+  def k_tile(dq, kargs):
+    k_j, v_j, pk_j = kargs
+
+    def q_tile(dkv, qargs):
+      q_i, pq_i, do_i, lse_i, delta_i = qargs
+
+      def grads(_):
+        s, mask = _scores(q_i, k_j, pq_i, pk_j, scale)
+        p = jnp.where(mask, jnp.exp(jnp.where(mask, s - lse_i[..., None], NEG_INF)), 0.0)
+        dv = jnp.einsum("bnqk,bqnh->bknh", p.astype(do_i.dtype), do_i, preferred_element_type=F32)
+        dp = jnp.einsum("bqnh,bknh->bnqk", do_i, v_j, preferred_element_type=F32)
+        ds = p * (dp - delta_i[..., None])
+        dq_i = jnp.einsum("bnqk,bknh->bqnh", ds.astype(k_j.dtype), k_j,
+                          preferred_element_type=F32) * scale
+        dk = jnp.einsum("bnqk,bqnh->bknh", ds.astype(q_i.dtype), q_i,
+                        preferred_element_type=F32) * scale
+        return dq_i, dk, dv
+
+      def nothing(_):
+        return (_full(q_i.shape, 0.0, q_i), _full(k_j.shape, 0.0, q_i), _full(v_j.shape, 0.0, q_i))
+
+      dq_i, dk, dv = jax.lax.cond(_visible(pq_i, pk_j), grads, nothing, None)
+      return (dkv[0] + dk, dkv[1] + dv), dq_i
+
+    zeros = (_full(k_j.shape, 0.0, q), _full(v_j.shape, 0.0, q))
+    (dk_j, dv_j), dq_tiles = jax.lax.scan(q_tile, zeros, (qs, pqs, dos, lses, deltas))
+    return dq + dq_tiles, (dk_j, dv_j)
+
+  dq, (dks, dvs) = jax.lax.scan(k_tile, _full(qs.shape, 0.0, q),
+                                (_split(k, tk, 1), _split(v, tk, 1), _split(pos_k, tk, 0)))
+  return _merge(dq, 1), _merge(dks, 1), _merge(dvs, 1)
+
+
+def _rotate(xs, axis_name):
+  """Sends every array one rank forward around the ring (i -> i+1 mod N)."""
+  n = jax.lax.axis_size(axis_name)
+  perm = [(i, (i + 1) % n) for i in range(n)]
+  return tuple(jax.lax.ppermute(x, axis_name, perm) for x in xs)
+
+
+def _num_blocks(axis_name):
+  return 1 if axis_name is None else jax.lax.axis_size(axis_name)
+
+
+def _attention_forward(q, k, v, pos_q, pos_k, axis_name):
+  batch, length_q, heads, head_dim = q.shape
+  scale = 1.0 / math.sqrt(head_dim)
+  o = _full(q.shape, 0.0, q)
+  m = _full((batch, heads, length_q), NEG_INF, q)
+  l = _full((batch, heads, length_q), 0.0, q)
+  block = (k, v, pos_k)
+  steps = _num_blocks(axis_name)
+  for step in range(steps):
+    o, m, l = _block_forward(q, block[0], block[1], pos_q, block[2], o, m, l, scale)
+    if step < steps - 1:
+      block = _rotate(block, axis_name)
+  out = (o / jnp.swapaxes(l, 1, 2)[..., None]).astype(q.dtype)
+  return out, m + jnp.log(l)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, pos_q, pos_k, axis_name):
+  return _attention_forward(q, k, v, pos_q, pos_k, axis_name)[0]
+
+
+def _attention_fwd(q, k, v, pos_q, pos_k, axis_name):
+  out, lse = _attention_forward(q, k, v, pos_q, pos_k, axis_name)
+  return out, (q, k, v, pos_q, pos_k, out, lse)
+
+
+def _attention_bwd(axis_name, saved, d_out):
+  q, k, v, pos_q, pos_k, out, lse = saved
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  d_out = d_out.astype(q.dtype)
+  delta = jnp.einsum("bqnh,bqnh->bnq", d_out.astype(F32), out.astype(F32))
+  dq = _full(q.shape, 0.0, q)
+  dk, dv = _full(k.shape, 0.0, q), _full(v.shape, 0.0, q)
+  block = (k, v, pos_k)
+  steps = _num_blocks(axis_name)
+  for step in range(steps):
+    dq_s, dk_s, dv_s = _block_backward(q, block[0], block[1], pos_q, block[2], d_out, lse, delta,
+                                       scale)
+    dq, dk, dv = dq + dq_s, dk + dk_s, dv + dv_s
+    if axis_name is not None:  # the visiting block's gradients travel with it, home after N
+      if step < steps - 1:
+        block = _rotate(block, axis_name)
+      dk, dv = _rotate((dk, dv), axis_name)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _compute_dtype(x: jax.Array) -> jnp.dtype:
+  """Inputs' dtype on GPU; float32 elsewhere (XLA:CPU lacks some bf16 x bf16 -> f32 dots)."""
+  if jax.default_backend() == "gpu":
+    return x.dtype
+  return jnp.promote_types(x.dtype, F32)
+
+
+def masked_attention(q_BQNH: jax.Array, k_BKNH: jax.Array, v_BKNH: jax.Array, pos_Q: jax.Array,
+                     pos_K: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(H), pos_q >= pos_k) v on one device, tiled (no [Q, K] scores).
+
+  Every query must see at least one key (true for causal attention over its own position).
+  Returns [B, Q, N, H] in q's dtype.
+  """
+  cdt = _compute_dtype(q_BQNH)
+  out = _attention(q_BQNH.astype(cdt), k_BKNH.astype(cdt), v_BKNH.astype(cdt),
+                   pos_Q.astype(jnp.int32), pos_K.astype(jnp.int32), None)
+  return out.astype(q_BQNH.dtype)
+
+
+def ring_attention(q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array, pos_L: jax.Array,
+                   axis_name: str) -> jax.Array:
+  """Causal attention of a sequence sharded over `axis_name`, K/V passed around a ring.
+
+  Args:
+    q_BLNH, k_BLNH, v_BLNH: [B, L_local, N, H] local blocks (RoPE applied).
+    pos_L: [L_local] int positions of the local tokens in the full sequence.
+    axis_name: the shard_map axis holding the sequence.
+
+  Returns:
+    [B, L_local, N, H] in q's dtype.
+  """
+  cdt = _compute_dtype(q_BLNH)
+  pos = pos_L.astype(jnp.int32)
+  out = _attention(q_BLNH.astype(cdt), k_BLNH.astype(cdt), v_BLNH.astype(cdt), pos, pos, axis_name)
+  return out.astype(q_BLNH.dtype)
+
+
+def allgather_attention(q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array,
+                        pos_L: jax.Array, axis_name: str) -> jax.Array:
+  """Causal attention of a sequence sharded over `axis_name` by all-gathering K, V (same
+  arguments as `ring_attention`); the backward reduce-scatters dK, dV."""
+  gather = lambda x, axis: jax.lax.all_gather(x, axis_name, axis=axis, tiled=True)
+  return masked_attention(q_BLNH, gather(k_BLNH, 1), gather(v_BLNH, 1), pos_L, gather(pos_L, 0))
+
+
+def context_attention(q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array, pos_L: jax.Array,
+                      axis_name: str, strategy: str) -> jax.Array:
+  """Dispatches to `allgather_attention` or `ring_attention`."""
+  if strategy == "allgather":
+    return allgather_attention(q_BLNH, k_BLNH, v_BLNH, pos_L, axis_name)
+  if strategy == "ring":
+    return ring_attention(q_BLNH, k_BLNH, v_BLNH, pos_L, axis_name)
+  raise ValueError(f"context-parallel attention {strategy!r}: choose one of {STRATEGIES}")
+
+
+def masked_attention_reference(q_BQNH: jax.Array, k_BKNH: jax.Array, v_BKNH: jax.Array,
+                               pos_Q: jax.Array, pos_K: jax.Array) -> jax.Array:
+  """Plain float32 softmax attention with the position mask (materialises [B, N, Q, K])."""
+  s, mask = _scores(q_BQNH.astype(F32), k_BKNH.astype(F32), pos_Q, pos_K,
+                    1.0 / math.sqrt(q_BQNH.shape[-1]))
+  p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+  return jnp.einsum("bnqk,bknh->bqnh", p, v_BKNH.astype(F32)).astype(q_BQNH.dtype)

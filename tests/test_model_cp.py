@@ -1,0 +1,140 @@
+"""The whole model under context parallelism equals one device (8 fake CPU devices).
+
+One fresh process (the device count must be set before jax initialises) computes, for a tiny
+model whose layout holds every mixer (SE MR LI MHA), the per-token losses and the gradients of
+their mean wrt every parameter:
+- on one device (the reference);
+- on meshes (data, fsdp, tensor, context) = (8,1,1,1), (2,2,1,2), (1,2,2,2), (1,1,1,8) and
+  (2,1,1,4), covering p2p and a2a convolutions, all-gather and ring attention, each with and
+  without zigzag, through `step.make_model` / `next_token_nll` (what the train step runs);
+- one `make_train_step` on a context mesh (loss and gradient norm);
+- causality under CP (context 8, ring, zigzag): a changed token moves no earlier loss.
+It prints JSON; the tests below read it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TOLERANCE = 2e-5  # float32: max |cp - single| / max |single| per output / parameter leaf
+
+MODEL_CP_SCRIPT = r"""
+import dataclasses, json, sys, time
+START = time.time()
+import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+sys.path.insert(0, sys.argv[1])
+from sh2_jax import config as C
+from sh2_jax.model import StripedHyena2
+from sh2_jax.parallel import mesh as mesh_lib
+from sh2_jax.train import optim, step as step_lib
+from sh2_jax.train.state import create_train_state, state_shardings
+
+cfg = C.ModelConfig(d_model=32, layout="SE MR LI MHA", num_heads=2, se_groups=4, mr_groups=4,
+                    mr_filter_len=8, li_order=4, train_len=64, dtype="float32",
+                    conv_method="direct", li_method="fft", mlp_activation="gelu")
+rng = np.random.default_rng(0)
+window = jnp.asarray(rng.integers(0, 256, (8, 129)), jnp.int32)
+params = jax.tree.map(np.asarray, nn.meta.unbox(  # host copies: the train step donates its state
+    jax.jit(StripedHyena2(cfg).init)(jax.random.key(0), window[:, :-1])["params"]))
+tx = optim.make_optimizer(C.TrainConfig(warmup_steps=0))
+out = {}
+
+
+def loss_and_grads(mesh_cfg, devices):
+  mesh = mesh_lib.make_mesh(mesh_cfg, devices)
+  model = step_lib.make_model(cfg, mesh, mesh_cfg)
+  _, shardings = state_shardings(cfg, tx, mesh)
+  p = jax.device_put(params, shardings.params)
+  w = jax.device_put(window, mesh_lib.batch_sharding(mesh))
+
+  def loss(p, w):
+    nll = step_lib.next_token_nll(model, p, w)
+    return jnp.mean(nll), nll
+
+  (_, nll), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(p, w)
+  return np.asarray(nll), jax.tree.map(np.asarray, grads)
+
+
+def rel_err(a, b):
+  return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+
+
+nll0, grads0 = loss_and_grads(C.MeshConfig(data=1), jax.devices()[:1])
+out["seconds/single"] = time.time() - START
+CASES = [  # name: (data, fsdp, tensor, context), context_conv, context_attention, zigzag
+    ("8,1,1,1", (8, 1, 1, 1), "p2p", "allgather", False),
+    ("2,2,1,2 a2a ring", (2, 2, 1, 2), "a2a", "ring", False),
+    ("1,2,2,2 p2p ring zigzag", (1, 2, 2, 2), "p2p", "ring", True),
+    ("1,1,1,8 p2p allgather", (1, 1, 1, 8), "p2p", "allgather", False),
+    ("2,1,1,4 a2a allgather zigzag", (2, 1, 1, 4), "a2a", "allgather", True),
+]
+for name, shape, conv, attention, zigzag in CASES:
+  t = time.time()
+  mesh_cfg = C.MeshConfig(*shape, context_conv=conv, context_attention=attention, zigzag=zigzag)
+  nll, grads = loss_and_grads(mesh_cfg, jax.devices())
+  flat, flat0 = jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(grads0)
+  out[name] = {"nll": rel_err(nll, nll0),
+               **{jax.tree_util.keystr(path): rel_err(g, g0) for (path, g), g0 in zip(flat, flat0)}}
+  out[f"seconds/{name}"] = time.time() - t
+
+# The train step itself on a context mesh (default strategies): loss and gradient norm.
+mesh = mesh_lib.make_mesh(C.MeshConfig(data=2, context=4))
+state, shardings = create_train_state(cfg, tx, mesh, seed=0)
+state = state.replace(params=jax.device_put(params, shardings.params))
+train_step = step_lib.make_train_step(cfg, C.TrainConfig(warmup_steps=0), tx, mesh, shardings)
+_, metrics = train_step(state, window)
+norm0 = float(np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in jax.tree.leaves(grads0))))
+out["train_step"] = [rel_err(float(metrics["loss"]), float(np.mean(nll0))),
+                     rel_err(float(metrics["grad_norm"]), norm0)]
+
+# Causality: change tokens from position t on; the losses at positions < t - 1 (which predict
+# tokens < t from tokens < t) must not move.
+t_change = 77
+mesh_cfg = C.MeshConfig(data=1, context=8, context_conv="p2p", context_attention="ring", zigzag=True)
+mesh = mesh_lib.make_mesh(mesh_cfg)
+model = step_lib.make_model(cfg, mesh, mesh_cfg)
+changed = window.at[:, t_change:].set((window[:, t_change:] + 1) % 256)
+both = jnp.concatenate([window[:4], changed[:4]])
+nll = np.asarray(jax.jit(lambda w: step_lib.next_token_nll(model, params, w))(both))
+diff = np.abs(nll[4:] - nll[:4])
+out["causal"] = [float(diff[:, :t_change - 1].max()), float(diff[:, t_change - 1:].max())]
+out["seconds"] = time.time() - START
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def model_cp_results():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", MODEL_CP_SCRIPT, root], capture_output=True,
+                          text=True, env=env, timeout=600, cwd=root)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+CASE_NAMES = ["8,1,1,1", "2,2,1,2 a2a ring", "1,2,2,2 p2p ring zigzag", "1,1,1,8 p2p allgather",
+              "2,1,1,4 a2a allgather zigzag"]
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_model_on_mesh_equals_one_device(model_cp_results, case):
+  """Per-token losses and the gradient of every parameter (each mixer's in/out projections,
+  featurizer, filters, poles, attention weights) equal the single-device ones."""
+  errors = model_cp_results[case]
+  assert any("block_3" in k for k in errors) and any("pole_p" in k for k in errors)
+  bad = {k: v for k, v in errors.items() if not v <= TOLERANCE}
+  assert not bad, bad
+
+
+def test_train_step_on_context_mesh(model_cp_results):
+  loss_err, norm_err = model_cp_results["train_step"]
+  assert loss_err <= TOLERANCE and norm_err <= TOLERANCE, model_cp_results["train_step"]
+
+
+def test_model_is_causal_under_cp(model_cp_results):
+  earlier, later = model_cp_results["causal"]
+  assert earlier <= 1e-5 * later and later > 1e-3, model_cp_results["causal"]

@@ -1,0 +1,264 @@
+"""Fused featurizer + gate-conv-gate kernels (pallas_kernels/featurized_conv.py) in interpret
+mode vs a float64 numpy loop (output and the gradients of z, featurizer taps, filter and skip),
+NaN poisoning of unwritten tiles, and lowering for CUDA on a CPU-only machine.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from pallas_kernels import blocked_conv as bc
+from pallas_kernels import featurized_conv as fc
+
+TOLERANCE = {jnp.float32: 2e-6, jnp.bfloat16: 1.5e-2}
+
+
+def _fir(x, w_CK):
+  """Causal depthwise FIR in float64 by a loop over taps: y[t] = sum_k w[:, k] x[t - k]."""
+  y = np.zeros_like(x)
+  for k in range(w_CK.shape[1]):
+    y[:, k:] += w_CK[:, k] * x[:, :x.shape[1] - k]
+  return y
+
+
+def _fir_adjoint(g, w_CK):
+  dx = np.zeros_like(g)
+  for k in range(w_CK.shape[1]):
+    dx[:, :g.shape[1] - k] += w_CK[:, k] * g[:, k:]
+  return dx
+
+
+def _reference_f64(z, w_feat, h, dskip, ct):
+  """Output and gradients (z, w_feat, h, dskip) of the fused operator, float64 loops."""
+  z, w_feat, h, dskip, ct = (np.asarray(x, np.float64) for x in (z, w_feat, h, dskip, ct))
+  channels = z.shape[-1] // 3
+  groups, num_taps = h.shape
+  h_CK = np.repeat(h, channels // groups, axis=0)
+  f = _fir(z, w_feat)
+  post, pre, v = f[..., :channels], f[..., channels:2 * channels], f[..., 2 * channels:]
+  u = pre * v
+  y = _fir(u, h_CK) + dskip * u
+  out = post * y
+  g = ct * post
+  du = _fir_adjoint(g, h_CK) + dskip * g
+  df = np.concatenate([ct * y, du * v, du * pre], axis=-1)
+  length = z.shape[1]
+  dw_feat = np.stack([np.einsum("blc,blc->c", df[:, k:], z[:, :length - k])
+                      for k in range(w_feat.shape[1])], axis=1)
+  dh_CK = np.stack([np.einsum("blc,blc->c", g[:, k:], u[:, :length - k])
+                    for k in range(num_taps)], axis=1)
+  dh = dh_CK.reshape(groups, channels // groups, num_taps).sum(1)
+  return out, (_fir_adjoint(df, w_feat), dw_feat, dh, np.einsum("blc,blc->c", g, u))
+
+
+def _inputs(seed, batch, length, channels, groups, taps, feat_taps, dtype):
+  rng = np.random.default_rng(seed)
+  z = jnp.asarray(rng.standard_normal((batch, length, 3 * channels)), dtype)
+  ct = jnp.asarray(rng.standard_normal((batch, length, channels)), dtype)
+  w_feat = jnp.asarray(rng.standard_normal((3 * channels, feat_taps)) / np.sqrt(feat_taps),
+                       jnp.float32)
+  h = jnp.asarray(rng.standard_normal((groups, taps)) / np.sqrt(taps), jnp.float32)
+  dskip = jnp.asarray(rng.standard_normal(channels), jnp.float32)
+  return z, w_feat, h, dskip, ct
+
+
+def _rel_err(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape, (got.shape, want.shape)
+  assert np.all(np.isfinite(got)), "non-finite values (unwritten, NaN-poisoned tile?)"
+  return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def _check(args, block_sizes, dtype, with_dskip=True):
+  z, w_feat, h, dskip, ct = args
+  kernel = functools.partial(fc.featurized_gate_conv_gate_pallas, block_sizes=block_sizes,
+                             interpret=True)
+  if with_dskip:
+    out, vjp = jax.vjp(kernel, z, w_feat, h, dskip)
+  else:
+    out, vjp = jax.vjp(lambda a, b, c: kernel(a, b, c, None), z, w_feat, h)
+    dskip = jnp.zeros_like(dskip)
+  grads = vjp(ct)
+  want_out, want_grads = _reference_f64(z, w_feat, h, dskip, ct)
+  assert out.dtype == z.dtype
+  errs = {"out": _rel_err(out, want_out)}
+  errs.update({n: _rel_err(g, w) for n, g, w in zip(["dz", "dw_feat", "dh", "ddskip"], grads,
+                                                      want_grads)})
+  assert max(errs.values()) < TOLERANCE[dtype], errs
+
+
+CASES = [
+    # (batch, length, channels, groups, taps, featurizer taps, dtype, block sizes)
+    (1, 300, 32, 1, 7, 3, jnp.float32, bc.BlockSizes(chunk=64)),
+    (2, 200, 64, 4, 7, 3, jnp.bfloat16, None),
+    (2, 150, 32, 2, 128, 3, jnp.float32, bc.BlockSizes(chunk=128)),
+    (1, 200, 32, 1, 128, 2, jnp.bfloat16, bc.BlockSizes(chunk=128, bwd_transpose_by_dot=False)),
+    (1, 256, 64, 2, 16, 4, jnp.float32, bc.BlockSizes(chunk=32, block_c=16, num_segments_fwd=4,
+                                                       num_segments_bwd=2)),
+    (2, 96, 32, 1, 3, 1, jnp.float32, bc.BlockSizes(chunk=16, num_segments_fwd=3,
+                                                     num_segments_bwd=3)),
+]
+
+
+@pytest.mark.parametrize("batch,length,channels,groups,taps,feat_taps,dtype,block_sizes", CASES)
+def test_matches_float64_reference(batch, length, channels, groups, taps, feat_taps, dtype,
+                                   block_sizes):
+  seed = hash((batch, length, channels, groups, taps, feat_taps, str(dtype))) % 2**31
+  args = _inputs(seed, batch, length, channels, groups, taps, feat_taps, dtype)
+  _check(args, block_sizes, dtype)
+
+
+def test_without_dskip():
+  args = _inputs(5, 1, 70, 32, 2, 7, 3, jnp.float32)
+  _check(args, bc.BlockSizes(chunk=16), jnp.float32, with_dskip=False)
+
+
+def test_plain_jax_reference_matches_float64():
+  z, w_feat, h, dskip, ct = _inputs(11, 2, 90, 32, 4, 7, 3, jnp.float32)
+  out, vjp = jax.vjp(lambda *a: fc.featurized_gate_conv_gate(*a, chunk=16), z, w_feat, h, dskip)
+  want_out, want_grads = _reference_f64(z, w_feat, h, dskip, ct)
+  assert _rel_err(out, want_out) < 2e-6
+  for got, want in zip(vjp(ct), want_grads):
+    assert _rel_err(got, want) < 2e-6
+
+
+class _PallasWithFixedProgramIds:
+  def __init__(self, program_ids):
+    self._program_ids = program_ids
+
+  def program_id(self, axis):
+    return self._program_ids[axis]
+
+  def __getattr__(self, name):
+    return getattr(pl, name)
+
+
+def _skip_one_program(kernel):
+  """Program (0, 1, 0) writes nothing (interpret mode poisons outputs with NaN)."""
+
+  def wrapped(*refs, **kwargs):
+    program_ids = [pl.program_id(axis) for axis in range(3)]
+    skip = (program_ids[0] == 0) & (program_ids[1] == 1) & (program_ids[2] == 0)
+
+    @pl.when(jnp.logical_not(skip))
+    def _():
+      fc.pl = _PallasWithFixedProgramIds(program_ids)
+      try:
+        kernel(*refs, **kwargs)
+      finally:
+        fc.pl = pl
+
+  return wrapped
+
+
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
+def test_unwritten_tile_is_caught(monkeypatch, which):
+  name = "_fgcg_fwd_kernel" if which == "fwd" else "_fgcg_bwd_kernel"
+  monkeypatch.setattr(fc, name, _skip_one_program(getattr(fc, name)))
+  jax.clear_caches()
+  try:
+    args = _inputs(3, 1, 64, 32, 1, 5, 3, jnp.float32)
+    with pytest.raises(AssertionError, match="non-finite"):
+      _check(args, bc.BlockSizes(chunk=16, block_c=16), jnp.float32)
+  finally:
+    jax.clear_caches()
+
+
+def test_unsupported_shapes_say_why():
+  assert "featurizer length 5" in fc.unsupported_reason((1, 64, 96), (96, 5), (1, 7))
+  assert "3 C" in fc.unsupported_reason((1, 64, 95), (95, 3), (1, 7))
+  assert fc.unsupported_reason((1, 64, 96), (96, 3), (2, 7)) is None
+  with pytest.raises(ValueError, match="featurizer length"):
+    fc.featurized_gate_conv_gate_pallas(jnp.zeros((1, 64, 96)), jnp.zeros((96, 5)),
+                                        jnp.zeros((1, 7)), interpret=True)
+
+
+def _lower_for_cuda(fn, *shapes):
+  return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("dtype,taps,block_sizes", [
+    (jnp.bfloat16, 7, None),
+    (jnp.bfloat16, 128, None),
+    (jnp.float32, 128, None),
+    (jnp.bfloat16, 128, bc.BlockSizes(bwd_transpose_by_dot=False)),
+])
+def test_lowers_for_cuda(dtype, taps, block_sizes):
+  batch, length, channels, groups = 2, 4000, 512, 8
+  z = jax.ShapeDtypeStruct((batch, length, 3 * channels), dtype)
+  w_feat = jax.ShapeDtypeStruct((3 * channels, 3), jnp.float32)
+  h = jax.ShapeDtypeStruct((groups, taps), jnp.float32)
+  dskip = jax.ShapeDtypeStruct((channels,), jnp.float32)
+  ct = jax.ShapeDtypeStruct((batch, length, channels), dtype)
+  kernel = functools.partial(fc.featurized_gate_conv_gate_pallas, block_sizes=block_sizes)
+
+  def fwd_bwd(z, w_feat, h, dskip, ct):
+    out, vjp = jax.vjp(kernel, z, w_feat, h, dskip)
+    return out, vjp(ct)
+
+  text = _lower_for_cuda(fwd_bwd, z, w_feat, h, dskip, ct)
+  assert "featurized_gate_conv_gate_fwd" in text and "featurized_gate_conv_gate_bwd" in text
+
+
+def test_blocked_columns_feed_the_kernel_like_the_module_layout():
+  """x @ blocked_columns(w_in) through the fused kernel == project_and_featurize + gate-conv-gate
+  on the module's interleaved layout (float32)."""
+  from sh2_jax.ops import hyena
+
+  rng = np.random.default_rng(21)
+  batch, length, width, groups = 2, 80, 32, 2
+  x = jnp.asarray(rng.standard_normal((batch, length, width)), jnp.float32)
+  w_in = jnp.asarray(rng.standard_normal((width, 3 * width)) / np.sqrt(width), jnp.float32)
+  w_feat = jnp.asarray(rng.standard_normal((3 * width, 3)), jnp.float32)
+  h = jnp.asarray(rng.standard_normal((groups, 7)), jnp.float32)
+  dskip = jnp.asarray(rng.standard_normal(width), jnp.float32)
+
+  def fused(x, w_in, w_feat, h, dskip):
+    w_blk, wf_blk = hyena.blocked_columns(w_in, w_feat)
+    return fc.featurized_gate_conv_gate_pallas(x @ w_blk, wf_blk, h, dskip,
+                                               block_sizes=bc.BlockSizes(chunk=16),
+                                               interpret=True)
+
+  def unfused(x, w_in, w_feat, h, dskip):
+    post, pre, v = hyena.project_and_featurize(x, w_in, w_feat)
+    return hyena.gate_conv_gate(post, pre, v, h, dskip, method="direct")
+
+  ct = jnp.asarray(rng.standard_normal((batch, length, width)), jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    got, got_vjp = jax.vjp(fused, x, w_in, w_feat, h, dskip)
+    want, want_vjp = jax.vjp(unfused, x, w_in, w_feat, h, dskip)
+    assert _rel_err(got, want) < 1e-5
+    for g, w in zip(got_vjp(ct), want_vjp(ct)):
+      assert _rel_err(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("mixer", ["SE", "MR"])
+def test_module_with_pallas_fused_equals_direct(mixer):
+  """HyenaSE/MR with conv_method="pallas_fused" (interpret mode here) == the direct method."""
+  import dataclasses
+
+  import flax.linen as nn
+
+  from sh2_jax.config import ModelConfig
+  from sh2_jax.layers.hyena import HyenaMR, HyenaSE
+
+  config = ModelConfig(d_model=32, num_heads=2, se_groups=2, mr_groups=2, mr_filter_len=16,
+                       layout=mixer, dtype="float32", conv_chunk=16, train_len=64)
+  module_cls = HyenaSE if mixer == "SE" else HyenaMR
+  x = jax.random.normal(jax.random.key(4), (2, 40, 32))
+  params = nn.meta.unbox(module_cls(config).init(jax.random.key(5), x)["params"])
+  ct = jax.random.normal(jax.random.key(6), (2, 40, 32))
+  results = []
+  for method in ("pallas_fused", "direct"):
+    module = module_cls(dataclasses.replace(config, conv_method=method))
+    with jax.default_matmul_precision("highest"):
+      out, vjp = jax.vjp(lambda p, x: module.apply({"params": p}, x), params, x)
+      results.append((out, vjp(ct)))
+  (got, got_grads), (want, want_grads) = results
+  assert _rel_err(got, want) < 1e-5
+  for g, w in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)):
+    assert _rel_err(g, w) < 1e-5
