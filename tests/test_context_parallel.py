@@ -20,7 +20,8 @@ import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, sys.argv[1])
 from sh2_jax.ops import conv, hyena
 from sh2_jax.config import MeshConfig
-from sh2_jax.parallel import context as cp, mesh as mesh_lib
+from sh2_jax.parallel import context as cp, context_attention as cp_attention, mesh as mesh_lib
+cp_attention.TILE = 4  # several tiles per block even at these lengths: exercises the tiling
 
 AXIS = "context"
 rng = np.random.default_rng(0)
@@ -83,6 +84,68 @@ def errors(n, mesh):
   return msgs
 
 
+def zigzag_and_attention(n, mesh):
+  # Zigzag layout (rank r holds chunks r, 2N-1-r), the fused p2p path and attention, all as
+  # functions of natural-order inputs: permute in, run sharded, permute back.
+  seq = jax.P(None, AXIS, None)
+  b, c, l = 2, 16, 64
+  order = cp.zigzag_order(l, n)
+  inverse = np.argsort(order)
+
+  def sharded(body, num_seq, zigzag, rank=3):
+    spec = jax.P(None, AXIS, *([None] * (rank - 2)))
+    def fn(*args):
+      seq_args = [a[:, order] if zigzag else a for a in args[:num_seq]]
+      y = jax.shard_map(body, mesh=mesh, in_specs=(spec,) * num_seq + (jax.P(),) * (len(args) - num_seq),
+                        out_specs=spec)(*seq_args, *args[num_seq:])
+      return y[:, inverse] if zigzag else y
+    return fn
+
+  gates = (rand(b, l, c), rand(b, l, c), rand(b, l, c))
+  for zz in (True, False):
+    tag = "_zigzag" if zz else ""
+    if zz:
+      compare(f"conv_p2p_K4{tag}/{n}",
+              sharded(lambda x, h: cp.cp_causal_conv_p2p(x, h, AXIS, "direct", zigzag=True), 1, True),
+              lambda x, h: conv.causal_conv(x, h, method="direct"), (rand(b, l, c), rand(4, 4)))
+      compare(f"gcg_p2p{tag}/{n}",
+              sharded(lambda *a: cp.cp_gate_conv_gate_p2p(*a, AXIS, "direct", zigzag=True), 3, True),
+              lambda *a: hyena.gate_conv_gate(*a, method="direct"), gates + (rand(4, 4), rand(c)))
+      compare(f"gcg_a2a{tag}/{n}",
+              sharded(lambda *a: cp.cp_gate_conv_gate_a2a(*a, AXIS, "auto", zigzag=True), 3, True),
+              lambda *a: hyena.gate_conv_gate(*a), gates + (rand(8, 16), rand(c)))
+      compare(f"li_a2a{tag}/{n}",
+              sharded(lambda *a: cp.cp_li_gate_conv_gate_a2a(*a, AXIS, "fft", zigzag=True), 3, True),
+              lambda *a: hyena.li_gate_conv_gate(*a, method="fft"),
+              gates + (-jnp.exp(rand(c, 4)), rand(c, 4), rand(c)))
+    compare(f"gcg_p2p_fused_blocked{tag}/{n}",
+            sharded(lambda *a: cp.cp_gate_conv_gate_p2p_fused(*a, AXIS, "blocked", chunk=8,
+                                                             zigzag=zz, align=8), 3, zz),
+            lambda *a: hyena.gate_conv_gate(*a, method="blocked", chunk=8),
+            gates + (rand(4, 3), rand(c)))
+    # Attention: q, k, v [B, L, N, H]; positions are the stored tokens' true positions.
+    heads, head_dim = 2, 8
+    qkv = tuple(rand(b, l, heads, head_dim) for _ in range(3))
+    pos = jnp.asarray(order if zz else np.arange(l), jnp.int32)
+    natural = jnp.arange(l, dtype=jnp.int32)
+    for strategy in ("ring", "allgather"):
+      def attn(q, k, v, strategy=strategy):
+        body = lambda q, k, v, p: cp_attention.context_attention(q, k, v, p, AXIS, strategy)
+        spec = jax.P(None, AXIS, None, None)
+        q, k, v = ((x[:, order] if zz else x) for x in (q, k, v))
+        y = jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3 + (jax.P(AXIS),),
+                          out_specs=spec)(q, k, v, pos)
+        return y[:, inverse] if zz else y
+      compare(f"attention_{strategy}{tag}/{n}", attn,
+              lambda q, k, v: cp_attention.masked_attention_reference(q, k, v, natural, natural),
+              qkv)
+  # One device, several tiles (skipped and partly masked ones), random positions.
+  perm = jnp.asarray(rng.permutation(l), jnp.int32)
+  compare(f"attention_tiled_one_device/{n}",
+          lambda q, k, v: cp_attention.masked_attention(q, k, v, perm, perm),
+          lambda q, k, v: cp_attention.masked_attention_reference(q, k, v, perm, perm), qkv)
+
+
 for n in [int(a) for a in sys.argv[2].split(",")]:
   if n == 4:  # the project's 4-axis mesh (data, fsdp, tensor of size 1)
     mesh = mesh_lib.make_mesh(MeshConfig(data=1, context=n), jax.devices()[:n])
@@ -124,6 +187,8 @@ for n in [int(a) for a in sys.argv[2].split(",")]:
     out[f"causal_{name}/{n}"] = [float(jnp.max(jnp.abs(after - before)[:, :t])),
                                  float(jnp.max(jnp.abs(after - before)[:, t:]))]
   out[f"errors/{n}"] = errors(n, mesh)
+  if n == 8:
+    zigzag_and_attention(n, mesh)
   out[f"seconds/{n}"] = time.time() - START
 out["seconds"] = time.time() - START
 print(json.dumps(out))
@@ -142,7 +207,7 @@ def cp_results():
 
 def test_cp_values_and_gradients_match_one_device(cp_results):
   errs = {k: v for k, v in cp_results.items() if not k.startswith(("causal", "errors", "seconds"))}
-  assert len(errs) == 3 * 13
+  assert len(errs) == 3 * 13 + 11
   bad = {k: v for k, v in errs.items() if not v <= TOLERANCE}
   assert not bad, bad
 

@@ -34,7 +34,7 @@ from sh2_jax.train.state import create_train_state, state_shardings
 
 cfg = C.ModelConfig(d_model=32, layout="SE MR LI MHA", num_heads=2, se_groups=4, mr_groups=4,
                     mr_filter_len=8, li_order=4, train_len=64, dtype="float32",
-                    conv_method="direct", li_method="fft", mlp_activation="gelu")
+                    conv_method="blocked", conv_chunk=8, li_method="fft", mlp_activation="gelu")
 rng = np.random.default_rng(0)
 window = jnp.asarray(rng.integers(0, 256, (8, 129)), jnp.int32)
 params = jax.tree.map(np.asarray, nn.meta.unbox(  # host copies: the train step donates its state

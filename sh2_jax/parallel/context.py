@@ -172,6 +172,42 @@ def cp_gate_conv_gate_p2p(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Ar
                      lambda u: cp_causal_conv_p2p(u, h, axis_name, method, chunk, zigzag))
 
 
+def cp_gate_conv_gate_p2p_fused(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,
+                                h_GK: jax.Array, dskip_D: jax.Array | None, axis_name: str,
+                                method: str = "auto", chunk: int = blocked_conv.DEFAULT_CHUNK,
+                                zigzag: bool = False,
+                                align: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
+  """p2p gate-conv-gate through the single-device fused op (`hyena.gate_conv_gate`: the Pallas
+  kernel on GPU, the blocked reference elsewhere).
+
+  The halos of pre and v (not of u) are exchanged; post is zero-padded (the padded rows'
+  outputs are dropped). The front padding is rounded up to a multiple of `align` rows so a
+  local length the kernel tiles stays tileable.
+
+  Args: as `cp_gate_conv_gate_p2p`; method: "pallas" | "blocked" | ... for gate_conv_gate.
+
+  Returns:
+    [B, L_local, D] in v's dtype.
+  """
+  halo = h_GK.shape[-1] - 1
+  pad = -(-halo // align) * align
+
+  def with_halo(x):  # [S, B, pad + c, D], S = 2 chunks under zigzag
+    xs = zigzag_halo_exchange(x, halo, axis_name) if zigzag else halo_exchange(x, halo, axis_name)[None]
+    return jnp.pad(xs, ((0, 0), (0, 0), (pad - halo, 0), (0, 0)))
+
+  def zero_padded(x):
+    xs = jnp.stack(jnp.split(x, 2, axis=1)) if zigzag else x[None]
+    return jnp.pad(xs, ((0, 0), (0, 0), (pad, 0), (0, 0)))
+
+  post, pre, v = zero_padded(post_BLD), with_halo(pre_BLD), with_halo(v_BLD)
+  segments, batch = v.shape[:2]
+  merge = lambda x: x.reshape(segments * batch, *x.shape[2:])
+  y = hyena.gate_conv_gate(merge(post), merge(pre), merge(v), h_GK, dskip_D, method, chunk)
+  y = y[:, pad:].reshape(segments, batch, -1, y.shape[-1])
+  return jnp.concatenate(list(y), axis=1)
+
+
 def _reorder_chunks(x_BLC: jax.Array, chunk_ids: np.ndarray) -> jax.Array:
   """Chunk k of the result is chunk chunk_ids[k] of x (a static local gather along L)."""
   batch, length, channels = x_BLC.shape

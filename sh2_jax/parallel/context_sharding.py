@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pallas_kernels import blocked_conv
 from sh2_jax.config import ConfigError, MeshConfig, ModelConfig
+from sh2_jax.ops import conv
 from sh2_jax.parallel import context as cp
 from sh2_jax.parallel import context_attention as cp_attention
 
@@ -89,11 +90,16 @@ class ContextSharding:
         x, NamedSharding(self.mesh, self.seq_spec(x.shape[0], x.ndim)))
 
   def _shard_map(self, body, seq_args, rep_args):
-    """shard_map of body(*seq_args, *rep_args) over the whole mesh (output like seq_args[0])."""
+    """shard_map of body(*seq_args, *rep_args) over the whole mesh (output like seq_args[0]).
+
+    check_vma=False: the bodies may call Pallas kernels (SE/MR/LI on GPU), whose outputs carry
+    no varying-axes type; the gradients of the replicated arguments are still summed over the
+    mesh (tests/test_model_cp.py checks them against one device).
+    """
     spec = self.seq_spec(seq_args[0].shape[0], seq_args[0].ndim)
     in_specs = tuple(self.seq_spec(a.shape[0], a.ndim) for a in seq_args) + (P(),) * len(rep_args)
-    return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=spec)(
-        *seq_args, *rep_args)
+    return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=spec,
+                         check_vma=False)(*seq_args, *rep_args)
 
   def validate(self, length: int, halo: int = 0) -> None:
     cp.validate_length(length, self.size, halo, self.zigzag)
@@ -127,12 +133,19 @@ class ContextSharding:
                      chunk: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
     """`hyena.gate_conv_gate` (SE, MR) under context parallelism (p2p or a2a).
 
-    "pallas" runs as its "blocked" reference inside the shard_map here.
+    p2p with a fused method ("pallas", "blocked"; "auto" on GPU) runs the single-device fused
+    gate-conv-gate on halo-extended pre/v (`cp_gate_conv_gate_p2p_fused`); other methods and
+    a2a exchange u and run `conv.causal_conv` ("pallas" as its blocked reference).
     """
     strategy = self.conv_strategy
     self.validate(v_BLD.shape[1], h_GK.shape[-1] - 1 if strategy == "p2p" else 0)
-    method = "blocked" if method == "pallas" else method
-    fn = cp.cp_gate_conv_gate_p2p if strategy == "p2p" else cp.cp_gate_conv_gate_a2a
+    method = "pallas" if method == "pallas_fused" else method
+    method = conv.resolve_method(method, h_GK.shape[-1], chunk, fused=True)
+    if strategy == "p2p" and method in ("pallas", "blocked"):
+      fn = cp.cp_gate_conv_gate_p2p_fused
+    else:
+      method = "blocked" if method == "pallas" else method
+      fn = cp.cp_gate_conv_gate_p2p if strategy == "p2p" else cp.cp_gate_conv_gate_a2a
     zigzag = self.zigzag
 
     def body(post, pre, v, h, dskip=None):
