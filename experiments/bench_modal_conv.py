@@ -7,9 +7,9 @@ Usage (repository root, on a GPU machine):
 
 Prints (1) correctness of the kernel vs `hyena.li_gate_conv_gate(method="fft")`: float32 I/O
 on a small shape and bf16 I/O at B=1, L=8K, C=4096 against the FFT path on float32-upcast
-inputs (relative L2 error of the output and of all six gradients), (2) a greedy sweep of
-BlockSizes at L=8K (fwd+bwd time), (3) the table: B=1, C=4096, N=16, bf16 I/O, median ms of
-fwd and fwd+bwd (gradients of all inputs) of the kernel (the sweep's best config) and of the
+inputs (relative L2 error of the output and of all six gradients), after (2) a greedy sweep
+of the kernel module's defaults at L=8K (fwd+bwd time; the best stay in place), (3) the
+table: B=1, C=4096, N=16, bf16 I/O, median ms of fwd and fwd+bwd (gradients of all inputs) of the kernel (the sweep's best defaults) and of the
 FFT path (gates + FFT conv, no projections), and (4) the whole HyenaLI operator (projections
 included) with li_method pallas vs fft at 8K and 32K. Results:
 experiments/results/modal_conv_<device>.md.
@@ -18,7 +18,6 @@ experiments/results/modal_conv_<device>.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import pathlib
@@ -115,43 +114,59 @@ def _time(op, args, ct, which, iters=10):
     return float("nan")
 
 
+# Module defaults of pallas_kernels.modal_conv that the sweep varies (None BlockSizes fields
+# are resolved from them, so the table and the whole-operator rows use the sweep's best).
+SWEEP_AXES = [("TARGET_PROGRAMS", (4096, 8192, 1024)), ("DEFAULT_CHUNK", (8, 32)),
+              ("DEFAULT_NUM_STAGES", (1, 3)), ("DEFAULT_BLOCK_C", (64,))]
+
+
+def _set_defaults(values):
+  for name, value in values.items():
+    setattr(mc, name, value)
+  jax.clear_caches()
+
+
 def sweep(key, length, budget_s):
-  """Greedy coordinate search on fwd+bwd time; returns (best BlockSizes, log lines)."""
+  """Greedy coordinate search over the module defaults on fwd+bwd time at `length`; leaves
+  the best in place and returns (best values, log lines)."""
   args, ct = _inputs(key, 1, length, CHANNELS, jnp.bfloat16)
-  base = mc._resolve(None, (1, length, CHANNELS))
-  best, best_t = base, _time(_kernel(base), args, ct, "fwdbwd")
-  lines = [f"| {base} | {best_t:.3f} |"]
-  logger.info("sweep base %s: %.3f ms", base, best_t)
-  axes = [("num_warps", (2, 4)), ("block_c", (16, 64, 128)), ("chunk", (8, 32)),
-          ("segment_chunks", (best.segment_chunks // 4, best.segment_chunks * 4)),
-          ("num_stages", (1, 3))]
-  for field, values in axes:
+  best = {name: getattr(mc, name) for name, _ in SWEEP_AXES}
+
+  def measure(values):
+    _set_defaults(values)
+    return _time(_kernel(None), args, ct, "fwdbwd"), mc._resolve(None, (1, length, CHANNELS))
+
+  best_t, resolved = measure(best)
+  lines = [f"| {best} | {resolved} | {best_t:.3f} |"]
+  logger.info("sweep base %s (%s): %.3f ms", best, resolved, best_t)
+  for name, values in SWEEP_AXES:
     for value in values:
       if time.perf_counter() - START > budget_s:
         logger.info("sweep: time budget reached")
+        _set_defaults(best)
         return best, lines
-      if value < 1 or getattr(best, field) == value:
+      if best[name] == value:
         continue
-      cand = dataclasses.replace(best, **{field: value})
-      if field == "chunk":  # keep the segment length in rows
-        cand = dataclasses.replace(cand, segment_chunks=max(
-            1, best.segment_chunks * best.chunk // value))
-      t = _time(_kernel(cand), args, ct, "fwdbwd")
-      lines.append(f"| {cand} | {t:.3f} |")
-      logger.info("sweep %s=%s: %.3f ms (best so far %.3f)", field, value, t, best_t)
+      cand = dict(best, **{name: value})
+      t, resolved = measure(cand)
+      lines.append(f"| {cand} | {resolved} | {t:.3f} |")
+      logger.info("sweep %s=%s (%s): %.3f ms (best so far %.3f)", name, value, resolved, t,
+                  best_t)
       if t < best_t:
         best, best_t = cand, t
+  _set_defaults(best)
   return best, lines
 
 
-def table(key, lengths, block_sizes):
+def table(key, lengths, with_fft=True):
+  """Kernel (module defaults) and FFT path at each length."""
   rows = []
   for length in lengths:
     args, ct = _inputs(jax.random.fold_in(key, length), 1, length, CHANNELS, jnp.bfloat16)
-    # The tuned tiles, with the segment length rescaled to this L by the heuristic.
-    bs = dataclasses.replace(block_sizes, segment_chunks=None) if block_sizes else None
-    row = {"L": length}
-    for name, op in (("kernel", _kernel(bs)), ("fft", _fft)):
+    row = {"L": length, "fft_fwd": float("nan"), "fft_fwdbwd": float("nan"),
+           "block_sizes": mc._resolve(None, (1, length, CHANNELS))}
+    ops = [("kernel", _kernel(None))] + ([("fft", _fft)] if with_fft else [])
+    for name, op in ops:
       for which in ("fwd", "fwdbwd"):
         row[f"{name}_{which}"] = _time(op, args, ct, which)
         jax.clear_caches()
@@ -160,7 +175,7 @@ def table(key, lengths, block_sizes):
   return rows
 
 
-def operator(lengths):
+def operator(lengths, methods=("pallas", "fft")):
   """The whole HyenaLI module (projections included), li_method pallas vs fft."""
   from experiments import bench_ops  # flax; imported here so the kernel part runs without it
   from sh2_jax.config import ModelConfig
@@ -173,7 +188,7 @@ def operator(lengths):
   key = jax.random.key(0)
   for length in lengths:
     x = jax.random.normal(jax.random.fold_in(key, length), (1, length, CHANNELS), jnp.bfloat16)
-    for method in ("pallas", "fft"):
+    for method in methods:
       variant = bench_ops.Variant(f"LI ({method})", HyenaLI, {"li_method": method})
       fwd, fwdbwd = bench_ops._module_fns(variant, config, x, key)
       row = {"op": variant.name, "L": length, "fwd_ms": median_ms(fwd, max_seconds=3.0),
@@ -197,16 +212,17 @@ def _write(out_dir, device, checks, sweep_lines, best, rows, op_rows, command):
   for shape, errs, finite in checks:
     lines.append(f"| {shape} | " + " | ".join(f"{e:.1e}" for e in errs) + f" | {finite} |")
   if sweep_lines:
-    lines += ["", "## Sweep (B=1, L=8K, C=4096, bf16, fwd+bwd ms)", "", "| BlockSizes | ms |",
-              "|---|---|", *sweep_lines, "", f"Best: `{best}`"]
+    lines += ["", "## Sweep of the module defaults (B=1, L=8K, C=4096, bf16, fwd+bwd ms)", "",
+              "| defaults | resolved BlockSizes at 8K | ms |", "|---|---|---|", *sweep_lines, "",
+              f"Best: `{best}`"]
   lines += ["", "## Operator core (gates + long conv, no projections; B=1, C=4096, N=16, bf16 "
             "I/O; ms)", "",
-            "| L | kernel fwd | kernel fwd+bwd | FFT fwd | FFT fwd+bwd | speed-up fwd+bwd |",
-            "|---|---|---|---|---|---|"]
+            "| L | kernel fwd | kernel fwd+bwd | FFT fwd | FFT fwd+bwd | speed-up fwd+bwd | "
+            "kernel BlockSizes |", "|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['L']} | {fmt(r['kernel_fwd'])} | {fmt(r['kernel_fwdbwd'])} | "
                  f"{fmt(r['fft_fwd'])} | {fmt(r['fft_fwdbwd'])} | "
-                 f"{fmt(r['fft_fwdbwd'] / r['kernel_fwdbwd'])} |")
+                 f"{fmt(r['fft_fwdbwd'] / r['kernel_fwdbwd'])} | {r['block_sizes']} |")
   if op_rows:
     lines += ["", "## Whole HyenaLI operator (projections included; ms)", "",
               "| op | L | fwd | fwd+bwd |", "|---|---|---|---|"]
@@ -226,6 +242,8 @@ def main():
   parser.add_argument("--lengths", default="8192,32768,131072")
   parser.add_argument("--no-sweep", action="store_true")
   parser.add_argument("--no-operator", action="store_true")
+  parser.add_argument("--no-fft", action="store_true", help="table: kernel rows only")
+  parser.add_argument("--operator-methods", default="pallas,fft")
   parser.add_argument("--sweep-budget", type=float, default=120.0, help="seconds since start")
   parser.add_argument("--operator-deadline", type=float, default=170.0,
                       help="seconds since start after which the operator rows are skipped")
@@ -242,12 +260,12 @@ def main():
     lengths = [256]
   device = jax.devices()[0].device_kind
   command = " ".join(sys.argv)
-  checks = check(key, checks_shapes)
-  _write(opts.out, device, checks, [], None, [], [], command)
   best, sweep_lines = None, []
   if not opts.no_sweep:
     best, sweep_lines = sweep(key, lengths[0] if opts.dry_run else 8192, opts.sweep_budget)
-  rows = table(key, lengths, best)
+  checks = check(key, checks_shapes)  # with the sweep's best defaults
+  _write(opts.out, device, checks, sweep_lines, best, [], [], command)
+  rows = table(key, lengths, not opts.no_fft)
   _write(opts.out, device, checks, sweep_lines, best, rows, [], command)
   op_rows = []
   if not (opts.no_operator or opts.dry_run):
@@ -255,7 +273,7 @@ def main():
       if time.perf_counter() - START > opts.operator_deadline:
         logger.info("operator: skipped from L=%d on (time)", length)
         break
-      op_rows += operator([length])
+      op_rows += operator([length], opts.operator_methods.split(","))
       _write(opts.out, device, checks, sweep_lines, best, rows, op_rows, command)
   print(_write(opts.out, device, checks, sweep_lines, best, rows, op_rows, command))
 

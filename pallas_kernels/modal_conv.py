@@ -47,9 +47,15 @@ from jax.experimental.pallas import triton as plgpu
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHUNK = 16  # rows unrolled per loop iteration
+# Defaults tuned on an H100 (bf16, B=1, C=4096, L=8K fwd+bwd; experiments/results/
+# modal_conv_nvidia_h100_80gb_hbm3.md): chunk 8 beat 16 and 32, block_c 32 beat 16/64/128,
+# one warp beat 2 and 4 (9x and 15x slower; measured, not profiled), 1024 programs beat
+# 2048/4096/8192 (the sweep stopped at its edge: fewer programs or chunk 4 are untried).
+DEFAULT_CHUNK = 8  # rows unrolled per loop iteration
 DEFAULT_BLOCK_C = 32
-TARGET_PROGRAMS = 2048  # segment heuristic: about 16 programs per SM on a 132-SM H100/H200
+DEFAULT_NUM_WARPS = 1
+DEFAULT_NUM_STAGES = 3
+TARGET_PROGRAMS = 1024  # segment heuristic: split L until the grid has this many programs
 MIN_SEGMENT_CHUNKS = 8  # segment heuristic: fewest chunks per program
 MAX_ORDER = 64  # modes per channel the kernels take (padded to a power of two)
 PAD_LOG_POLE = -1.0  # log pole of the padding modes (residue 0): bounded, harmless
@@ -69,8 +75,8 @@ class BlockSizes:
       chunk * segment_chunks rows; L is padded to a multiple of that). None: halved from the
       whole sequence while the grid has fewer than TARGET_PROGRAMS programs and a segment
       keeps >= MIN_SEGMENT_CHUNKS chunks.
-    num_warps: Triton warps per program (all kernels). None: 1.
-    num_stages: software-pipelining depth of the chunk loops. None: 2.
+    num_warps: Triton warps per program (all kernels). None: DEFAULT_NUM_WARPS.
+    num_stages: software-pipelining depth of the chunk loops. None: DEFAULT_NUM_STAGES.
   """
   chunk: int | None = None
   block_c: int | None = None
@@ -147,8 +153,8 @@ def _resolve(block_sizes: BlockSizes | None, shape_BLC: tuple[int, ...]) -> Bloc
       segment_chunks //= 2
   segment_chunks = min(segment_chunks, num_chunks)
   return BlockSizes(chunk=chunk, block_c=block_c, segment_chunks=segment_chunks,
-                    num_warps=block_sizes.num_warps or 1,
-                    num_stages=block_sizes.num_stages or 2)
+                    num_warps=block_sizes.num_warps or DEFAULT_NUM_WARPS,
+                    num_stages=block_sizes.num_stages or DEFAULT_NUM_STAGES)
 
 
 # ---------------------------------------------------------------------------------------------
