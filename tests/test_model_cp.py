@@ -138,3 +138,31 @@ def test_train_step_on_context_mesh(model_cp_results):
 def test_model_is_causal_under_cp(model_cp_results):
   earlier, later = model_cp_results["causal"]
   assert earlier <= 1e-5 * later and later > 1e-3, model_cp_results["causal"]
+
+
+def test_sequence_length_errors_list_valid_lengths():
+  """Lengths that do not split over the context shards fail at the config edge, one line."""
+  from sh2_jax import config as config_lib
+  from sh2_jax.parallel.context_sharding import validate_model_length
+
+  model = config_lib.ModelConfig(d_model=32, layout="SE MR LI MHA", se_groups=4, mr_groups=4,
+                                 mr_filter_len=16)
+  validate_model_length(model, 64, 4)  # 16 rows per shard >= MR halo 15
+  validate_model_length(model, 100, 1)  # no context parallelism: anything goes
+  with pytest.raises(config_lib.ConfigError) as info:
+    validate_model_length(model, 102, 4)
+  assert str(info.value) == ("data.seq_len=102 cannot be split into 4 context shards: valid "
+                             "lengths are multiples of 4 that are >= 60 (MR halo 15 per block), "
+                             "or set mesh.context_conv=a2a")
+  zigzag = config_lib.MeshConfig(zigzag=True)
+  with pytest.raises(config_lib.ConfigError, match="into 8 zigzag chunks: valid lengths are "
+                     "multiples of 8 that are >= 120"):
+    validate_model_length(model, 64, 4, zigzag)
+  a2a = config_lib.MeshConfig(context_conv="a2a", zigzag=True)
+  validate_model_length(model, 64, 4, a2a)  # only the featurizer's 2-row halo remains
+  with pytest.raises(config_lib.ConfigError, match="multiples of 8 that are >= 16 .featurizer"):
+    validate_model_length(model, 12, 4, a2a)
+  with pytest.raises(config_lib.ConfigError, match="d_model=32 must be divisible by mesh.context=3"):
+    validate_model_length(model, 96, 3, a2a)
+  with pytest.raises(config_lib.ConfigError, match="mesh.context_attention='flash'"):
+    config_lib.MeshConfig(context_attention="flash")
