@@ -4,6 +4,10 @@
   sh2 eval --run-dir DIR [--step N] [--max-batches N]
   sh2 info [PRESET] [--set ...]
   sh2 bench ops [--lengths ...]           (from the source checkout)
+  sh2 generate --checkpoint DIR --prompt ACGT --max-new N [--temperature --top-k --top-p --seed
+               --batch --stop ... --output out.fasta]
+  sh2 score --checkpoint DIR --fasta F [--batch-size N] [--output scores.tsv]
+  sh2 convert --input STATE_DICT(.pt|.npz) --config VORTEX.yml --output DIR
 
 Bad input (unknown setting, missing data file, window longer than the data, ...) ends with one
 `sh2: error: ...` line on stderr and exit status 2, no traceback.
@@ -101,12 +105,69 @@ def make_parser() -> argparse.ArgumentParser:
                                  "evaluation (nothing is allocated, so evo2-40b works on a laptop).",
                      epilog=EPILOG_SETTINGS, formatter_class=argparse.RawDescriptionHelpFormatter)
   _add_config_args(p, preset_positional=True)
+  _add_inference_parsers(sub)
   return parser
+
+
+def _add_inference_parsers(sub: argparse._SubParsersAction) -> None:
+  checkpoint_help = ("model directory: a `sh2 train` run directory (latest checkpoint's params) or "
+                     "a `sh2 convert` output")
+  dtype_help = "compute dtype (default: the model's config): float32 or bfloat16"
+  p = sub.add_parser("generate", help="sample continuations of a prompt (recurrent decode) as FASTA",
+                     description="Prefill the prompt once, then decode token by token with constant-size "
+                                 "Hyena states (and a KV cache for MHA layers) in one compiled loop.")
+  p.add_argument("--checkpoint", required=True, metavar="DIR", help=checkpoint_help)
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--prompt", help="prompt bytes, e.g. ACGTACGT")
+  src.add_argument("--prompt-file", metavar="F", help="FASTA (one generation per record) or a plain text file")
+  p.add_argument("--max-new", type=int, required=True, metavar="N", help="bytes to generate per sample")
+  p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+  p.add_argument("--top-k", type=int, default=0, help="keep the k most likely bytes (default 0: off)")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+  p.add_argument("--alphabet", default=None, help="sample only these bytes, e.g. ACGT (default: any byte)")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+  p.add_argument("--batch", type=int, default=1, help="samples per prompt, decoded together (default 1)")
+  p.add_argument("--stop", action="append", default=None, metavar="BYTES",
+                 help="stop a sample at any of these bytes (repeatable; default '\\n', the record "
+                      "separator of training data; --stop '' for none)")
+  p.add_argument("--prefill-chunk", type=int, default=None, metavar="T",
+                 help="prefill long prompts in chunks of T tokens (bounded memory)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help=dtype_help)
+  p.add_argument("--output", metavar="FASTA", help="write samples here (default: stdout)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+  p = sub.add_parser("score", help="per-sequence log-likelihood of FASTA records (variant scoring)",
+                     description="Log-likelihood (nats) of each record given its first byte, and bits "
+                                 "per byte, batched; writes a TSV (name, length, loglik_nats, bits_per_byte).")
+  p.add_argument("--checkpoint", required=True, metavar="DIR", help=checkpoint_help)
+  p.add_argument("--fasta", required=True, metavar="F", help="FASTA(.gz) of sequences to score")
+  p.add_argument("--batch-size", type=int, default=8, help="records per forward pass (default 8)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help=dtype_help)
+  p.add_argument("--output", metavar="TSV", help="write the table here (default: stdout)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+  p = sub.add_parser("convert", help="import an Evo 2 (vortex layout) state dict as a model directory",
+                     description="Convert a PyTorch state dict of the public Evo 2 inference format "
+                                 "(vortex) plus its YAML config into config.json + an Orbax params "
+                                 "checkpoint that `sh2 generate` and `sh2 score` load. .pt needs torch "
+                                 "(optional extra); .npz needs nothing.")
+  p.add_argument("--input", required=True, metavar="STATE_DICT", help=".pt/.pth (torch) or .npz state dict")
+  p.add_argument("--config", required=True, metavar="VORTEX_YML", help="the model's vortex YAML config")
+  p.add_argument("--output", required=True, metavar="DIR", help="model directory to write")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                 help="compute dtype stored in config.json (default bfloat16)")
+  p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="storage dtype of the params (LI poles/residues stay float32; default float32)")
+  p.add_argument("--qkv-layout", choices=("checkpoint", "memory"), default="checkpoint",
+                 help="Wqkv row order: released checkpoints (default) or vortex's in-memory state dict")
 
 
 BENCHMARKS = {
     "ops": ("experiments.bench_ops", "fwd and fwd+bwd ms of SE/MR/LI/MHA operators and the GEMM floor"),
     "train": ("experiments.bench_train", "tokens/s and MFU of a train step, SH2 vs all-MHA"),
+    "cp": ("experiments.bench_cp", "longest trainable sequence on 1 vs N devices (context "
+           "parallelism), tokens/s, scaling efficiency, p2p vs a2a"),
+    "generate": ("experiments.bench_generate", "decode tokens/s vs context, long-prompt prefill"),
 }
 
 
@@ -204,7 +265,52 @@ def cmd_info(args: argparse.Namespace) -> int:
   return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}
+def cmd_generate(args: argparse.Namespace) -> int:
+  from sh2_jax.inference import commands
+  from sh2_jax.inference.sampling import SamplingConfig
+  _log_environment()
+  if args.prompt is not None:
+    if not args.prompt:
+      raise commands.InputError("--prompt is empty: give at least one byte, e.g. --prompt ACGT")
+    prompts = [("prompt", args.prompt.encode())]
+  else:
+    prompts = commands.read_records(args.prompt_file)
+  sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            alphabet=None if args.alphabet is None else args.alphabet.encode())
+  stops = commands.parse_stops(["\\n"] if args.stop is None else args.stop)
+  result = commands.run_generate(args.checkpoint, prompts, args.max_new, sampling, args.seed,
+                                 args.batch, stops, args.output,
+                                 dtype=args.dtype, prefill_chunk=args.prefill_chunk,
+                                 progress=not args.no_progress)
+  if not args.output:
+    print(commands.write_fasta(None, result["records"]), end="")
+  logger.info("decode: %.1f tokens/s%s", result["tokens_per_s"],
+              f"; samples written to {args.output}" if args.output else "")
+  return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+  from sh2_jax.inference import commands
+  _log_environment()
+  rows = commands.run_score(args.checkpoint, args.fasta, args.batch_size, args.output,
+                            dtype=args.dtype, progress=not args.no_progress)
+  if not args.output:
+    print("name\tlength\tloglik_nats\tbits_per_byte")
+    for r in rows:
+      print(f"{r['name']}\t{r['length']}\t{r['loglik']:.6f}\t{r['bits_per_byte']:.6f}")
+  return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+  from sh2_jax.inference import commands
+  model = commands.run_convert(args.input, args.config, args.output, dtype=args.dtype,
+                               param_dtype=args.param_dtype, qkv_layout=args.qkv_layout)
+  print(f"converted: {model.num_layers} layers ({model.layout}), d_model {model.d_model} -> {args.output}")
+  return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench,
+            "generate": cmd_generate, "score": cmd_score, "convert": cmd_convert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

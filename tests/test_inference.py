@@ -20,7 +20,7 @@ from sh2_jax.config import ModelConfig
 from sh2_jax.convert import evo2
 from sh2_jax.inference import recurrent
 from sh2_jax.inference.sampling import SamplingConfig, filter_logits
-from sh2_jax.model import StripedHyena2
+from sh2_jax.model import StripedHyena2, abstract_params
 
 GOLDEN = pathlib.Path(__file__).parent / "data" / "golden"
 SMALL = dict(d_model=32, num_heads=2, se_groups=4, mr_groups=4, mr_filter_len=16, li_order=4,
@@ -29,13 +29,16 @@ TOL = 2e-5  # float32: max |error| / max |logit|; bf16 is judged against bf16's 
 
 
 def random_params(config: ModelConfig, seed: int, scale: float = 0.3) -> dict:
-  """Init params plus O(scale) noise on every leaf, so every filter tap, pole and skip matters."""
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  params = nn.meta.unbox(StripedHyena2(config).init(jax.random.key(seed), tokens)["params"])
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-  return jax.tree.unflatten(treedef, noisy)
+  """O(scale) random values for every leaf (numpy: nothing to compile), so every filter tap,
+  pole, skip and bias matters; norm scales around 1, LI poles around the init."""
+  rng = np.random.default_rng(seed)
+  base = {"scale": 1.0, "pole_p": -1.0, "pole_gamma": float(np.log(0.05))}
+
+  def make(path, x):
+    name = getattr(path[-1], "key", "")
+    return jnp.asarray(base.get(name, 0.0) + scale * rng.standard_normal(x.shape), x.dtype)
+
+  return jax.tree_util.tree_map_with_path(make, nn.meta.unbox(abstract_params(config)))
 
 
 def decode_logits(params, config, tokens, prompt_len, chunk=0):
@@ -180,6 +183,16 @@ def test_sampling_masks_match_numpy(temperature, top_k, top_p):
   np.testing.assert_allclose(got[np.isfinite(got)], expected[np.isfinite(expected)], rtol=1e-6)
   draws = inf.sample_logits(jnp.asarray(logits), jax.random.key(3), config)
   assert np.all(np.isfinite(expected[np.arange(4), np.asarray(draws)]))  # never a masked token
+
+
+def test_alphabet_restricts_draws():
+  logits = seeded_rng("alphabet").standard_normal((64, 512)).astype(np.float32)
+  draws = inf.sample_logits(jnp.asarray(logits), jax.random.key(1), SamplingConfig(alphabet=b"ACGT"))
+  assert set(np.asarray(draws).tolist()) <= set(b"ACGT")
+  greedy = inf.sample_logits(jnp.asarray(logits), jax.random.key(1),
+                             SamplingConfig(temperature=0.0, alphabet=b"ACGT"))
+  acgt = np.frombuffer(b"ACGT", np.uint8)
+  np.testing.assert_array_equal(np.asarray(greedy), acgt[logits[:, acgt].argmax(-1)])
 
 
 def test_top_k_1_is_argmax_and_greedy():

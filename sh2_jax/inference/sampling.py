@@ -30,11 +30,12 @@ class SamplingError(UserError, ValueError):
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """temperature 0 = greedy; top_k 0 = off; top_p 1 = off; only tokens < vocab_limit are drawn
-  (256: bytes)."""
+  (256: bytes), and only bytes of `alphabet` when given (e.g. b"ACGT")."""
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
   vocab_limit: int = 256
+  alphabet: bytes | None = None
 
   def __post_init__(self) -> None:
     if self.temperature < 0:
@@ -45,6 +46,9 @@ class SamplingConfig:
       raise SamplingError(f"--top-p {self.top_p} must be in (0, 1] (1 = off)")
     if self.vocab_limit < 1:
       raise SamplingError(f"vocab_limit {self.vocab_limit} must be >= 1")
+    if self.alphabet is not None and (not self.alphabet or max(self.alphabet) >= self.vocab_limit):
+      raise SamplingError(f"--alphabet {self.alphabet!r} must hold at least one byte below "
+                          f"{self.vocab_limit}")
 
 
 def filter_logits(logits_BV: jax.Array, config: SamplingConfig | "SamplingArrays") -> jax.Array:
@@ -53,6 +57,7 @@ def filter_logits(logits_BV: jax.Array, config: SamplingConfig | "SamplingArrays
   top_p). Settings may be traced (SamplingArrays): one compiled loop serves all of them."""
   arrays = config if isinstance(config, SamplingArrays) else SamplingArrays.of(config)
   logits = logits_BV[:, :arrays.vocab_limit].astype(jnp.float32)
+  logits = jnp.where(arrays.allowed_V, logits, -jnp.inf)
   vocab = logits.shape[-1]
   temperature = arrays.temperature
   logits = logits / jnp.where(temperature > 0, temperature, 1.0)
@@ -82,12 +87,17 @@ class SamplingArrays(NamedTuple):
   temperature: jax.Array
   top_k: jax.Array
   top_p: jax.Array
+  allowed_V: jax.Array  # bool [vocab_limit]
   vocab_limit: int
 
   @classmethod
   def of(cls, config: SamplingConfig) -> "SamplingArrays":
+    allowed = np.ones(config.vocab_limit, bool)
+    if config.alphabet is not None:
+      allowed[:] = False
+      allowed[list(config.alphabet)] = True
     return cls(jnp.float32(config.temperature), jnp.int32(config.top_k), jnp.float32(config.top_p),
-               config.vocab_limit)
+               jnp.asarray(allowed), config.vocab_limit)
 
 
 class DecodeCarry(NamedTuple):
@@ -101,20 +111,24 @@ class DecodeCarry(NamedTuple):
 
 def start_carry(state: DecodeState, logits_BV: jax.Array, max_new: int) -> DecodeCarry:
   batch = logits_BV.shape[0]
-  return DecodeCarry(jnp.zeros((), jnp.int32), state, logits_BV.astype(jnp.float32),
-                     jnp.zeros((batch, max_new), jnp.int32), jnp.zeros((batch,), jnp.int32),
-                     jnp.zeros((batch,), bool))
+  carry = DecodeCarry(jnp.zeros((), jnp.int32), state, logits_BV.astype(jnp.float32),
+                      jnp.zeros((batch, max_new), jnp.int32), jnp.zeros((batch,), jnp.int32),
+                      jnp.zeros((batch,), bool))
+  # strongly typed and committed, as the loop returns them: later segments reuse the compiled loop
+  device = logits_BV.devices().pop() if len(logits_BV.devices()) == 1 else None
+  carry = jax.tree.map(lambda x: jnp.asarray(x, x.dtype), carry)
+  return carry if device is None else jax.device_put(carry, device)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "vocab_limit"), donate_argnames=("carry",))
 def decode_loop(params: dict, config: ModelConfig, carry: DecodeCarry, key: jax.Array,
-                temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, vocab_limit: int,
-                stops: jax.Array, limit: jax.Array) -> DecodeCarry:
+                temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, allowed_V: jax.Array,
+                vocab_limit: int, stops: jax.Array, limit: jax.Array) -> DecodeCarry:
   """Samples until `limit` tokens exist, the buffer is full, or every sequence has stopped.
 
   stops: int32 [S] stop tokens (-1 entries never match)."""
   max_new = carry.tokens_BN.shape[1]
-  sampling = SamplingArrays(temperature, top_k, top_p, vocab_limit)
+  sampling = SamplingArrays(temperature, top_k, top_p, allowed_V, vocab_limit)
 
   def cond(c: DecodeCarry):
     return (c.i < jnp.minimum(limit, max_new)) & ~jnp.all(c.done_B)
@@ -140,7 +154,8 @@ def generate(params: dict, config: ModelConfig, prompt_BL: np.ndarray, max_new: 
 
   Returns:
     {"tokens": int32 [B, max_new] (0 past each sequence's end), "lengths": [B] (the stop byte
-    excluded), "prefill_s", "decode_s", "decoded" (steps run)}.
+    excluded), "prefill_s", "decode_s" (with compilation), "decoded" (steps run),
+    "steady_tokens_per_s" (B x steps / s after the first segment)}.
   """
   if max_new < 1:
     raise SamplingError(f"--max-new {max_new} must be >= 1")
@@ -155,17 +170,22 @@ def generate(params: dict, config: ModelConfig, prompt_BL: np.ndarray, max_new: 
   stops = jnp.asarray(sorted(set(int(t) for t in stop_tokens)) or [-1], jnp.int32)
   arrays = SamplingArrays.of(sampling)
   segment = segment or max_new
-  begin, done = time.perf_counter(), 0
+  begin, done, first = time.perf_counter(), 0, None
   while done < max_new:
     carry = decode_loop(params, config, carry, key, arrays.temperature, arrays.top_k, arrays.top_p,
-                        arrays.vocab_limit, stops, jnp.int32(done + segment))
+                        arrays.allowed_V, arrays.vocab_limit, stops, jnp.int32(done + segment))
     new = int(carry.i)
+    if first is None:
+      first = (new, time.perf_counter() - begin)
     if on_progress is not None:
       on_progress(new - done)
-    if new < min(done + segment, max_new):  # every sequence stopped
-      done = new
-      break
+    stopped = new < min(done + segment, max_new)  # every sequence stopped
     done = new
+    if stopped:
+      break
   decode_s = time.perf_counter() - begin
+  # steady state: the segments after the first (which includes compilation), when there are any
+  steady = (done - first[0], decode_s - first[1]) if done > first[0] else (done, decode_s)
   return {"tokens": np.asarray(carry.tokens_BN), "lengths": np.asarray(carry.lengths_B),
-          "prefill_s": prefill_s, "decode_s": decode_s, "decoded": done}
+          "prefill_s": prefill_s, "decode_s": decode_s, "decoded": done,
+          "steady_tokens_per_s": prompt.shape[0] * steady[0] / max(steady[1], 1e-9)}
