@@ -1,0 +1,81 @@
+"""`sh2 bench cp` at tiny width on 2 fake CPU devices: the table, the fit search, the checks.
+
+A per-device memory limit (0.022 GiB) between what one device needs at L=256 and at 512 makes
+the search stop: one device must stop at 256 and CP=2, which holds half the sequence per
+device, must reach 512 (the cap). Context parallelism must also give the one-device loss.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from experiments import bench_cp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _table(text: str) -> dict[tuple[str, int], dict[str, str]]:
+  """Rows of the 'Every step measured' table keyed by (setup, L)."""
+  section = text.split("## Every step measured", 1)[1].split("\n\n", 2)[1]
+  lines = [line for line in section.splitlines() if line.startswith("|")]
+  names = [c.strip() for c in lines[0].strip("|").split("|")]
+  rows = {}
+  for line in lines[2:]:
+    cells = dict(zip(names, (c.strip() for c in line.strip("|").split("|"))))
+    rows[(cells["setup"], int(cells["L"]))] = cells
+  return rows
+
+
+def test_bench_cp_smoke(tmp_path):
+  out = tmp_path / "cp.md"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+             PYTHONPATH=ROOT)
+  command = [sys.executable, "-m", "sh2_jax.cli", "bench", "cp", "--smoke", "--layout", "MR LI MHA",
+             "--max-length", "512", "--no-refine", "--compare", "a2a", "--memory-gb", "0.022",
+             "--out", str(out)]
+  result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=400)
+  assert result.returncode == 0, result.stderr[-3000:]
+  text = out.read_text()
+  assert f"- device: cpu x 2 (cpu), jax {jax.__version__}" in text
+  assert re.search(r"- date: \d{4}-\d\d-\d\d", text)
+  assert "- command: `sh2 bench cp --smoke --layout MR LI MHA" in text
+
+  rows = _table(text)
+  cp, one, a2a = "CP=2 p2p/allgather zigzag", "1 device", "CP=2 a2a/allgather zigzag"
+  assert sorted(rows) == sorted([(cp, 256), (one, 128), (one, 256), (one, 512), (cp, 512), (a2a, 256)])
+  for key in [(cp, 256), (one, 128), (one, 256), (cp, 512), (a2a, 256)]:
+    assert rows[key]["status"] == "ok", rows[key]
+    assert float(rows[key]["tokens/s"]) > 0
+  assert rows[(one, 512)]["status"].startswith("does not fit")
+  # Same tokens and initial weights: context parallelism (p2p and a2a) gives the one-device loss.
+  loss = float(rows[(one, 256)]["first-step loss"])
+  assert float(rows[(cp, 256)]["first-step loss"]) == pytest.approx(loss, rel=2e-5)
+  assert float(rows[(a2a, 256)]["first-step loss"]) == pytest.approx(loss, rel=2e-5)
+  # The sequence really is split: CP=2 needs well under what one device needs per device.
+  memory = lambda key: float(rows[key]["compiled memory GiB/device"])
+  assert memory((cp, 512)) < 0.75 * memory((one, 512))
+
+  assert "- 1 device: longest trainable L = 256 (next tried length 512: does not fit" in text
+  assert f"- {cp}: longest trainable L = 512 (every length up to --max-length 512 fits)" in text
+  assert "- ratio CP=2 / 1 device: 2.00" in text
+  weak = re.search(r"E = T_cp\(256\) / \(2 x T_1\(128\)\) = (\d+) / \(2 x (\d+)\) = \*\*([\d.]+)%", text)
+  assert weak, text
+  t_cp, t_half, percent = float(weak[1]), float(weak[2]), float(weak[3])
+  assert t_cp == pytest.approx(float(rows[(cp, 256)]["tokens/s"]), abs=1)
+  assert percent == pytest.approx(100 * t_cp / (2 * t_half), abs=0.1)
+  assert "## Strategies under CP=2 at L = 256" in text and f"| {a2a} |" in text
+
+
+def test_bench_cp_model_and_search_inputs():
+  model = bench_cp.model_config(4096, 4, "bfloat16")
+  assert model.layout == "SE MR LI MHA" and model.num_heads == 32 and model.se_groups == 256
+  assert model.mr_groups == 256 and model.mr_filter_len == 128 and model.remat
+  assert bench_cp.Setup(2, "a2a", "ring").mesh_config().context == 2
+  with pytest.raises(Exception, match="--compare 'x': choose from"):
+    bench_cp.main(["--devices", "1", "--compare", "x"])
