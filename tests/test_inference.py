@@ -142,17 +142,29 @@ def test_fir_extend_equals_convolution_of_the_whole_history(length):
 
 
 def test_cached_attention_blocks_and_mask_match_numpy():
+  """5 queries a block, keys in online-softmax blocks of 6 over 20 slots."""
   rng = seeded_rng("attn")
   q = rng.standard_normal((2, 13, 2, 8))
   k, v = rng.standard_normal((2, 2, 20, 2, 8))
-  positions = np.arange(4, 17)
-  got = recurrent.cached_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)),
-                                   jnp.asarray(positions), block=5)
-  scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(8)
-  scores = np.where(np.arange(20)[None, None, None] <= positions[None, None, :, None], scores, -np.inf)
+  attend = lambda k, v, pos: np.asarray(recurrent.cached_attention(
+      *(jnp.asarray(a, jnp.float32) for a in (q, k, v)), jnp.asarray(pos), block=5, key_block=6))
+  # up to slot 19: the last key block (18..23) is clamped to 14..19 and must not count 14..17 twice
+  positions = np.arange(7, 20)
+  np.testing.assert_allclose(attend(k, v, positions), np_attention(q, k, v, positions), rtol=1e-5, atol=1e-5)
+  # up to slot 11: blocks past the last position are never read (NaN there cannot leak)
+  positions = np.arange(0, 13) * 11 // 12
+  k_nan, v_nan = k.copy(), v.copy()
+  k_nan[:, 12:], v_nan[:, 12:] = np.nan, np.nan
+  np.testing.assert_allclose(attend(k_nan, v_nan, positions), np_attention(q, k, v, positions),
+                             rtol=1e-5, atol=1e-5)
+
+
+def np_attention(q, k, v, positions):
+  scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+  scores = np.where(np.arange(k.shape[1])[None, None, None] <= positions[None, None, :, None], scores, -np.inf)
   probs = np.exp(scores - scores.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
-  np.testing.assert_allclose(np.asarray(got), np.einsum("bnts,bsnh->btnh", probs, v), rtol=1e-5, atol=1e-5)
+  return np.einsum("bnts,bsnh->btnh", probs, v)
 
 
 def np_filter(logits, temperature, top_k, top_p):

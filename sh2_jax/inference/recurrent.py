@@ -17,6 +17,7 @@ HI = jax.lax.Precision.HIGHEST
 DIRECT_MAX_LEN = 16       # extend by at most this many tokens with the direct window sum
 MODAL_STATE_CHUNK = 256   # positions per step of the LI state reduction
 QUERY_BLOCK = 256         # queries per block of the cached attention
+KEY_BLOCK = 2048          # keys per online-softmax step of the cached attention
 
 
 def last_rows(x_BTC: jax.Array, cache_BKC: jax.Array) -> jax.Array:
@@ -115,25 +116,48 @@ def modal_step(u_BC: jax.Array, state_BCN: jax.Array, log_poles_CN: jax.Array,
 
 
 def cached_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
-                     q_positions_T: jax.Array, block: int = QUERY_BLOCK) -> jax.Array:
+                     q_positions_T: jax.Array, block: int = QUERY_BLOCK,
+                     key_block: int = KEY_BLOCK) -> jax.Array:
   """Softmax attention of queries at absolute positions over a KV cache, in float32.
 
-  Key slot j is visible to the query at position p iff j <= p (slots past the filled length are
-  masked by the same rule). Queries go in blocks of `block` so the scores are [B, N, block, S].
+  Key slot j is visible to the query at position p iff j <= p. Keys go in blocks of
+  `key_block` with an online softmax, in a loop that stops after the block holding the last
+  query's position: the cost grows with the filled length, not the cache size. Queries go in
+  blocks of `block`, so scores are at most [B, N, block, key_block].
 
   Returns:
     [B, T, N, H] in q's dtype.
   """
   batch, length, heads, dim = q_BTNH.shape
-  k = k_BSNH.astype(jnp.float32)
-  v = v_BSNH.astype(jnp.float32)
-  slots = jnp.arange(k.shape[1])
+  slots = k_BSNH.shape[1]
+  key_block = min(key_block, slots)
 
   def attend(q_blk, pos_blk):
-    scores = jnp.einsum("btnh,bsnh->bnts", q_blk.astype(jnp.float32), k, precision=HI)
-    scores = scores / math.sqrt(dim)
-    scores = jnp.where(slots[None, None, None, :] <= pos_blk[None, None, :, None], scores, -jnp.inf)
-    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(scores, axis=-1), v, precision=HI)
+    q32 = q_blk.astype(jnp.float32) / math.sqrt(dim)
+    num_blocks = jnp.max(pos_blk) // key_block + 1
+
+    def body(carry):
+      j, m, l, acc = carry
+      start = jnp.minimum(j * key_block, slots - key_block)  # the last block may overlap ...
+      k = jax.lax.dynamic_slice_in_dim(k_BSNH, start, key_block, axis=1).astype(jnp.float32)
+      v = jax.lax.dynamic_slice_in_dim(v_BSNH, start, key_block, axis=1).astype(jnp.float32)
+      idx = start + jnp.arange(key_block)
+      visible = (idx[None, :] <= pos_blk[:, None]) & (idx[None, :] >= j * key_block)  # ... not recount
+      s = jnp.einsum("btnh,bsnh->bnts", q32, k, precision=HI)
+      s = jnp.where(visible[None, None], s, -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+      p = jnp.exp(s - m_safe[..., None])
+      scale = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
+      l = l * scale + jnp.sum(p, axis=-1)
+      acc = acc * scale[..., None] + jnp.einsum("bnts,bsnh->bnth", p, v, precision=HI)
+      return j + 1, m_new, l, acc
+
+    t = q_blk.shape[1]
+    init = (jnp.zeros((), jnp.int32), jnp.full((batch, heads, t), -jnp.inf, jnp.float32),
+            jnp.zeros((batch, heads, t), jnp.float32), jnp.zeros((batch, heads, t, dim), jnp.float32))
+    _, _, l, acc = jax.lax.while_loop(lambda c: c[0] < num_blocks, body, init)
+    return jnp.swapaxes(acc / l[..., None], 1, 2)
 
   if length <= block:
     return attend(q_BTNH, q_positions_T).astype(q_BTNH.dtype)
