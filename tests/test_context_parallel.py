@@ -1,7 +1,11 @@
-"""Context parallelism: p2p halo exchange and all-to-all primitives equal one device.
+"""Context parallelism: the primitives equal one device, values and gradients.
 
-The multi-device cases run on fake CPU devices in one fresh process (the device count must be
-set before jax initialises; this pytest process already has one device), which prints JSON.
+p2p halo exchange, convolutions and gate-conv-gates (u exchange and the fused path), the
+all-to-all switch for MR/LI, the zigzag layout of each, and ring / all-gather attention (with
+and without zigzag, several tiles per block), on 8 and 2 fake CPU devices; the tiled attention
+on one device; causality; error messages. The multi-device cases run in one fresh process (the
+device count must be set before jax initialises; this pytest process already has one device),
+which prints JSON.
 """
 
 import json
@@ -147,7 +151,7 @@ def zigzag_and_attention(n, mesh):
 
 
 for n in [int(a) for a in sys.argv[2].split(",")]:
-  if n == 4:  # the project's 4-axis mesh (data, fsdp, tensor of size 1)
+  if n == 2:  # the project's 4-axis mesh (data, fsdp, tensor of size 1)
     mesh = mesh_lib.make_mesh(MeshConfig(data=1, context=n), jax.devices()[:n])
   else:
     mesh = jax.make_mesh((n,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
@@ -199,7 +203,7 @@ print(json.dumps(out))
 def cp_results():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run([sys.executable, "-c", CP_SCRIPT, root, "8,4,2"], capture_output=True,
+  result = subprocess.run([sys.executable, "-c", CP_SCRIPT, root, "8,2"], capture_output=True,
                           text=True, env=env, timeout=300, cwd=root)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
@@ -207,7 +211,7 @@ def cp_results():
 
 def test_cp_values_and_gradients_match_one_device(cp_results):
   errs = {k: v for k, v in cp_results.items() if not k.startswith(("causal", "errors", "seconds"))}
-  assert len(errs) == 3 * 13 + 11
+  assert len(errs) == 2 * 13 + 11
   bad = {k: v for k, v in errs.items() if not v <= TOLERANCE}
   assert not bad, bad
 
@@ -219,7 +223,7 @@ def test_cp_is_causal(cp_results):
     assert earlier <= limit and later > 0.1, (key, earlier, later)
 
 
-@pytest.mark.parametrize("n", [8, 4, 2])
+@pytest.mark.parametrize("n", [8, 2])
 def test_cp_error_messages(cp_results, n):
   msgs = cp_results[f"errors/{n}"]
   assert "halo 6 is longer than the local block of 4 rows" in msgs["halo"]

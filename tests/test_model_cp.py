@@ -37,8 +37,12 @@ cfg = C.ModelConfig(d_model=32, layout="SE MR LI MHA", num_heads=2, se_groups=4,
                     conv_method="blocked", conv_chunk=8, li_method="fft", mlp_activation="gelu")
 rng = np.random.default_rng(0)
 window = jnp.asarray(rng.integers(0, 256, (8, 129)), jnp.int32)
-params = jax.tree.map(np.asarray, nn.meta.unbox(  # host copies: the train step donates its state
-    jax.jit(StripedHyena2(cfg).init)(jax.random.key(0), window[:, :-1])["params"]))
+# Random parameters of the model's shapes (not the init: e.g. the MR filters start at ~1e-7),
+# as host arrays (the train step donates its state); norm scales near 1.
+shapes = nn.meta.unbox(jax.eval_shape(StripedHyena2(cfg).init, jax.random.key(0), window[:, :-1]))
+params = jax.tree_util.tree_map_with_path(
+    lambda path, x: (("scale" in jax.tree_util.keystr(path)) + 0.3 * rng.standard_normal(x.shape)
+                     ).astype(np.float32), shapes["params"])
 tx = optim.make_optimizer(C.TrainConfig(warmup_steps=0))
 out = {}
 

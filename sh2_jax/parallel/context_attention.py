@@ -58,6 +58,21 @@ def _full(shape, value, like: jax.Array) -> jax.Array:
   return jnp.full_like(like, value, dtype=F32, shape=shape)
 
 
+def _map(fn, xs):
+  """lax.map over the leading axis; a single tile is called directly (smaller programs)."""
+  if jax.tree.leaves(xs)[0].shape[0] == 1:
+    return jax.tree.map(lambda y: y[None], fn(jax.tree.map(lambda x: x[0], xs)))
+  return jax.lax.map(fn, xs)
+
+
+def _scan(fn, init, xs):
+  """lax.scan over the leading axis; a single tile is called directly."""
+  if jax.tree.leaves(xs)[0].shape[0] == 1:
+    carry, y = fn(init, jax.tree.map(lambda x: x[0], xs))
+    return carry, jax.tree.map(lambda v: v[None], y)
+  return jax.lax.scan(fn, init, xs)
+
+
 def _scores(q_BQNH, k_BKNH, pos_Q, pos_K, scale):
   s_BNQK = jnp.einsum("bqnh,bknh->bnqk", q_BQNH, k_BKNH, preferred_element_type=F32) * scale
   return s_BNQK, pos_Q[:, None] >= pos_K[None, :]
@@ -93,10 +108,10 @@ def _block_forward(q, k, v, pos_q, pos_k, o, m, l, scale):
 
       return jax.lax.cond(_visible(pq_i, pk_j), update, lambda c: c, carry), None
 
-    carry, _ = jax.lax.scan(k_tile, (o_i, m_i, l_i), (ks, vs, pks))
+    carry, _ = _scan(k_tile, (o_i, m_i, l_i), (ks, vs, pks))
     return carry
 
-  o, m, l = jax.lax.map(q_tile, (_split(q, tq, 1), _split(pos_q, tq, 0), _split(o, tq, 1),
+  o, m, l = _map(q_tile, (_split(q, tq, 1), _split(pos_q, tq, 0), _split(o, tq, 1),
                                  _split(m, tq, 2), _split(l, tq, 2)))
   return _merge(o, 1), _merge(m, 2), _merge(l, 2)
 
@@ -135,10 +150,10 @@ def _block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale):
       return (dkv[0] + dk, dkv[1] + dv), dq_i
 
     zeros = (_full(k_j.shape, 0.0, q), _full(v_j.shape, 0.0, q))
-    (dk_j, dv_j), dq_tiles = jax.lax.scan(q_tile, zeros, (qs, pqs, dos, lses, deltas))
+    (dk_j, dv_j), dq_tiles = _scan(q_tile, zeros, (qs, pqs, dos, lses, deltas))
     return dq + dq_tiles, (dk_j, dv_j)
 
-  dq, (dks, dvs) = jax.lax.scan(k_tile, _full(qs.shape, 0.0, q),
+  dq, (dks, dvs) = _scan(k_tile, _full(qs.shape, 0.0, q),
                                 (_split(k, tk, 1), _split(v, tk, 1), _split(pos_k, tk, 0)))
   return _merge(dq, 1), _merge(dks, 1), _merge(dvs, 1)
 
