@@ -31,7 +31,7 @@ PROCESS_TIMEOUT_S = 240
 OVERRIDES = {
     "model.d_model": 32, "model.num_heads": 2, "model.se_groups": 4, "model.mr_groups": 4,
     "model.mr_filter_len": 16, "model.li_order": 4, "model.train_len": 64, "model.conv_chunk": 32,
-    "model.dtype": "float32", "data.seq_len": 64,
+    "model.dtype": "float32", "model.layout": "MR LI MHA", "data.seq_len": 64,
     "train.steps": 6, "train.batch_size": 4, "train.warmup_steps": 1, "train.log_every": 1,
     "train.eval_every": 0, "train.eval_batches": 2, "train.checkpoint_every": 2,
     "train.learning_rate": 3e-3,
@@ -59,13 +59,14 @@ def _restore(run_dir: str, config: config_lib.Config):
 
 
 def _run_processes(run_dir: str, mesh: str, stop_at: int, meanwhile: Callable[[], Any],
-                   count: int = 2, devices_each: int = 2) -> tuple[list[str], Any]:
+                   extra: tuple[str, ...] = (), count: int = 2,
+                   devices_each: int = 2) -> tuple[list[str], Any]:
   """Runs `count` `sh2 train` processes against one coordinator and `meanwhile()` in this
   process while they run; returns their logs and what `meanwhile` returned."""
   port = _free_port()
   sets = [f"--set={k}={v}" for k, v in OVERRIDES.items()]
   command = [sys.executable, "-m", "sh2_jax.cli", "train", "--no-progress", "--run-dir", run_dir,
-             "--mesh", mesh, "--stop-at", str(stop_at), *sets]
+             "--mesh", mesh, "--stop-at", str(stop_at), *sets, *extra]
   processes = []
   for index in range(count):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
@@ -97,7 +98,8 @@ def test_two_processes_train_like_one(tmp_path):
   state sharded across the processes, each process loading its rows of every global batch) for
   4 of 6 steps, then resumed in this one process from the checkpoint both processes wrote to
   one directory, gives the losses, held-out loss and parameters of a one-process 6-step run on
-  the same global batches."""
+  the same global batches; so do 2 steps with the sequence split over 2 processes
+  (context=2)."""
   config = _config()
   multi_dir = str(tmp_path / "multi")
   single_run = lambda: train(config, str(tmp_path / "single"), progress=False)
@@ -110,6 +112,18 @@ def test_two_processes_train_like_one(tmp_path):
   ckpt.close()
   assert sorted(os.listdir(os.path.join(multi_dir, "checkpoints", "4", "data"))) == [
       "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+
+  # The sequence over a context axis that spans both processes (p2p halos, LI all-to-all and
+  # ring attention between processes); both load the same batch rows.
+  context_dir = str(tmp_path / "context")
+  logs, _ = _run_processes(context_dir, "data=1,context=2", stop_at=2, meanwhile=lambda: None,
+                           extra=("--set=mesh.context_attention=ring",), devices_each=1)
+  assert "mesh: data=1, fsdp=1, tensor=1, context=2 over 2 cpu device(s)" in logs[0], logs[0][-2000:]
+  context_losses = [r["loss"] for r in read_metrics(os.path.join(context_dir, "metrics.jsonl"))
+                    if "loss" in r]
+  single_losses = [r["loss"] for r in read_metrics(os.path.join(single["run_dir"], "metrics.jsonl"))
+                   if "loss" in r]
+  np.testing.assert_allclose(context_losses, single_losses[:2], rtol=2e-5)
 
   resumed = train(config, multi_dir, resume=True, progress=False)  # 2 processes -> 1.
   assert resumed["step"] == single["step"] == 6
@@ -156,3 +170,42 @@ def test_maybe_initialize_reads_the_environment(monkeypatch):
   monkeypatch.setenv("SH2_DISTRIBUTED", "1")  # Cluster auto-detection: no arguments.
   assert distributed.maybe_initialize() is True and calls[-1] == {}
   assert len(calls) == 2
+
+
+class _FakeDevice:
+  def __init__(self, process_index: int):
+    self.process_index = process_index
+
+
+class _FakeSharding:
+  """Row slices of a [B, 1] batch per (fake) device: `layout[d] = (process, first, stop)`."""
+
+  def __init__(self, layout: list[tuple[int, int, int]]):
+    self.layout = layout
+    self.num_devices = len(layout)
+
+  def devices_indices_map(self, shape):
+    return {_FakeDevice(p): (slice(a, b), slice(None)) for p, a, b in self.layout}
+
+
+@pytest.mark.parametrize("layout, expected", [
+    # data=2 across 2 processes (2 devices each: context or tensor inside a process).
+    ([(0, 0, 2), (0, 0, 2), (1, 2, 4), (1, 2, 4)], [(0, 2), (1, 2)]),
+    # context (or tensor) across processes: both hold every row and load the same data.
+    ([(0, 0, 4), (0, 0, 4), (1, 0, 4), (1, 0, 4)], [(0, 1), (0, 1)]),
+    # data=4 over 2 processes: two shards each.
+    ([(0, 0, 1), (0, 1, 2), (1, 2, 3), (1, 3, 4)], [(0, 2), (1, 2)]),
+])
+def test_batch_rows_follow_the_mesh(monkeypatch, layout, expected):
+  for process in (0, 1):
+    monkeypatch.setattr(jax, "process_index", lambda p=process: p)
+    assert distributed.batch_rows(_FakeSharding(layout), 4) == expected[process]
+
+
+def test_batch_rows_errors():
+  interleaved = _FakeSharding([(0, 0, 1), (1, 1, 2), (0, 2, 3), (1, 3, 4)])
+  with pytest.raises(distributed.DistributedError, match="non-contiguous batch rows"):
+    distributed.batch_rows(interleaved, 4)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  assert distributed.batch_rows(sharding, 3) == (0, 1)

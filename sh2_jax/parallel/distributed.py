@@ -66,3 +66,37 @@ def maybe_initialize() -> bool:
   jax.distributed.initialize(**kwargs)
   logger.info("distributed: process %d of %d", jax.process_index(), jax.process_count())
   return True
+
+
+def batch_rows(sharding: jax.sharding.Sharding, batch_size: int) -> tuple[int, int]:
+  """Which rows of every global batch this process must load: (index, count) meaning rows
+  [index * B / count, (index + 1) * B / count).
+
+  `count` is the number of distinct row blocks the processes hold under `sharding` (a [B, ...]
+  batch sharding), not the process count: when an axis that does not split the batch
+  (context, tensor) spans processes, those processes hold the same rows and must load the same
+  data. One process, or data parallelism across processes: (process_index, process_count).
+  """
+  try:
+    indices = sharding.devices_indices_map((batch_size, 1))
+  except ValueError:  # jax's IndivisibleError: the batch does not split evenly.
+    probe = sharding.devices_indices_map((sharding.num_devices, 1)).values()
+    shards = len({index[0].indices(sharding.num_devices) for index in probe})
+    raise DistributedError(f"train.batch_size={batch_size} does not split over the {shards} batch "
+                           f"shards (data x fsdp) of the mesh: use a multiple of {shards}") from None
+  rows: dict[int, set[int]] = {}
+  for device, index in indices.items():
+    start, stop, _ = index[0].indices(batch_size)
+    rows.setdefault(device.process_index, set()).update(range(start, stop))
+  blocks = sorted({tuple(sorted(r)) for r in rows.values()})
+  count = len(blocks)
+  if batch_size % count:
+    raise DistributedError(f"train.batch_size={batch_size} does not split into the {count} row "
+                           f"blocks the processes hold: use a multiple of {count}")
+  expected = [tuple(range(i * batch_size // count, (i + 1) * batch_size // count))
+              for i in range(count)]
+  if blocks != expected:
+    raise DistributedError(f"the mesh gives processes overlapping or non-contiguous batch rows "
+                           f"({[(b[0], b[-1]) for b in blocks]}): order the devices so that each "
+                           "process holds whole, contiguous data/fsdp shards")
+  return expected.index(tuple(sorted(rows[jax.process_index()]))), count

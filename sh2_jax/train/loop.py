@@ -21,12 +21,13 @@ import jax
 import numpy as np
 import tqdm
 
-from sh2_jax.config import Config, ConfigError
+from sh2_jax.config import Config
 from sh2_jax.data import markov
 from sh2_jax.errors import UserError
 from sh2_jax.data.pipeline import DataError, build_data
 from sh2_jax.parallel import mesh as mesh_lib
 from sh2_jax.parallel.context_sharding import validate_model_length
+from sh2_jax.parallel.distributed import batch_rows
 from sh2_jax.train import optim, step as step_lib
 from sh2_jax.train.checkpoint import Checkpointer
 from sh2_jax.train.state import TrainState, create_train_state, state_shardings
@@ -153,10 +154,10 @@ def _setup(config: Config) -> _Setup:
   mesh = mesh_lib.make_mesh(config.mesh)
   validate_model_length(config.model, config.data.seq_len, mesh.shape["context"], config.mesh)
   global_batch = config.train.batch_size
-  processes = jax.process_count()
-  if global_batch % processes:
-    raise ConfigError(f"train.batch_size={global_batch} must be divisible by the {processes} processes")
-  data = build_data(config.data, global_batch, jax.process_index(), processes)
+  # The rows of each global batch that this process's devices hold (processes that share rows,
+  # e.g. a context or tensor axis across processes, load the same rows).
+  rows_index, rows_count = batch_rows(mesh_lib.batch_sharding(mesh), global_batch)
+  data = build_data(config.data, global_batch, rows_index, rows_count)
   optimizer = optim.make_optimizer(config.train)
   abstract, shardings = state_shardings(config.model, optimizer, mesh)
   return _Setup(config, mesh, data, optimizer, abstract, shardings)
