@@ -157,7 +157,8 @@ def extend(params: dict, config: ModelConfig, state: DecodeState, tokens_BT: jax
   return logits, DecodeState(state.pos + tokens_BT.shape[1], tuple(layers))
 
 
-extend_jit = jax.jit(extend, static_argnames=("config", "fresh", "last_only", "row_chunk"))
+extend_jit = jax.jit(extend, static_argnames=("config", "fresh", "last_only", "row_chunk"),
+                     donate_argnames=("state",))
 
 
 def prefill(params: dict, config: ModelConfig, tokens_BL: jax.Array, max_len: int,
@@ -186,9 +187,9 @@ def prefill(params: dict, config: ModelConfig, tokens_BL: jax.Array, max_len: in
   return (outputs[-1] if last_only else jnp.concatenate(outputs, axis=1)), state
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
 def step(params: dict, config: ModelConfig, state: DecodeState,
          token_B: jax.Array) -> tuple[jax.Array, DecodeState]:
-  """One token per sequence: (float32 logits [B, V], next state)."""
+  """One token per sequence: (float32 logits [B, V], next state). The state is donated."""
   logits, state = extend(params, config, state, token_B[:, None])
   return logits[:, 0], state
