@@ -1,8 +1,9 @@
 """Checkpoints restore onto a different mesh shape and training continues identically.
 
 A run trains 3 steps on data=4 (4 fake CPU devices, in a subprocess so the device count can be
-set) and checkpoints; copies of it resume to step 6 on fsdp=2,tensor=2 (same subprocess) and on
-this process's device. Their steps 4..6 and final state must equal an uninterrupted 6-step run
+set) and checkpoints; copies of it resume to step 6 on tensor=2,context=2 with zigzag (same
+subprocess: parameters split Megatron-style, the sequence over the context axis) and on this
+process's device. Their steps 4..6 and final state must equal an uninterrupted 6-step run
 on one device (trained here while the subprocess runs).
 """
 
@@ -30,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {
     "model.d_model": 32, "model.num_heads": 2, "model.se_groups": 4, "model.mr_groups": 4,
     "model.mr_filter_len": 16, "model.li_order": 4, "model.train_len": 64, "model.conv_chunk": 32,
-    "model.dtype": "float32", "data.seq_len": 64,
+    "model.dtype": "float32", "model.layout": "MR LI MHA", "data.seq_len": 64,
     "train.steps": 6, "train.batch_size": 4, "train.warmup_steps": 2, "train.log_every": 1,
     "train.eval_every": 0, "train.eval_batches": 1, "train.checkpoint_every": 0,
     "train.learning_rate": 3e-3,
@@ -45,14 +46,15 @@ from sh2_jax.train.loop import train
 from tests.test_checkpoint_mesh import config_on
 tmp = sys.argv[2]
 assert jax.device_count() == 4, jax.devices()
-train(config_on(data=4), f"{tmp}/split_fsdp_tensor", progress=False, stop_at=3)
-shutil.copytree(f"{tmp}/split_fsdp_tensor", f"{tmp}/split_one_device")
-train(config_on(data=1, fsdp=2, tensor=2), f"{tmp}/split_fsdp_tensor", progress=False, resume=True)
+train(config_on(data=4), f"{tmp}/split_tensor_context", progress=False, stop_at=3)
+shutil.copytree(f"{tmp}/split_tensor_context", f"{tmp}/split_one_device")
+train(config_on(data=1, tensor=2, context=2, zigzag=True), f"{tmp}/split_tensor_context",
+      progress=False, resume=True)
 print("ok")
 """
 
 
-def config_on(**mesh: int) -> config_lib.Config:
+def config_on(**mesh: int | bool) -> config_lib.Config:
   overrides = {**OVERRIDES, **{f"mesh.{axis}": size for axis, size in mesh.items()}}
   return config_lib.apply_overrides(config_lib.get_preset("tiny"), overrides)
 
@@ -97,15 +99,15 @@ def test_checkpoint_resumes_on_other_mesh_shapes(tmp_path):
   straight = _losses(str(tmp_path / "straight"))
   assert sorted(straight) == [1, 2, 3, 4, 5, 6]
   assert len(set(straight.values())) == 6  # Every step trained on new data with new weights.
-  for name in ("split_fsdp_tensor", "split_one_device"):
+  for name in ("split_tensor_context", "split_one_device"):
     losses = _losses(str(tmp_path / name))
     assert sorted(losses) == [1, 2, 3, 4, 5, 6], (name, losses)
     np.testing.assert_allclose([losses[s] for s in (4, 5, 6)], [straight[s] for s in (4, 5, 6)],
                                rtol=2e-5, err_msg=name)
 
   final = {name: _restore_on_this_process(str(tmp_path / name), one_device)
-           for name in ("straight", "split_fsdp_tensor", "split_one_device")}
-  for name in ("split_fsdp_tensor", "split_one_device"):
+           for name in ("straight", "split_tensor_context", "split_one_device")}
+  for name in ("split_tensor_context", "split_one_device"):
     assert int(final[name].step) == 6
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(final[name].params),
                             jax.tree.leaves(final["straight"].params), strict=True):
