@@ -130,15 +130,14 @@ class Bench:
     self.summary: list[str] = []
     self._host_state: Any = None
 
-  def _initial_state(self, mesh: Any, tx: Any) -> Any:
+  def _initial_state(self, mesh: Any, tx: Any, shardings: Any) -> Any:
     """The seed-0 initial state on `mesh`: initialised once, then kept on the host and put
     onto each mesh (the values do not depend on the mesh; this skips an init compile each)."""
     if self._host_state is None:
       state, _ = create_train_state(self.model, tx, mesh, seed=0)
       self._host_state = jax.device_get(state)
       del state
-    _, shardings = state_shardings(self.model, tx, mesh)
-    return jax.device_put(self._host_state, shardings), shardings
+    return jax.device_put(self._host_state, shardings)
 
   def measure(self, setup: Setup, length: int) -> dict[str, Any]:
     key = (setup, length)
@@ -165,17 +164,20 @@ class Bench:
     mesh = mesh_lib.make_mesh(mesh_cfg, jax.devices()[:setup.devices])
     train_cfg = config_lib.TrainConfig(steps=1000, batch_size=1, warmup_steps=10)
     tx = optim.make_optimizer(train_cfg)
-    tokens = np.random.default_rng(length).integers(0, 256, (1, length + 1))
-    window = jax.device_put(jnp.asarray(tokens, jnp.int32), mesh_lib.batch_sharding(mesh))
-    state, shardings = self._initial_state(mesh, tx)
+    abstract, shardings = state_shardings(self.model, tx, mesh)
+    batch = mesh_lib.batch_sharding(mesh)
     step = step_lib.make_train_step(self.model, train_cfg, tx, mesh, shardings, mesh_cfg)
-    compiled = step.lower(state, window).compile()
+    # Compile on abstract values first: a length that does not fit allocates nothing.
+    compiled = step.lower(abstract, jax.ShapeDtypeStruct((1, length + 1), jnp.int32,
+                                                         sharding=batch)).compile()
     need = _compiled_bytes(compiled)
     row: dict[str, Any] = {"need_gib": None if need is None else need / GIB}
     if need is not None and self.memory_limit is not None and need > self.memory_limit:
-      del state
       row["status"] = f"does not fit ({need / GIB:.3g} > {self.memory_limit / GIB:.3g} GiB)"
       return row
+    tokens = np.random.default_rng(length).integers(0, 256, (1, length + 1))
+    window = jax.device_put(jnp.asarray(tokens, jnp.int32), batch)
+    state = self._initial_state(mesh, tx, shardings)
     state, metrics = compiled(state, window)
     row["loss"] = float(metrics["loss"])
     times = []
