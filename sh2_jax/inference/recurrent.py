@@ -118,7 +118,8 @@ def modal_step(u_BC: jax.Array, state_BCN: jax.Array, log_poles_CN: jax.Array,
 def cached_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
                      q_positions_T: jax.Array, block: int = QUERY_BLOCK,
                      key_block: int = KEY_BLOCK) -> jax.Array:
-  """Softmax attention of queries at absolute positions over a KV cache, in float32.
+  """Softmax attention of queries at absolute positions over a KV cache (float32 softmax and
+  accumulation; products in the cache's dtype, as flash attention does).
 
   Key slot j is visible to the query at position p iff j <= p. Keys go in blocks of
   `key_block` with an online softmax, in a loop that stops after the block holding the last
@@ -132,25 +133,31 @@ def cached_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
   slots = k_BSNH.shape[1]
   key_block = min(key_block, slots)
 
+  # products take the cache's dtype with float32 accumulation: converting blocks of the cache
+  # would be hoisted by XLA into a per-step conversion of the whole cache
+  q_cast = q_BTNH.dtype if q_BTNH.dtype == k_BSNH.dtype else jnp.float32
+
   def attend(q_blk, pos_blk):
-    q32 = q_blk.astype(jnp.float32) / math.sqrt(dim)
+    q_blk = q_blk.astype(q_cast)
     num_blocks = jnp.max(pos_blk) // key_block + 1
 
     def body(carry):
       j, m, l, acc = carry
       start = jnp.minimum(j * key_block, slots - key_block)  # the last block may overlap ...
-      k = jax.lax.dynamic_slice_in_dim(k_BSNH, start, key_block, axis=1).astype(jnp.float32)
-      v = jax.lax.dynamic_slice_in_dim(v_BSNH, start, key_block, axis=1).astype(jnp.float32)
+      k = jax.lax.dynamic_slice_in_dim(k_BSNH, start, key_block, axis=1)
+      v = jax.lax.dynamic_slice_in_dim(v_BSNH, start, key_block, axis=1)
       idx = start + jnp.arange(key_block)
       visible = (idx[None, :] <= pos_blk[:, None]) & (idx[None, :] >= j * key_block)  # ... not recount
-      s = jnp.einsum("btnh,bsnh->bnts", q32, k, precision=HI)
+      s = jnp.einsum("btnh,bsnh->bnts", q_blk, k.astype(q_cast), precision=HI,
+                     preferred_element_type=jnp.float32) / math.sqrt(dim)
       s = jnp.where(visible[None, None], s, -jnp.inf)
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
       m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
       p = jnp.exp(s - m_safe[..., None])
       scale = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
       l = l * scale + jnp.sum(p, axis=-1)
-      acc = acc * scale[..., None] + jnp.einsum("bnts,bsnh->bnth", p, v, precision=HI)
+      acc = acc * scale[..., None] + jnp.einsum("bnts,bsnh->bnth", p.astype(v.dtype), v, precision=HI,
+                                                preferred_element_type=jnp.float32)
       return j + 1, m_new, l, acc
 
     t = q_blk.shape[1]
