@@ -88,6 +88,10 @@ def errors(n, mesh):
   return msgs
 
 
+memory = {}
+out["attention_memory"] = memory
+
+
 def zigzag_and_attention(n, mesh):
   # Zigzag layout (rank r holds chunks r, 2N-1-r), the fused p2p path and attention, all as
   # functions of natural-order inputs: permute in, run sharded, permute back.
@@ -143,6 +147,18 @@ def zigzag_and_attention(n, mesh):
       compare(f"attention_{strategy}{tag}/{n}", attn,
               lambda q, k, v: cp_attention.masked_attention_reference(q, k, v, natural, natural),
               qkv)
+  # Memory per device of attention fwd+bwd at L = 64K over 8 shards (compiled, nothing run):
+  # the ring holds one K/V block in flight, all-gather holds the whole K/V and dK/dV.
+  cp_attention.TILE = 512
+  spec4 = jax.P(None, AXIS, None, None)
+  x = jax.ShapeDtypeStruct((1, 65536, 2, 64), jnp.float32)
+  p = jax.ShapeDtypeStruct((65536,), jnp.int32)
+  for strategy in ("ring", "allgather"):
+    f = jax.shard_map(lambda q, k, v, pos: cp_attention.context_attention(q, k, v, pos, AXIS, strategy),
+                      mesh=mesh, in_specs=(spec4,) * 3 + (jax.P(AXIS),), out_specs=spec4)
+    grad = jax.jit(jax.grad(lambda q, k, v, pos: jnp.sum(f(q, k, v, pos) ** 2), argnums=(0, 1, 2)))
+    memory[strategy] = grad.lower(x, x, x, p).compile().memory_analysis().temp_size_in_bytes
+  cp_attention.TILE = 4
   # One device, several tiles (skipped and partly masked ones), random positions.
   perm = jnp.asarray(rng.permutation(l), jnp.int32)
   compare(f"attention_tiled_one_device/{n}",
@@ -210,7 +226,8 @@ def cp_results():
 
 
 def test_cp_values_and_gradients_match_one_device(cp_results):
-  errs = {k: v for k, v in cp_results.items() if not k.startswith(("causal", "errors", "seconds"))}
+  errs = {k: v for k, v in cp_results.items()
+          if not k.startswith(("causal", "errors", "seconds", "attention_memory"))}
   assert len(errs) == 2 * 13 + 11
   bad = {k: v for k, v in errs.items() if not v <= TOLERANCE}
   assert not bad, bad
@@ -232,3 +249,11 @@ def test_cp_error_messages(cp_results, n):
   assert f"multiples of {n}" in msgs["indivisible"]
   assert f">= (K-1)*N = 6*{n} = {6 * n}" in msgs["short"]
   assert "3 filter groups" in msgs["groups"] or "channels" in msgs["groups"]
+
+
+def test_ring_attention_memory_is_per_block(cp_results):
+  """Per-device temporaries of ring attention (fwd+bwd, 64K tokens over 8 shards) stay well
+  below all-gather's, which holds the full-length K, V, dK, dV (128 MiB of them here)."""
+  memory = cp_results["attention_memory"]
+  assert memory["ring"] * 2 < memory["allgather"], memory
+  assert memory["ring"] < 100 * 2**20, memory

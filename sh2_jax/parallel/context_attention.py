@@ -172,15 +172,18 @@ def _num_blocks(axis_name):
 def _attention_forward(q, k, v, pos_q, pos_k, axis_name):
   batch, length_q, heads, head_dim = q.shape
   scale = 1.0 / math.sqrt(head_dim)
-  o = _full(q.shape, 0.0, q)
-  m = _full((batch, heads, length_q), NEG_INF, q)
-  l = _full((batch, heads, length_q), 0.0, q)
+  state = (_full(q.shape, 0.0, q), _full((batch, heads, length_q), NEG_INF, q),
+           _full((batch, heads, length_q), 0.0, q))
+
+  def step(carry, _):  # fold the visiting block in, pass it on (one K/V block in flight)
+    state, block = carry
+    state = _block_forward(q, block[0], block[1], pos_q, block[2], *state, scale)
+    return (state, _rotate(block, axis_name)), None
+
   block = (k, v, pos_k)
-  steps = _num_blocks(axis_name)
-  for step in range(steps):
-    o, m, l = _block_forward(q, block[0], block[1], pos_q, block[2], o, m, l, scale)
-    if step < steps - 1:
-      block = _rotate(block, axis_name)
+  if _num_blocks(axis_name) > 1:
+    (state, block), _ = jax.lax.scan(step, (state, block), None, length=_num_blocks(axis_name) - 1)
+  o, m, l = _block_forward(q, block[0], block[1], pos_q, block[2], *state, scale)
   out = (o / jnp.swapaxes(l, 1, 2)[..., None]).astype(q.dtype)
   return out, m + jnp.log(l)
 
@@ -200,19 +203,24 @@ def _attention_bwd(axis_name, saved, d_out):
   scale = 1.0 / math.sqrt(q.shape[-1])
   d_out = d_out.astype(q.dtype)
   delta = jnp.einsum("bqnh,bqnh->bnq", d_out.astype(F32), out.astype(F32))
-  dq = _full(q.shape, 0.0, q)
-  dk, dv = _full(k.shape, 0.0, q), _full(v.shape, 0.0, q)
-  block = (k, v, pos_k)
-  steps = _num_blocks(axis_name)
-  for step in range(steps):
+
+  def grads(dq, block, dkv):
     dq_s, dk_s, dv_s = _block_backward(q, block[0], block[1], pos_q, block[2], d_out, lse, delta,
                                        scale)
-    dq, dk, dv = dq + dq_s, dk + dk_s, dv + dv_s
-    if axis_name is not None:  # the visiting block's gradients travel with it, home after N
-      if step < steps - 1:
-        block = _rotate(block, axis_name)
-      dk, dv = _rotate((dk, dv), axis_name)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+    return dq + dq_s, (dkv[0] + dk_s, dkv[1] + dv_s)
+
+  def step(carry, _):  # the visiting block's dK/dV travel with it and arrive home after N
+    dq, block, dkv = carry
+    dq, dkv = grads(dq, block, dkv)
+    return (dq, _rotate(block, axis_name), _rotate(dkv, axis_name)), None
+
+  carry = (_full(q.shape, 0.0, q), (k, v, pos_k), (_full(k.shape, 0.0, q), _full(v.shape, 0.0, q)))
+  if _num_blocks(axis_name) > 1:
+    carry, _ = jax.lax.scan(step, carry, None, length=_num_blocks(axis_name) - 1)
+  dq, dkv = grads(*carry)
+  if axis_name is not None:
+    dkv = _rotate(dkv, axis_name)
+  return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype), None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
