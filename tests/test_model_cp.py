@@ -177,5 +177,10 @@ def test_sequence_length_errors_list_valid_lengths():
     validate_model_length(model, 12, 4, a2a)
   with pytest.raises(config_lib.ConfigError, match="d_model=32 must be divisible by mesh.context=3"):
     validate_model_length(model, 96, 3, a2a)
+  validate_model_length(model, 64, 8, a2a)  # 4 groups over 8 ranks: two ranks per group
+  wide = config_lib.ModelConfig(d_model=48, layout="SE MR LI MHA", se_groups=8, mr_groups=8)
+  with pytest.raises(config_lib.ConfigError, match="se_groups=8 and mesh.context=3: the all-to-all"):
+    validate_model_length(wide, 96, 3, config_lib.MeshConfig(context_conv="a2a"))
+  validate_model_length(wide, 384, 3)  # p2p: no constraint on the groups
   with pytest.raises(config_lib.ConfigError, match="mesh.context_attention='flash'"):
     config_lib.MeshConfig(context_attention="flash")

@@ -218,3 +218,10 @@ def validate_model_length(model: ModelConfig, length: int, context: int,
   if uses_a2a and model.d_model % context:
     raise ConfigError(f"model.d_model={model.d_model} must be divisible by mesh.context={context} "
                       "for the all-to-all (LI, or mesh.context_conv=a2a)")
+  if mesh_config.context_conv == "a2a":
+    for kind in ("SE", "MR"):
+      groups = getattr(model, f"{kind.lower()}_groups")
+      if kind in layers and groups % context and context % groups:
+        raise ConfigError(f"model.{kind.lower()}_groups={groups} and mesh.context={context}: the "
+                          "all-to-all gives each rank whole filter groups, so one must divide the "
+                          "other; change one or set mesh.context_conv=p2p")
