@@ -49,6 +49,9 @@ def fir_extend(x_BTC: jax.Array, cache_BKC: jax.Array, h_GK: jax.Array, method: 
   if length > DIRECT_MAX_LEN:
     return conv.causal_conv(ext, h_GK, method, chunk)[:, num_taps - 1:].astype(x_BTC.dtype)
   h_CK = conv.expand_groups(h_GK, channels).astype(jnp.float32)
+  if length == 1:  # a decode step: one contraction over the window (newest row on h[:, 0])
+    y = jnp.einsum("bkc,ck->bc", ext[:, ::-1], h_CK, precision=HI)
+    return y[:, None].astype(x_BTC.dtype)
   y = jnp.zeros(x_BTC.shape, jnp.float32)
   for k in range(num_taps):  # same order of accumulation as ops.conv.direct_conv
     y = y + h_CK[:, k] * jax.lax.slice_in_dim(ext, num_taps - 1 - k, num_taps - 1 - k + length, axis=1)
