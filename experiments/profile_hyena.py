@@ -24,14 +24,8 @@ from pallas_kernels import blocked_conv
 from sh2_jax.ops import hyena
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.timing import median_ms  # noqa: E402
+from experiments.timing import median_ms, vjp_fn  # noqa: E402
 
-
-def vjp_fn(f):
-  def run(*args):
-    out, pullback = jax.vjp(f, *args)
-    return pullback(jnp.ones_like(out))
-  return jax.jit(run)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 
 def median_ms(fn: Callable[..., Any], *args: Any, warmup: int = 2, iters: int = 10,
@@ -26,3 +27,13 @@ def median_ms(fn: Callable[..., Any], *args: Any, warmup: int = 2, iters: int = 
     if deadline is not None and time.perf_counter() > deadline and len(times) >= 3:
       break
   return statistics.median(times)
+
+
+def vjp_fn(f: Callable[..., Any]) -> Callable[..., Any]:
+  """A jitted function running f forward and backward (cotangent ones) for timing fwd+bwd."""
+
+  def run(*args):
+    out, pullback = jax.vjp(f, *args)
+    return pullback(jnp.ones_like(out))
+
+  return jax.jit(run)

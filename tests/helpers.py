@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Callable
 
@@ -62,3 +63,39 @@ def np_causal_conv(x_BLC: np.ndarray, h_GK: np.ndarray) -> np.ndarray:
     window = x_BLC[:, t - n + 1:t + 1][:, ::-1]  # window[:, k] = x[t - k]
     y[:, t] = np.einsum("bkc,ck->bc", window, h_CK[:, :n])
   return y
+
+
+class _PallasWithFixedProgramIds:
+  """The pallas module, but program_id returns given values (interpret mode cannot
+  evaluate program_id inside the pl.when branch that the wrapped kernel runs in)."""
+
+  def __init__(self, pallas_module, program_ids):
+    self._pallas = pallas_module
+    self._program_ids = program_ids
+
+  def program_id(self, axis):
+    return self._program_ids[axis]
+
+  def __getattr__(self, name):
+    return getattr(self._pallas, name)
+
+
+def skip_one_program(kernel: Callable, kernel_module, skipped: tuple[int, int, int]) -> Callable:
+  """Wraps a Pallas kernel of `kernel_module` so that the program with ids `skipped` (a 3-D
+  grid) writes nothing: interpret mode fills outputs with NaN, so a reference comparison of
+  the result must then fail. Used to prove that the kernel tests catch unwritten tiles."""
+  from jax.experimental import pallas as pl
+
+  def wrapped(*refs, **kwargs):
+    program_ids = [pl.program_id(axis) for axis in range(3)]
+    skip = functools.reduce(jnp.logical_and, [i == s for i, s in zip(program_ids, skipped)])
+
+    @pl.when(jnp.logical_not(skip))
+    def _():
+      kernel_module.pl = _PallasWithFixedProgramIds(pl, program_ids)
+      try:
+        kernel(*refs, **kwargs)
+      finally:
+        kernel_module.pl = pl
+
+  return wrapped

@@ -17,6 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import blocked_conv as bc
+from tests import helpers
 
 # Relative L2 error ||kernel - reference|| / ||reference||, per I/O dtype.
 TOLERANCE = {jnp.float32: 2e-6, jnp.bfloat16: 1e-2}
@@ -109,43 +110,11 @@ def test_without_dskip():
   _check_against_reference(args, bc.BlockSizes(chunk=32), jnp.float32, with_dskip=False)
 
 
-class _PallasWithFixedProgramIds:
-  """The pallas module, but program_id returns given values (interpret mode cannot
-  evaluate program_id inside the pl.when branch that the wrapped kernel runs in)."""
-
-  def __init__(self, program_ids):
-    self._program_ids = program_ids
-
-  def program_id(self, axis):
-    return self._program_ids[axis]
-
-  def __getattr__(self, name):
-    return getattr(pl, name)
-
-
-def _skip_one_program(kernel):
-  """Wraps a kernel so that program (0, 1, 0) writes nothing."""
-
-  def wrapped(*refs, **kwargs):
-    program_ids = [pl.program_id(axis) for axis in range(3)]
-    skip = (program_ids[0] == 0) & (program_ids[1] == 1) & (program_ids[2] == 0)
-
-    @pl.when(jnp.logical_not(skip))
-    def _():
-      bc.pl = _PallasWithFixedProgramIds(program_ids)
-      try:
-        kernel(*refs, **kwargs)
-      finally:
-        bc.pl = pl
-
-  return wrapped
-
-
 @pytest.mark.parametrize("which", ["fwd", "bwd"])
 def test_unwritten_tile_is_caught(monkeypatch, which):
   """A kernel that leaves one tile unwritten must fail the reference comparison."""
   name = "_gcg_fwd_kernel" if which == "fwd" else "_gcg_bwd_kernel"
-  monkeypatch.setattr(bc, name, _skip_one_program(getattr(bc, name)))
+  monkeypatch.setattr(bc, name, helpers.skip_one_program(getattr(bc, name), bc, (0, 1, 0)))
   jax.clear_caches()  # no trace of the intact kernel may be reused, and none of this kept
   try:
     args = _inputs(3, 1, 96, 32, 1, 5, jnp.float32)

@@ -15,6 +15,7 @@ import pytest
 from jax.experimental import pallas as pl
 
 from pallas_kernels import modal_conv as mc
+from tests import helpers
 from sh2_jax.config import ModelConfig
 from sh2_jax.ops import hyena
 
@@ -109,42 +110,10 @@ def test_reference_and_no_dskip():
   assert _rel_err(got, want) < TOLERANCE[jnp.float32]
 
 
-class _PallasWithFixedProgramIds:
-  """The pallas module, but program_id returns given values (interpret mode cannot
-  evaluate program_id inside the pl.when branch that the wrapped kernel runs in)."""
-
-  def __init__(self, program_ids):
-    self._program_ids = program_ids
-
-  def program_id(self, axis):
-    return self._program_ids[axis]
-
-  def __getattr__(self, name):
-    return getattr(pl, name)
-
-
-def _skip_one_program(kernel):
-  """Wraps a kernel so that program (0, 1, 1) writes nothing."""
-
-  def wrapped(*refs, **kwargs):
-    program_ids = [pl.program_id(axis) for axis in range(3)]
-    skip = (program_ids[0] == 0) & (program_ids[1] == 1) & (program_ids[2] == 1)
-
-    @pl.when(jnp.logical_not(skip))
-    def _():
-      mc.pl = _PallasWithFixedProgramIds(program_ids)
-      try:
-        kernel(*refs, **kwargs)
-      finally:
-        mc.pl = pl
-
-  return wrapped
-
-
 @pytest.mark.parametrize("name", ["_fwd_kernel", "_bwd_reverse_kernel"])
 def test_unwritten_tile_is_caught(monkeypatch, name):
   """A kernel that leaves one program's rows unwritten must fail the reference comparison."""
-  monkeypatch.setattr(mc, name, _skip_one_program(getattr(mc, name)))
+  monkeypatch.setattr(mc, name, helpers.skip_one_program(getattr(mc, name), mc, (0, 1, 1)))
   jax.clear_caches()  # no trace of the intact kernel may be reused, and none of this kept
   try:
     args, ct = _inputs(3, 1, 64, 32, 4, jnp.float32)
