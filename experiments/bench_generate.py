@@ -154,7 +154,8 @@ def run_prefill(args: argparse.Namespace) -> dict:
   length = args.prefill_len
   tokens = jax.random.randint(jax.random.key(1), (1, length), 0, 256, jnp.int32)
   result = {"layout": model.layout, "params": count_params(params), "length": length,
-            "chunk": args.prefill_chunk, "row_chunk": args.row_chunk}
+            "chunk": args.prefill_chunk, "row_chunk": args.row_chunk,
+            "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")}
   times = []
   for _ in range(2):  # the first call compiles
     begin = time.perf_counter()
@@ -172,7 +173,7 @@ def run_prefill(args: argparse.Namespace) -> dict:
 
 def markdown(results: dict, device: str) -> str:
   lines = [f"# Generation on {device}", "",
-           f"Date 2026-11-23, jax {jax.__version__}, bf16 params and compute, random weights. "
+           f"Date {results.get('date')}, jax {results.get('jax')}, bf16 params and compute, random weights. "
            "Regenerate: `PYTHONPATH=. python -m experiments.bench_generate --part all` "
            "(or `sh2 bench generate`).", ""]
   if results.get("notes"):
@@ -194,6 +195,8 @@ def markdown(results: dict, device: str) -> str:
     p = results[key]
     how = "one parallel pass" if not p["chunk"] else f"chunks of {p['chunk']} tokens continuing the state"
     peak = "n/a" if p["peak_gib"] is None else f"{p['peak_gib']:.1f} GiB"
+    if p.get("mem_fraction"):
+      how += f", XLA_PYTHON_CLIENT_MEM_FRACTION={p['mem_fraction']}"
     lines += [f"## Prefill ({how})", "",
               f"{p['params'] / 1e9:.2f} B params, {p['length']} tokens, batch 1, MLP rows in chunks of "
               f"{p['row_chunk']}: **{p['seconds']:.2f} s** ({p['tokens_per_s']:.0f} tokens/s; first "

@@ -30,6 +30,7 @@ def main() -> None:
   parser.add_argument("--taps", default="7,128")
   parser.add_argument("--d-model", type=int, default=4096)
   parser.add_argument("--groups", type=int, default=256)
+  parser.add_argument("--quick", action="store_true", help="only the unfused pair and the defaults")
   args = parser.parse_args()
   d = args.d_model
   key = jax.random.key(0)
@@ -60,7 +61,7 @@ def main() -> None:
     widest = min(64, d // args.groups)  # a channel tile lies in one group
     configs = [(dc, wb, sb, sf) for dc in sorted({16, widest}) for wb, sb in ((4, 1), (4, 2), (8, 2))
                for sf in (2, 4)]
-    for block_c, warps_b, stages_b, stages_f in configs:
+    for block_c, warps_b, stages_b, stages_f in ([] if args.quick else configs):
       bs = bc.BlockSizes(chunk=chunk, block_c=block_c, num_warps_bwd=warps_b,
                          num_stages_bwd=stages_b, num_stages_fwd=stages_f)
       report(f"dc={block_c} bwd warps={warps_b} stages={stages_b} fwd stages={stages_f}",

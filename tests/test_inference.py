@@ -146,8 +146,14 @@ def test_cached_attention_blocks_and_mask_match_numpy():
   rng = seeded_rng("attn")
   q = rng.standard_normal((2, 13, 2, 8))
   k, v = rng.standard_normal((2, 2, 20, 2, 8))
-  attend = lambda k, v, pos: np.asarray(recurrent.cached_attention(
-      *(jnp.asarray(a, jnp.float32) for a in (q, k, v)), jnp.asarray(pos), block=5, key_block=6))
+  def attend(k, v, pos):
+    k_cache, v_cache = (np.swapaxes(a, 1, 2).astype(np.float32) for a in (k, v))  # [B, N, S, H]
+    out, k_back, v_back = recurrent.cached_attention(
+        jnp.asarray(q, jnp.float32), jnp.asarray(k_cache), jnp.asarray(v_cache), jnp.asarray(pos),
+        block=5, key_block=6)
+    np.testing.assert_array_equal(np.asarray(k_back), k_cache)  # threaded through unchanged
+    np.testing.assert_array_equal(np.asarray(v_back), v_cache)
+    return np.asarray(out)
   # up to slot 19: the last key block (18..23) is clamped to 14..19 and must not count 14..17 twice
   positions = np.arange(7, 20)
   np.testing.assert_allclose(attend(k, v, positions), np_attention(q, k, v, positions), rtol=1e-5, atol=1e-5)

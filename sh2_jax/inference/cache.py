@@ -4,7 +4,8 @@
   (post gate, pre gate, value), before the short conv, oldest first, in the compute dtype.
 - SE / MR inner filter: the last K - 1 rows of u = pre * v, oldest first, float32.
 - LI: N float32 modal states per channel, s_n <- pole_n s_n + u.
-- MHA: a preallocated KV cache [B, S, N, H] holding keys after RoPE, in the compute dtype.
+- MHA: a preallocated KV cache [B, N, S, H] holding keys after RoPE, in the compute dtype (heads
+  before slots: the layout the attention dots read, so XLA never re-lays the cache out).
 `DecodeState.pos` counts the tokens consumed so far (shared by the batch).
 """
 
@@ -26,7 +27,7 @@ class HyenaCache(NamedTuple):
 
 
 class AttentionCache(NamedTuple):
-  """k, v: [B, S, N, H] for positions < S (keys after RoPE); rows >= pos are unused."""
+  """k, v: [B, N, S, H] for positions < S (keys after RoPE); slots >= pos are unused."""
   k: jax.Array
   v: jax.Array
 
@@ -48,7 +49,7 @@ def init_state(config: ModelConfig, batch: int, max_len: int) -> DecodeState:
   layers = []
   for kind in config.layers:
     if kind == "MHA":
-      shape = (batch, max_len, config.num_heads, config.head_dim)
+      shape = (batch, config.num_heads, max_len, config.head_dim)
       layers.append(AttentionCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt)))
       continue
     feat = jnp.zeros((3, batch, config.featurizer_len - 1, d), dt)

@@ -16,8 +16,9 @@ from sh2_jax.ops import conv, filters
 HI = jax.lax.Precision.HIGHEST
 DIRECT_MAX_LEN = 16       # extend by at most this many tokens with the direct window sum
 MODAL_STATE_CHUNK = 256   # positions per step of the LI state reduction
-QUERY_BLOCK = 256         # queries per block of the cached attention
+SCORE_BYTES = 2**28       # float32 scores per block of the cached attention (sets the query block)
 KEY_BLOCK = 2048          # keys per online-softmax step of the cached attention
+DECODE_KEY_BLOCK = 16384  # keys x batch per step for a few queries (decode): fewer, larger steps
 
 
 def last_rows(x_BTC: jax.Array, cache_BKC: jax.Array) -> jax.Array:
@@ -49,8 +50,9 @@ def fir_extend(x_BTC: jax.Array, cache_BKC: jax.Array, h_GK: jax.Array, method: 
   if length > DIRECT_MAX_LEN:
     return conv.causal_conv(ext, h_GK, method, chunk)[:, num_taps - 1:].astype(x_BTC.dtype)
   h_CK = conv.expand_groups(h_GK, channels).astype(jnp.float32)
-  if length == 1:  # a decode step: one contraction over the window (newest row on h[:, 0])
-    y = jnp.einsum("bkc,ck->bc", ext[:, ::-1], h_CK, precision=HI)
+  if length == 1:  # a decode step: one reduction over the window (newest row on h[:, 0]); an
+    # einsum here is a batched [1, K] x [K, 1] dot per channel, 4x slower per step at batch 1
+    y = jnp.sum(ext[:, ::-1] * h_CK.T[None], axis=1)
     return y[:, None].astype(x_BTC.dtype)
   y = jnp.zeros(x_BTC.shape, jnp.float32)
   for k in range(num_taps):  # same order of accumulation as ops.conv.direct_conv
@@ -115,43 +117,53 @@ def modal_step(u_BC: jax.Array, state_BCN: jax.Array, log_poles_CN: jax.Array,
   """One token of the LI recurrence: s <- pole s + u, y = sum_n R_n s_n. Returns (y_BC, s)."""
   poles = jnp.exp(log_poles_CN.astype(jnp.float32))
   state = poles * state_BCN + u_BC.astype(jnp.float32)[:, :, None]
-  return jnp.einsum("bcn,cn->bc", state, residues_CN.astype(jnp.float32), precision=HI), state
+  return jnp.sum(state * residues_CN.astype(jnp.float32), axis=-1), state
 
 
-def cached_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
-                     q_positions_T: jax.Array, block: int = QUERY_BLOCK,
-                     key_block: int = KEY_BLOCK) -> jax.Array:
+def cached_attention(q_BTNH: jax.Array, k_BNSH: jax.Array, v_BNSH: jax.Array,
+                     q_positions_T: jax.Array, block: int | None = None,
+                     key_block: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Softmax attention of queries at absolute positions over a KV cache (float32 softmax and
   accumulation; products in the cache's dtype, as flash attention does).
 
   Key slot j is visible to the query at position p iff j <= p. Keys go in blocks of
   `key_block` with an online softmax, in a loop that stops after the block holding the last
   query's position: the cost grows with the filled length, not the cache size. Queries go in
-  blocks of `block`, so scores are at most [B, N, block, key_block].
+  blocks of `block` (default: as many as keep the [B, N, block, key_block] float32 scores
+  under SCORE_BYTES, 64 to 4096: few large steps, which a GPU needs).
+
+  The caches are [B, N, S, H] (the layout both dots read: with slots before heads XLA:GPU
+  carried a transposed copy of every cache through the decode loop). They go through the
+  loops as carried values and come back out, so the caller returns the buffer the loops read.
 
   Returns:
-    [B, T, N, H] in q's dtype.
+    ([B, T, N, H] in q's dtype, k_BNSH, v_BNSH).
   """
   batch, length, heads, dim = q_BTNH.shape
-  slots = k_BSNH.shape[1]
+  slots = k_BNSH.shape[2]
+  if key_block is None:
+    key_block = max(KEY_BLOCK, DECODE_KEY_BLOCK // batch) if length <= DIRECT_MAX_LEN else KEY_BLOCK
   key_block = min(key_block, slots)
+  if block is None:
+    block = 2 ** int(math.log2(max(1, SCORE_BYTES // (4 * batch * heads * key_block))))
+    block = min(max(block, 64), 4096)
 
   # products take the cache's dtype with float32 accumulation: converting blocks of the cache
   # would be hoisted by XLA into a per-step conversion of the whole cache
-  q_cast = q_BTNH.dtype if q_BTNH.dtype == k_BSNH.dtype else jnp.float32
+  q_cast = q_BTNH.dtype if q_BTNH.dtype == k_BNSH.dtype else jnp.float32
 
-  def attend(q_blk, pos_blk):
+  def attend(q_blk, pos_blk, k_cache, v_cache):
     q_blk = q_blk.astype(q_cast)
     num_blocks = jnp.max(pos_blk) // key_block + 1
 
     def body(carry):
-      j, m, l, acc = carry
+      j, m, l, acc, k_cache, v_cache = carry
       start = jnp.minimum(j * key_block, slots - key_block)  # the last block may overlap ...
-      k = jax.lax.dynamic_slice_in_dim(k_BSNH, start, key_block, axis=1)
-      v = jax.lax.dynamic_slice_in_dim(v_BSNH, start, key_block, axis=1)
+      k = jax.lax.dynamic_slice_in_dim(k_cache, start, key_block, axis=2)
+      v = jax.lax.dynamic_slice_in_dim(v_cache, start, key_block, axis=2)
       idx = start + jnp.arange(key_block)
       visible = (idx[None, :] <= pos_blk[:, None]) & (idx[None, :] >= j * key_block)  # ... not recount
-      s = jnp.einsum("btnh,bsnh->bnts", q_blk, k.astype(q_cast), precision=HI,
+      s = jnp.einsum("btnh,bnsh->bnts", q_blk, k.astype(q_cast), precision=HI,
                      preferred_element_type=jnp.float32) / math.sqrt(dim)
       s = jnp.where(visible[None, None], s, -jnp.inf)
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -159,23 +171,30 @@ def cached_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
       p = jnp.exp(s - m_safe[..., None])
       scale = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
       l = l * scale + jnp.sum(p, axis=-1)
-      acc = acc * scale[..., None] + jnp.einsum("bnts,bsnh->bnth", p.astype(v.dtype), v, precision=HI,
+      acc = acc * scale[..., None] + jnp.einsum("bnts,bnsh->bnth", p.astype(v.dtype), v, precision=HI,
                                                 preferred_element_type=jnp.float32)
-      return j + 1, m_new, l, acc
+      return j + 1, m_new, l, acc, k_cache, v_cache
 
     t = q_blk.shape[1]
     init = (jnp.zeros((), jnp.int32), jnp.full((batch, heads, t), -jnp.inf, jnp.float32),
-            jnp.zeros((batch, heads, t), jnp.float32), jnp.zeros((batch, heads, t, dim), jnp.float32))
-    _, _, l, acc = jax.lax.while_loop(lambda c: c[0] < num_blocks, body, init)
-    return jnp.swapaxes(acc / l[..., None], 1, 2)
+            jnp.zeros((batch, heads, t), jnp.float32), jnp.zeros((batch, heads, t, dim), jnp.float32),
+            k_cache, v_cache)
+    _, _, l, acc, k_cache, v_cache = jax.lax.while_loop(lambda c: c[0] < num_blocks, body, init)
+    return jnp.swapaxes(acc / l[..., None], 1, 2), k_cache, v_cache
 
   if length <= block:
-    return attend(q_BTNH, q_positions_T).astype(q_BTNH.dtype)
+    out, k_BNSH, v_BNSH = attend(q_BTNH, q_positions_T, k_BNSH, v_BNSH)
+    return out.astype(q_BTNH.dtype), k_BNSH, v_BNSH
   num = -(-length // block)
   pad = num * block - length
   q = jnp.pad(q_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
   pos = jnp.pad(q_positions_T, (0, pad))
   q_SBTNH = jnp.moveaxis(q.reshape(batch, num, block, heads, dim), 1, 0)
-  out = jax.lax.map(lambda args: attend(*args), (q_SBTNH, pos.reshape(num, block)))
+
+  def one_block(caches, args):
+    out, k_cache, v_cache = attend(*args, *caches)
+    return (k_cache, v_cache), out
+
+  (k_BNSH, v_BNSH), out = jax.lax.scan(one_block, (k_BNSH, v_BNSH), (q_SBTNH, pos.reshape(num, block)))
   out = jnp.moveaxis(out, 0, 1).reshape(batch, num * block, heads, dim)[:, :length]
-  return out.astype(q_BTNH.dtype)
+  return out.astype(q_BTNH.dtype), k_BNSH, v_BNSH
