@@ -18,7 +18,7 @@ from tests.helpers import np_causal_conv, seeded_rng
 from sh2_jax import inference as inf
 from sh2_jax.config import ModelConfig
 from sh2_jax.convert import evo2
-from sh2_jax.inference import recurrent
+from sh2_jax.inference import engine, recurrent
 from sh2_jax.inference.sampling import SamplingConfig, filter_logits
 from sh2_jax.model import StripedHyena2, abstract_params
 
@@ -278,3 +278,37 @@ def test_golden_prefill_and_decode_reproduce_vortex():
   for prompt_len, key in ((16, "step_logits"), (6, "step_logits_p6")):
     got, _ = decode_logits(params, config, tokens, prompt_len)
     assert float(np.max(np.abs(got - io[key]))) < 1e-4, key
+
+
+def test_prefill_out_of_memory_retries_in_chunks(small_model, monkeypatch, caplog):
+  """A one-pass prefill that runs out of device memory is retried in smaller chunks (here the
+  device 'fits' 8 tokens a call): logits equal the parallel forward; when nothing fits, a
+  one-line PromptError says what to change."""
+  config, params = small_model
+  tokens = seeded_rng("oom").integers(0, 256, (2, 24))
+  expected = forward(params, config, tokens)
+  real_extend = engine.extend_jit
+  calls = []
+
+  def small_device(params, config, state, tokens_BT, **kwargs):
+    calls.append(tokens_BT.shape[1])
+    if tokens_BT.shape[1] > fits:
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+    return real_extend(params, config, state, tokens_BT, **kwargs)
+
+  monkeypatch.setattr(engine, "extend_jit", small_device)
+  monkeypatch.setattr(engine, "OOM_RETRY_CHUNKS", (16, 8, 4))
+  fits = 8
+  with caplog.at_level("WARNING"):
+    logits, state = inf.prefill(params, config, jnp.asarray(tokens), 30)
+  assert calls == [24, 16, 8, 8, 8]
+  assert "ran out of device memory" in caplog.text
+  assert int(state.pos) == 24
+  assert_logits_close(np.asarray(logits), expected, "prefill retried in chunks of 8")
+  with pytest.raises(engine.PromptError, match="does not fit in device memory"):
+    fits = 2
+    inf.prefill(params, config, jnp.asarray(tokens), 30)
+  calls.clear()
+  with pytest.raises(jax.errors.JaxRuntimeError):  # explicit one pass: no retry
+    inf.prefill(params, config, jnp.asarray(tokens), 30, retry_chunked=False)
+  assert calls == [24]

@@ -13,6 +13,7 @@ attention of the new queries over the KV cache.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import jax
@@ -28,6 +29,8 @@ from sh2_jax.ops import filters, hyena
 from sh2_jax.ops.attention import causal_attention
 from sh2_jax.ops.norms import rms_norm
 from sh2_jax.ops.rotary import apply_rope
+
+logger = logging.getLogger(__name__)
 
 
 class PromptError(UserError, ValueError):
@@ -176,13 +179,22 @@ extend_jit = jax.jit(extend, static_argnames=("config", "fresh", "last_only", "r
                      donate_argnames=("state",))
 
 
+OOM_RETRY_CHUNKS = (32768, 16384, 8192, 4096)  # prompt chunks tried after a one-pass prefill runs out of memory
+
+
+def out_of_memory(error: Exception) -> bool:
+  return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
 def prefill(params: dict, config: ModelConfig, tokens_BL: jax.Array, max_len: int,
             chunk: int | None = None, last_only: bool = False,
-            row_chunk: int | None = None) -> tuple[jax.Array, DecodeState]:
+            row_chunk: int | None = None, retry_chunked: bool = True) -> tuple[jax.Array, DecodeState]:
   """Builds the state of a prompt [B, L] for up to `max_len` total tokens.
 
   With `chunk`, the prompt goes in pieces of `chunk` tokens: the first through the parallel
   (training) path, the rest continuing the state (bounded activation memory for long prompts).
+  Without it the prompt goes in one pass; if that runs out of device memory and retry_chunked,
+  it is retried in chunks of OOM_RETRY_CHUNKS (largest first) with a warning.
 
   Returns:
     (float32 logits [B, L, V], or [B, 1, V] with last_only; the state at position L).
@@ -192,10 +204,25 @@ def prefill(params: dict, config: ModelConfig, tokens_BL: jax.Array, max_len: in
     raise PromptError("the prompt is empty: give at least one byte")
   if length > max_len:
     raise PromptError(f"prompt of {length} tokens does not fit max_len={max_len}")
-  state = init_state(config, batch, max_len)
-  chunk = length if chunk is None else chunk
+  if chunk is not None or not retry_chunked:
+    return _prefill_chunks(params, config, tokens_BL, max_len, chunk or length, last_only, row_chunk)
+  for retry in (None, *(c for c in OOM_RETRY_CHUNKS if c < length)):
+    try:
+      return _prefill_chunks(params, config, tokens_BL, max_len, retry or length, last_only, row_chunk)
+    except jax.errors.JaxRuntimeError as error:
+      if not out_of_memory(error):
+        raise
+      logger.warning("prefill of %d tokens %s ran out of device memory; retrying in chunks",
+                     length, "in one pass" if retry is None else f"in chunks of {retry}")
+  raise PromptError(f"prefill of {length} tokens x batch {batch} does not fit in device memory even "
+                    f"in chunks of {min(OOM_RETRY_CHUNKS)}: use a smaller batch or a shorter prompt")
+
+
+def _prefill_chunks(params: dict, config: ModelConfig, tokens_BL: jax.Array, max_len: int,
+                    chunk: int, last_only: bool, row_chunk: int | None) -> tuple[jax.Array, DecodeState]:
+  state = init_state(config, tokens_BL.shape[0], max_len)
   outputs = []
-  for start in range(0, length, chunk):
+  for start in range(0, tokens_BL.shape[1], chunk):
     logits, state = extend_jit(params, config, state, tokens_BL[:, start:start + chunk],
                                fresh=start == 0, last_only=last_only, row_chunk=row_chunk)
     outputs.append(logits)
