@@ -72,8 +72,10 @@ def time_step(model: config_lib.ModelConfig, length: int, batch: int, iters: int
   return statistics.median(times)
 
 
-def variants(preset: str) -> list[tuple[str, config_lib.ModelConfig]]:
-  base = dataclasses.replace(config_lib.get_preset(preset).model, remat=True, dtype="bfloat16")
+def variants(preset: str, remat: str = "full") -> list[tuple[str, config_lib.ModelConfig]]:
+  """SH2 and all-MHA configs of a preset; remat: "none" or a model.remat_policy (per block)."""
+  base = dataclasses.replace(config_lib.get_preset(preset).model, dtype="bfloat16",
+                             remat=remat != "none", remat_policy="full" if remat == "none" else remat)
   all_mha = dataclasses.replace(base, layout=" ".join(["MHA"] * base.num_layers))
   return [(f"{preset} (SH2: {base.layout.count('MHA')} MHA of {base.num_layers})", base),
           (f"{preset} shape, all MHA", all_mha)]
@@ -86,13 +88,15 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--lengths", default="8192,32768")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--remat", default="full", choices=("none",) + config_lib.REMAT_POLICIES,
+                      help="rematerialisation of each block, both models (default full)")
   parser.add_argument("--out", default=None, help="markdown path (default experiments/results/train_<device>.md)")
   args = parser.parse_args(argv)
   device = jax.devices()[0]
   peak = peak_tflops(device.device_kind)
   rows: list[dict[str, Any]] = []
   for length in [int(x) for x in args.lengths.split(",") if x.strip()]:
-    for name, model in variants(args.preset):
+    for name, model in variants(args.preset, args.remat):
       row = {"model": name, "L": length}
       try:
         ms = time_step(model, length, args.batch, args.iters)
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
            f"- device: {device.device_kind}, jax {jax.__version__}; peak bf16 {peak} TFLOP/s for MFU",
            f"- date: {datetime.date.today().isoformat()}",
            f"- command: `sh2 bench train {' '.join(argv or [])}`".rstrip(),
-           f"- B={args.batch}, bf16 compute, float32 params + AdamW, remat per block, median of "
+           f"- B={args.batch}, bf16 compute, float32 params + AdamW, remat {args.remat}, median of "
            f"{args.iters} steps after 2 warm-up steps", "",
            "| model | L | step ms | tokens/s | MFU |", "|---|---|---|---|---|"]
   for r in rows:

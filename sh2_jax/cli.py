@@ -29,7 +29,8 @@ logger = logging.getLogger("sh2_jax")
 EPILOG_SETTINGS = """settings (--set section.name=value, or the same keys in a YAML file):
   model.*  vocab_size d_model layout num_heads mlp_dim mlp_activation featurizer_len
            se_filter_len mr_filter_len se_groups mr_groups li_order mr_decay train_len
-           rope_base norm_eps dtype param_dtype conv_method li_method conv_chunk remat init_std
+           rope_base norm_eps dtype param_dtype conv_method li_method conv_chunk remat remat_policy
+           init_std
   data.*   path format seq_len eval_fraction seed worker_count
   train.*  steps batch_size grad_accum learning_rate warmup_steps min_lr_ratio weight_decay
            b1 b2 clip_norm seed log_every eval_every eval_batches checkpoint_every keep_checkpoints

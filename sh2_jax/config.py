@@ -17,6 +17,7 @@ from sh2_jax.errors import UserError
 MIXER_TYPES = ("SE", "MR", "LI", "MHA")
 CONV_METHODS = ("auto", "direct", "fft", "blocked", "pallas", "pallas_fused")
 LI_METHODS = ("auto", "fft", "chunked", "pallas")
+REMAT_POLICIES = ("full", "save_dots")
 MLP_ACTIVATIONS = ("evo2", "gelu", "identity", "silu")
 DTYPES = ("float32", "bfloat16", "float16")
 CONTEXT_CONV = ("p2p", "a2a")
@@ -94,6 +95,10 @@ class ModelConfig:
       modal-recurrence GPU kernel; interpret mode off GPU, slow), "auto".
     conv_chunk: chunk length of the blocked convolution (>= the longest blocked filter).
     remat: rematerialise each block in the backward pass.
+    remat_policy: what a rematerialised block keeps from its forward pass: "full" (nothing but
+      its input: least memory), "save_dots" (also the outputs of matrix products without batch
+      dimensions, i.e. the projections and the MLP, so the backward recomputes only norms,
+      gates, convolutions and attention).
     init_std: standard deviation of embedding and projection init.
   """
   vocab_size: int = 512
@@ -118,6 +123,7 @@ class ModelConfig:
   li_method: str = "auto"
   conv_chunk: int = 128
   remat: bool = False
+  remat_policy: str = "full"
   init_std: float = 0.02
 
   def __post_init__(self) -> None:
@@ -148,6 +154,8 @@ class ModelConfig:
       raise ConfigError(f"model.conv_method={self.conv_method!r}: choose one of {CONV_METHODS}")
     if self.li_method not in LI_METHODS:
       raise ConfigError(f"model.li_method={self.li_method!r}: choose one of {LI_METHODS}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ConfigError(f"model.remat_policy={self.remat_policy!r}: choose one of {REMAT_POLICIES}")
     if self.conv_method in ("blocked", "pallas", "pallas_fused"):
       longest = max([self.se_filter_len if "SE" in layers else 0,
                      self.mr_filter_len if "MR" in layers else 0])

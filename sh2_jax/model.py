@@ -14,6 +14,11 @@ from sh2_jax.layers.block import Block
 from sh2_jax.layers.norm import RMSNorm
 from sh2_jax.parallel.context_sharding import ContextSharding
 
+REMAT_POLICIES = {  # model.remat_policy -> what jax.checkpoint keeps of a block's forward
+    "full": None,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 class StripedHyena2(nn.Module):
   """Byte-level multi-hybrid LM (SPEC.md section 1).
@@ -40,7 +45,8 @@ class StripedHyena2(nn.Module):
     embedding_VD = P.declare(self, "embedding", P.normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
                              ("vocab", "embed"), jnp.dtype(cfg.param_dtype))
     x_BLD = constrain(jnp.take(embedding_VD, tokens_BL, axis=0).astype(jnp.float32))
-    block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    block_cls = nn.remat(Block, static_argnums=(), policy=policy) if cfg.remat else Block
     for i in range(cfg.num_layers):
       x_BLD = constrain(block_cls(cfg, i, cp, name=f"block_{i}")(x_BLD))
       self.sow("intermediates", f"hidden_{i}", x_BLD)

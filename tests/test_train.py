@@ -181,21 +181,29 @@ def test_eval_run_reports_model_and_markov_baselines(tmp_path):
 
 
 def test_remat_gives_identical_loss_and_gradients():
+  """No remat, full remat and remat saving the projections' outputs: the same loss and
+  gradients; the policy is honoured (full remat recomputes the block's matrix products in the
+  backward, save_dots almost none)."""
   config = small_config()
   model_cfg = dataclasses.replace(config.model, dtype="float32")
   rng = np.random.default_rng(1)
   window = jnp.asarray(rng.integers(0, 256, (2, 33)), jnp.int32)
-  results = []
-  for remat in (False, True):
-    cfg = dataclasses.replace(model_cfg, remat=remat)
+  results, dots = [], []
+  for remat, policy in ((False, "full"), (True, "full"), (True, "save_dots")):
+    cfg = dataclasses.replace(model_cfg, remat=remat, remat_policy=policy)
     model = step_lib.StripedHyena2(cfg)
     params = jax.tree.map(lambda x: x, __import__("flax").linen.meta.unbox(
         model.init(jax.random.key(0), window[:, :-1])["params"]))
     loss = lambda p: jnp.mean(step_lib.next_token_nll(model, p, window))
     results.append(jax.jit(jax.value_and_grad(loss))(params))
-  assert float(results[0][0]) == pytest.approx(float(results[1][0]), rel=1e-6)
-  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    dots.append(str(jax.make_jaxpr(jax.grad(loss))(params)).count("dot_general"))
+  for other in results[1:]:
+    assert float(results[0][0]) == pytest.approx(float(other[0]), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(other[1])):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  no_remat, full, save_dots = dots
+  assert full > save_dots >= no_remat, dots
+  assert full - save_dots > 2 * (save_dots - no_remat), dots
 
 
 MESH_SCRIPT = r"""
