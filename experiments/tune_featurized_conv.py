@@ -67,6 +67,8 @@ def main() -> None:
       report(f"dc={block_c} bwd warps={warps_b} stages={stages_b} fwd stages={stages_f}",
              lambda z, w, h, bs=bs: fc.featurized_gate_conv_gate_pallas(z, w, h, dskip, block_sizes=bs))
     report("defaults", lambda z, w, h: fc.featurized_gate_conv_gate_pallas(z, w, h, dskip))
+    report("defaults, tap_grads=xla",
+           lambda z, w, h: fc.featurized_gate_conv_gate_pallas(z, w, h, dskip, tap_grads="xla"))
     jax.clear_caches()
 
 

@@ -10,7 +10,8 @@ blocked_conv.py:
 
 Fusing the featurizer into the kernels removes its memory passes: the forward reads z once
 (its J shifted row windows come from cache) and never writes f; the backward recomputes f
-from z, writes df = dL/df per stream and reduces the featurizer-tap gradient on chip. Only
+from z, writes df = dL/df per stream and reduces the featurizer-tap gradient on chip (or, with
+tap_grads="xla", leaves that reduction to XLA and carries the previous chunk's pre/v). Only
 dz[t] = sum_j w[j] df[t + j] (anti-causal, across chunk edges) is left to one XLA fusion,
 which also concatenates the three streams for the in-projection's gradient products.
 
@@ -40,6 +41,7 @@ from pallas_kernels import blocked_conv as bc
 logger = logging.getLogger(__name__)
 
 MAX_FEATURIZER_TAPS = 4
+TAP_GRADS = ("kernel", "xla")  # where the featurizer-tap gradient is reduced (see _fgcg_bwd)
 FUSED_BWD_STAGES_LONG_CHUNK = 1
 _STREAMS = 3  # post, pre, v
 _STREAMS_PADDED = 4  # Triton block dims are powers of two
@@ -173,8 +175,7 @@ def _fgcg_bwd_kernel(
     dfpost_ref, dfpre_ref, dfv_ref,  # [Lp, dc] gradients of the featurized streams
     dh_part_ref,  # [T, T] float32, as in blocked_conv
     ddskip_part_ref,  # [dc] float32
-    dwf_part_ref,  # [4, Jp, dc] float32: sum_t df_s[t] z_s[t - j]
-    *,
+    *dwf_part_ref,  # tap_grads == "kernel": [4, Jp, dc] float32, sum_t df_s[t] z_s[t - j]
     chunk: int,
     segment_chunks: int,
     num_chunks: int,
@@ -183,6 +184,7 @@ def _fgcg_bwd_kernel(
     precision: jax.lax.Precision | None,
     transpose_by_dot: bool,
     windows: bool,
+    tap_grads: str,
 ):
   f32 = jnp.float32
   block_c = dfv_ref.shape[-1]
@@ -207,6 +209,43 @@ def _fgcg_bwd_kernel(
 
   end = (pl.program_id(2) + 1) * segment_chunks
 
+  def grads_of_chunk(n, post_TC, pre_TC, v_TC, u_prev_dot_TC, g_next_TC):
+    """Writes df of chunk n; returns (g, u, u_prev, df as stored) for the accumulators."""
+    rows = bc._chunk_rows(n, chunk)
+    u_TC = pre_TC * v_TC
+    u_dot_TC = u_TC.astype(dot_dtype)
+    dout_TC = dout_ref[rows, :].astype(f32)
+    y_TC = dot(h0_TT, u_dot_TC) + dot(h1_TT, u_prev_dot_TC) + dskip_1C * u_TC
+    g_TC = dout_TC * post_TC
+    g_dot_TC = g_TC.astype(dot_dtype)
+    du_TC = h0t_dot(g_dot_TC) + h1t_dot(g_next_TC) + dskip_1C * g_TC
+    stored = []
+    for df_ref, df_TC in zip((dfpost_ref, dfpre_ref, dfv_ref), (dout_TC * y_TC, du_TC * v_TC,
+                                                                du_TC * pre_TC)):
+      df_stored = df_TC.astype(df_ref.dtype)
+      df_ref[rows, :] = df_stored
+      stored.append(df_stored)
+    return g_TC, g_dot_TC, u_TC, u_dot_TC, stored
+
+  def accumulate(a0_TT, a1_TT, ddskip_TC, g_TC, g_dot_TC, u_TC, u_dot_TC, u_prev_dot_TC):
+    a0_TT = a0_TT + dot_general(g_dot_TC, u_dot_TC, ((1,), (1,)))
+    a1_TT = a1_TT + dot_general(g_dot_TC, u_prev_dot_TC, ((1,), (1,)))
+    return a0_TT, a1_TT, ddskip_TC + g_TC * u_TC
+
+  def body_xla_taps(step, carry):
+    # pre and v of chunk n come from the previous step (featurized there as its chunk n - 1)
+    g_next_TC, a0_TT, a1_TT, ddskip_TC, pre_TC, v_TC = carry
+    n = end - 1 - step
+    prev = jnp.maximum(n - 1, 0)
+    pre_prev_TC = jnp.where(n > 0, feat(zpre_ref, stream=1, n=prev), 0.0)
+    v_prev_TC = jnp.where(n > 0, feat(zv_ref, stream=2, n=prev), 0.0)
+    u_prev_dot_TC = (pre_prev_TC * v_prev_TC).astype(dot_dtype)
+    g_TC, g_dot_TC, u_TC, u_dot_TC, _ = grads_of_chunk(
+        n, feat(zpost_ref, stream=0, n=n), pre_TC, v_TC, u_prev_dot_TC, g_next_TC)
+    a0_TT, a1_TT, ddskip_TC = accumulate(a0_TT, a1_TT, ddskip_TC, g_TC, g_dot_TC, u_TC, u_dot_TC,
+                                         u_prev_dot_TC)
+    return g_dot_TC, a0_TT, a1_TT, ddskip_TC, pre_prev_TC, v_prev_TC
+
   def body(step, carry):
     g_next_TC, a0_TT, a1_TT, ddskip_TC, dwf = carry
     n = end - 1 - step
@@ -216,24 +255,13 @@ def _fgcg_bwd_kernel(
     prev = jnp.maximum(n - 1, 0)
     u_prev_TC = feat(zpre_ref, stream=1, n=prev) * feat(zv_ref, stream=2, n=prev)
     u_prev_dot_TC = jnp.where(n > 0, u_prev_TC, 0.0).astype(dot_dtype)
-    u_TC = pre_TC * v_TC
-    u_dot_TC = u_TC.astype(dot_dtype)
-    dout_TC = dout_ref[rows, :].astype(f32)
-    y_TC = dot(h0_TT, u_dot_TC) + dot(h1_TT, u_prev_dot_TC) + dskip_1C * u_TC
-    g_TC = dout_TC * post_TC
-    g_dot_TC = g_TC.astype(dot_dtype)
-    du_TC = h0t_dot(g_dot_TC) + h1t_dot(g_next_TC) + dskip_1C * g_TC
-    dfs = (dout_TC * y_TC, du_TC * v_TC, du_TC * pre_TC)
-    new_dwf = []
-    for stream, (df_ref, df_TC) in enumerate(zip((dfpost_ref, dfpre_ref, dfv_ref), dfs)):
-      df_stored = df_TC.astype(df_ref.dtype)
-      df_ref[rows, :] = df_stored
-      # The tap gradient uses df as stored (rounded to the I/O dtype), like the unfused path.
-      for j in range(num_taps_f):
-        new_dwf.append(dwf[stream * num_taps_f + j] + shifted[stream][j] * df_stored.astype(f32))
-    a0_TT = a0_TT + dot_general(g_dot_TC, u_dot_TC, ((1,), (1,)))
-    a1_TT = a1_TT + dot_general(g_dot_TC, u_prev_dot_TC, ((1,), (1,)))
-    ddskip_TC = ddskip_TC + g_TC * u_TC
+    g_TC, g_dot_TC, u_TC, u_dot_TC, stored = grads_of_chunk(n, post_TC, pre_TC, v_TC,
+                                                            u_prev_dot_TC, g_next_TC)
+    # The tap gradient uses df as stored (rounded to the I/O dtype), like the unfused path.
+    new_dwf = [dwf[stream * num_taps_f + j] + shifted[stream][j] * stored[stream].astype(f32)
+               for stream in range(_STREAMS) for j in range(num_taps_f)]
+    a0_TT, a1_TT, ddskip_TC = accumulate(a0_TT, a1_TT, ddskip_TC, g_TC, g_dot_TC, u_TC, u_dot_TC,
+                                         u_prev_dot_TC)
     return g_dot_TC, a0_TT, a1_TT, ddskip_TC, tuple(new_dwf)
 
   n_next = jnp.minimum(end, num_chunks - 1)
@@ -241,17 +269,23 @@ def _fgcg_bwd_kernel(
   g_next_TC = jnp.where(end < num_chunks, g_next_TC, 0.0).astype(dot_dtype)
   zeros_C = jnp.zeros((block_c,), f32)
   zeros_TC = jnp.zeros((chunk, block_c), f32)
-  init = (g_next_TC, jnp.zeros((chunk, chunk), f32), jnp.zeros((chunk, chunk), f32), zeros_TC,
-          (zeros_TC,) * (_STREAMS * num_taps_f))
-  _, a0_TT, a1_TT, ddskip_TC, dwf = jax.lax.fori_loop(0, segment_chunks, body, init)
+  init = (g_next_TC, jnp.zeros((chunk, chunk), f32), jnp.zeros((chunk, chunk), f32), zeros_TC)
+  if tap_grads == "xla":
+    last = end - 1
+    init += (feat(zpre_ref, stream=1, n=last), feat(zv_ref, stream=2, n=last))
+    _, a0_TT, a1_TT, ddskip_TC, _, _ = jax.lax.fori_loop(0, segment_chunks, body_xla_taps, init)
+  else:
+    init += ((zeros_TC,) * (_STREAMS * num_taps_f),)
+    _, a0_TT, a1_TT, ddskip_TC, dwf = jax.lax.fori_loop(0, segment_chunks, body, init)
+    (dwf_ref,) = dwf_part_ref
+    for stream in range(_STREAMS_PADDED):
+      for j in range(dwf_ref.shape[1]):
+        real = stream < _STREAMS and j < num_taps_f
+        dwf_ref[stream, j, :] = jnp.sum(dwf[stream * num_taps_f + j], axis=0) if real else zeros_C
   rows_TT = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
   cols_TT = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
   dh_part_ref[...] = jnp.where(rows_TT >= cols_TT, a0_TT, a1_TT)
   ddskip_part_ref[...] = jnp.sum(ddskip_TC, axis=0)
-  for stream in range(_STREAMS_PADDED):
-    for j in range(dwf_part_ref.shape[1]):
-      real = stream < _STREAMS and j < num_taps_f
-      dwf_part_ref[stream, j, :] = jnp.sum(dwf[stream * num_taps_f + j], axis=0) if real else zeros_C
 
 
 def _specs(batch: int, padded_len: int, channels: int, groups: int, taps_pad: int,
@@ -292,7 +326,7 @@ def _fwd_call(z_BL3C, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int, block_sizes: b
 
 
 def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
-              block_sizes: bc.BlockSizes, interpret: bool):
+              block_sizes: bc.BlockSizes, interpret: bool, tap_grads: str):
   batch, padded_len, width3 = z_BL3C.shape
   channels = width3 // _STREAMS
   chunk, block_c = block_sizes.chunk, block_sizes.block_c
@@ -306,21 +340,23 @@ def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
                              segment_chunks=num_chunks // segments, num_chunks=num_chunks,
                              num_taps_f=num_taps_f, dot_dtype=dot_dtype, precision=precision,
                              transpose_by_dot=block_sizes.bwd_transpose_by_dot,
-                             windows=not interpret)
+                             windows=not interpret, tap_grads=tap_grads)
   stream = jax.ShapeDtypeStruct((batch, padded_len, channels), z_BL3C.dtype)
   out_shape = (
       stream, stream, stream,
       jax.ShapeDtypeStruct((batch, channels // block_c, segments, chunk, chunk), jnp.float32),
       jax.ShapeDtypeStruct((batch, segments, channels), jnp.float32),
-      jax.ShapeDtypeStruct((batch, segments, _STREAMS_PADDED, taps_pad, channels), jnp.float32),
   )
   out_specs = (
       tile, tile, tile,
       pl.BlockSpec((None, None, None, chunk, chunk), lambda b, c, s: (b, c, s, 0, 0)),
       pl.BlockSpec((None, None, block_c), lambda b, c, s: (b, s, c)),
-      pl.BlockSpec((None, None, _STREAMS_PADDED, taps_pad, block_c),
-                   lambda b, c, s: (b, s, 0, 0, c)),
   )
+  if tap_grads == "kernel":
+    out_shape += (jax.ShapeDtypeStruct((batch, segments, _STREAMS_PADDED, taps_pad, channels),
+                                       jnp.float32),)
+    out_specs += (pl.BlockSpec((None, None, _STREAMS_PADDED, taps_pad, block_c),
+                               lambda b, c, s: (b, s, 0, 0, c)),)
   return pl.pallas_call(
       kernel,
       grid=grid,
@@ -343,6 +379,14 @@ def featurizer_transpose(df_BLC: jax.Array, w_CJ: jax.Array) -> jax.Array:
   return sum(w[:, j] * df[:, j:j + length] for j in range(num_taps_f))
 
 
+def featurizer_tap_grads(df_BLC: jax.Array, z_BLC: jax.Array, num_taps_f: int) -> jax.Array:
+  """Gradient of the featurizer taps: dw[c, j] = sum_(b, t) df[b, t, c] z[b, t - j, c], float32 [C, J]."""
+  length = df_BLC.shape[1]
+  df, z = df_BLC.astype(jnp.float32), z_BLC.astype(jnp.float32)
+  return jnp.stack([jnp.sum(df[:, j:] * z[:, :length - j], axis=(0, 1)) for j in range(num_taps_f)],
+                   axis=-1)
+
+
 def _pad_rows(z_BL3C: jax.Array, chunk: int) -> jax.Array:
   return bc._pad_rows(z_BL3C, bc._padded_len(z_BL3C.shape[1], chunk))
 
@@ -356,33 +400,38 @@ def _fwd_impl(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret):
   return out[:, :length]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fgcg(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fgcg(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret, tap_grads):
   return _fwd_impl(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret)
 
 
-def _fgcg_fwd(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret):
+def _fgcg_fwd(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret, tap_grads):
   out = _fwd_impl(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret)
   return out, (z_BL3C, w_feat_3CJ, h_GK, dskip_C)
 
 
-def _fgcg_bwd(block_sizes, interpret, residuals, dout_BLC):
+def _fgcg_bwd(block_sizes, interpret, tap_grads, residuals, dout_BLC):
   z_BL3C, w_feat_3CJ, h_GK, dskip_C = residuals
   batch, length, width3 = z_BL3C.shape
   channels = width3 // _STREAMS
   num_taps_f = w_feat_3CJ.shape[1]
   chunk = block_sizes.chunk
   dout = bc._pad_rows(dout_BLC.astype(z_BL3C.dtype), bc._padded_len(length, chunk))
-  dfpost, dfpre, dfv, dh_part, ddskip_part, dwf_part = _bwd_call(
+  dfpost, dfpre, dfv, dh_part, ddskip_part, *dwf_part = _bwd_call(
       _pad_rows(z_BL3C, chunk), dout, _kernel_taps(w_feat_3CJ), bc._padded_filter(h_GK, chunk),
       dskip_C.astype(jnp.float32), num_taps_f=num_taps_f, block_sizes=block_sizes,
-      interpret=interpret)
+      interpret=interpret, tap_grads=tap_grads)
+  dfs = [df[:, :length] for df in (dfpost, dfpre, dfv)]
   w_SCJ = w_feat_3CJ.reshape(_STREAMS, channels, num_taps_f)
-  dz_BL3C = jnp.concatenate(
-      [featurizer_transpose(df[:, :length], w_SCJ[s]) for s, df in enumerate((dfpost, dfpre, dfv))],
-      axis=-1).astype(z_BL3C.dtype)
-  dw_SJC = dwf_part.sum((0, 1))[:_STREAMS, :num_taps_f]
-  dw_3CJ = jnp.swapaxes(dw_SJC, 1, 2).reshape(width3, num_taps_f).astype(w_feat_3CJ.dtype)
+  dz_BL3C = jnp.concatenate([featurizer_transpose(df, w_SCJ[s]) for s, df in enumerate(dfs)],
+                            axis=-1).astype(z_BL3C.dtype)
+  if tap_grads == "kernel":
+    dw_SJC = dwf_part[0].sum((0, 1))[:_STREAMS, :num_taps_f]
+    dw_3CJ = jnp.swapaxes(dw_SJC, 1, 2).reshape(width3, num_taps_f)
+  else:
+    z_streams = jnp.split(z_BL3C, _STREAMS, axis=-1)
+    dw_3CJ = jnp.concatenate([featurizer_tap_grads(df, z, num_taps_f) for df, z in zip(dfs, z_streams)])
+  dw_3CJ = dw_3CJ.astype(w_feat_3CJ.dtype)
   dh_GK = bc._dh_from_partials(dh_part, h_GK.shape[0], h_GK.shape[1]).astype(h_GK.dtype)
   ddskip_C = ddskip_part.sum((0, 1)).astype(dskip_C.dtype)
   return dz_BL3C, dw_3CJ, dh_GK, ddskip_C
@@ -391,11 +440,11 @@ def _fgcg_bwd(block_sizes, interpret, residuals, dout_BLC):
 _fgcg.defvjp(_fgcg_fwd, _fgcg_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret", "tap_grads"))
 def featurized_gate_conv_gate_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h_GK: jax.Array,
                                      dskip_C: jax.Array | None = None, *,
                                      block_sizes: bc.BlockSizes | None = None,
-                                     interpret: bool = False) -> jax.Array:
+                                     interpret: bool = False, tap_grads: str = "kernel") -> jax.Array:
   """Featurizer + Hyena gate-conv-gate by the fused Pallas (Triton) kernels, differentiable.
 
   Args:
@@ -407,6 +456,9 @@ def featurized_gate_conv_gate_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h
     dskip_C: [C] skip weights, or None (Hyena-SE).
     block_sizes: tiles and launch parameters (blocked_conv.BlockSizes); None: defaults.
     interpret: Pallas interpret mode (CPU), for tests.
+    tap_grads: "kernel": the backward kernel reduces the featurizer-tap gradient on chip (three
+      [T, dc] accumulators per tap and stream); "xla": it does not (and carries the featurized
+      pre/v of the previous chunk instead of recomputing them), XLA reduces df * shifted z.
 
   Returns:
     [B, L, C] in z's dtype. Gradients (custom_vjp) for z, the taps, h and dskip.
@@ -423,8 +475,10 @@ def featurized_gate_conv_gate_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h
     dskip_C = jnp.zeros((channels,), jnp.float32)
   elif dskip_C.shape != (channels,):
     raise ValueError(f"dskip shape {dskip_C.shape} must be ({channels},)")
+  if tap_grads not in TAP_GRADS:
+    raise ValueError(f"tap_grads={tap_grads!r}: choose one of {TAP_GRADS}")
   resolved = _resolve(block_sizes, (batch, length, channels), h_GK.shape, z_BL3C.dtype)
-  return _fgcg(z_BL3C, w_feat_3CJ, h_GK, dskip_C, resolved, interpret)
+  return _fgcg(z_BL3C, w_feat_3CJ, h_GK, dskip_C, resolved, interpret, tap_grads)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,10 +74,10 @@ def _rel_err(got, want):
   return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
-def _check(args, block_sizes, dtype, with_dskip=True):
+def _check(args, block_sizes, dtype, with_dskip=True, tap_grads="kernel"):
   z, w_feat, h, dskip, ct = args
   kernel = functools.partial(fc.featurized_gate_conv_gate_pallas, block_sizes=block_sizes,
-                             interpret=True)
+                             interpret=True, tap_grads=tap_grads)
   if with_dskip:
     out, vjp = jax.vjp(kernel, z, w_feat, h, dskip)
   else:
@@ -113,6 +113,15 @@ def test_matches_float64_reference(batch, length, channels, groups, taps, feat_t
   _check(args, block_sizes, dtype)
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[5]])
+def test_tap_grads_in_xla_match_float64_reference(case):
+  """tap_grads="xla" (no on-chip tap reduction; pre/v carried between chunks): bf16, segments,
+  one-tap featurizer, L not a multiple of the chunk."""
+  batch, length, channels, groups, taps, feat_taps, dtype, block_sizes = case
+  args = _inputs(17 + length, batch, length, channels, groups, taps, feat_taps, dtype)
+  _check(args, block_sizes, dtype, tap_grads="xla")
+
+
 def test_without_dskip():
   args = _inputs(5, 1, 70, 32, 2, 7, 3, jnp.float32)
   _check(args, bc.BlockSizes(chunk=16), jnp.float32, with_dskip=False)
@@ -127,15 +136,15 @@ def test_plain_jax_reference_matches_float64():
     assert _rel_err(got, want) < 2e-6
 
 
-@pytest.mark.parametrize("which", ["fwd", "bwd"])
-def test_unwritten_tile_is_caught(monkeypatch, which):
+@pytest.mark.parametrize("which,tap_grads", [("fwd", "kernel"), ("bwd", "kernel"), ("bwd", "xla")])
+def test_unwritten_tile_is_caught(monkeypatch, which, tap_grads):
   name = "_fgcg_fwd_kernel" if which == "fwd" else "_fgcg_bwd_kernel"
   monkeypatch.setattr(fc, name, helpers.skip_one_program(getattr(fc, name), fc, (0, 1, 0)))
   jax.clear_caches()
   try:
     args = _inputs(3, 1, 64, 32, 1, 5, 3, jnp.float32)
     with pytest.raises(AssertionError, match="non-finite"):
-      _check(args, bc.BlockSizes(chunk=16, block_c=16), jnp.float32)
+      _check(args, bc.BlockSizes(chunk=16, block_c=16), jnp.float32, tap_grads=tap_grads)
   finally:
     jax.clear_caches()
 
@@ -153,20 +162,22 @@ def _lower_for_cuda(fn, *shapes):
   return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("dtype,taps,block_sizes", [
-    (jnp.bfloat16, 7, None),
-    (jnp.bfloat16, 128, None),
-    (jnp.float32, 128, None),
-    (jnp.bfloat16, 128, bc.BlockSizes(bwd_transpose_by_dot=False)),
+@pytest.mark.parametrize("dtype,taps,block_sizes,tap_grads", [
+    (jnp.bfloat16, 7, None, "kernel"),
+    (jnp.bfloat16, 7, None, "xla"),
+    (jnp.bfloat16, 128, None, "kernel"),
+    (jnp.float32, 128, None, "kernel"),
+    (jnp.bfloat16, 128, bc.BlockSizes(bwd_transpose_by_dot=False), "xla"),
 ])
-def test_lowers_for_cuda(dtype, taps, block_sizes):
+def test_lowers_for_cuda(dtype, taps, block_sizes, tap_grads):
   batch, length, channels, groups = 2, 4000, 512, 8
   z = jax.ShapeDtypeStruct((batch, length, 3 * channels), dtype)
   w_feat = jax.ShapeDtypeStruct((3 * channels, 3), jnp.float32)
   h = jax.ShapeDtypeStruct((groups, taps), jnp.float32)
   dskip = jax.ShapeDtypeStruct((channels,), jnp.float32)
   ct = jax.ShapeDtypeStruct((batch, length, channels), dtype)
-  kernel = functools.partial(fc.featurized_gate_conv_gate_pallas, block_sizes=block_sizes)
+  kernel = functools.partial(fc.featurized_gate_conv_gate_pallas, block_sizes=block_sizes,
+                             tap_grads=tap_grads)
 
   def fwd_bwd(z, w_feat, h, dskip, ct):
     out, vjp = jax.vjp(kernel, z, w_feat, h, dskip)
