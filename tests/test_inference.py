@@ -18,7 +18,7 @@ from tests.helpers import np_causal_conv, seeded_rng
 from sh2_jax import inference as inf
 from sh2_jax.config import ModelConfig
 from sh2_jax.convert import evo2
-from sh2_jax.inference import engine, recurrent
+from sh2_jax.inference import engine, recurrent, scoring
 from sh2_jax.inference.sampling import SamplingConfig, filter_logits
 from sh2_jax.model import StripedHyena2, abstract_params
 
@@ -250,7 +250,7 @@ def test_generate_seed_segments_greedy_and_stop(small_model):
   np.testing.assert_array_equal(s["tokens"][0, :3], a["tokens"][0, :3])
 
 
-def test_score_equals_sum_of_log_softmax_with_padding(small_model):
+def test_score_equals_sum_of_log_softmax_with_padding(small_model, monkeypatch, caplog):
   config, params = small_model
   rng = seeded_rng("score")
   lengths = np.array([20, 7, 1, 13])
@@ -260,9 +260,23 @@ def test_score_equals_sum_of_log_softmax_with_padding(small_model):
   logits = forward(params, config, tokens).astype(np.float64)  # unpadded: other bytes after len
   top = logits.max(-1, keepdims=True)
   logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
-  for b, n in enumerate(lengths):
-    expected = sum(logp[b, t - 1, tokens[b, t]] for t in range(1, n))
-    np.testing.assert_allclose(got[b], expected, rtol=1e-5, atol=1e-4)
+  expected = np.array([sum(logp[b, t - 1, tokens[b, t]] for t in range(1, n))
+                       for b, n in enumerate(lengths)])
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+  # Through the recurrent path in chunks (8 + 8 + 4: the last position of a chunk predicts the
+  # first token of the next), and as the fallback when one pass runs out of device memory.
+  in_chunks = inf.score_in_chunks(params, config, jnp.asarray(padded), jnp.asarray(lengths), 8)
+  np.testing.assert_allclose(np.asarray(in_chunks), expected, rtol=1e-4, atol=1e-3)
+
+  def out_of_memory(*args):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+
+  monkeypatch.setattr(scoring, "score", out_of_memory)
+  monkeypatch.setattr(engine, "OOM_RETRY_CHUNKS", (32, 8))
+  with caplog.at_level("WARNING"):
+    retried = inf.score_sequences(params, config, jnp.asarray(padded), jnp.asarray(lengths))
+  assert "scoring (batch 4) of 20 tokens in chunks of 20 ran out of device memory" in caplog.text
+  np.testing.assert_array_equal(np.asarray(retried), np.asarray(in_chunks))
 
 
 def test_golden_prefill_and_decode_reproduce_vortex():

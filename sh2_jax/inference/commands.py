@@ -18,7 +18,7 @@ import tqdm
 from sh2_jax.errors import UserError
 from sh2_jax.inference import checkpoint
 from sh2_jax.inference.sampling import SamplingConfig, generate
-from sh2_jax.inference.scoring import score
+from sh2_jax.inference.scoring import score_sequences
 
 logger = logging.getLogger(__name__)
 FASTA_WIDTH = 80
@@ -158,7 +158,7 @@ def run_score(checkpoint_dir: str, fasta: str, batch_size: int, output: str | No
         tokens[row, :lengths[row]] = np.frombuffer(records[i][1], np.uint8)
       padded_lengths = np.zeros(batch_size, np.int32)
       padded_lengths[:len(idx)] = lengths
-      loglik = np.asarray(score(params, model, jnp.asarray(tokens), jnp.asarray(padded_lengths)))
+      loglik = np.asarray(score_sequences(params, model, jnp.asarray(tokens), jnp.asarray(padded_lengths)))
       for row, i in enumerate(idx):
         scored = max(int(lengths[row]) - 1, 0)
         results[i] = {"name": records[i][0], "length": int(lengths[row]),

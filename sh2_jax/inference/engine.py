@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from typing import Callable, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -179,11 +180,27 @@ extend_jit = jax.jit(extend, static_argnames=("config", "fresh", "last_only", "r
                      donate_argnames=("state",))
 
 
-OOM_RETRY_CHUNKS = (32768, 16384, 8192, 4096)  # prompt chunks tried after a one-pass prefill runs out of memory
+OOM_RETRY_CHUNKS = (32768, 16384, 8192, 4096)  # chunk sizes tried after a one-pass run runs out of memory
+
+Result = TypeVar("Result")
 
 
 def out_of_memory(error: Exception) -> bool:
   return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
+def with_chunk_retry(run: Callable[[int], Result], length: int, what: str) -> Result:
+  """run(length) (one pass); while the device runs out of memory, run(chunk) for the chunk
+  sizes of OOM_RETRY_CHUNKS below length, largest first, with a warning; then a PromptError."""
+  for chunk in (length, *(c for c in OOM_RETRY_CHUNKS if c < length)):
+    try:
+      return run(chunk)
+    except jax.errors.JaxRuntimeError as error:
+      if not out_of_memory(error):
+        raise
+      logger.warning("%s of %d tokens in chunks of %d ran out of device memory", what, length, chunk)
+  raise PromptError(f"{what} of {length} tokens does not fit in device memory even in chunks of "
+                    f"{chunk} tokens: use a smaller batch or a shorter sequence")
 
 
 def prefill(params: dict, config: ModelConfig, tokens_BL: jax.Array, max_len: int,
@@ -194,7 +211,7 @@ def prefill(params: dict, config: ModelConfig, tokens_BL: jax.Array, max_len: in
   With `chunk`, the prompt goes in pieces of `chunk` tokens: the first through the parallel
   (training) path, the rest continuing the state (bounded activation memory for long prompts).
   Without it the prompt goes in one pass; if that runs out of device memory and retry_chunked,
-  it is retried in chunks of OOM_RETRY_CHUNKS (largest first) with a warning.
+  it is retried in chunks (with_chunk_retry).
 
   Returns:
     (float32 logits [B, L, V], or [B, 1, V] with last_only; the state at position L).
@@ -204,21 +221,16 @@ def prefill(params: dict, config: ModelConfig, tokens_BL: jax.Array, max_len: in
     raise PromptError("the prompt is empty: give at least one byte")
   if length > max_len:
     raise PromptError(f"prompt of {length} tokens does not fit max_len={max_len}")
+  run = functools.partial(_prefill_chunks, params, config, tokens_BL, max_len,
+                          last_only=last_only, row_chunk=row_chunk)
   if chunk is not None or not retry_chunked:
-    return _prefill_chunks(params, config, tokens_BL, max_len, chunk or length, last_only, row_chunk)
-  for chunk in (length, *(c for c in OOM_RETRY_CHUNKS if c < length)):
-    try:
-      return _prefill_chunks(params, config, tokens_BL, max_len, chunk, last_only, row_chunk)
-    except jax.errors.JaxRuntimeError as error:
-      if not out_of_memory(error):
-        raise
-      logger.warning("prefill of %d tokens in chunks of %d ran out of device memory", length, chunk)
-  raise PromptError(f"prefill of {length} tokens x batch {batch} does not fit in device memory even "
-                    f"in chunks of {chunk} tokens: use a smaller batch or a shorter prompt")
+    return run(chunk or length)
+  return with_chunk_retry(run, length, f"prefill (batch {batch})")
 
 
 def _prefill_chunks(params: dict, config: ModelConfig, tokens_BL: jax.Array, max_len: int,
                     chunk: int, last_only: bool, row_chunk: int | None) -> tuple[jax.Array, DecodeState]:
+  """prefill in chunks of `chunk` tokens (chunk >= L: one pass)."""
   state = init_state(config, tokens_BL.shape[0], max_len)
   outputs = []
   for start in range(0, tokens_BL.shape[1], chunk):
