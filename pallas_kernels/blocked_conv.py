@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -245,6 +246,40 @@ def _chunk_rows(n, chunk: int):
   return pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
 
 
+class ToeplitzOps(NamedTuple):
+  """A kernel's on-chip Toeplitz tiles and float32-accumulating products (see _toeplitz_ops)."""
+  h0_TT: jax.Array  # current chunk's taps
+  h1_TT: jax.Array  # previous chunk's taps
+  dot: Callable[[jax.Array, jax.Array], jax.Array]
+  dot_general: Callable[[jax.Array, jax.Array, tuple], jax.Array]  # (a, b, contracting dims)
+  h0t_dot: Callable[[jax.Array], jax.Array] | None  # g -> H0^T g (backward only)
+  h1t_dot: Callable[[jax.Array], jax.Array] | None  # g -> H1^T g (backward only)
+
+
+def _toeplitz_ops(hp_ref, chunk: int, dot_dtype, precision: jax.lax.Precision | None,
+                  backward: bool = False, transpose_by_dot: bool = False) -> ToeplitzOps:
+  """H0, H1 built from the padded filter row, the products, and for the backward the products
+  by H0^T, H1^T: as dots contracting the tiles' rows (transpose_by_dot) or with transposed
+  tiles gathered on chip."""
+  f32 = jnp.float32
+  h0_TT = _toeplitz_tile(hp_ref, chunk, chunk, False, dot_dtype)
+  h1_TT = _toeplitz_tile(hp_ref, chunk, 2 * chunk, False, dot_dtype)
+  dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=f32)
+
+  def dot_general(a, b, contract):
+    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                               preferred_element_type=f32)
+
+  h0t_dot = h1t_dot = None
+  if backward and transpose_by_dot:
+    h0t_dot = lambda g: dot_general(h0_TT, g, ((0,), (0,)))  # noqa: E731
+    h1t_dot = lambda g: dot_general(h1_TT, g, ((0,), (0,)))  # noqa: E731
+  elif backward:
+    h0t_dot = functools.partial(dot, _toeplitz_tile(hp_ref, chunk, chunk, True, dot_dtype))
+    h1t_dot = functools.partial(dot, _toeplitz_tile(hp_ref, chunk, 2 * chunk, True, dot_dtype))
+  return ToeplitzOps(h0_TT, h1_TT, dot, dot_general, h0t_dot, h1t_dot)
+
+
 def _gcg_fwd_kernel(
     # Inputs
     hp_ref,  # [4T] padded filter row of this tile's group, float32
@@ -261,10 +296,8 @@ def _gcg_fwd_kernel(
     precision: jax.lax.Precision | None,
 ):
   f32 = jnp.float32
-  h0_TT = _toeplitz_tile(hp_ref, chunk, chunk, False, dot_dtype)
-  h1_TT = _toeplitz_tile(hp_ref, chunk, 2 * chunk, False, dot_dtype)
+  h0_TT, h1_TT, dot, *_ = _toeplitz_ops(hp_ref, chunk, dot_dtype, precision)
   dskip_1C = dskip_ref[...].astype(f32)[None, :]
-  dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=f32)
   first = pl.program_id(2) * segment_chunks
 
   def body(step, u_prev_TC):
@@ -306,23 +339,9 @@ def _gcg_bwd_kernel(
 ):
   f32 = jnp.float32
   block_c = dv_ref.shape[-1]
-  h0_TT = _toeplitz_tile(hp_ref, chunk, chunk, False, dot_dtype)
-  h1_TT = _toeplitz_tile(hp_ref, chunk, 2 * chunk, False, dot_dtype)
+  h0_TT, h1_TT, dot, dot_general, h0t_dot, h1t_dot = _toeplitz_ops(
+      hp_ref, chunk, dot_dtype, precision, backward=True, transpose_by_dot=transpose_by_dot)
   dskip_1C = dskip_ref[...].astype(f32)[None, :]
-  dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=f32)
-
-  def dot_general(a, b, contract):
-    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
-                               preferred_element_type=f32)
-
-  if transpose_by_dot:
-    h0t_dot = lambda g: dot_general(h0_TT, g, ((0,), (0,)))  # noqa: E731
-    h1t_dot = lambda g: dot_general(h1_TT, g, ((0,), (0,)))  # noqa: E731
-  else:
-    h0t_TT = _toeplitz_tile(hp_ref, chunk, chunk, True, dot_dtype)
-    h1t_TT = _toeplitz_tile(hp_ref, chunk, 2 * chunk, True, dot_dtype)
-    h0t_dot = functools.partial(dot, h0t_TT)
-    h1t_dot = functools.partial(dot, h1t_TT)
 
   end = (pl.program_id(2) + 1) * segment_chunks  # one past the segment's last chunk
 

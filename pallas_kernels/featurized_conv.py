@@ -146,10 +146,8 @@ def _fgcg_fwd_kernel(
     windows: bool,
 ):
   f32 = jnp.float32
-  h0_TT = bc._toeplitz_tile(hp_ref, chunk, chunk, False, dot_dtype)
-  h1_TT = bc._toeplitz_tile(hp_ref, chunk, 2 * chunk, False, dot_dtype)
+  h0_TT, h1_TT, dot, *_ = bc._toeplitz_ops(hp_ref, chunk, dot_dtype, precision)
   dskip_1C = dskip_ref[...].astype(f32)[None, :]
-  dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=f32)
   feat = functools.partial(_featurized, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
                            windows=windows)
   first = pl.program_id(2) * segment_chunks
@@ -188,24 +186,12 @@ def _fgcg_bwd_kernel(
 ):
   f32 = jnp.float32
   block_c = dfv_ref.shape[-1]
-  h0_TT = bc._toeplitz_tile(hp_ref, chunk, chunk, False, dot_dtype)
-  h1_TT = bc._toeplitz_tile(hp_ref, chunk, 2 * chunk, False, dot_dtype)
+  h0_TT, h1_TT, dot, dot_general, h0t_dot, h1t_dot = bc._toeplitz_ops(
+      hp_ref, chunk, dot_dtype, precision, backward=True, transpose_by_dot=transpose_by_dot)
   dskip_1C = dskip_ref[...].astype(f32)[None, :]
-  dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=f32)
   feat = functools.partial(_featurized, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
                            windows=windows)
   z_refs = (zpost_ref, zpre_ref, zv_ref)
-
-  def dot_general(a, b, contract):
-    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
-                               preferred_element_type=f32)
-
-  if transpose_by_dot:
-    h0t_dot = lambda g: dot_general(h0_TT, g, ((0,), (0,)))  # noqa: E731
-    h1t_dot = lambda g: dot_general(h1_TT, g, ((0,), (0,)))  # noqa: E731
-  else:
-    h0t_dot = functools.partial(dot, bc._toeplitz_tile(hp_ref, chunk, chunk, True, dot_dtype))
-    h1t_dot = functools.partial(dot, bc._toeplitz_tile(hp_ref, chunk, 2 * chunk, True, dot_dtype))
 
   end = (pl.program_id(2) + 1) * segment_chunks
 
