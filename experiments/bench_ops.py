@@ -45,8 +45,10 @@ def default_variants(kernels: bool) -> list[Variant]:
   out = [
       Variant("GEMM floor", None, {}),
       Variant(f"SE ({fast})", HyenaSE, {"conv_method": fast}),
+      Variant("SE (pallas, XLA featurizer)", HyenaSE, {"conv_method": "pallas_unfused"}),
       Variant("SE (XLA direct)", HyenaSE, {"conv_method": "direct"}),
       Variant(f"MR ({fast})", HyenaMR, {"conv_method": fast}),
+      Variant("MR (pallas, fused featurizer)", HyenaMR, {"conv_method": "pallas_fused"}),
       Variant("MR (XLA blocked einsum)", HyenaMR, {"conv_method": "blocked"}),
       Variant("MR (XLA fft)", HyenaMR, {"conv_method": "fft"}),
       Variant("LI (pallas)", HyenaLI, {"li_method": "pallas"}),
@@ -55,13 +57,32 @@ def default_variants(kernels: bool) -> list[Variant]:
       Variant("MHA (cuDNN)" if jax.default_backend() == "gpu" else "MHA (XLA)", MHA, {}, hyena=False),
   ]
   if not kernels:
-    out = [v for v in out if v.overrides.get("li_method") != "pallas"]
+    out = [v for v in out if v.overrides.get("li_method") != "pallas"
+           and v.overrides.get("conv_method") not in ("pallas_unfused", "pallas_fused")]
   seen, unique = set(), []
   for v in out:
     if v.name not in seen:
       seen.add(v.name)
       unique.append(v)
   return unique
+
+
+FAMILIES = ("floor", "se", "mr", "li", "mha")
+
+
+def family(variant: Variant) -> str:
+  """The operator family of a variant: floor, se, mr, li or mha."""
+  return "floor" if variant.module is None else variant.name.split(" ")[0].lower()
+
+
+def select_variants(variants: list[Variant], families: list[str] | None,
+                    xla: bool = True) -> list[Variant]:
+  """The variants of the given families (all if None), without the plain-XLA ones if not xla."""
+  unknown = sorted(set(families or []) - set(FAMILIES))
+  if unknown:
+    raise ValueError(f"--ops {','.join(unknown)}: choose from {','.join(FAMILIES)}")
+  return [v for v in variants if (families is None or family(v) in families)
+          and (xla or "XLA" not in v.name or "pallas" in v.name)]
 
 
 def _gemm_floor_fns(config: ModelConfig, x_BLD: jax.Array, key: jax.Array):
@@ -99,8 +120,11 @@ CHUNKED_LI_MAX_LEN = 32768  # the XLA chunked LI scan is sequential over chunks:
 
 def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups: int = 256,
         heads: int = 32, kernels: bool | None = None, iters: int = 10,
-        on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+        on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+        families: list[str] | None = None, xla: bool = True) -> list[dict[str, Any]]:
   """Times every variant at every length; returns rows {op, L, fwd_ms, fwdbwd_ms}.
+
+  `families` (floor, se, mr, li, mha) and `xla=False` restrict the variants.
 
   `on_row(rows)` is called after each measurement (e.g. to rewrite the table as it grows).
   """
@@ -113,7 +137,7 @@ def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups
   key = jax.random.key(0)
   for length in sorted(set(lengths) | set(long_lengths)):
     x = jax.random.normal(jax.random.fold_in(key, length), (1, length, d_model), jnp.bfloat16)
-    for variant in default_variants(kernels):
+    for variant in select_variants(default_variants(kernels), families, xla):
       if length in long_lengths and length not in lengths and not variant.hyena:
         continue
       if variant.overrides.get("li_method") == "chunked" and length > CHUNKED_LI_MAX_LEN:
@@ -214,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--groups", type=int, default=256)
   parser.add_argument("--heads", type=int, default=32)
   parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--ops", default=None,
+                      help=f"operator families to time (comma-separated from {','.join(FAMILIES)}; default all)")
+  parser.add_argument("--no-xla", action="store_true", help="skip the plain-XLA variants")
   parser.add_argument("--out", default=None, help="markdown path (default experiments/results/ops_<device>.md)")
   args = parser.parse_args(argv)
   parse = lambda s: [int(x) for x in s.split(",") if x.strip()]
@@ -222,7 +249,12 @@ def main(argv: list[str] | None = None) -> int:
   path = args.out or os.path.join(RESULTS, f"ops_{device}.md")
   command = ("sh2 bench ops " + " ".join(argv or [])).strip()
   rewrite = lambda rows: write_markdown(rows, kernels, path, command, args.d_model)
+  families = None if args.ops is None else [f.strip() for f in args.ops.split(",") if f.strip()]
+  try:
+    select_variants(default_variants(kernels), families)
+  except ValueError as error:
+    parser.error(str(error))
   rows = run(parse(args.lengths), parse(args.long), args.d_model, args.groups, args.heads, kernels,
-             args.iters, on_row=rewrite)
+             args.iters, on_row=rewrite, families=families, xla=not args.no_xla)
   print(rewrite(rows))
   return 0

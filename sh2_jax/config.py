@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from sh2_jax.errors import UserError
 
 MIXER_TYPES = ("SE", "MR", "LI", "MHA")
-CONV_METHODS = ("auto", "direct", "fft", "blocked", "pallas", "pallas_fused")
+CONV_METHODS = ("auto", "direct", "fft", "blocked", "pallas", "pallas_fused", "pallas_unfused")
 LI_METHODS = ("auto", "fft", "chunked", "pallas")
 REMAT_POLICIES = ("full", "save_dots")
 MLP_ACTIVATIONS = ("evo2", "gelu", "identity", "silu")
@@ -85,11 +85,11 @@ class ModelConfig:
     dtype: compute dtype of projections and attention; filters and FFTs stay float32.
     param_dtype: storage dtype of parameters (master weights).
     conv_method: inner-convolution method for SE/MR: "direct" (sum of shifted copies), "fft",
-      "blocked" (two-stage chunked GEMMs in XLA), "pallas" (the fused blocked GPU kernel; Pallas
-      interpret mode off GPU, slow), "pallas_fused" (the same with the featurizer fused into
-      the kernel, pallas_kernels/featurized_conv.py; experimental, slower on an H100 so far),
-      or "auto" (pallas on GPU where the shape allows, else direct for short filters and
-      blocked up to the chunk).
+      "blocked" (two-stage chunked GEMMs in XLA), "pallas" (the blocked GPU kernels, with the
+      featurizer fused into them for filters of <= 64 taps, i.e. SE, where that measured
+      faster on an H100; Pallas interpret mode off GPU, slow), "pallas_fused" /
+      "pallas_unfused" (force the featurizer into / out of the kernel), or "auto" ("pallas" on
+      GPU where the shape allows, else direct for short filters and blocked up to the chunk).
     li_method: LI long-convolution method: "fft" (float32 FFT of the materialised filter),
       "chunked" (exact Toeplitz inside chunks, 16-state carry between), "pallas" (the fused
       modal-recurrence GPU kernel; interpret mode off GPU, slow), "auto".
@@ -156,7 +156,7 @@ class ModelConfig:
       raise ConfigError(f"model.li_method={self.li_method!r}: choose one of {LI_METHODS}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError(f"model.remat_policy={self.remat_policy!r}: choose one of {REMAT_POLICIES}")
-    if self.conv_method in ("blocked", "pallas", "pallas_fused"):
+    if self.conv_method in ("blocked", "pallas", "pallas_fused", "pallas_unfused"):
       longest = max([self.se_filter_len if "SE" in layers else 0,
                      self.mr_filter_len if "MR" in layers else 0])
       if longest > self.conv_chunk:

@@ -185,6 +185,44 @@ def test_lowers_for_cuda(dtype, taps, block_sizes, tap_grads):
 
   text = _lower_for_cuda(fwd_bwd, z, w_feat, h, dskip, ct)
   assert "featurized_gate_conv_gate_fwd" in text and "featurized_gate_conv_gate_bwd" in text
+  assert ("featurizer_bwd" in text) == (tap_grads == "xla")
+
+
+@pytest.mark.parametrize("batch,padded_len,width,taps,chunk", [
+    (1, 256, 192, 3, 32), (2, 96, 48, 4, 16), (1, 64, 64, 1, 32), (1, 1024, 128, 2, 32)])
+def test_featurizer_backward_kernel_matches_float64(batch, padded_len, width, taps, chunk):
+  """dz[t] = sum_j w_j df[t + j] and dw_j = sum_t df[t] z[t - j] against a numpy float64 loop;
+  outputs NaN-poisoned first (an unwritten tile is caught); 1024 rows take several segments."""
+  rng = np.random.default_rng(padded_len + width + taps)
+  length = padded_len - 5
+  df = rng.standard_normal((batch, padded_len, width))
+  df[:, length:] = 0.0  # rows past the sequence, as the gate kernel leaves them
+  z = rng.standard_normal((batch, padded_len, width))
+  w = rng.standard_normal((width, taps))
+  want_dz = np.zeros_like(df)
+  want_dw = np.zeros((width, taps))
+  for t in range(padded_len):
+    for j in range(taps):
+      if t + j < padded_len:
+        want_dz[:, t] += w[:, j] * df[:, t + j]
+      if t - j >= 0:
+        want_dw[:, j] += np.sum(df[:, t] * z[:, t - j], axis=0)
+  dz, dw = fc.featurizer_backward_pallas(jnp.asarray(df, jnp.float32), jnp.asarray(z, jnp.float32),
+                                         jnp.asarray(w, jnp.float32), chunk=chunk, interpret=True)
+  assert _rel_err(dz, want_dz) < 1e-6 and _rel_err(dw, want_dw) < 1e-5
+
+
+def test_featurizer_backward_unwritten_tile_is_caught(monkeypatch):
+  monkeypatch.setattr(fc, "_featurizer_bwd_kernel",
+                      helpers.skip_one_program(fc._featurizer_bwd_kernel, fc, (0, 1, 0)))
+  jax.clear_caches()
+  try:
+    rng = np.random.default_rng(4)
+    df, z = (jnp.asarray(rng.standard_normal((1, 64, 128)), jnp.float32) for _ in range(2))
+    dz, _ = fc.featurizer_backward_pallas(df, z, jnp.ones((128, 3)), interpret=True)
+    assert not np.all(np.isfinite(np.asarray(dz)))
+  finally:
+    jax.clear_caches()
 
 
 def test_blocked_columns_feed_the_kernel_like_the_module_layout():
@@ -245,3 +283,36 @@ def test_module_with_pallas_fused_equals_direct(mixer):
   assert _rel_err(got, want) < 1e-5
   for g, w in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)):
     assert _rel_err(g, w) < 1e-5
+
+
+@pytest.mark.parametrize("mixer,method,fused", [
+    ("SE", "pallas", True), ("SE", "pallas_unfused", False), ("SE", "pallas_fused", True),
+    ("MR", "pallas", False), ("MR", "pallas_fused", True), ("SE", "direct", False)])
+def test_module_dispatch_and_result(monkeypatch, mixer, method, fused):
+  """conv_method picks the fused kernel for SE's short filter under "pallas", never under
+  "pallas_unfused", for MR's 128-tap filter only when forced; every choice == direct."""
+  import dataclasses
+
+  import flax.linen as nn
+
+  from sh2_jax.config import ModelConfig
+  from sh2_jax.layers.hyena import HyenaMR, HyenaSE
+  from sh2_jax.ops import hyena
+
+  calls = []
+  real = fc.featurized_gate_conv_gate_pallas
+  monkeypatch.setattr(hyena.featurized_conv, "featurized_gate_conv_gate_pallas",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  assert hyena.fuses_featurizer(method, 7 if mixer == "SE" else 128) == fused
+  config = ModelConfig(d_model=32, num_heads=2, se_groups=2, mr_groups=2, layout=mixer,
+                       dtype="float32", train_len=64)
+  module_cls = HyenaSE if mixer == "SE" else HyenaMR
+  x = jax.random.normal(jax.random.key(7), (1, 150, 32))
+  params = nn.meta.unbox(module_cls(config).init(jax.random.key(8), x)["params"])
+  outs = []
+  for conv_method in (method, "direct"):
+    module = module_cls(dataclasses.replace(config, conv_method=conv_method))
+    with jax.default_matmul_precision("highest"):
+      outs.append(module.apply({"params": params}, x))
+  assert bool(calls) == fused
+  assert _rel_err(outs[0], outs[1]) < 1e-5

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import blocked_conv
 
-METHODS = ("direct", "fft", "blocked", "pallas", "pallas_fused", "auto")
+METHODS = ("direct", "fft", "blocked", "pallas", "pallas_fused", "pallas_unfused", "auto")
 DIRECT_MAX_TAPS = 16
 
 
@@ -89,7 +89,7 @@ def resolve_method(method: str, num_taps: int, chunk: int, fused: bool = False) 
   """
   if method not in METHODS:
     raise ValueError(f"conv method {method!r}: choose one of {METHODS}")
-  if method == "pallas_fused":  # the featurizer fusion is ops.hyena.explicit_mixer's business
+  if method in ("pallas_fused", "pallas_unfused"):  # the featurizer: ops.hyena.explicit_mixer
     method = "pallas"
   if method == "pallas" and not fused:
     return "blocked"

@@ -112,15 +112,34 @@ def blocked_columns(w_in_D3D: jax.Array, w_feat_3DK: jax.Array) -> tuple[jax.Arr
   return w_in, w_feat
 
 
+# "pallas"/"auto" fuse the featurizer for filters up to this many taps. H100, D = 4096, fwd+bwd:
+# SE (7 taps) 3.08 vs 3.58 ms at 4K, 21.5 vs 22.2 at 32K; MR (128 taps) fused was slower (the
+# T = 128 backward kernel): experiments/results/ops_nvidia_h100_80gb_hbm3.md.
+FUSED_FEATURIZER_MAX_TAPS = 64
+
+
+def fuses_featurizer(method: str, num_taps: int) -> bool:
+  """Whether explicit_mixer runs the featurizer inside the gate kernel for this method/filter.
+
+  "pallas_fused" always, "pallas_unfused" never; "pallas" (and "auto" on GPU) for filters of
+  at most FUSED_FEATURIZER_MAX_TAPS taps, where the fused kernel measured faster on an H100.
+  """
+  if method == "pallas_fused":
+    return True
+  if method == "pallas" or (method == "auto" and jax.default_backend() == "gpu"):
+    return num_taps <= FUSED_FEATURIZER_MAX_TAPS
+  return False
+
+
 def explicit_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array, h_GK: jax.Array,
                    dskip_D: jax.Array | None, method: str = "auto",
                    chunk: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
   """Hyena-SE/MR between the projections: project, featurize, gate-conv-gate.
 
-  With method "pallas_fused" (where the kernel takes the shapes), one [D, 3D] product writes z
-  with its three streams as column blocks and pallas_kernels/featurized_conv.py featurizes
-  and gates it in one kernel (interpret mode off GPU); otherwise project_and_featurize +
-  gate_conv_gate with `method`.
+  Where `fuses_featurizer(method, K)` and the fused kernel takes the shapes, one [D, 3D]
+  product writes z with its three streams as column blocks and
+  pallas_kernels/featurized_conv.py featurizes and gates it in one kernel (interpret mode off
+  GPU); otherwise project_and_featurize + gate_conv_gate with `method`.
 
   Args:
     x_BLD: [B, L, D] normalised input in the compute dtype.
@@ -131,7 +150,7 @@ def explicit_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
     [B, L, D] in x's dtype.
   """
   batch, length, width = x_BLD.shape
-  if method == "pallas_fused" and featurized_conv.unsupported_reason(
+  if fuses_featurizer(method, h_GK.shape[-1]) and featurized_conv.unsupported_reason(
       (batch, length, 3 * width), w_feat_3DK.shape, h_GK.shape) is None:
     w_in, w_feat = blocked_columns(w_in_D3D, w_feat_3DK)
     return featurized_conv.featurized_gate_conv_gate_pallas(

@@ -139,7 +139,7 @@ class ContextSharding:
     """
     strategy = self.conv_strategy
     self.validate(v_BLD.shape[1], h_GK.shape[-1] - 1 if strategy == "p2p" else 0)
-    method = "pallas" if method == "pallas_fused" else method
+    method = "pallas" if method in ("pallas_fused", "pallas_unfused") else method
     method = conv.resolve_method(method, h_GK.shape[-1], chunk, fused=True)
     if strategy == "p2p" and method in ("pallas", "blocked"):
       fn = cp.cp_gate_conv_gate_p2p_fused

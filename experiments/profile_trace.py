@@ -1,0 +1,176 @@
+"""Per-kernel GPU time of the mixer operators, from a JAX profiler trace.
+
+  PYTHONPATH=. python experiments/profile_trace.py [--ops floor,se,se_unfused,mr] \
+      [--lengths 4096,32768] [--iters 5] [--top 25] [--out DIR]
+
+For each operator (the Linen modules of `sh2 bench ops`, B=1, D=4096, bf16 compute, float32
+params) and length, runs forward+backward `iters` times under `jax.profiler.trace`, then sums
+the device time of every kernel the trace recorded, grouped by its HLO op (fusion, custom call,
+GEMM), per iteration. Prints one table per (operator, L): the top kernels with ms/iteration,
+share of device time and the HLO op's first instruction; writes the optimized HLO of each
+program (gzip) to --out for reading the fusions.
+
+Operators: floor (the projections' products alone), se / mr (conv_method auto: the GPU
+default), se_unfused / mr_unfused (XLA featurizer + gate kernel), se_fused / mr_fused
+(featurizer inside the kernel), li (Pallas modal kernel), mha (cuDNN).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import gzip
+import os
+import re
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+# One trace event per kernel: XLA's CUDA graphs (command buffers) would hide them in one event.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sh2_jax.config import ModelConfig  # noqa: E402
+from sh2_jax.layers.attention import MHA  # noqa: E402
+from sh2_jax.layers.hyena import HyenaLI, HyenaMR, HyenaSE  # noqa: E402
+
+OPERATORS: dict[str, tuple[type[nn.Module] | None, dict[str, Any]]] = {
+    "floor": (None, {}),
+    "se": (HyenaSE, {"conv_method": "auto"}),
+    "se_unfused": (HyenaSE, {"conv_method": "pallas_unfused"}),
+    "se_fused": (HyenaSE, {"conv_method": "pallas_fused"}),
+    "mr": (HyenaMR, {"conv_method": "auto"}),
+    "mr_unfused": (HyenaMR, {"conv_method": "pallas_unfused"}),
+    "mr_fused": (HyenaMR, {"conv_method": "pallas_fused"}),
+    "li": (HyenaLI, {"li_method": "pallas"}),
+    "mha": (MHA, {}),
+}
+_NOT_KERNELS = ("XLA Modules", "XLA Ops", "Steps", "Framework", "Source", "TraceMe")
+
+
+def fwd_bwd_fn(name: str, config: ModelConfig, x_BLD: jax.Array,
+               key: jax.Array) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+  """(jitted fwd+bwd function, its arguments) for one operator."""
+  module_cls, overrides = OPERATORS[name]
+  cotangent = jnp.ones(x_BLD.shape, x_BLD.dtype)
+  if module_cls is None:
+    d, dt = config.d_model, x_BLD.dtype
+    k1, k2 = jax.random.split(key)
+    w_in = (jax.random.normal(k1, (d, 3 * d)) * 0.02).astype(dt)
+    w_out = (jax.random.normal(k2, (d, d)) * 0.02).astype(dt)
+    forward = lambda x, a, b: (x @ a)[..., :d] @ b
+    return jax.jit(lambda x, a, b: jax.vjp(forward, x, a, b)[1](cotangent)), (x_BLD, w_in, w_out)
+  module = module_cls(dataclasses.replace(config, **overrides))
+  params = nn.meta.unbox(jax.jit(module.init)(key, x_BLD[:, :128])["params"])
+
+  def fwd_bwd(p, x):
+    return jax.vjp(lambda p, x: module.apply({"params": p}, x), p, x)[1](cotangent)
+
+  return jax.jit(fwd_bwd), (params, x_BLD)
+
+
+def kernel_times(trace_dir: str) -> tuple[dict[str, float], list[str]]:
+  """{HLO op or kernel name: total device ns} over the GPU planes of a trace (off GPU: the
+  host events that carry an hlo_op), and the names of the lines seen."""
+  from jax.profiler import ProfileData  # noqa: PLC0415 - only where a trace exists
+
+  paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+  planes = [plane for path in paths for plane in ProfileData.from_file(path).planes]
+  gpu = [plane for plane in planes if plane.name.startswith("/device:GPU")]
+  totals: dict[str, float] = collections.defaultdict(float)
+  lines_seen = []
+  for plane in gpu or planes:
+    for line in plane.lines:
+      lines_seen.append(f"{plane.name}:{line.name}")
+      if any(word in line.name for word in _NOT_KERNELS):
+        continue
+      for event in line.events:
+        stats = {name: value for name, value in event.stats}
+        if gpu or "hlo_op" in stats:
+          totals[str(stats.get("hlo_op", event.name))] += event.duration_ns
+  return totals, lines_seen
+
+
+def first_instruction(hlo_text: str, op_name: str) -> str:
+  """The root instruction kind of a fusion / the op itself, from optimized HLO text."""
+  match = re.search(rf"\b{re.escape(op_name)} = \S+ (\w[\w-]*)\(", hlo_text)
+  if not match:
+    return ""
+  kind = match.group(1)
+  if kind == "fusion":
+    call = re.search(rf"\b{re.escape(op_name)} = .*calls=(%?[\w.-]+)", hlo_text)
+    kind_attr = re.search(rf"\b{re.escape(op_name)} = .*kind=(\w+)", hlo_text)
+    return f"fusion {kind_attr.group(1) if kind_attr else ''}".strip()
+  if kind == "custom-call":
+    target = re.search(rf"\b{re.escape(op_name)} = .*custom_call_target=\"([^\"]+)\"", hlo_text)
+    return f"custom-call {target.group(1) if target else ''}"
+  return kind
+
+
+def profile(name: str, length: int, config: ModelConfig, iters: int, top: int,
+            out_dir: str | None) -> None:
+  key = jax.random.key(0)
+  x = jax.random.normal(jax.random.fold_in(key, length), (1, length, config.d_model), jnp.bfloat16)
+  fn, args = fwd_bwd_fn(name, config, x, key)
+  hlo = fn.lower(*args).compile().as_text()
+  if out_dir:
+    with gzip.open(os.path.join(out_dir, f"hlo_{name}_{length}.txt.gz"), "wt") as f:
+      f.write(hlo)
+  for _ in range(2):
+    jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  for _ in range(iters):
+    jax.block_until_ready(fn(*args))
+  wall_ms = (time.perf_counter() - start) * 1e3 / iters
+  trace_dir = tempfile.mkdtemp(prefix="sh2_trace_")
+  with jax.profiler.trace(trace_dir):
+    for _ in range(iters):
+      jax.block_until_ready(fn(*args))
+  totals, lines_seen = kernel_times(trace_dir)
+  if not totals:
+    print(f"{name} L={length}: no GPU kernel events; trace lines: {lines_seen[:20]}")
+    return
+  device_ms = sum(totals.values()) / iters / 1e6
+  print(f"\n### {name}, L={length}: wall {wall_ms:.3f} ms/iter, device busy {device_ms:.3f} ms/iter, "
+        f"{len(totals)} distinct ops\n")
+  print("| op | ms/iter | share | HLO |\n|---|---|---|---|")
+  for op, ns in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
+    ms = ns / iters / 1e6
+    print(f"| {op[:60]} | {ms:.3f} | {ms / device_ms:.1%} | {first_instruction(hlo, op)} |")
+  sys.stdout.flush()
+  jax.clear_caches()
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--ops", default="floor,se,se_unfused,mr")
+  parser.add_argument("--lengths", default="4096,32768")
+  parser.add_argument("--d-model", type=int, default=4096)
+  parser.add_argument("--groups", type=int, default=256)
+  parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--top", type=int, default=25)
+  parser.add_argument("--out", default=None, help="directory for the optimized HLO (gzip)")
+  args = parser.parse_args()
+  unknown = [op for op in args.ops.split(",") if op not in OPERATORS]
+  if unknown:
+    parser.error(f"unknown --ops {unknown}: choose from {sorted(OPERATORS)}")
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+  config = ModelConfig(d_model=args.d_model, num_heads=32, se_groups=args.groups,
+                       mr_groups=args.groups, layout="SE MR LI MHA", dtype="bfloat16",
+                       param_dtype="float32", mr_filter_len=128, train_len=8192)
+  print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  for length in [int(v) for v in args.lengths.split(",")]:
+    for name in args.ops.split(","):
+      profile(name, length, config, args.iters, args.top, args.out)
+
+
+if __name__ == "__main__":
+  main()
