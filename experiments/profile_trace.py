@@ -12,7 +12,9 @@ program (gzip) to --out for reading the fusions.
 
 Operators: floor (the projections' products alone), se / mr (conv_method auto: the GPU
 default), se_unfused / mr_unfused (XLA featurizer + gate kernel), se_fused / mr_fused
-(featurizer inside the kernel), li (Pallas modal kernel), mha (cuDNN).
+(featurizer inside the kernel), se_fused_interleaved (the same kernel reading x @ W_in in the
+parameter's interleaved column order: no per-call weight reorder), li (Pallas modal kernel),
+mha (cuDNN).
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sh2_jax.config import ModelConfig  # noqa: E402
 from sh2_jax.layers.attention import MHA  # noqa: E402
 from sh2_jax.layers.hyena import HyenaLI, HyenaMR, HyenaSE  # noqa: E402
+from sh2_jax.ops import hyena  # noqa: E402
 
 OPERATORS: dict[str, tuple[type[nn.Module] | None, dict[str, Any]]] = {
     "floor": (None, {}),
     "se": (HyenaSE, {"conv_method": "auto"}),
     "se_unfused": (HyenaSE, {"conv_method": "pallas_unfused"}),
     "se_fused": (HyenaSE, {"conv_method": "pallas_fused"}),
+    "se_fused_interleaved": (HyenaSE, {"conv_method": "pallas_fused"}),  # z as W_in stores it
     "mr": (HyenaMR, {"conv_method": "auto"}),
     "mr_unfused": (HyenaMR, {"conv_method": "pallas_unfused"}),
     "mr_fused": (HyenaMR, {"conv_method": "pallas_fused"}),
@@ -119,7 +123,14 @@ def profile(name: str, length: int, config: ModelConfig, iters: int, top: int,
   key = jax.random.key(0)
   x = jax.random.normal(jax.random.fold_in(key, length), (1, length, config.d_model), jnp.bfloat16)
   fn, args = fwd_bwd_fn(name, config, x, key)
-  hlo = fn.lower(*args).compile().as_text()
+  layout = hyena.FUSED_Z_LAYOUT
+  hyena.FUSED_Z_LAYOUT = "interleaved" if name.endswith("_interleaved") else layout
+  try:
+    compiled = fn.lower(*args).compile()
+  finally:
+    hyena.FUSED_Z_LAYOUT = layout
+  fn = compiled
+  hlo = compiled.as_text()
   if out_dir:
     with gzip.open(os.path.join(out_dir, f"hlo_{name}_{length}.txt.gz"), "wt") as f:
       f.write(hlo)

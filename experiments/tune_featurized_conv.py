@@ -67,8 +67,10 @@ def main() -> None:
       report(f"dc={block_c} bwd warps={warps_b} stages={stages_b} fwd stages={stages_f}",
              lambda z, w, h, bs=bs: fc.featurized_gate_conv_gate_pallas(z, w, h, dskip, block_sizes=bs))
     report("defaults", lambda z, w, h: fc.featurized_gate_conv_gate_pallas(z, w, h, dskip))
-    report("defaults, tap_grads=xla",
-           lambda z, w, h: fc.featurized_gate_conv_gate_pallas(z, w, h, dskip, tap_grads="xla"))
+    report("defaults, tap_grads=kernel",
+           lambda z, w, h: fc.featurized_gate_conv_gate_pallas(z, w, h, dskip, tap_grads="kernel"))
+    report("defaults, layout=interleaved (strided stream columns)",
+           lambda z, w, h: fc.featurized_gate_conv_gate_pallas(z, w, h, dskip, layout="interleaved"))
     jax.clear_caches()
 
 

@@ -1,7 +1,8 @@
 """The Hyena-SE/MR core after the in-projection, fused: featurizer + gate-conv-gate (Pallas GPU).
 
 Input is the in-projection product z = x @ W with its 3C columns in three contiguous blocks
-[post | pre | v] (the interleave of Evo 2 checkpoints undone on the weights). Per stream s the
+[post | pre | v] (layout "blocked": the interleave of Evo 2 checkpoints undone on the weights)
+or in the checkpoints' interleaved triples 3i + s (layout "interleaved"). Per stream s the
 featurizer is a causal depthwise FIR of J <= 4 taps, then the gate-conv-gate of
 blocked_conv.py:
 
@@ -22,8 +23,8 @@ older variant that reduces the tap gradient inside the gate kernel (slower: regi
 Kernel layout, Toeplitz tiles, numerics and BlockSizes are those of blocked_conv.py: one
 program per (batch, channel tile, sequence segment), chunks of T rows in a fori_loop,
 float32 gates and accumulation, matrix-product operands in the I/O dtype. The three streams
-are read from the one z array through three BlockSpecs (channel tile offsets 0, C, 2C), so no
-slice of z is ever copied.
+are read from the one z array through three BlockSpecs (channel tile offsets 0, C, 2C; or,
+interleaved, one [Lp, 3 dc] tile read at column stride 3), so no slice of z is ever copied.
 
 `featurized_gate_conv_gate` (plain JAX, at the end) is the numerical reference and the path
 off GPU. This module depends on jax and pallas_kernels.blocked_conv only.
@@ -45,6 +46,7 @@ from pallas_kernels import blocked_conv as bc
 logger = logging.getLogger(__name__)
 
 MAX_FEATURIZER_TAPS = 4
+LAYOUTS = ("blocked", "interleaved")  # column order of z: [post | pre | v] or triples 3i+s
 TAP_GRADS = ("kernel", "xla")  # where the featurizer-tap gradient is reduced (see _fgcg_bwd)
 FUSED_BWD_STAGES_LONG_CHUNK = 1
 _STREAMS = 3  # post, pre, v
@@ -91,32 +93,46 @@ def _taps_pad(num_taps_f: int) -> int:
   return 1 << max(num_taps_f - 1, 0).bit_length()
 
 
-def _kernel_taps(w_feat_3CJ: jax.Array) -> jax.Array:
-  """[3C, J] -> [4, Jp, C] float32 (stream, tap, channel), zero-padded to powers of two."""
+def _kernel_taps(w_feat_3CJ: jax.Array, layout: str = "blocked") -> jax.Array:
+  """[3C, J] (z's column order) -> [4, Jp, C] float32 (stream, tap, channel), zero-padded to
+  powers of two."""
   width3, num_taps_f = w_feat_3CJ.shape
-  w_SJC = w_feat_3CJ.astype(jnp.float32).reshape(_STREAMS, width3 // _STREAMS, num_taps_f)
-  w_SJC = jnp.swapaxes(w_SJC, 1, 2)
+  w = w_feat_3CJ.astype(jnp.float32)
+  if layout == "interleaved":
+    w_SJC = jnp.transpose(w.reshape(width3 // _STREAMS, _STREAMS, num_taps_f), (1, 2, 0))
+  else:
+    w_SJC = jnp.swapaxes(w.reshape(_STREAMS, width3 // _STREAMS, num_taps_f), 1, 2)
   return jnp.pad(w_SJC, ((0, _STREAMS_PADDED - _STREAMS), (0, _taps_pad(num_taps_f) - num_taps_f),
                          (0, 0)))
 
 
-def _shifted_rows(z_ref, n, chunk: int, num_taps_f: int, windows: bool) -> list[jax.Array]:
-  """z[t - j] for the rows t of chunk n and j < J, float32 [T, dc] each; rows before 0 are 0.
+def _stream_columns(interleaved: bool, block_c: int) -> list:
+  """Column indexers of the three streams in a program's z tile: the whole [Lp, dc] tile of
+  each stream's own BlockSpec (blocked), or every third column of one [Lp, 3 dc] tile."""
+  if interleaved:
+    return [pl.ds(stream, block_c, stride=_STREAMS) for stream in range(_STREAMS)]
+  return [slice(None)] * _STREAMS
+
+
+def _shifted_rows(z_ref, n, chunk: int, num_taps_f: int, windows: bool,
+                  cols=slice(None)) -> list[jax.Array]:
+  """z[t - j, cols] for the rows t of chunk n and j < J, float32 [T, dc] each; rows before 0
+  are 0.
 
   windows=True (GPU): masked loads of row windows starting at nT - j (contiguous, any start).
   windows=False (interpret mode, whose loads cannot start before row 0): clamped row
   gathers, then masked. Both read the same values.
   """
   f32 = jnp.float32
-  out = [z_ref[bc._chunk_rows(n, chunk), :].astype(f32)]
+  out = [z_ref[bc._chunk_rows(n, chunk), cols].astype(f32)]
   for j in range(1, num_taps_f):
     rows = n * chunk - j + jax.lax.iota(jnp.int32, chunk)
     valid = (rows >= 0)[:, None]
     if windows:
-      z_TC = plgpu.load(z_ref.at[pl.ds(n * chunk - j, chunk), :], mask=valid, other=0.0)
+      z_TC = plgpu.load(z_ref.at[pl.ds(n * chunk - j, chunk), cols], mask=valid, other=0.0)
       out.append(z_TC.astype(f32))
     else:
-      z_TC = z_ref[jnp.maximum(rows, 0), :].astype(f32)
+      z_TC = z_ref[jnp.maximum(rows, 0), cols].astype(f32)
       out.append(jnp.where(valid, z_TC, 0.0))
   return out
 
@@ -130,16 +146,18 @@ def _featurize(wf_ref, stream: int, shifted: list[jax.Array]) -> jax.Array:
 
 
 def _featurized(z_ref, wf_ref, stream: int, n, chunk: int, num_taps_f: int,
-                windows: bool) -> jax.Array:
+                windows: bool, stream_cols: list) -> jax.Array:
   """f_stream for chunk n, float32 [T, dc]."""
-  return _featurize(wf_ref, stream, _shifted_rows(z_ref, n, chunk, num_taps_f, windows))
+  return _featurize(wf_ref, stream, _shifted_rows(z_ref, n, chunk, num_taps_f, windows,
+                                                  stream_cols[stream]))
 
 
 def _fgcg_fwd_kernel(
     hp_ref,  # [4T] padded filter row of this tile's group, float32
     dskip_ref,  # [dc] float32
     wf_ref,  # [4, Jp, dc] featurizer taps, float32
-    zpost_ref, zpre_ref, zv_ref,  # [Lp, dc] column tiles of z in the three streams
+    zpost_ref, zpre_ref, zv_ref,  # [Lp, dc] column tiles of z in the three streams (blocked);
+    # interleaved: the same [Lp, 3 dc] tile three times
     out_ref,  # [Lp, dc]
     *,
     chunk: int,
@@ -148,12 +166,14 @@ def _fgcg_fwd_kernel(
     dot_dtype: jnp.dtype,
     precision: jax.lax.Precision | None,
     windows: bool,
+    interleaved: bool,
 ):
   f32 = jnp.float32
   h0_TT, h1_TT, dot, *_ = bc._toeplitz_ops(hp_ref, chunk, dot_dtype, precision)
   dskip_1C = dskip_ref[...].astype(f32)[None, :]
   feat = functools.partial(_featurized, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
-                           windows=windows)
+                           windows=windows,
+                           stream_cols=_stream_columns(interleaved, out_ref.shape[-1]))
   first = pl.program_id(2) * segment_chunks
 
   def body(step, u_prev_TC):
@@ -174,8 +194,8 @@ def _fgcg_bwd_kernel(
     hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref,
     dout_ref,  # [Lp, dc] cotangent of the output
     # Outputs
-    df_ref,  # [Lp, 3C] gradient of the featurized streams; this program writes its dc-wide
-    # column tile of each stream (columns s C + c dc, s = post, pre, v)
+    df_ref,  # [Lp, 3C] gradient of the featurized streams in z's layout; this program writes
+    # its dc channels of each stream (columns s C + c dc + i, or 3 (c dc + i) + s interleaved)
     dh_part_ref,  # [T, T] float32, as in blocked_conv
     ddskip_part_ref,  # [dc] float32
     *dwf_part_ref,  # tap_grads == "kernel": [4, Jp, dc] float32, sum_t df_s[t] z_s[t - j]
@@ -188,17 +208,23 @@ def _fgcg_bwd_kernel(
     transpose_by_dot: bool,
     windows: bool,
     tap_grads: str,
+    interleaved: bool,
 ):
   f32 = jnp.float32
   block_c = dskip_ref.shape[-1]
   channels = df_ref.shape[-1] // _STREAMS
-  stream_cols = [pl.ds(pl.multiple_of(s * channels + pl.program_id(1) * block_c, block_c), block_c)
-                 for s in range(_STREAMS)]
+  if interleaved:
+    df_cols = [pl.ds(_STREAMS * pl.program_id(1) * block_c + s, block_c, stride=_STREAMS)
+               for s in range(_STREAMS)]
+  else:
+    df_cols = [pl.ds(pl.multiple_of(s * channels + pl.program_id(1) * block_c, block_c), block_c)
+               for s in range(_STREAMS)]
+  z_cols = _stream_columns(interleaved, block_c)
   h0_TT, h1_TT, dot, dot_general, h0t_dot, h1t_dot = bc._toeplitz_ops(
       hp_ref, chunk, dot_dtype, precision, backward=True, transpose_by_dot=transpose_by_dot)
   dskip_1C = dskip_ref[...].astype(f32)[None, :]
   feat = functools.partial(_featurized, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
-                           windows=windows)
+                           windows=windows, stream_cols=z_cols)
   z_refs = (zpost_ref, zpre_ref, zv_ref)
 
   end = (pl.program_id(2) + 1) * segment_chunks
@@ -214,7 +240,7 @@ def _fgcg_bwd_kernel(
     g_dot_TC = g_TC.astype(dot_dtype)
     du_TC = h0t_dot(g_dot_TC) + h1t_dot(g_next_TC) + dskip_1C * g_TC
     stored = []
-    for cols, df_TC in zip(stream_cols, (dout_TC * y_TC, du_TC * v_TC, du_TC * pre_TC)):
+    for cols, df_TC in zip(df_cols, (dout_TC * y_TC, du_TC * v_TC, du_TC * pre_TC)):
       df_stored = df_TC.astype(df_ref.dtype)
       df_ref[rows, cols] = df_stored
       stored.append(df_stored)
@@ -243,7 +269,8 @@ def _fgcg_bwd_kernel(
     g_next_TC, a0_TT, a1_TT, ddskip_TC, dwf = carry
     n = end - 1 - step
     rows = bc._chunk_rows(n, chunk)
-    shifted = [_shifted_rows(z_ref, n, chunk, num_taps_f, windows) for z_ref in z_refs]
+    shifted = [_shifted_rows(z_ref, n, chunk, num_taps_f, windows, cols)
+               for z_ref, cols in zip(z_refs, z_cols)]
     post_TC, pre_TC, v_TC = (_featurize(wf_ref, s, shifted[s]) for s in range(_STREAMS))
     prev = jnp.maximum(n - 1, 0)
     u_prev_TC = feat(zpre_ref, stream=1, n=prev) * feat(zv_ref, stream=2, n=prev)
@@ -282,29 +309,33 @@ def _fgcg_bwd_kernel(
 
 
 def _specs(batch: int, padded_len: int, channels: int, groups: int, taps_pad: int,
-           block_sizes: bc.BlockSizes, segments: int):
+           block_sizes: bc.BlockSizes, segments: int, layout: str):
   chunk, block_c = block_sizes.chunk, block_sizes.block_c
   grid, tile, filter_row, skip = bc._specs(batch, padded_len, channels, groups, block_c, chunk,
                                            segments)
   tiles = channels // block_c
-  z_tiles = [pl.BlockSpec((None, padded_len, block_c), lambda b, c, s, k=k: (b, 0, c + k * tiles))
-             for k in range(_STREAMS)]
+  if layout == "interleaved":
+    z_tiles = [pl.BlockSpec((None, padded_len, _STREAMS * block_c), lambda b, c, s: (b, 0, c))] * _STREAMS
+  else:
+    z_tiles = [pl.BlockSpec((None, padded_len, block_c), lambda b, c, s, k=k: (b, 0, c + k * tiles))
+               for k in range(_STREAMS)]
   taps = pl.BlockSpec((_STREAMS_PADDED, taps_pad, block_c), lambda b, c, s: (0, 0, c))
   return grid, tile, filter_row, skip, taps, z_tiles
 
 
 def _fwd_call(z_BL3C, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int, block_sizes: bc.BlockSizes,
-              interpret: bool) -> jax.Array:
+              interpret: bool, layout: str) -> jax.Array:
   batch, padded_len, width3 = z_BL3C.shape
   channels = width3 // _STREAMS
   num_chunks = padded_len // block_sizes.chunk
   segments = block_sizes.num_segments_fwd
   grid, tile, filter_row, skip, taps, z_tiles = _specs(
-      batch, padded_len, channels, hp_GX.shape[0], wf_SJC.shape[1], block_sizes, segments)
+      batch, padded_len, channels, hp_GX.shape[0], wf_SJC.shape[1], block_sizes, segments, layout)
   dot_dtype, precision = bc._dot_config(z_BL3C.dtype)
   kernel = functools.partial(_fgcg_fwd_kernel, chunk=block_sizes.chunk,
                              segment_chunks=num_chunks // segments, num_taps_f=num_taps_f,
-                             dot_dtype=dot_dtype, precision=precision, windows=not interpret)
+                             dot_dtype=dot_dtype, precision=precision, windows=not interpret,
+                             interleaved=layout == "interleaved")
   return pl.pallas_call(
       kernel,
       grid=grid,
@@ -319,7 +350,7 @@ def _fwd_call(z_BL3C, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int, block_sizes: b
 
 
 def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
-              block_sizes: bc.BlockSizes, interpret: bool, tap_grads: str):
+              block_sizes: bc.BlockSizes, interpret: bool, tap_grads: str, layout: str):
   batch, padded_len, width3 = z_BL3C.shape
   channels = width3 // _STREAMS
   chunk, block_c = block_sizes.chunk, block_sizes.block_c
@@ -327,13 +358,14 @@ def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
   segments = block_sizes.num_segments_bwd
   taps_pad = wf_SJC.shape[1]
   grid, tile, filter_row, skip, taps, z_tiles = _specs(
-      batch, padded_len, channels, hp_GX.shape[0], taps_pad, block_sizes, segments)
+      batch, padded_len, channels, hp_GX.shape[0], taps_pad, block_sizes, segments, layout)
   dot_dtype, precision = bc._dot_config(z_BL3C.dtype)
   kernel = functools.partial(_fgcg_bwd_kernel, chunk=chunk,
                              segment_chunks=num_chunks // segments, num_chunks=num_chunks,
                              num_taps_f=num_taps_f, dot_dtype=dot_dtype, precision=precision,
                              transpose_by_dot=block_sizes.bwd_transpose_by_dot,
-                             windows=not interpret, tap_grads=tap_grads)
+                             windows=not interpret, tap_grads=tap_grads,
+                             interleaved=layout == "interleaved")
   out_shape = (
       jax.ShapeDtypeStruct((batch, padded_len, width3), z_BL3C.dtype),
       jax.ShapeDtypeStruct((batch, channels // block_c, segments, chunk, chunk), jnp.float32),
@@ -477,40 +509,43 @@ def _pad_rows(z_BL3C: jax.Array, chunk: int) -> jax.Array:
   return bc._pad_rows(z_BL3C, bc._padded_len(z_BL3C.shape[1], chunk))
 
 
-def _fwd_impl(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret):
+def _fwd_impl(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret, layout):
   length = z_BL3C.shape[1]
   chunk = block_sizes.chunk
-  out = _fwd_call(_pad_rows(z_BL3C, chunk), _kernel_taps(w_feat_3CJ), bc._padded_filter(h_GK, chunk),
+  out = _fwd_call(_pad_rows(z_BL3C, chunk), _kernel_taps(w_feat_3CJ, layout),
+                  bc._padded_filter(h_GK, chunk),
                   dskip_C.astype(jnp.float32), num_taps_f=w_feat_3CJ.shape[1],
-                  block_sizes=block_sizes, interpret=interpret)
+                  block_sizes=block_sizes, interpret=interpret, layout=layout)
   return out[:, :length]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fgcg(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret, tap_grads):
-  return _fwd_impl(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fgcg(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret, tap_grads, layout):
+  return _fwd_impl(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret, layout)
 
 
-def _fgcg_fwd(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret, tap_grads):
-  out = _fwd_impl(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret)
+def _fgcg_fwd(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret, tap_grads, layout):
+  out = _fwd_impl(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret, layout)
   return out, (z_BL3C, w_feat_3CJ, h_GK, dskip_C)
 
 
-def _fgcg_bwd(block_sizes, interpret, tap_grads, residuals, dout_BLC):
+def _fgcg_bwd(block_sizes, interpret, tap_grads, layout, residuals, dout_BLC):
   z_BL3C, w_feat_3CJ, h_GK, dskip_C = residuals
   length, width3 = z_BL3C.shape[1:]
   num_taps_f = w_feat_3CJ.shape[1]
   chunk = block_sizes.chunk
   dout = bc._pad_rows(dout_BLC.astype(z_BL3C.dtype), bc._padded_len(length, chunk))
   df_BL3C, dh_part, ddskip_part, *dwf_part = _bwd_call(
-      _pad_rows(z_BL3C, chunk), dout, _kernel_taps(w_feat_3CJ), bc._padded_filter(h_GK, chunk),
+      _pad_rows(z_BL3C, chunk), dout, _kernel_taps(w_feat_3CJ, layout),
+      bc._padded_filter(h_GK, chunk),
       dskip_C.astype(jnp.float32), num_taps_f=num_taps_f, block_sizes=block_sizes,
-      interpret=interpret, tap_grads=tap_grads)
+      interpret=interpret, tap_grads=tap_grads, layout=layout)
   if tap_grads == "kernel":
     df_BL3C = df_BL3C[:, :length]
     dz_BL3C = featurizer_transpose(df_BL3C, w_feat_3CJ).astype(z_BL3C.dtype)
     dw_SJC = dwf_part[0].sum((0, 1))[:_STREAMS, :num_taps_f]
-    dw_3CJ = jnp.swapaxes(dw_SJC, 1, 2).reshape(width3, num_taps_f)
+    order = (2, 0, 1) if layout == "interleaved" else (0, 2, 1)
+    dw_3CJ = jnp.transpose(dw_SJC, order).reshape(width3, num_taps_f)
   else:
     dz_BL3C, dw_3CJ = featurizer_backward_pallas(df_BL3C, _pad_rows(z_BL3C, chunk), w_feat_3CJ,
                                                  chunk=min(chunk, FEAT_BWD_CHUNK),
@@ -525,16 +560,18 @@ def _fgcg_bwd(block_sizes, interpret, tap_grads, residuals, dout_BLC):
 _fgcg.defvjp(_fgcg_fwd, _fgcg_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret", "tap_grads"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret", "tap_grads", "layout"))
 def featurized_gate_conv_gate_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h_GK: jax.Array,
                                      dskip_C: jax.Array | None = None, *,
                                      block_sizes: bc.BlockSizes | None = None,
-                                     interpret: bool = False, tap_grads: str = "xla") -> jax.Array:
+                                     interpret: bool = False, tap_grads: str = "xla",
+                                     layout: str = "blocked") -> jax.Array:
   """Featurizer + Hyena gate-conv-gate by the fused Pallas (Triton) kernels, differentiable.
 
   Args:
-    z_BL3C: [B, L, 3C] in-projection product, columns [post | pre | v]; bf16 or float32;
-      any L (padded internally).
+    z_BL3C: [B, L, 3C] in-projection product, columns [post | pre | v] (layout "blocked") or
+      triples 3i + (0 post, 1 pre, 2 v) (layout "interleaved", the Evo 2 / module order);
+      bf16 or float32; any L (padded internally).
     w_feat_3CJ: [3C, J] featurizer taps for the same columns, w[:, 0] on the current token,
       J <= MAX_FEATURIZER_TAPS.
     h_GK: [G, K] grouped filter (h[:, 0] on the current token), K <= chunk.
@@ -546,6 +583,9 @@ def featurized_gate_conv_gate_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h
       (df * shifted z) while it writes dz; "kernel":
       the kernel reduces it on chip (three [T, dc] accumulators per tap and stream, 2.4x slower
       fwd+bwd on an H100 at 8K: experiments/results/se_overhead_nvidia_h100_80gb_hbm3.md).
+    layout: "blocked" or "interleaved" column order of z, the taps and dz. Interleaved lets the
+      module feed x @ W_in with its parameter as stored (no per-call column reorder of the
+      weight or of its gradient); the kernels then read and write every third column.
 
   Returns:
     [B, L, C] in z's dtype. Gradients (custom_vjp) for z, the taps, h and dskip.
@@ -564,8 +604,10 @@ def featurized_gate_conv_gate_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h
     raise ValueError(f"dskip shape {dskip_C.shape} must be ({channels},)")
   if tap_grads not in TAP_GRADS:
     raise ValueError(f"tap_grads={tap_grads!r}: choose one of {TAP_GRADS}")
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout={layout!r}: choose one of {LAYOUTS}")
   resolved = _resolve(block_sizes, (batch, length, channels), h_GK.shape, z_BL3C.dtype)
-  return _fgcg(z_BL3C, w_feat_3CJ, h_GK, dskip_C, resolved, interpret, tap_grads)
+  return _fgcg(z_BL3C, w_feat_3CJ, h_GK, dskip_C, resolved, interpret, tap_grads, layout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,19 +615,23 @@ def featurized_gate_conv_gate_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h
 # ---------------------------------------------------------------------------------------------
 
 
-def featurize_streams(z_BL3C: jax.Array,
-                      w_feat_3CJ: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def featurize_streams(z_BL3C: jax.Array, w_feat_3CJ: jax.Array,
+                      layout: str = "blocked") -> tuple[jax.Array, jax.Array, jax.Array]:
   """Featurizer on z, split into (post, pre, v) [B, L, C] in z's dtype (plain JAX)."""
   length, num_taps_f = z_BL3C.shape[1], w_feat_3CJ.shape[1]
   z = jnp.pad(z_BL3C.astype(jnp.float32), ((0, 0), (num_taps_f - 1, 0), (0, 0)))
   w = w_feat_3CJ.astype(jnp.float32)
   f = sum(w[:, j] * z[:, num_taps_f - 1 - j:num_taps_f - 1 - j + length] for j in range(num_taps_f))
-  return tuple(jnp.split(f.astype(z_BL3C.dtype), _STREAMS, axis=-1))
+  f = f.astype(z_BL3C.dtype)
+  if layout == "interleaved":
+    f = f.reshape(*f.shape[:-1], -1, _STREAMS)
+    return f[..., 0], f[..., 1], f[..., 2]
+  return tuple(jnp.split(f, _STREAMS, axis=-1))
 
 
 def featurized_gate_conv_gate(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h_GK: jax.Array,
-                              dskip_C: jax.Array | None = None,
-                              chunk: int = bc.DEFAULT_CHUNK) -> jax.Array:
+                              dskip_C: jax.Array | None = None, chunk: int = bc.DEFAULT_CHUNK,
+                              layout: str = "blocked") -> jax.Array:
   """Reference of featurized_gate_conv_gate_pallas: featurizer, then blocked gate-conv-gate."""
-  post, pre, v = featurize_streams(z_BL3C, w_feat_3CJ)
+  post, pre, v = featurize_streams(z_BL3C, w_feat_3CJ, layout)
   return bc.gate_conv_gate(post, pre, v, h_GK, dskip_C, chunk=max(chunk, h_GK.shape[1]))

@@ -116,6 +116,10 @@ def blocked_columns(w_in_D3D: jax.Array, w_feat_3DK: jax.Array) -> tuple[jax.Arr
 # SE (7 taps) 3.08 vs 3.58 ms at 4K, 21.5 vs 22.2 at 32K; MR (128 taps) fused was slower (the
 # T = 128 backward kernel): experiments/results/ops_nvidia_h100_80gb_hbm3.md.
 FUSED_FEATURIZER_MAX_TAPS = 64
+# Column order the fused kernel reads z in: "blocked" (x @ blocked_columns(W_in), measured) or
+# "interleaved" (x @ W_in as stored, no per-call reorder of the weight and its gradient; the
+# kernels read every third column; not yet timed on a GPU).
+FUSED_Z_LAYOUT = "blocked"
 
 
 def fuses_featurizer(method: str, num_taps: int) -> bool:
@@ -152,9 +156,13 @@ def explicit_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
   batch, length, width = x_BLD.shape
   if fuses_featurizer(method, h_GK.shape[-1]) and featurized_conv.unsupported_reason(
       (batch, length, 3 * width), w_feat_3DK.shape, h_GK.shape) is None:
+    interpret = jax.default_backend() != "gpu"
+    if FUSED_Z_LAYOUT == "interleaved":
+      return featurized_conv.featurized_gate_conv_gate_pallas(
+          x_BLD @ w_in_D3D, w_feat_3DK, h_GK, dskip_D, interpret=interpret, layout="interleaved")
     w_in, w_feat = blocked_columns(w_in_D3D, w_feat_3DK)
     return featurized_conv.featurized_gate_conv_gate_pallas(
-        x_BLD @ w_in, w_feat, h_GK, dskip_D, interpret=jax.default_backend() != "gpu")
+        x_BLD @ w_in, w_feat, h_GK, dskip_D, interpret=interpret)
   post, pre, v = project_and_featurize(x_BLD, w_in_D3D, w_feat_3DK)
   return gate_conv_gate(post, pre, v, h_GK, dskip_D, method, chunk)
 
