@@ -26,6 +26,7 @@ from experiments.timing import median_ms
 from sh2_jax.config import ModelConfig
 from sh2_jax.layers.attention import MHA
 from sh2_jax.layers.hyena import HyenaLI, HyenaMR, HyenaSE
+from sh2_jax.ops import hyena as hyena_ops
 
 logger = logging.getLogger(__name__)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -38,6 +39,7 @@ class Variant:
   module: type[nn.Module] | None  # None: the GEMM floor
   overrides: dict[str, Any]
   hyena: bool = True
+  switches: tuple[tuple[str, Any], ...] = ()  # sh2_jax.ops.hyena constants set while it runs
 
 
 def default_variants(kernels: bool) -> list[Variant]:
@@ -46,6 +48,12 @@ def default_variants(kernels: bool) -> list[Variant]:
       Variant("GEMM floor", None, {}),
       Variant(f"SE ({fast})", HyenaSE, {"conv_method": fast}),
       Variant("SE (pallas, XLA featurizer)", HyenaSE, {"conv_method": "pallas_unfused"}),
+      Variant("SE (pallas, interleaved z)", HyenaSE, {"conv_method": "pallas"},
+              switches=(("FUSED_Z_LAYOUT", "interleaved"),)),
+      Variant("SE (pallas direct FIR)", HyenaSE, {"conv_method": "pallas"},
+              switches=(("SHORT_FILTER_KERNEL", "direct"),)),
+      Variant("SE (pallas direct FIR, interleaved z)", HyenaSE, {"conv_method": "pallas"},
+              switches=(("SHORT_FILTER_KERNEL", "direct"), ("FUSED_Z_LAYOUT", "interleaved"))),
       Variant("SE (XLA direct)", HyenaSE, {"conv_method": "direct"}),
       Variant(f"MR ({fast})", HyenaMR, {"conv_method": fast}),
       Variant("MR (pallas, fused featurizer)", HyenaMR, {"conv_method": "pallas_fused"}),
@@ -57,7 +65,7 @@ def default_variants(kernels: bool) -> list[Variant]:
       Variant("MHA (cuDNN)" if jax.default_backend() == "gpu" else "MHA (XLA)", MHA, {}, hyena=False),
   ]
   if not kernels:
-    out = [v for v in out if v.overrides.get("li_method") != "pallas"
+    out = [v for v in out if v.overrides.get("li_method") != "pallas" and not v.switches
            and v.overrides.get("conv_method") not in ("pallas_unfused", "pallas_fused")]
   seen, unique = set(), []
   for v in out:
@@ -143,6 +151,9 @@ def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups
       if variant.overrides.get("li_method") == "chunked" and length > CHUNKED_LI_MAX_LEN:
         continue
       row = {"op": variant.name, "L": length}
+      saved = {name: getattr(hyena_ops, name) for name, _ in variant.switches}
+      for name, value in variant.switches:
+        setattr(hyena_ops, name, value)
       try:
         if variant.module is None:
           fwd, fwdbwd = _gemm_floor_fns(config, x, key)
@@ -154,6 +165,9 @@ def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups
         message = str(error).splitlines()[0][:120]
         row["error"] = "OOM" if "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower() else message
         logger.warning("%s at L=%d: %s", variant.name, length, message)
+      finally:
+        for name, value in saved.items():
+          setattr(hyena_ops, name, value)
       rows.append(row)
       logger.info("%s", row)
       jax.clear_caches()

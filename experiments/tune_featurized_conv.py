@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments.timing import median_ms, vjp_fn  # noqa: E402
 from pallas_kernels import blocked_conv as bc  # noqa: E402
 from pallas_kernels import featurized_conv as fc  # noqa: E402
+from pallas_kernels import featurized_short_conv as fsc  # noqa: E402
 
 
 
@@ -71,6 +72,11 @@ def main() -> None:
            lambda z, w, h: fc.featurized_gate_conv_gate_pallas(z, w, h, dskip, tap_grads="kernel"))
     report("defaults, layout=interleaved (strided stream columns)",
            lambda z, w, h: fc.featurized_gate_conv_gate_pallas(z, w, h, dskip, layout="interleaved"))
+    if taps <= fsc.MAX_TAPS:
+      for layout in fc.LAYOUTS:
+        report(f"direct FIR (featurized_short_conv), layout={layout}",
+               lambda z, w, h, layout=layout: fsc.featurized_short_conv_pallas(z, w, h, dskip,
+                                                                               layout=layout))
     jax.clear_caches()
 
 

@@ -416,13 +416,16 @@ FEAT_BWD_BLOCK_C = 64  # columns per program (128-byte bf16 rows)
 FEAT_BWD_TARGET_PROGRAMS = 768
 
 
-def _rows_window(ref, start, chunk: int, padded_len: int, windows: bool) -> jax.Array:
-  """Rows start .. start + chunk - 1 of ref, float32 [chunk, dc]; rows outside [0, Lp) are 0."""
+def _rows_window(ref, start, chunk: int, padded_len: int, windows: bool,
+                 cols=slice(None)) -> jax.Array:
+  """Rows start .. start + chunk - 1 (columns `cols`) of ref, float32 [chunk, dc]; rows
+  outside [0, Lp) are 0. windows: masked contiguous loads (GPU), else clamped row gathers
+  (interpret mode, whose loads cannot start before row 0)."""
   rows = start + jax.lax.iota(jnp.int32, chunk)
   valid = ((rows >= 0) & (rows < padded_len))[:, None]
   if windows:
-    return plgpu.load(ref.at[pl.ds(start, chunk), :], mask=valid, other=0.0).astype(jnp.float32)
-  return jnp.where(valid, ref[jnp.clip(rows, 0, padded_len - 1), :].astype(jnp.float32), 0.0)
+    return plgpu.load(ref.at[pl.ds(start, chunk), cols], mask=valid, other=0.0).astype(jnp.float32)
+  return jnp.where(valid, ref[jnp.clip(rows, 0, padded_len - 1), cols].astype(jnp.float32), 0.0)
 
 
 def _featurizer_bwd_kernel(w_ref, df_ref, z_ref, dz_ref, dw_part_ref, *, chunk: int,

@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import blocked_conv, featurized_conv, modal_conv
+from pallas_kernels import blocked_conv, featurized_conv, featurized_short_conv, modal_conv
 from sh2_jax.ops import conv, filters
 
 LI_CHUNKED_MIN_LEN = 1 << 16
@@ -120,6 +120,10 @@ FUSED_FEATURIZER_MAX_TAPS = 64
 # "interleaved" (x @ W_in as stored, no per-call reorder of the weight and its gradient; the
 # kernels read every third column; not yet timed on a GPU).
 FUSED_Z_LAYOUT = "blocked"
+# Kernel of the fused path for short filters: "toeplitz" (featurized_conv, measured) or "direct"
+# (featurized_short_conv: the FIR on CUDA cores from shifted windows, 64-channel tiles across
+# groups; not yet timed on a GPU).
+SHORT_FILTER_KERNEL = "toeplitz"
 
 
 def fuses_featurizer(method: str, num_taps: int) -> bool:
@@ -140,10 +144,12 @@ def explicit_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
                    chunk: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
   """Hyena-SE/MR between the projections: project, featurize, gate-conv-gate.
 
-  Where `fuses_featurizer(method, K)` and the fused kernel takes the shapes, one [D, 3D]
-  product writes z with its three streams as column blocks and
-  pallas_kernels/featurized_conv.py featurizes and gates it in one kernel (interpret mode off
-  GPU); otherwise project_and_featurize + gate_conv_gate with `method`.
+  Where `fuses_featurizer(method, K)` and a fused kernel takes the shapes, one [D, 3D]
+  product writes z (columns in FUSED_Z_LAYOUT: blocked [post | pre | v] after a weight
+  reorder, or interleaved as stored) and one kernel featurizes and gates it:
+  pallas_kernels/featurized_conv.py (Toeplitz tiles), or featurized_short_conv.py (direct FIR)
+  when SHORT_FILTER_KERNEL is "direct"; interpret mode off GPU. Otherwise
+  project_and_featurize + gate_conv_gate with `method`.
 
   Args:
     x_BLD: [B, L, D] normalised input in the compute dtype.
@@ -153,16 +159,23 @@ def explicit_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
   Returns:
     [B, L, D] in x's dtype.
   """
-  batch, length, width = x_BLD.shape
-  if fuses_featurizer(method, h_GK.shape[-1]) and featurized_conv.unsupported_reason(
-      (batch, length, 3 * width), w_feat_3DK.shape, h_GK.shape) is None:
+  shape_BL3D = (x_BLD.shape[0], x_BLD.shape[1], 3 * x_BLD.shape[2])
+  if fuses_featurizer(method, h_GK.shape[-1]):
     interpret = jax.default_backend() != "gpu"
-    if FUSED_Z_LAYOUT == "interleaved":
+    direct = SHORT_FILTER_KERNEL == "direct" and featurized_short_conv.unsupported_reason(
+        shape_BL3D, w_feat_3DK.shape, h_GK.shape) is None
+    if direct or featurized_conv.unsupported_reason(shape_BL3D, w_feat_3DK.shape,
+                                                    h_GK.shape) is None:
+      if FUSED_Z_LAYOUT == "interleaved":
+        z, w_feat = x_BLD @ w_in_D3D, w_feat_3DK
+      else:
+        w_in, w_feat = blocked_columns(w_in_D3D, w_feat_3DK)
+        z = x_BLD @ w_in
+      if direct:
+        return featurized_short_conv.featurized_short_conv_pallas(
+            z, w_feat, h_GK, dskip_D, interpret=interpret, layout=FUSED_Z_LAYOUT)
       return featurized_conv.featurized_gate_conv_gate_pallas(
-          x_BLD @ w_in_D3D, w_feat_3DK, h_GK, dskip_D, interpret=interpret, layout="interleaved")
-    w_in, w_feat = blocked_columns(w_in_D3D, w_feat_3DK)
-    return featurized_conv.featurized_gate_conv_gate_pallas(
-        x_BLD @ w_in, w_feat, h_GK, dskip_D, interpret=interpret)
+          z, w_feat, h_GK, dskip_D, interpret=interpret, layout=FUSED_Z_LAYOUT)
   post, pre, v = project_and_featurize(x_BLD, w_in_D3D, w_feat_3DK)
   return gate_conv_gate(post, pre, v, h_GK, dskip_D, method, chunk)
 
