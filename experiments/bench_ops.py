@@ -213,7 +213,7 @@ def write_markdown(rows: list[dict[str, Any]], kernels: bool, path: str, command
   lengths = sorted({r["L"] for r in rows})
   ops = list(dict.fromkeys(r["op"] for r in rows))
   get = {(r["op"], r["L"]): r for r in rows}
-  lines = [f"# Mixer operators: forward and forward+backward time (ms)", "",
+  lines = ["# Mixer operators: forward and forward+backward time (ms)", "",
            f"- device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}",
            f"- date: {datetime.date.today().isoformat()}",
            f"- command: `{command}`",

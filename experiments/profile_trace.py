@@ -112,7 +112,6 @@ def first_instruction(hlo_text: str, op_name: str) -> str:
     return ""
   kind = match.group(1)
   if kind == "fusion":
-    call = re.search(rf"\b{re.escape(op_name)} = .*calls=(%?[\w.-]+)", hlo_text)
     kind_attr = re.search(rf"\b{re.escape(op_name)} = .*kind=(\w+)", hlo_text)
     return f"fusion {kind_attr.group(1) if kind_attr else ''}".strip()
   if kind == "custom-call":

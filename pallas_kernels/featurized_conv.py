@@ -268,7 +268,6 @@ def _fgcg_bwd_kernel(
   def body(step, carry):
     g_next_TC, a0_TT, a1_TT, ddskip_TC, dwf = carry
     n = end - 1 - step
-    rows = bc._chunk_rows(n, chunk)
     shifted = [_shifted_rows(z_ref, n, chunk, num_taps_f, windows, cols)
                for z_ref, cols in zip(z_refs, z_cols)]
     post_TC, pre_TC, v_TC = (_featurize(wf_ref, s, shifted[s]) for s in range(_STREAMS))

@@ -99,3 +99,26 @@ def skip_one_program(kernel: Callable, kernel_module, skipped: tuple[int, int, i
         kernel_module.pl = pl
 
   return wrapped
+
+
+def assert_module_matches_direct(module_cls, config, method: str, shape_BLD: tuple[int, int, int],
+                                 seed: int, tol: float = 1e-5) -> None:
+  """A Hyena module with conv_method=`method` == the same module with "direct": output and
+  every parameter and input gradient (float32, highest matmul precision, fresh inputs)."""
+  import dataclasses
+
+  import flax.linen as nn
+
+  x = jax.random.normal(jax.random.key(seed), shape_BLD)
+  ct = jax.random.normal(jax.random.key(seed + 1), shape_BLD)
+  params = nn.meta.unbox(module_cls(config).init(jax.random.key(seed + 2), x)["params"])
+  results = []
+  for conv_method in (method, "direct"):
+    module = module_cls(dataclasses.replace(config, conv_method=conv_method))
+    with jax.default_matmul_precision("highest"):
+      out, vjp = jax.vjp(lambda p, x: module.apply({"params": p}, x), params, x)
+      results.append(jax.tree_util.tree_leaves((out, vjp(ct))))
+  for got, want in zip(*results):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.all(np.isfinite(got))
+    assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want)

