@@ -181,15 +181,11 @@ def _bwd_kernel(hc_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref, dout_ref
     dh_part_ref[k, :] = jnp.sum(acc[k], axis=0) if k < num_taps else jnp.zeros((block_c,), f32)
 
 
-def _taps_pow2(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
-
-
 def _channel_taps(h_GK: jax.Array, channels: int) -> jax.Array:
   """[G, K] group filters -> [Kp, C] float32 per-channel taps (rows past K zero)."""
   groups, taps = h_GK.shape
   h_CK = jnp.repeat(h_GK.astype(jnp.float32), channels // groups, axis=0)
-  return jnp.pad(h_CK.T, ((0, _taps_pow2(taps) - taps), (0, 0)))
+  return jnp.pad(h_CK.T, ((0, fc._taps_pad(taps) - taps), (0, 0)))
 
 
 def _call(kernel, z_BL3C, dout_BLC, hc_KC, dskip_C, wf_SJC, *, num_taps: int, num_taps_f: int,
