@@ -308,39 +308,55 @@ def _interleave(channels: int) -> np.ndarray:
   return np.arange(3 * channels).reshape(3, channels).T.reshape(-1)
 
 
-@pytest.mark.parametrize("case,tap_grads", [(CASES[1], "xla"), (CASES[4], "xla"),
-                                            (CASES[0], "kernel")])
-def test_interleaved_layout_matches_float64_reference(case, tap_grads):
-  """layout="interleaved" (strided stream columns in every kernel) on the interleaved copy of
-  the inputs == the float64 reference, its gradients interleaved the same way."""
-  batch, length, channels, groups, taps, feat_taps, dtype, block_sizes = case
-  z, w_feat, h, dskip, ct = _inputs(29 + length, batch, length, channels, groups, taps, feat_taps,
-                                    dtype)
-  perm = _interleave(channels)
-  kernel = functools.partial(fc.featurized_gate_conv_gate_pallas, block_sizes=block_sizes,
-                             interpret=True, tap_grads=tap_grads, layout="interleaved")
+def check_permuted_against_f64(kernel, args, perm: np.ndarray, dtype) -> None:
+  """kernel(z[..., perm], w_feat[perm], h, dskip) and its gradients == the float64 reference
+  of the blocked-layout operator, with z's and the taps' gradients permuted the same way."""
+  z, w_feat, h, dskip, ct = args
   out, vjp = jax.vjp(kernel, z[..., perm], w_feat[perm], h, dskip)
   dz, dw, dh, ddskip = vjp(ct)
   want_out, (want_dz, want_dw, want_dh, want_ddskip) = _reference_f64(z, w_feat, h, dskip, ct)
+  assert out.dtype == z.dtype
   errs = {"out": _rel_err(out, want_out), "dz": _rel_err(dz, np.asarray(want_dz)[..., perm]),
           "dw": _rel_err(dw, np.asarray(want_dw)[perm]), "dh": _rel_err(dh, want_dh),
           "ddskip": _rel_err(ddskip, want_ddskip)}
   assert max(errs.values()) < TOLERANCE[dtype], errs
 
 
-@pytest.mark.parametrize("which", ["_fgcg_fwd_kernel", "_fgcg_bwd_kernel"])
-def test_interleaved_unwritten_tile_is_caught(monkeypatch, which):
-  monkeypatch.setattr(fc, which, helpers.skip_one_program(getattr(fc, which), fc, (0, 1, 0)))
+def check_unwritten_tile_caught(monkeypatch, module, kernel_name: str, run) -> None:
+  """With program (0, 1, 0) of `module.kernel_name` writing nothing, run() (interpret mode,
+  NaN-filled outputs) returns non-finite values."""
+  monkeypatch.setattr(module, kernel_name,
+                      helpers.skip_one_program(getattr(module, kernel_name), module, (0, 1, 0)))
   jax.clear_caches()
   try:
-    z, w_feat, h, dskip, ct = _inputs(3, 1, 64, 32, 1, 5, 3, jnp.float32)
+    assert not np.all(np.isfinite(np.asarray(run())))
+  finally:
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize("case,tap_grads", [(CASES[1], "xla"), (CASES[4], "xla"),
+                                            (CASES[0], "kernel")])
+def test_interleaved_layout_matches_float64_reference(case, tap_grads):
+  """layout="interleaved" (strided stream columns in every kernel) on the interleaved copy of
+  the inputs == the float64 reference, its gradients interleaved the same way."""
+  batch, length, channels, groups, taps, feat_taps, dtype, block_sizes = case
+  args = _inputs(29 + length, batch, length, channels, groups, taps, feat_taps, dtype)
+  kernel = functools.partial(fc.featurized_gate_conv_gate_pallas, block_sizes=block_sizes,
+                             interpret=True, tap_grads=tap_grads, layout="interleaved")
+  check_permuted_against_f64(kernel, args, _interleave(channels), dtype)
+
+
+@pytest.mark.parametrize("which", ["_fgcg_fwd_kernel", "_fgcg_bwd_kernel"])
+def test_interleaved_unwritten_tile_is_caught(monkeypatch, which):
+  z, w_feat, h, dskip, ct = _inputs(3, 1, 64, 32, 1, 5, 3, jnp.float32)
+
+  def run():
     kernel = functools.partial(fc.featurized_gate_conv_gate_pallas, interpret=True,
                                block_sizes=bc.BlockSizes(chunk=16, block_c=16), layout="interleaved")
     out, vjp = jax.vjp(kernel, z, w_feat, h, dskip)
-    values = out if which == "_fgcg_fwd_kernel" else vjp(ct)[0]
-    assert not np.all(np.isfinite(np.asarray(values)))
-  finally:
-    jax.clear_caches()
+    return out if which == "_fgcg_fwd_kernel" else vjp(ct)[0]
+
+  check_unwritten_tile_caught(monkeypatch, fc, which, run)
 
 
 def test_module_with_interleaved_fused_kernel_equals_direct(monkeypatch):

@@ -11,7 +11,9 @@ import pytest
 
 from pallas_kernels import featurized_short_conv as fsc
 from tests import helpers
-from tests.test_pallas_featurized_conv import TOLERANCE, _inputs, _interleave, _reference_f64, _rel_err
+from tests.test_pallas_featurized_conv import (_inputs, _interleave, _reference_f64, _rel_err,
+                                              check_permuted_against_f64,
+                                              check_unwritten_tile_caught)
 
 SMALL = fsc.ShortBlockSizes(block_c=16, chunk_fwd=16, chunk_bwd=16, rows_per_program=32)
 
@@ -28,19 +30,11 @@ CASES = [
 def test_matches_float64_reference(batch, length, channels, groups, taps, feat_taps, dtype, layout,
                                    block_sizes):
   """L not a multiple of any tile, several segments (SMALL), 1 to 32 groups, K = 3, 7, 16."""
-  z, w_feat, h, dskip, ct = _inputs(41 + length, batch, length, channels, groups, taps, feat_taps,
-                                    dtype)
+  args = _inputs(41 + length, batch, length, channels, groups, taps, feat_taps, dtype)
   perm = _interleave(channels) if layout == "interleaved" else np.arange(3 * channels)
   kernel = functools.partial(fsc.featurized_short_conv_pallas, block_sizes=block_sizes,
                              interpret=True, layout=layout)
-  out, vjp = jax.vjp(kernel, z[..., perm], w_feat[perm], h, dskip)
-  dz, dw, dh, ddskip = vjp(ct)
-  want_out, (want_dz, want_dw, want_dh, want_ddskip) = _reference_f64(z, w_feat, h, dskip, ct)
-  assert out.dtype == z.dtype
-  errs = {"out": _rel_err(out, want_out), "dz": _rel_err(dz, np.asarray(want_dz)[..., perm]),
-          "dw": _rel_err(dw, np.asarray(want_dw)[perm]), "dh": _rel_err(dh, want_dh),
-          "ddskip": _rel_err(ddskip, want_ddskip)}
-  assert max(errs.values()) < TOLERANCE[dtype], errs
+  check_permuted_against_f64(kernel, args, perm, dtype)
 
 
 def test_without_dskip():
@@ -55,16 +49,14 @@ def test_without_dskip():
 
 @pytest.mark.parametrize("which", ["_fwd_kernel", "_bwd_kernel"])
 def test_unwritten_tile_is_caught(monkeypatch, which):
-  monkeypatch.setattr(fsc, which, helpers.skip_one_program(getattr(fsc, which), fsc, (0, 1, 0)))
-  jax.clear_caches()
-  try:
-    z, w_feat, h, dskip, ct = _inputs(8, 1, 64, 32, 1, 7, 3, jnp.float32)
+  z, w_feat, h, dskip, ct = _inputs(8, 1, 64, 32, 1, 7, 3, jnp.float32)
+
+  def run():
     kernel = functools.partial(fsc.featurized_short_conv_pallas, interpret=True, block_sizes=SMALL)
     out, vjp = jax.vjp(kernel, z, w_feat, h, dskip)
-    values = out if which == "_fwd_kernel" else vjp(ct)[0]
-    assert not np.all(np.isfinite(np.asarray(values)))
-  finally:
-    jax.clear_caches()
+    return out if which == "_fwd_kernel" else vjp(ct)[0]
+
+  check_unwritten_tile_caught(monkeypatch, fsc, which, run)
 
 
 def test_unsupported_shapes_say_why():
