@@ -36,9 +36,11 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any
@@ -56,6 +58,7 @@ from sh2_jax.train.state import create_train_state, state_shardings
 logger = logging.getLogger(__name__)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 GIB = 2.0 ** 30
+_CHILD_MARK = "BENCH_CP_ROW "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +122,12 @@ class Bench:
   """Measures train steps, remembers every (setup, length) result, and writes the table."""
 
   def __init__(self, model: config_lib.ModelConfig, iters: int, memory_limit: float | None,
-               deadline: float, out: str, header: list[str]):
+               deadline: float, out: str, header: list[str],
+               isolate: dict[str, Any] | None = None):
+    """isolate: the model arguments of `model_config`, to run every measurement in its own
+    process (`_run_in_subprocess`); None runs them here."""
     self.model = model
+    self.isolate = isolate
     self.iters = iters
     self.memory_limit = memory_limit
     self.deadline = deadline
@@ -146,18 +153,40 @@ class Bench:
     if time.monotonic() > self.deadline:
       return {"status": "not measured (time budget)"}
     start = time.monotonic()
-    try:
-      row = self._run(setup, length)
-    except Exception as error:  # noqa: BLE001 - OOM and failures are reported in the table
-      row = {"status": "OOM" if _is_oom(error) else "error: " + str(error).splitlines()[0][:240]}
-    finally:
-      gc.collect()
-      jax.clear_caches()
+    if self.isolate is not None:
+      row = self._run_in_subprocess(setup, length)
+    else:
+      try:
+        row = self._run(setup, length)
+      except Exception as error:  # noqa: BLE001 - OOM and failures are reported in the table
+        row = {"status": "OOM" if _is_oom(error) else "error: " + str(error).splitlines()[0][:240]}
+      finally:
+        gc.collect()
+        jax.clear_caches()
     row["seconds"] = time.monotonic() - start
     logger.info("%s L=%d: %s", setup.name, length, row)
     self.results[key] = row
     self.write()
     return row
+
+  def _run_in_subprocess(self, setup: Setup, length: int) -> dict[str, Any]:
+    """`_run` in a fresh process: a CUDA fault (illegal address) poisons the process that
+    meets it, so without this every later row would fail too."""
+    spec = dict(model=self.isolate, setup=dataclasses.asdict(setup), length=length,
+                iters=self.iters, memory_limit=self.memory_limit)
+    result = subprocess.run([sys.executable, "-m", "experiments.bench_cp", "--child",
+                             json.dumps(spec)], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    rows = [l[len(_CHILD_MARK):] for l in result.stdout.splitlines() if l.startswith(_CHILD_MARK)]
+    if rows:
+      return json.loads(rows[-1])
+    text = result.stderr
+    if _is_oom(RuntimeError(text)):
+      return {"status": "OOM"}
+    errors = [l for l in text.splitlines() if "Error" in l or "error" in l]
+    cause = "CUDA illegal address" if "ILLEGAL_ADDRESS" in text else (
+        errors[-1].strip()[:200] if errors else text.strip()[-200:])
+    return {"status": f"error (process exit {result.returncode}): {cause}"}
 
   def _run(self, setup: Setup, length: int) -> dict[str, Any]:
     mesh_cfg = setup.mesh_config()
@@ -290,9 +319,16 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no-refine", action="store_true", help="powers of two only in the search")
   parser.add_argument("--smoke", action="store_true", help="tiny: D=64, MR 16 taps, float32, "
                       "L=256, max 1024, 1 timed step (CPU fake devices)")
+  parser.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
+                      help="run each measurement in its own process (auto: on GPU)")
+  parser.add_argument("--parts", default="efficiency,search,strategies",
+                      help="which measurements: efficiency, search, strategies")
+  parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--out", default=None, help="markdown path (default "
                       "experiments/results/cp_<device>.md)")
   args = parser.parse_args(argv)
+  if args.child:
+    return _child_main(json.loads(args.child))
   if args.smoke:
     args.d_model, args.dtype, args.iters, args.mr_taps = 64, "float32", 1, 16
     args.length = 256 if args.length == parser.get_default("length") else args.length
@@ -323,22 +359,33 @@ def main(argv: list[str] | None = None) -> int:
       f"- fit test: compiled per-device memory vs "
       f"{'unknown' if limit is None else f'{limit / GIB:.3g} GiB'} (and real OOMs)",
       f"- definitions: see the docstring of experiments/bench_cp.py", ""]
-  bench = Bench(model, args.iters, limit, deadline, out, header)
+  parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+  if parts - {"efficiency", "search", "strategies"}:
+    raise config_lib.ConfigError(f"--parts {args.parts!r}: choose from efficiency, search, "
+                                 "strategies")
+  isolate = args.isolate == "yes" or (args.isolate == "auto" and jax.default_backend() == "gpu")
+  model_args = dict(d_model=args.d_model, layers=args.layers, dtype=args.dtype,
+                    mr_taps=args.mr_taps, layout=args.layout)
+  bench = Bench(model, args.iters, limit, deadline, out, header, model_args if isolate else None)
   single, cp = Setup(1), Setup(n, "p2p", "allgather", zigzag)
   multiple = 2 * n
   # 1. Efficiency points.
-  for setup, length in ((cp, args.length), (single, args.length // n), (single, args.length)):
-    bench.measure(setup, length)
-  bench.summary += efficiency_lines(bench, single, cp, args.length) + ["", "## Longest trainable"
-                                                                      " sequence", ""]
+  if "efficiency" in parts:
+    for setup, length in ((cp, args.length), (single, args.length // n), (single, args.length)):
+      bench.measure(setup, length)
+    bench.summary += efficiency_lines(bench, single, cp, args.length)
   # 2. Longest trainable sequence.
-  refine = not args.no_refine
-  best_1 = bench.longest(single, args.start or args.length // n, args.max_length, multiple, refine)
-  best_n = bench.longest(cp, args.length, args.max_length, multiple, refine)
-  if best_1 and best_n:
-    bench.summary.append(f"- ratio CP={n} / 1 device: {best_n / best_1:.2f} (target {n} within 10%)")
+  if "search" in parts:
+    bench.summary += ["", "## Longest trainable sequence", ""]
+    refine = not args.no_refine
+    best_1 = bench.longest(single, args.start or args.length // n, args.max_length, multiple,
+                           refine)
+    best_n = bench.longest(cp, args.length, args.max_length, multiple, refine)
+    if best_1 and best_n:
+      bench.summary.append(f"- ratio CP={n} / 1 device: {best_n / best_1:.2f} (target {n} within "
+                           "10%)")
   # 3. Strategies.
-  if compare:
+  if compare and "strategies" in parts:
     bench.summary += ["", f"## Strategies under CP={n} at L = {args.length}", "",
                       "| setup | step ms | tokens/s |", "|---|---|---|"]
     for setup in [cp] + [known[c] for c in compare]:
@@ -350,6 +397,18 @@ def main(argv: list[str] | None = None) -> int:
   bench.write()
   with open(out) as f:
     print(f.read())
+  return 0
+
+
+def _child_main(spec: dict[str, Any]) -> int:
+  """One measurement (`Bench._run_in_subprocess`'s child): prints its row as JSON."""
+  model = model_config(**spec["model"])
+  bench = Bench(model, spec["iters"], spec["memory_limit"], float("inf"), "", [])
+  try:
+    row = bench._run(Setup(**spec["setup"]), spec["length"])
+  except Exception as error:  # noqa: BLE001 - OOM and failures are reported in the table
+    row = {"status": "OOM" if _is_oom(error) else "error: " + str(error).splitlines()[0][:240]}
+  print(_CHILD_MARK + json.dumps(row), flush=True)
   return 0
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
@@ -53,13 +54,36 @@ _STREAMS = 3  # post, pre, v
 _STREAMS_PADDED = 4  # Triton block dims are powers of two
 
 
+# Over 4 GiB Pallas's Triton lowering indexes an array with 64-bit offsets and zero-extends a
+# dynamic row start, so a masked window that starts before row 0 (the featurizer's and the
+# short filter's shifted windows) addresses ~2^32 rows past the array: an illegal address on an
+# H200 at L = 256K, D = 4096. z (with its padding rows) must stay below that.
+MAX_WINDOWED_BYTES = 2**32 - 2**27
+
+
+def size_reason(shape_BL3C: tuple[int, ...], itemsize: int) -> str | None:
+  """Why z of this shape is too large for kernels with shifted windows, or None."""
+  nbytes = math.prod(shape_BL3C) * itemsize
+  if nbytes <= MAX_WINDOWED_BYTES:
+    return None
+  return (f"z {tuple(shape_BL3C)} takes {nbytes / 2**30:.1f} GiB: over 4 GiB the fused kernels' "
+          "shifted windows are mis-addressed (Pallas 64-bit indexing); use the unfused path "
+          "(ops.hyena.project_and_featurize + gate_conv_gate) or a shorter sequence per call")
+
+
 def unsupported_reason(shape_BL3C: tuple[int, ...], shape_3CJ: tuple[int, ...],
                        shape_GK: tuple[int, ...],
-                       block_sizes: bc.BlockSizes | None = None) -> str | None:
-  """Why the fused kernels cannot take these shapes (a sentence with the fix), or None."""
+                       block_sizes: bc.BlockSizes | None = None,
+                       itemsize: int = 2) -> str | None:
+  """Why the fused kernels cannot take these shapes (a sentence with the fix), or None.
+
+  itemsize: bytes per element of z (2 for bf16).
+  """
   if len(shape_BL3C) != 3 or len(shape_3CJ) != 2:
     return f"expected z of rank 3 and featurizer taps of rank 2, got {shape_BL3C}, {shape_3CJ}"
   batch, length, width3 = shape_BL3C
+  if reason := size_reason(shape_BL3C, itemsize):
+    return reason
   if width3 % _STREAMS:
     return f"z width {width3} must be 3 C (post, pre and v blocks)"
   channels = width3 // _STREAMS
@@ -595,7 +619,8 @@ def featurized_gate_conv_gate_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h
   Raises:
     ValueError: shapes the kernels do not take (see `unsupported_reason`).
   """
-  reason = unsupported_reason(z_BL3C.shape, w_feat_3CJ.shape, h_GK.shape, block_sizes)
+  reason = unsupported_reason(z_BL3C.shape, w_feat_3CJ.shape, h_GK.shape, block_sizes,
+                              z_BL3C.dtype.itemsize)
   if reason:
     raise ValueError(reason)
   batch, length, width3 = z_BL3C.shape

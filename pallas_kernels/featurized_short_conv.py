@@ -58,10 +58,15 @@ class ShortBlockSizes:
 
 
 def unsupported_reason(shape_BL3C: tuple[int, ...], shape_3CJ: tuple[int, ...],
-                       shape_GK: tuple[int, ...]) -> str | None:
-  """Why the direct kernels cannot take these shapes (a sentence with the fix), or None."""
+                       shape_GK: tuple[int, ...], itemsize: int = 2) -> str | None:
+  """Why the direct kernels cannot take these shapes (a sentence with the fix), or None.
+
+  itemsize: bytes per element of z (2 for bf16).
+  """
   if len(shape_BL3C) != 3 or len(shape_3CJ) != 2 or len(shape_GK) != 2:
     return f"expected z [B, L, 3C], taps [3C, J], filter [G, K]; got {shape_BL3C}, {shape_3CJ}, {shape_GK}"
+  if reason := fc.size_reason(shape_BL3C, itemsize):
+    return reason
   width3 = shape_BL3C[-1]
   channels = width3 // _STREAMS
   if width3 % _STREAMS or channels % 16:
@@ -310,7 +315,7 @@ def featurized_short_conv_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h_GK:
   Raises:
     ValueError: shapes the kernels do not take (see `unsupported_reason`).
   """
-  reason = unsupported_reason(z_BL3C.shape, w_feat_3CJ.shape, h_GK.shape)
+  reason = unsupported_reason(z_BL3C.shape, w_feat_3CJ.shape, h_GK.shape, z_BL3C.dtype.itemsize)
   if reason:
     raise ValueError(reason)
   if layout not in fc.LAYOUTS:

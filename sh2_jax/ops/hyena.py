@@ -144,7 +144,8 @@ def explicit_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
                    chunk: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
   """Hyena-SE/MR between the projections: project, featurize, gate-conv-gate.
 
-  Where `fuses_featurizer(method, K)` and a fused kernel takes the shapes, one [D, 3D]
+  Where `fuses_featurizer(method, K)` and a fused kernel takes the shapes (and z stays under
+  4 GiB: featurized_conv.size_reason), one [D, 3D]
   product writes z (columns in FUSED_Z_LAYOUT: blocked [post | pre | v] after a weight
   reorder, or interleaved as stored) and one kernel featurizes and gates it:
   pallas_kernels/featurized_conv.py (Toeplitz tiles), or featurized_short_conv.py (direct FIR)
@@ -162,10 +163,11 @@ def explicit_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
   shape_BL3D = (x_BLD.shape[0], x_BLD.shape[1], 3 * x_BLD.shape[2])
   if fuses_featurizer(method, h_GK.shape[-1]):
     interpret = jax.default_backend() != "gpu"
+    itemsize = x_BLD.dtype.itemsize
     direct = SHORT_FILTER_KERNEL == "direct" and featurized_short_conv.unsupported_reason(
-        shape_BL3D, w_feat_3DK.shape, h_GK.shape) is None
-    if direct or featurized_conv.unsupported_reason(shape_BL3D, w_feat_3DK.shape,
-                                                    h_GK.shape) is None:
+        shape_BL3D, w_feat_3DK.shape, h_GK.shape, itemsize) is None
+    if direct or featurized_conv.unsupported_reason(shape_BL3D, w_feat_3DK.shape, h_GK.shape,
+                                                    itemsize=itemsize) is None:
       if FUSED_Z_LAYOUT == "interleaved":
         z, w_feat = x_BLD @ w_in_D3D, w_feat_3DK
       else:

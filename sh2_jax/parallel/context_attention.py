@@ -12,10 +12,12 @@ positions.
   it and they arrive home after the N-th rotation. Per device memory is O(L/N): one K/V block
   in flight, no [L, L] scores.
 
-Inside a block the scores are tiled (flash-style: `lax.map` over query tiles, `lax.scan` over
-key tiles, a tile pair skipped by `lax.cond` when every key is in the future of every query),
-forward and backward (the backward recomputes the probabilities from the saved log-sum-exp).
-Scores, softmax and accumulators are float32.
+Inside a block: on GPU the Pallas flash-attention kernels (pallas_kernels.flash_attention:
+one program per query tile, key tiles wholly in the future skipped, the mask applied only to
+partly visible tiles); elsewhere XLA tiles (`lax.map` over query tiles, `lax.scan` over key
+tiles, a tile pair skipped by `lax.cond`), forward and backward (the backward recomputes the
+probabilities from the saved log-sum-exp). `KERNEL` forces one ("pallas" runs in interpret
+mode off GPU, for tests). Scores, softmax and accumulators are float32.
 """
 
 from __future__ import annotations
@@ -26,10 +28,20 @@ import math
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30
+from pallas_kernels import flash_attention as flash
+
+NEG_INF = flash.NEG_INF
 TILE = 512
 STRATEGIES = ("allgather", "ring")
+KERNELS = ("auto", "pallas", "xla")
+KERNEL = "auto"  # block kernel: "auto" (Pallas on GPU, XLA tiles elsewhere) | "pallas" | "xla"
 F32 = jnp.float32
+
+
+def _use_pallas() -> bool:
+  if KERNEL not in KERNELS:
+    raise ValueError(f"context_attention.KERNEL={KERNEL!r}: choose one of {KERNELS}")
+  return KERNEL == "pallas" or (KERNEL == "auto" and jax.default_backend() == "gpu")
 
 
 def _tile(length: int, target: int = TILE) -> int:
@@ -88,6 +100,15 @@ def _block_forward(q, k, v, pos_q, pos_k, o, m, l, scale):
 
   q [B, Lq, N, H], k/v [B, Lk, N, H], pos [Lq]/[Lk] int; o [B, Lq, N, H] f32, m/l [B, N, Lq] f32.
   """
+  if _use_pallas():
+    o_blk, lse_blk = flash.attention_block_forward(
+        q, k, v, pos_q, pos_k, scale=scale, out_dtype=F32,
+        interpret=jax.default_backend() != "gpu")
+    m_new = jnp.maximum(m, lse_blk)
+    alpha, beta = jnp.exp(m - m_new), jnp.exp(lse_blk - m_new)
+    weight = lambda w: jnp.swapaxes(w, 1, 2)[..., None]
+    return (o * weight(alpha) + o_blk * weight(beta), m_new,
+            alpha * l + jnp.where(lse_blk > NEG_INF / 2, beta, 0.0))
   tq, tk = _tile(q.shape[1]), _tile(k.shape[1])
   ks, vs, pks = _split(k, tk, 1), _split(v, tk, 1), _split(pos_k, tk, 0)
 
@@ -121,6 +142,9 @@ def _block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale):
 
   lse, delta: [B, N, Lq] final log-sum-exp and rowsum(d_out * out) of the queries.
   """
+  if _use_pallas():
+    return flash.attention_block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale=scale,
+                                          interpret=jax.default_backend() != "gpu")
   tq, tk = _tile(q.shape[1]), _tile(k.shape[1])
   qs, pqs, dos = _split(q, tq, 1), _split(pos_q, tq, 0), _split(d_out, tq, 1)
   lses, deltas = _split(lse, tq, 2), _split(delta, tq, 2)

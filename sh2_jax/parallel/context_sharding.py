@@ -181,7 +181,7 @@ class ContextSharding:
       return cp_attention.context_attention(q, k, v, pos, AXIS, strategy)
 
     return jax.shard_map(body, mesh=self.mesh, in_specs=(spec,) * 3 + (P(AXIS),),
-                         out_specs=spec)(q_BLNH, k_BLNH, v_BLNH, positions_L)
+                         out_specs=spec, check_vma=False)(q_BLNH, k_BLNH, v_BLNH, positions_L)
 
 
 def from_mesh(mesh: Mesh, mesh_config: MeshConfig | None = None) -> ContextSharding | None:
