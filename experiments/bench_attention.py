@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   device = jax.devices()[0].device_kind
-  lines = [f"# Flash attention (Pallas, position mask) vs cuDNN causal attention", "",
+  lines = ["# Flash attention (Pallas, position mask) vs cuDNN causal attention", "",
            f"- device: {device}, jax {jax.__version__}",
            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
            f"- shapes: B=1, {args.heads} heads x {args.head_dim}, bf16; ms are medians of "

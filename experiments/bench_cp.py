@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
   name = device.device_kind.lower().replace(" ", "_")
   out = args.out or os.path.join(RESULTS, f"cp_{name}.md")
   header = [
-      f"# Context parallelism: longest trainable sequence, tokens/s, scaling (`sh2 bench cp`)", "",
+      "# Context parallelism: longest trainable sequence, tokens/s, scaling (`sh2 bench cp`)", "",
       f"- device: {device.device_kind} x {n} ({jax.default_backend()}), jax {jax.__version__}",
       f"- date: {datetime.date.today().isoformat()}",
       f"- command: `sh2 bench cp {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
       f"params + AdamW, remat per block, B=1; median of {args.iters} steps after a warm-up step",
       f"- fit test: compiled per-device memory vs "
       f"{'unknown' if limit is None else f'{limit / GIB:.3g} GiB'} (and real OOMs)",
-      f"- definitions: see the docstring of experiments/bench_cp.py", ""]
+      "- definitions: see the docstring of experiments/bench_cp.py", ""]
   parts = {p.strip() for p in args.parts.split(",") if p.strip()}
   if parts - {"efficiency", "search", "strategies"}:
     raise config_lib.ConfigError(f"--parts {args.parts!r}: choose from efficiency, search, "
