@@ -19,12 +19,16 @@ Measurements, in this order (each row is written to the results file as soon as 
 
 Scaling efficiency at L = --length over N devices (T = tokens/s, F = model FLOPs of one step,
 experiments.bench_train.model_flops_per_step):
-- weak (the headline, same per-device tokens): E = T_cp(L) / (N * T_1(L / N)). Every device
-  holds L/N tokens in both runs; causal attention makes CP's per-device work larger (its
+- strong (the headline when 1 device fits L: the same problem on N devices):
+  E_S = T_cp(L) / (N * T_1(L));
+- weak (the headline otherwise, same per-device tokens): E = T_cp(L) / (N * T_1(L / N)). Every
+  device holds L/N tokens in both runs; causal attention makes CP's per-device work larger (its
   per-device attention FLOPs are N times those of 1 device at L/N), so E understates it when
   attention matters;
-- FLOP-normalised weak: E_F = (F(L) / t_cp(L)) / (N * F(L / N) / t_1(L / N));
-- strong (same problem, when 1 device fits L): E_S = T_cp(L) / (N * T_1(L)).
+- FLOP-normalised weak: E_F = (F(L) / t_cp(L)) / (N * F(L / N) / t_1(L / N)).
+
+Each measurement runs in its own process on GPU (`--isolate`): a CUDA fault in one step would
+otherwise fail every later row.
 
   PYTHONPATH=. python -m sh2_jax.cli bench cp [--devices 2] [--length 131072] [--layers 4]
   PYTHONPATH=. python -m sh2_jax.cli bench cp --smoke   (tiny width, CPU fake devices)
@@ -278,14 +282,17 @@ def efficiency_lines(bench: Bench, single: Setup, cp: Setup, length: int) -> lis
   t_cp, t_half = r_cp["tokens_per_s"], r_half["tokens_per_s"]
   flops_cp = model_flops_per_step(bench.model, length, 1) / (r_cp["ms"] / 1e3)
   flops_half = model_flops_per_step(bench.model, length // n, 1) / (r_half["ms"] / 1e3)
-  lines.append(f"- weak (headline): E = T_cp({length}) / ({n} x T_1({length // n})) = "
-               f"{t_cp:.0f} / ({n} x {t_half:.0f}) = **{100 * t_cp / (n * t_half):.1f}%** (target >= 85%)")
-  lines.append(f"- FLOP-normalised weak: E_F = {100 * flops_cp / (n * flops_half):.1f}%")
-  if r_full.get("status") == "ok":
-    lines.append(f"- strong: E_S = T_cp({length}) / ({n} x T_1({length})) = "
-                 f"{100 * t_cp / (n * r_full['tokens_per_s']):.1f}%")
+  strong = r_full.get("status") == "ok"
+  bold = lambda value, headline: f"**{value:.1f}%** (target >= 85%)" if headline else f"{value:.1f}%"
+  if strong:
+    lines.append(f"- strong (headline): E_S = T_cp({length}) / ({n} x T_1({length})) = "
+                 f"{t_cp:.0f} / ({n} x {r_full['tokens_per_s']:.0f}) = "
+                 f"{bold(100 * t_cp / (n * r_full['tokens_per_s']), True)}")
   else:
     lines.append(f"- strong: 1 device at {length}: {r_full.get('status', 'not run')}")
+  lines.append(f"- weak: E = T_cp({length}) / ({n} x T_1({length // n})) = "
+               f"{t_cp:.0f} / ({n} x {t_half:.0f}) = {bold(100 * t_cp / (n * t_half), not strong)}")
+  lines.append(f"- FLOP-normalised weak: E_F = {100 * flops_cp / (n * flops_half):.1f}%")
   loss_cp, loss_full = r_cp.get("loss"), r_full.get("loss")
   if loss_cp is not None and loss_full is not None:
     lines.append(f"- first-step loss at {length}: CP {loss_cp:.5f}, 1 device {loss_full:.5f} "
@@ -322,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
                       help="run each measurement in its own process (auto: on GPU)")
   parser.add_argument("--parts", default="efficiency,search,strategies",
-                      help="which measurements: efficiency, search, strategies")
+                      help="which measurements: efficiency, search (= search1 + searchN: the "
+                      "longest length on 1 device, with CP), strategies")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--out", default=None, help="markdown path (default "
                       "experiments/results/cp_<device>.md)")
@@ -360,9 +368,11 @@ def main(argv: list[str] | None = None) -> int:
       f"{'unknown' if limit is None else f'{limit / GIB:.3g} GiB'} (and real OOMs)",
       "- definitions: see the docstring of experiments/bench_cp.py", ""]
   parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-  if parts - {"efficiency", "search", "strategies"}:
+  if "search" in parts:
+    parts |= {"search1", "searchN"}
+  if parts - {"efficiency", "search", "search1", "searchN", "strategies"}:
     raise config_lib.ConfigError(f"--parts {args.parts!r}: choose from efficiency, search, "
-                                 "strategies")
+                                 "search1, searchN, strategies")
   isolate = args.isolate == "yes" or (args.isolate == "auto" and jax.default_backend() == "gpu")
   model_args = dict(d_model=args.d_model, layers=args.layers, dtype=args.dtype,
                     mr_taps=args.mr_taps, layout=args.layout)
@@ -375,12 +385,15 @@ def main(argv: list[str] | None = None) -> int:
       bench.measure(setup, length)
     bench.summary += efficiency_lines(bench, single, cp, args.length)
   # 2. Longest trainable sequence.
-  if "search" in parts:
+  if parts & {"search1", "searchN"}:
     bench.summary += ["", "## Longest trainable sequence", ""]
     refine = not args.no_refine
-    best_1 = bench.longest(single, args.start or args.length // n, args.max_length, multiple,
-                           refine)
-    best_n = bench.longest(cp, args.length, args.max_length, multiple, refine)
+    best_1 = best_n = None
+    if "search1" in parts:
+      best_1 = bench.longest(single, args.start or args.length // n, args.max_length, multiple,
+                             refine)
+    if "searchN" in parts:
+      best_n = bench.longest(cp, args.length, args.max_length, multiple, refine)
     if best_1 and best_n:
       bench.summary.append(f"- ratio CP={n} / 1 device: {best_n / best_1:.2f} (target {n} within "
                            "10%)")

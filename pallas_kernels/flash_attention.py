@@ -44,7 +44,8 @@ F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class FlashBlockSizes:
-  """Tiles of the three kernels (powers of two >= 16).
+  """Tiles of the three kernels (powers of two >= 16); defaults timed on an H200 at 64K
+  (experiments/results/attention_nvidia_h200.md).
 
   Attributes:
     block_q, block_k, num_warps, num_stages: forward (query rows per program, key rows per
@@ -54,8 +55,8 @@ class FlashBlockSizes:
   """
   block_q: int = 128
   block_k: int = 64
-  num_warps: int = 4
-  num_stages: int = 2
+  num_warps: int = 8
+  num_stages: int = 3
   block_q_bwd: int = 64
   block_k_bwd: int = 64
   num_warps_bwd: int = 4
@@ -235,7 +236,7 @@ def _fwd_call(q, k, v, pos_q, pos_k, scale, out_dtype, bs: FlashBlockSizes, inte
   )(full, visible, q, k, v, pos_q, pos_k)
 
 
-def _bwd_call(q, k, v, pos_q, pos_k, do, lse, delta, scale, bs: FlashBlockSizes,
+def _bwd_call(q, k, v, pos_q, pos_k, do, lse, delta, scale, out_dtype, bs: FlashBlockSizes,
               interpret: bool):
   batch, len_q, heads, head_dim = q.shape
   len_k = k.shape[1]
@@ -251,7 +252,8 @@ def _bwd_call(q, k, v, pos_q, pos_k, do, lse, delta, scale, bs: FlashBlockSizes,
                 _row_tile(bk, head_dim), whole_q, _stats(None, len_q), _stats(None, len_q),
                 _whole(len_q), _tiled(bk)],
       out_specs=(_row_tile(bk, head_dim), _row_tile(bk, head_dim)),
-      out_shape=(jax.ShapeDtypeStruct(k.shape, F32), jax.ShapeDtypeStruct(v.shape, F32)),
+      out_shape=(jax.ShapeDtypeStruct(k.shape, out_dtype),
+                 jax.ShapeDtypeStruct(v.shape, out_dtype)),
       compiler_params=params,
       interpret=interpret,
       name="flash_attention_bwd_dkdv",
@@ -264,7 +266,7 @@ def _bwd_call(q, k, v, pos_q, pos_k, do, lse, delta, scale, bs: FlashBlockSizes,
                 _row_tile(bq, head_dim), _stats(bq, len_q), _stats(bq, len_q), _tiled(bq),
                 _whole(len_k)],
       out_specs=_row_tile(bq, head_dim),
-      out_shape=jax.ShapeDtypeStruct(q.shape, F32),
+      out_shape=jax.ShapeDtypeStruct(q.shape, out_dtype),
       compiler_params=params,
       interpret=interpret,
       name="flash_attention_bwd_dq",
@@ -348,11 +350,11 @@ def attention_block_forward(q_BQNH: jax.Array, k_BKNH: jax.Array, v_BKNH: jax.Ar
   return lq.unrows(o, head_dim=head_dim), lq.unrows(lse, axis=2)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "out_dtype", "block_sizes", "interpret"))
 def attention_block_backward(q_BQNH: jax.Array, k_BKNH: jax.Array, v_BKNH: jax.Array,
                              pos_Q: jax.Array, pos_K: jax.Array, dout_BQNH: jax.Array,
                              lse_BNQ: jax.Array, delta_BNQ: jax.Array, *,
-                             scale: float | None = None,
+                             scale: float | None = None, out_dtype=None,
                              block_sizes: FlashBlockSizes | None = None,
                              interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Gradients of one block given the queries' final statistics.
@@ -362,7 +364,8 @@ def attention_block_backward(q_BQNH: jax.Array, k_BKNH: jax.Array, v_BKNH: jax.A
     rowsum(dout * out) with the final output.
 
   Returns:
-    dq [B, Lq, N, H], dk, dv [B, Lk, N, H], float32: this key block's share of dq and its dk, dv.
+    dq [B, Lq, N, H], dk, dv [B, Lk, N, H] in out_dtype (default float32; the kernels accumulate
+    in float32 either way): this key block's share of dq and its dk, dv.
   """
   _check(q_BQNH, k_BKNH, v_BKNH, pos_Q, pos_K)
   bs = block_sizes or FlashBlockSizes()
@@ -376,7 +379,8 @@ def attention_block_backward(q_BQNH: jax.Array, k_BKNH: jax.Array, v_BKNH: jax.A
                          lk.rows(v_BKNH, head_dim=hp), lq.positions, lk.positions,
                          lq.rows(dout_BQNH.astype(q_BQNH.dtype), head_dim=hp),
                          lq.rows(lse_BNQ.astype(F32), axis=2),
-                         lq.rows(delta_BNQ.astype(F32), axis=2), scale, bs, interpret)
+                         lq.rows(delta_BNQ.astype(F32), axis=2), scale,
+                         jnp.dtype(out_dtype or F32), bs, interpret)
   return (lq.unrows(dq, head_dim=head_dim), lk.unrows(dk, head_dim=head_dim),
           lk.unrows(dv, head_dim=head_dim))
 
@@ -397,7 +401,8 @@ def _flash_bwd(block_sizes, interpret, saved, dout):
   q, k, v, pos_q, pos_k, out, lse = saved
   delta = jnp.einsum("bqnh,bqnh->bnq", dout.astype(F32), out.astype(F32))
   dq, dk, dv = attention_block_backward(q, k, v, pos_q, pos_k, dout, lse, delta,
-                                        block_sizes=block_sizes, interpret=interpret)
+                                        out_dtype=q.dtype, block_sizes=block_sizes,
+                                        interpret=interpret)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 

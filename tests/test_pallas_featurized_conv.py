@@ -157,6 +157,36 @@ def test_unsupported_shapes_say_why():
                                         jnp.zeros((1, 7)), interpret=True)
 
 
+def test_z_over_the_window_limit_takes_the_unfused_path(monkeypatch):
+  """Over 4 GiB, Pallas indexes in 64 bits and zero-extends the negative row starts of the
+  shifted windows: both fused kernels refuse such z and explicit_mixer goes unfused (the limit
+  is lowered here so that a small z crosses it); the result still equals the direct path."""
+  from pallas_kernels import featurized_short_conv as fsc
+  from sh2_jax.ops import hyena
+
+  assert "4 GiB" in fc.unsupported_reason((1, 262144, 12288), (12288, 3), (256, 7))
+  assert "4 GiB" in fsc.unsupported_reason((1, 262144, 12288), (12288, 3), (256, 7))
+  assert fc.unsupported_reason((1, 131072, 12288), (12288, 3), (256, 7)) is None
+  assert fc.unsupported_reason((1, 131072, 12288), (12288, 3), (256, 7), itemsize=4)
+  monkeypatch.setattr(fc, "MAX_WINDOWED_BYTES", 1000)
+  calls = []
+  for module, name in ((hyena.featurized_conv, "featurized_gate_conv_gate_pallas"),
+                       (hyena.featurized_short_conv, "featurized_short_conv_pallas")):
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(name))
+  keys = jax.random.split(jax.random.key(3), 4)
+  x = jax.random.normal(keys[0], (1, 40, 32))
+  w_in = jax.random.normal(keys[1], (32, 96)) * 0.2
+  w_feat = jax.random.normal(keys[2], (96, 3))
+  h = jax.random.normal(keys[3], (2, 7))
+  with jax.default_matmul_precision("highest"):
+    for kernel in ("toeplitz", "direct"):
+      monkeypatch.setattr(hyena, "SHORT_FILTER_KERNEL", kernel)
+      out = hyena.explicit_mixer(x, w_in, w_feat, h, None, method="pallas")
+      assert not calls, calls
+      want = hyena.explicit_mixer(x, w_in, w_feat, h, None, method="direct")
+      np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def _lower_for_cuda(fn, *shapes):
   return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
 

@@ -137,13 +137,14 @@ def _block_forward(q, k, v, pos_q, pos_k, o, m, l, scale):
   return _merge(o, 1), _merge(m, 2), _merge(l, 2)
 
 
-def _block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale):
+def _block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale, out_dtype=F32):
   """Gradients of one key block: (dq [B, Lq, N, H], dk, dv [B, Lk, N, H]), float32.
 
   lse, delta: [B, N, Lq] final log-sum-exp and rowsum(d_out * out) of the queries.
   """
   if _use_pallas():
     return flash.attention_block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale=scale,
+                                          out_dtype=out_dtype,
                                           interpret=jax.default_backend() != "gpu")
   tq, tk = _tile(q.shape[1]), _tile(k.shape[1])
   qs, pqs, dos = _split(q, tq, 1), _split(pos_q, tq, 0), _split(d_out, tq, 1)
@@ -238,6 +239,11 @@ def _attention_bwd(axis_name, saved, d_out):
     dq, dkv = grads(dq, block, dkv)
     return (dq, _rotate(block, axis_name), _rotate(dkv, axis_name)), None
 
+  if _num_blocks(axis_name) == 1 and _use_pallas():
+    # One block (all-gather, one device): the kernels write the input dtypes directly, with
+    # no float32 dK/dV of the gathered length in between.
+    return (*_block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale, q.dtype), None,
+            None)
   carry = (_full(q.shape, 0.0, q), (k, v, pos_k), (_full(k.shape, 0.0, q), _full(v.shape, 0.0, q)))
   if _num_blocks(axis_name) > 1:
     carry, _ = jax.lax.scan(step, carry, None, length=_num_blocks(axis_name) - 1)
