@@ -16,7 +16,6 @@ synchronised runs after warm-up):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import os
 
@@ -118,17 +117,15 @@ def main(argv: list[str] | None = None) -> None:
     emit("")
     emit(f"Block sizes at L={length} (causal):")
     emit("")
-    emit("| block_q, block_k, warps, stages (fwd) | fwd ms | block_q, block_k, warps, stages "
-         "(bwd) | fwd+bwd ms |")
+    emit("| forward: block_q, block_k, warps, stages | fwd ms | dK/dV: block_k, block_q; dQ: "
+         "block_q, block_k; warps, stages | fwd+bwd ms |")
     emit("|---|---|---|---|")
-    base = fa.FlashBlockSizes()
-    for fwd_cfg, bwd_cfg in [((128, 64, 4, 2), (64, 64, 4, 2)), ((128, 128, 8, 2), (64, 128, 4, 2)),
-                             ((128, 64, 8, 3), (128, 64, 8, 2)), ((64, 64, 4, 3), (32, 64, 4, 2)),
-                             ((128, 32, 4, 3), (64, 32, 4, 3))]:
-      bs = dataclasses.replace(base, block_q=fwd_cfg[0], block_k=fwd_cfg[1], num_warps=fwd_cfg[2],
-                               num_stages=fwd_cfg[3], block_q_bwd=bwd_cfg[0],
-                               block_k_bwd=bwd_cfg[1], num_warps_bwd=bwd_cfg[2],
-                               num_stages_bwd=bwd_cfg[3])
+    # (forward), (dK/dV keys, queries per step, dQ queries, keys per step, warps, stages)
+    configs = [((128, 64, 8, 3), (64, 64, 64, 64, 4, 2)), ((128, 64, 8, 3), (128, 32, 128, 32, 8, 2)),
+               ((128, 64, 8, 3), (128, 64, 128, 64, 8, 2)), ((128, 64, 8, 3), (64, 32, 64, 32, 4, 3)),
+               ((128, 128, 8, 3), (64, 64, 64, 64, 4, 3)), ((128, 64, 4, 2), (64, 128, 128, 64, 8, 2))]
+    for fwd_cfg, bwd_cfg in configs:
+      bs = fa.FlashBlockSizes(*fwd_cfg, *bwd_cfg)
       fn = _flash(pos, pos, bs)
       try:
         t_fwd = median_ms(jax.jit(fn), q, k, v, iters=args.iters)

@@ -38,27 +38,31 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 NEG_INF = -1e30
+LOG2E = math.log2(math.e)
 PAD_POSITION = np.iinfo(np.int32).max
 F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class FlashBlockSizes:
-  """Tiles of the three kernels (powers of two >= 16); defaults timed on an H200 at 64K
-  (experiments/results/attention_nvidia_h200.md).
+  """Tiles of the three kernels (powers of two >= 16); forward defaults timed on an H200 at
+  64K (experiments/results/attention_nvidia_h200.md).
 
   Attributes:
     block_q, block_k, num_warps, num_stages: forward (query rows per program, key rows per
       loop step).
-    block_q_bwd, block_k_bwd, num_warps_bwd, num_stages_bwd: both backward kernels (dK/dV:
-      block_k_bwd keys per program, block_q_bwd queries per step; dQ: the reverse).
+    block_k_dkdv, block_q_dkdv: dK/dV kernel (keys per program, queries per loop step).
+    block_q_dq, block_k_dq: dQ kernel (queries per program, keys per loop step).
+    num_warps_bwd, num_stages_bwd: both backward kernels.
   """
   block_q: int = 128
   block_k: int = 64
   num_warps: int = 8
   num_stages: int = 3
-  block_q_bwd: int = 64
-  block_k_bwd: int = 64
+  block_k_dkdv: int = 64
+  block_q_dkdv: int = 64
+  block_q_dq: int = 64
+  block_k_dq: int = 64
   num_warps_bwd: int = 4
   num_stages_bwd: int = 2
 
@@ -109,24 +113,27 @@ def _query_ranges(pos_q: jax.Array, pos_k: jax.Array, block_q: int, block_k: int
 
 def _fwd_kernel(full_ref, visible_ref, q_ref, k_ref, v_ref, pq_ref, pk_ref, o_ref, lse_ref, *,
                 scale: float, block_k: int):
+  # Raw scores s = q.k; the running max m is in raw units and the exponentials are base 2:
+  # exp(scale (s - m)) = exp2(s c - m c), c = scale log2(e) (one FMA per score).
   tile = pl.program_id(2)
   q = q_ref[...]
   pq = pq_ref[...]
   block_q, head_dim = q.shape
+  c = scale * LOG2E
 
   def step(j, carry, masked):
     o, m, l = carry
     rows = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
     k, v = k_ref[rows, :], v_ref[rows, :]
-    s = plgpu.dot(q, k, trans_b=True) * scale
+    s = plgpu.dot(q, k, trans_b=True)
     if masked:
       seen = pq[:, None] >= pk_ref[rows][None, :]
       s = jnp.where(seen, s, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    p = jnp.exp(s - m_new[:, None])
+    p = jnp.exp2(s * c - (m_new * c)[:, None])
     if masked:
       p = jnp.where(seen, p, 0.0)
-    alpha = jnp.exp(m - m_new)
+    alpha = jnp.exp2((m - m_new) * c)
     o = o * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
     return o, m_new, l * alpha + jnp.sum(p, axis=1)
 
@@ -138,11 +145,12 @@ def _fwd_kernel(full_ref, visible_ref, q_ref, k_ref, v_ref, pq_ref, pk_ref, o_re
   seen_any = l > 0.0
   l_safe = jnp.where(seen_any, l, 1.0)
   o_ref[...] = (o / l_safe[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(seen_any, m + jnp.log(l_safe), NEG_INF)
+  lse_ref[...] = jnp.where(seen_any, m * scale + jnp.log(l_safe), NEG_INF)
 
 
 def _probabilities(q, k, lse, scale, seen):
-  p = jnp.exp(plgpu.dot(q, k, trans_b=True) * scale - lse[:, None])
+  """exp(scale q.k - lse) as exp2(q.k c - lse log2(e)), zero where not seen."""
+  p = jnp.exp2(plgpu.dot(q, k, trans_b=True) * (scale * LOG2E) - (lse * LOG2E)[:, None])
   return p if seen is None else jnp.where(seen, p, 0.0)
 
 
@@ -240,7 +248,7 @@ def _bwd_call(q, k, v, pos_q, pos_k, do, lse, delta, scale, out_dtype, bs: Flash
               interpret: bool):
   batch, len_q, heads, head_dim = q.shape
   len_k = k.shape[1]
-  bq, bk = bs.block_q_bwd, bs.block_k_bwd
+  bq, bk = bs.block_q_dkdv, bs.block_k_dkdv
   params = plgpu.CompilerParams(num_warps=bs.num_warps_bwd, num_stages=bs.num_stages_bwd)
   num_q_tiles, num_k_tiles = len_q // bq, len_k // bk
   first_visible, first_full = _query_ranges(pos_q, pos_k, bq, bk)
@@ -258,6 +266,8 @@ def _bwd_call(q, k, v, pos_q, pos_k, do, lse, delta, scale, out_dtype, bs: Flash
       interpret=interpret,
       name="flash_attention_bwd_dkdv",
   )(first_visible, first_full, q, k, v, do, lse, delta, pos_q, pos_k)
+  bq, bk = bs.block_q_dq, bs.block_k_dq
+  num_q_tiles = len_q // bq
   full, visible = _key_ranges(pos_q, pos_k, bq, bk)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, block_k=bk),
@@ -372,8 +382,8 @@ def attention_block_backward(q_BQNH: jax.Array, k_BKNH: jax.Array, v_BKNH: jax.A
   head_dim = q_BQNH.shape[-1]
   scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
   hp = _pow2_at_least_16(head_dim)
-  lq = _Layout.of(pos_Q, max(bs.block_q_bwd, bs.block_q))
-  lk = _Layout.of(pos_K, bs.block_k_bwd)
+  lq = _Layout.of(pos_Q, max(bs.block_q_dkdv, bs.block_q_dq))
+  lk = _Layout.of(pos_K, max(bs.block_k_dkdv, bs.block_k_dq))
   # padded queries: lse 0 and a zero cotangent, so they add nothing to dk, dv
   dq, dk, dv = _bwd_call(lq.rows(q_BQNH, head_dim=hp), lk.rows(k_BKNH, head_dim=hp),
                          lk.rows(v_BKNH, head_dim=hp), lq.positions, lk.positions,

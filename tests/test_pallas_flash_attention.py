@@ -15,7 +15,8 @@ import pytest
 from pallas_kernels import flash_attention as fa
 from tests import helpers
 
-SMALL = fa.FlashBlockSizes(block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=32)
+SMALL = fa.FlashBlockSizes(block_q=32, block_k=16, block_k_dkdv=32, block_q_dkdv=16,
+                           block_q_dq=32, block_k_dq=16)
 TOL = 2e-5  # max |error| / max |reference|, float32 kernels vs float64
 
 
