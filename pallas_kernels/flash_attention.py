@@ -288,35 +288,42 @@ def _bwd_call(q, k, v, pos_q, pos_k, do, lse, delta, scale, out_dtype, bs: Flash
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-  """Sorted, padded view of one side (queries or keys): rows in position order, then padding."""
-  order: jax.Array      # [L] storage index of the i-th smallest position
-  positions: jax.Array  # [Lp] sorted positions, PAD_POSITION past L
+  """Sorted, padded view of one side (queries or keys): rows in position order, then padding.
+
+  With `presorted` (the caller guarantees ascending positions) no rows are gathered.
+  """
+  order: jax.Array | None  # [L] storage index of the i-th smallest position; None: identity
+  positions: jax.Array     # [Lp] sorted positions, PAD_POSITION past L
   length: int
   padded: int
 
   @classmethod
-  def of(cls, pos: jax.Array, multiple: int) -> _Layout:
+  def of(cls, pos: jax.Array, multiple: int, presorted: bool = False) -> _Layout:
     length = pos.shape[0]
     padded = -(-length // multiple) * multiple
-    order = jnp.argsort(pos, stable=True)
-    positions = jnp.pad(pos[order].astype(jnp.int32), (0, padded - length),
-                        constant_values=PAD_POSITION)
+    order = None if presorted else jnp.argsort(pos, stable=True)
+    positions = jnp.pad((pos if order is None else pos[order]).astype(jnp.int32),
+                        (0, padded - length), constant_values=PAD_POSITION)
     return cls(order, positions, length, padded)
 
   def rows(self, x: jax.Array, axis: int = 1, head_dim: int | None = None) -> jax.Array:
     """Gathers x's rows (axis) into sorted order and pads them (and the last axis to head_dim)."""
-    x = jnp.take(x, self.order, axis=axis)
+    if self.order is not None:
+      x = jnp.take(x, self.order, axis=axis)
     pads = [(0, 0)] * x.ndim
     pads[axis] = (0, self.padded - self.length)
     if head_dim is not None:
       pads[-1] = (0, head_dim - x.shape[-1])
-    return jnp.pad(x, pads)
+    return jnp.pad(x, pads) if any(p != (0, 0) for p in pads) else x
 
   def unrows(self, x: jax.Array, axis: int = 1, head_dim: int | None = None) -> jax.Array:
     """Inverse of `rows`: drops padding and scatters rows back to storage order."""
-    x = jax.lax.slice_in_dim(x, 0, self.length, axis=axis)
-    if head_dim is not None:
+    if self.padded != self.length:
+      x = jax.lax.slice_in_dim(x, 0, self.length, axis=axis)
+    if head_dim is not None and head_dim != x.shape[-1]:
       x = x[..., :head_dim]
+    if self.order is None:
+      return x
     inverse = jnp.zeros_like(self.order).at[self.order].set(
         jnp.arange(self.length, dtype=self.order.dtype))
     return jnp.take(x, inverse, axis=axis)
@@ -331,11 +338,13 @@ def _check(q, k, v, pos_q, pos_k):
                      f"[Lk] = [{k.shape[1]}]")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "out_dtype", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "out_dtype", "block_sizes", "interpret",
+                                             "sorted_q", "sorted_k"))
 def attention_block_forward(q_BQNH: jax.Array, k_BKNH: jax.Array, v_BKNH: jax.Array,
                             pos_Q: jax.Array, pos_K: jax.Array, *, scale: float | None = None,
                             out_dtype=None, block_sizes: FlashBlockSizes | None = None,
-                            interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                            interpret: bool = False, sorted_q: bool = False,
+                            sorted_k: bool = False) -> tuple[jax.Array, jax.Array]:
   """One query block against one key block (not differentiable: see `flash_attention`).
 
   Args:
@@ -343,6 +352,8 @@ def attention_block_forward(q_BQNH: jax.Array, k_BKNH: jax.Array, v_BKNH: jax.Ar
     pos_Q, pos_K: [Lq], [Lk] int positions; query i sees key j iff pos_Q[i] >= pos_K[j].
     scale: score scale (default 1/sqrt(H)).
     out_dtype: dtype of o (default q's).
+    sorted_q, sorted_k: the caller guarantees ascending positions on that side, so no rows are
+      gathered into position order (wrong results if they are not sorted).
 
   Returns:
     o [B, Lq, N, H] normalised over the keys each query sees (0 where it sees none),
@@ -353,20 +364,22 @@ def attention_block_forward(q_BQNH: jax.Array, k_BKNH: jax.Array, v_BKNH: jax.Ar
   head_dim = q_BQNH.shape[-1]
   scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
   hp = _pow2_at_least_16(head_dim)
-  lq, lk = _Layout.of(pos_Q, bs.block_q), _Layout.of(pos_K, bs.block_k)
+  lq, lk = _Layout.of(pos_Q, bs.block_q, sorted_q), _Layout.of(pos_K, bs.block_k, sorted_k)
   o, lse = _fwd_call(lq.rows(q_BQNH, head_dim=hp), lk.rows(k_BKNH, head_dim=hp),
                      lk.rows(v_BKNH, head_dim=hp), lq.positions, lk.positions, scale,
                      jnp.dtype(out_dtype or q_BQNH.dtype), bs, interpret)
   return lq.unrows(o, head_dim=head_dim), lq.unrows(lse, axis=2)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "out_dtype", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "out_dtype", "block_sizes", "interpret",
+                                             "sorted_q", "sorted_k"))
 def attention_block_backward(q_BQNH: jax.Array, k_BKNH: jax.Array, v_BKNH: jax.Array,
                              pos_Q: jax.Array, pos_K: jax.Array, dout_BQNH: jax.Array,
                              lse_BNQ: jax.Array, delta_BNQ: jax.Array, *,
                              scale: float | None = None, out_dtype=None,
                              block_sizes: FlashBlockSizes | None = None,
-                             interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+                             interpret: bool = False, sorted_q: bool = False,
+                             sorted_k: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Gradients of one block given the queries' final statistics.
 
   Args: as `attention_block_forward`, plus dout_BQNH [B, Lq, N, H] (cast to q's dtype),
@@ -382,8 +395,8 @@ def attention_block_backward(q_BQNH: jax.Array, k_BKNH: jax.Array, v_BKNH: jax.A
   head_dim = q_BQNH.shape[-1]
   scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
   hp = _pow2_at_least_16(head_dim)
-  lq = _Layout.of(pos_Q, max(bs.block_q_dkdv, bs.block_q_dq))
-  lk = _Layout.of(pos_K, max(bs.block_k_dkdv, bs.block_k_dq))
+  lq = _Layout.of(pos_Q, max(bs.block_q_dkdv, bs.block_q_dq), sorted_q)
+  lk = _Layout.of(pos_K, max(bs.block_k_dkdv, bs.block_k_dq), sorted_k)
   # padded queries: lse 0 and a zero cotangent, so they add nothing to dk, dv
   dq, dk, dv = _bwd_call(lq.rows(q_BQNH, head_dim=hp), lk.rows(k_BKNH, head_dim=hp),
                          lk.rows(v_BKNH, head_dim=hp), lq.positions, lk.positions,

@@ -140,8 +140,10 @@ def zigzag_and_attention(n, mesh):
     # The Pallas flash-attention blocks (interpret mode) only with zigzag: they are slow here.
     for strategy, kernel in [("ring", "xla"), ("allgather", "xla")] + (
         [("ring", "pallas"), ("allgather", "pallas")] if zz else []):
-      def attn(q, k, v, strategy=strategy):
-        body = lambda q, k, v, p: cp_attention.context_attention(q, k, v, p, AXIS, strategy)
+      def attn(q, k, v, strategy=strategy, kernel=kernel):
+        # the Pallas cases skip the kernels' sort: each zigzag rank's positions ascend
+        body = lambda q, k, v, p: cp_attention.context_attention(q, k, v, p, AXIS, strategy,
+                                                                 local_sorted=kernel == "pallas")
         spec = jax.P(None, AXIS, None, None)
         q, k, v = ((x[:, order] if zz else x) for x in (q, k, v))
         y = jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3 + (jax.P(AXIS),),

@@ -95,15 +95,17 @@ def _visible(pos_Q, pos_K):
   return jnp.max(pos_Q) >= jnp.min(pos_K)
 
 
-def _block_forward(q, k, v, pos_q, pos_k, o, m, l, scale):
+def _block_forward(q, k, v, pos_q, pos_k, o, m, l, scale, presorted=(False, False)):
   """Folds one key block into the online-softmax state.
 
   q [B, Lq, N, H], k/v [B, Lk, N, H], pos [Lq]/[Lk] int; o [B, Lq, N, H] f32, m/l [B, N, Lq] f32.
+  presorted: (queries, keys) known to be in ascending position order (the Pallas kernels then
+  skip their sort).
   """
   if _use_pallas():
     o_blk, lse_blk = flash.attention_block_forward(
         q, k, v, pos_q, pos_k, scale=scale, out_dtype=F32,
-        interpret=jax.default_backend() != "gpu")
+        interpret=jax.default_backend() != "gpu", sorted_q=presorted[0], sorted_k=presorted[1])
     m_new = jnp.maximum(m, lse_blk)
     alpha, beta = jnp.exp(m - m_new), jnp.exp(lse_blk - m_new)
     weight = lambda w: jnp.swapaxes(w, 1, 2)[..., None]
@@ -137,7 +139,8 @@ def _block_forward(q, k, v, pos_q, pos_k, o, m, l, scale):
   return _merge(o, 1), _merge(m, 2), _merge(l, 2)
 
 
-def _block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale, out_dtype=F32):
+def _block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale, out_dtype=F32,
+                    presorted=(False, False)):
   """Gradients of one key block: (dq [B, Lq, N, H], dk, dv [B, Lk, N, H]), float32.
 
   lse, delta: [B, N, Lq] final log-sum-exp and rowsum(d_out * out) of the queries.
@@ -145,7 +148,8 @@ def _block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale, out_dtype=F
   if _use_pallas():
     return flash.attention_block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale=scale,
                                           out_dtype=out_dtype,
-                                          interpret=jax.default_backend() != "gpu")
+                                          interpret=jax.default_backend() != "gpu",
+                                          sorted_q=presorted[0], sorted_k=presorted[1])
   tq, tk = _tile(q.shape[1]), _tile(k.shape[1])
   qs, pqs, dos = _split(q, tq, 1), _split(pos_q, tq, 0), _split(d_out, tq, 1)
   lses, deltas = _split(lse, tq, 2), _split(delta, tq, 2)
@@ -194,7 +198,7 @@ def _num_blocks(axis_name):
   return 1 if axis_name is None else jax.lax.axis_size(axis_name)
 
 
-def _attention_forward(q, k, v, pos_q, pos_k, axis_name):
+def _attention_forward(q, k, v, pos_q, pos_k, axis_name, presorted):
   batch, length_q, heads, head_dim = q.shape
   scale = 1.0 / math.sqrt(head_dim)
   state = (_full(q.shape, 0.0, q), _full((batch, heads, length_q), NEG_INF, q),
@@ -202,28 +206,28 @@ def _attention_forward(q, k, v, pos_q, pos_k, axis_name):
 
   def step(carry, _):  # fold the visiting block in, pass it on (one K/V block in flight)
     state, block = carry
-    state = _block_forward(q, block[0], block[1], pos_q, block[2], *state, scale)
+    state = _block_forward(q, block[0], block[1], pos_q, block[2], *state, scale, presorted)
     return (state, _rotate(block, axis_name)), None
 
   block = (k, v, pos_k)
   if _num_blocks(axis_name) > 1:
     (state, block), _ = jax.lax.scan(step, (state, block), None, length=_num_blocks(axis_name) - 1)
-  o, m, l = _block_forward(q, block[0], block[1], pos_q, block[2], *state, scale)
+  o, m, l = _block_forward(q, block[0], block[1], pos_q, block[2], *state, scale, presorted)
   out = (o / jnp.swapaxes(l, 1, 2)[..., None]).astype(q.dtype)
   return out, m + jnp.log(l)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, pos_q, pos_k, axis_name):
-  return _attention_forward(q, k, v, pos_q, pos_k, axis_name)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, pos_q, pos_k, axis_name, presorted=(False, False)):
+  return _attention_forward(q, k, v, pos_q, pos_k, axis_name, presorted)[0]
 
 
-def _attention_fwd(q, k, v, pos_q, pos_k, axis_name):
-  out, lse = _attention_forward(q, k, v, pos_q, pos_k, axis_name)
+def _attention_fwd(q, k, v, pos_q, pos_k, axis_name, presorted=(False, False)):
+  out, lse = _attention_forward(q, k, v, pos_q, pos_k, axis_name, presorted)
   return out, (q, k, v, pos_q, pos_k, out, lse)
 
 
-def _attention_bwd(axis_name, saved, d_out):
+def _attention_bwd(axis_name, presorted, saved, d_out):
   q, k, v, pos_q, pos_k, out, lse = saved
   scale = 1.0 / math.sqrt(q.shape[-1])
   d_out = d_out.astype(q.dtype)
@@ -231,7 +235,7 @@ def _attention_bwd(axis_name, saved, d_out):
 
   def grads(dq, block, dkv):
     dq_s, dk_s, dv_s = _block_backward(q, block[0], block[1], pos_q, block[2], d_out, lse, delta,
-                                       scale)
+                                       scale, F32, presorted)
     return dq + dq_s, (dkv[0] + dk_s, dkv[1] + dv_s)
 
   def step(carry, _):  # the visiting block's dK/dV travel with it and arrive home after N
@@ -242,8 +246,8 @@ def _attention_bwd(axis_name, saved, d_out):
   if _num_blocks(axis_name) == 1 and _use_pallas():
     # One block (all-gather, one device): the kernels write the input dtypes directly, with
     # no float32 dK/dV of the gathered length in between.
-    return (*_block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale, q.dtype), None,
-            None)
+    return (*_block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale, q.dtype,
+                             presorted), None, None)
   carry = (_full(q.shape, 0.0, q), (k, v, pos_k), (_full(k.shape, 0.0, q), _full(v.shape, 0.0, q)))
   if _num_blocks(axis_name) > 1:
     carry, _ = jax.lax.scan(step, carry, None, length=_num_blocks(axis_name) - 1)
@@ -264,51 +268,56 @@ def _compute_dtype(x: jax.Array) -> jnp.dtype:
 
 
 def masked_attention(q_BQNH: jax.Array, k_BKNH: jax.Array, v_BKNH: jax.Array, pos_Q: jax.Array,
-                     pos_K: jax.Array) -> jax.Array:
+                     pos_K: jax.Array, sorted_q: bool = False) -> jax.Array:
   """softmax(q k^T / sqrt(H), pos_q >= pos_k) v on one device, tiled (no [Q, K] scores).
 
   Every query must see at least one key (true for causal attention over its own position).
+  sorted_q: pos_Q is known to ascend (spares the Pallas kernels a sort of the queries).
   Returns [B, Q, N, H] in q's dtype.
   """
   cdt = _compute_dtype(q_BQNH)
   out = _attention(q_BQNH.astype(cdt), k_BKNH.astype(cdt), v_BKNH.astype(cdt),
-                   pos_Q.astype(jnp.int32), pos_K.astype(jnp.int32), None)
+                   pos_Q.astype(jnp.int32), pos_K.astype(jnp.int32), None, (sorted_q, False))
   return out.astype(q_BQNH.dtype)
 
 
 def ring_attention(q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array, pos_L: jax.Array,
-                   axis_name: str) -> jax.Array:
+                   axis_name: str, local_sorted: bool = False) -> jax.Array:
   """Causal attention of a sequence sharded over `axis_name`, K/V passed around a ring.
 
   Args:
     q_BLNH, k_BLNH, v_BLNH: [B, L_local, N, H] local blocks (RoPE applied).
     pos_L: [L_local] int positions of the local tokens in the full sequence.
     axis_name: the shard_map axis holding the sequence.
+    local_sorted: every rank's pos_L ascends (contiguous and zigzag layouts), so the kernels
+      need not sort queries or visiting key blocks.
 
   Returns:
     [B, L_local, N, H] in q's dtype.
   """
   cdt = _compute_dtype(q_BLNH)
   pos = pos_L.astype(jnp.int32)
-  out = _attention(q_BLNH.astype(cdt), k_BLNH.astype(cdt), v_BLNH.astype(cdt), pos, pos, axis_name)
+  out = _attention(q_BLNH.astype(cdt), k_BLNH.astype(cdt), v_BLNH.astype(cdt), pos, pos, axis_name,
+                   (local_sorted, local_sorted))
   return out.astype(q_BLNH.dtype)
 
 
 def allgather_attention(q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array,
-                        pos_L: jax.Array, axis_name: str) -> jax.Array:
+                        pos_L: jax.Array, axis_name: str, local_sorted: bool = False) -> jax.Array:
   """Causal attention of a sequence sharded over `axis_name` by all-gathering K, V (same
   arguments as `ring_attention`); the backward reduce-scatters dK, dV."""
   gather = lambda x, axis: jax.lax.all_gather(x, axis_name, axis=axis, tiled=True)
-  return masked_attention(q_BLNH, gather(k_BLNH, 1), gather(v_BLNH, 1), pos_L, gather(pos_L, 0))
+  return masked_attention(q_BLNH, gather(k_BLNH, 1), gather(v_BLNH, 1), pos_L, gather(pos_L, 0),
+                          sorted_q=local_sorted)
 
 
 def context_attention(q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array, pos_L: jax.Array,
-                      axis_name: str, strategy: str) -> jax.Array:
+                      axis_name: str, strategy: str, local_sorted: bool = False) -> jax.Array:
   """Dispatches to `allgather_attention` or `ring_attention`."""
   if strategy == "allgather":
-    return allgather_attention(q_BLNH, k_BLNH, v_BLNH, pos_L, axis_name)
+    return allgather_attention(q_BLNH, k_BLNH, v_BLNH, pos_L, axis_name, local_sorted)
   if strategy == "ring":
-    return ring_attention(q_BLNH, k_BLNH, v_BLNH, pos_L, axis_name)
+    return ring_attention(q_BLNH, k_BLNH, v_BLNH, pos_L, axis_name, local_sorted)
   raise ValueError(f"context-parallel attention {strategy!r}: choose one of {STRATEGIES}")
 
 

@@ -177,8 +177,8 @@ class ContextSharding:
     strategy = self.attention_strategy
     spec = self.seq_spec(q_BLNH.shape[0], 4)
 
-    def body(q, k, v, pos):
-      return cp_attention.context_attention(q, k, v, pos, AXIS, strategy)
+    def body(q, k, v, pos):  # each rank's positions ascend (contiguous, or chunks r < 2N-1-r)
+      return cp_attention.context_attention(q, k, v, pos, AXIS, strategy, local_sorted=True)
 
     return jax.shard_map(body, mesh=self.mesh, in_specs=(spec,) * 3 + (P(AXIS),),
                          out_specs=spec, check_vma=False)(q_BLNH, k_BLNH, v_BLNH, positions_L)
