@@ -10,7 +10,7 @@ synchronised runs after warm-up):
   cuDNN's causal mask cannot express it). Ideal: half of the causal self-attention time;
 - with `--sweep`, the block sizes of the kernel at the largest length.
 
-  PYTHONPATH=. python experiments/bench_attention.py [--lengths 16384,65536] [--sweep]
+  PYTHONPATH=. python -m sh2_jax.cli bench attention [--lengths 16384,65536] [--sweep]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 
 from experiments.timing import median_ms
 from pallas_kernels import flash_attention as fa
+from sh2_jax.config import ConfigError
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -64,8 +65,8 @@ def _zigzag_positions(length: int) -> tuple[np.ndarray, np.ndarray]:
   return ranges((0, 3)).astype(np.int32), ranges((0, 3, 1, 2)).astype(np.int32)
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="sh2 bench attention", description=__doc__.splitlines()[0])
   parser.add_argument("--lengths", default="16384,65536")
   parser.add_argument("--heads", type=int, default=32)
   parser.add_argument("--head-dim", type=int, default=128)
@@ -73,13 +74,16 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--sweep", action="store_true", help="time block sizes at the last length")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
+  if jax.default_backend() != "gpu":
+    raise ConfigError(f"sh2 bench attention times cuDNN and the Pallas kernels on a GPU; the "
+                      f"backend here is {jax.default_backend()!r}")
   device = jax.devices()[0].device_kind
   lines = ["# Flash attention (Pallas, position mask) vs cuDNN causal attention", "",
            f"- device: {device}, jax {jax.__version__}",
            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
            f"- shapes: B=1, {args.heads} heads x {args.head_dim}, bf16; ms are medians of "
            f"{args.iters} synchronised runs after warm-up",
-           "- command: `PYTHONPATH=. python experiments/bench_attention.py "
+           "- command: `PYTHONPATH=. python -m sh2_jax.cli bench attention "
            f"--lengths {args.lengths}{' --sweep' if args.sweep else ''}`", "",
            "| case | L | fwd ms | fwd+bwd ms | max rel. diff vs cuDNN |", "|---|---|---|---|---|"]
 
@@ -137,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
       RESULTS, f"attention_{device.lower().replace(' ', '_').replace('-', '_')}.md")
   with open(out, "w") as f:
     f.write("\n".join(lines) + "\n")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(main())

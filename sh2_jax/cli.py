@@ -169,6 +169,8 @@ BENCHMARKS = {
     "cp": ("experiments.bench_cp", "longest trainable sequence on 1 vs N devices (context "
            "parallelism), tokens/s, scaling efficiency, p2p vs a2a"),
     "generate": ("experiments.bench_generate", "decode tokens/s vs context, long-prompt prefill"),
+    "attention": ("experiments.bench_attention", "Pallas position-masked flash attention vs cuDNN "
+                  "(GPU), block-size sweep"),
 }
 
 

@@ -56,6 +56,7 @@ def _write(path, data: bytes, gz: bool = False):
     ("bad_layout", "unknown mixer"),
     ("bad_mesh", "--mesh"),
     ("mesh_product", "uses 4 devices but 1 is available"),
+    ("bench_attention_without_gpu", "on a GPU; the backend here is 'cpu'"),
 ])
 def test_bad_input_gives_one_error_line(capsys, tmp_path, case, expected):
   run_dir = str(tmp_path / "run")
@@ -70,6 +71,7 @@ def test_bad_input_gives_one_error_line(capsys, tmp_path, case, expected):
       "bad_layout": ["info", "--set", "model.layout=SE XX"],
       "bad_mesh": ["train", "--mesh", "pipeline=2"],
       "mesh_product": ["train", "--mesh", "data=2,tensor=2"],
+      "bench_attention_without_gpu": ["bench", "attention"],
   }[case]
   code, out, err = run_cli(capsys, *argv, "--run-dir", run_dir) if argv[0] == "train" else run_cli(capsys, *argv)
   assert code == 2
