@@ -89,11 +89,11 @@ def test_bench_cp_model_and_search_inputs():
 
 def test_isolated_measurement_matches_in_process(tmp_path):
   """`--isolate` (the GPU default): a measurement in its own process gives the in-process row."""
-  args = dict(d_model=64, layers=4, dtype="float32", mr_taps=16, layout="MR MHA")
+  args = dict(d_model=32, layers=1, dtype="float32", mr_taps=4, layout="MHA")
   model = bench_cp.model_config(**args)
   here = bench_cp.Bench(model, 1, None, float("inf"), str(tmp_path / "a.md"), [])
   isolated = bench_cp.Bench(model, 1, None, float("inf"), str(tmp_path / "b.md"), [], isolate=args)
-  a, b = here.measure(bench_cp.Setup(1), 64), isolated.measure(bench_cp.Setup(1), 64)
+  a, b = here.measure(bench_cp.Setup(1), 32), isolated.measure(bench_cp.Setup(1), 32)
   assert a["status"] == b["status"] == "ok", (a, b)
   assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
   assert b["need_gib"] == pytest.approx(a["need_gib"], rel=1e-6)
