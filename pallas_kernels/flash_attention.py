@@ -94,8 +94,9 @@ def _key_ranges(pos_q: jax.Array, pos_k: jax.Array, block_q: int, block_k: int):
   prefix lengths (keys sorted by position)."""
   q_min, q_max = _tile_min_max(pos_q, block_q)
   k_min, k_max = _tile_min_max(pos_k, block_k)
-  full = jnp.sum(k_max[None, :] <= q_min[:, None], axis=1, dtype=jnp.int32)
-  visible = jnp.sum(k_min[None, :] <= q_max[:, None], axis=1, dtype=jnp.int32)
+  # counts #{k_max <= q_min} and #{k_min <= q_max} over the (ascending) key tiles
+  full = jnp.searchsorted(k_max, q_min, side="right").astype(jnp.int32)
+  visible = jnp.searchsorted(k_min, q_max, side="right").astype(jnp.int32)
   return full, jnp.maximum(visible, full)
 
 
@@ -104,8 +105,9 @@ def _query_ranges(pos_q: jax.Array, pos_k: jax.Array, block_q: int, block_k: int
   tiles from there on form suffixes (queries sorted by position)."""
   q_min, q_max = _tile_min_max(pos_q, block_q)
   k_min, k_max = _tile_min_max(pos_k, block_k)
-  first_visible = jnp.sum(q_max[None, :] < k_min[:, None], axis=1, dtype=jnp.int32)
-  first_full = jnp.sum(q_min[None, :] < k_max[:, None], axis=1, dtype=jnp.int32)
+  # counts #{q_max < k_min} and #{q_min < k_max} over the (ascending) query tiles
+  first_visible = jnp.searchsorted(q_max, k_min, side="left").astype(jnp.int32)
+  first_full = jnp.searchsorted(q_min, k_max, side="left").astype(jnp.int32)
   return first_visible, jnp.maximum(first_full, first_visible)
 
 

@@ -141,7 +141,7 @@ def _block_forward(q, k, v, pos_q, pos_k, o, m, l, scale, presorted=(False, Fals
 
 def _block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale, out_dtype=F32,
                     presorted=(False, False)):
-  """Gradients of one key block: (dq [B, Lq, N, H], dk, dv [B, Lk, N, H]), float32.
+  """Gradients of one key block: (dq [B, Lq, N, H], dk, dv [B, Lk, N, H]) in out_dtype.
 
   lse, delta: [B, N, Lq] final log-sum-exp and rowsum(d_out * out) of the queries.
   """
@@ -201,6 +201,10 @@ def _num_blocks(axis_name):
 def _attention_forward(q, k, v, pos_q, pos_k, axis_name, presorted):
   batch, length_q, heads, head_dim = q.shape
   scale = 1.0 / math.sqrt(head_dim)
+  if _num_blocks(axis_name) == 1 and _use_pallas():  # one block: the kernel's (o, lse) as is
+    return flash.attention_block_forward(q, k, v, pos_q, pos_k, scale=scale,
+                                         interpret=jax.default_backend() != "gpu",
+                                         sorted_q=presorted[0], sorted_k=presorted[1])
   state = (_full(q.shape, 0.0, q), _full((batch, heads, length_q), NEG_INF, q),
            _full((batch, heads, length_q), 0.0, q))
 
