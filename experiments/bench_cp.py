@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench_train import model_flops_per_step
+from experiments.timing import child_failure
 from sh2_jax import config as config_lib
 from sh2_jax.parallel import mesh as mesh_lib
 from sh2_jax.train import optim, step as step_lib
@@ -102,6 +103,11 @@ def model_config(d_model: int, layers: int, dtype: str, mr_taps: int = 128,
 def _is_oom(error: BaseException) -> bool:
   text = str(error)
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def _error_row(error: BaseException) -> dict[str, Any]:
+  """The table row of a step that raised: OOM, or the error's first line."""
+  return {"status": "OOM" if _is_oom(error) else "error: " + str(error).splitlines()[0][:240]}
 
 
 def _compiled_bytes(compiled: Any) -> float | None:
@@ -163,7 +169,7 @@ class Bench:
       try:
         row = self._run(setup, length)
       except Exception as error:  # noqa: BLE001 - OOM and failures are reported in the table
-        row = {"status": "OOM" if _is_oom(error) else "error: " + str(error).splitlines()[0][:240]}
+        row = _error_row(error)
       finally:
         gc.collect()
         jax.clear_caches()
@@ -184,12 +190,9 @@ class Bench:
     rows = [l[len(_CHILD_MARK):] for l in result.stdout.splitlines() if l.startswith(_CHILD_MARK)]
     if rows:
       return json.loads(rows[-1])
-    text = result.stderr
-    if _is_oom(RuntimeError(text)):
+    cause = child_failure(result.stderr)
+    if cause == "OOM":
       return {"status": "OOM"}
-    errors = [l for l in text.splitlines() if "Error" in l or "error" in l]
-    cause = "CUDA illegal address" if "ILLEGAL_ADDRESS" in text else (
-        errors[-1].strip()[:200] if errors else text.strip()[-200:])
     return {"status": f"error (process exit {result.returncode}): {cause}"}
 
   def _run(self, setup: Setup, length: int) -> dict[str, Any]:
@@ -420,7 +423,7 @@ def _child_main(spec: dict[str, Any]) -> int:
   try:
     row = bench._run(Setup(**spec["setup"]), spec["length"])
   except Exception as error:  # noqa: BLE001 - OOM and failures are reported in the table
-    row = {"status": "OOM" if _is_oom(error) else "error: " + str(error).splitlines()[0][:240]}
+    row = _error_row(error)
   print(_CHILD_MARK + json.dumps(row), flush=True)
   return 0
 

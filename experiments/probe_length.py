@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child's operator
   parser.add_argument("--timeout", type=float, default=240.0, help="seconds per operator")
   args = parser.parse_args(argv)
+  from experiments.timing import child_failure
   if args.one:
     _run_one(args.one, args.length)
     return
@@ -55,10 +56,8 @@ def main(argv: list[str] | None = None) -> None:
                                str(args.length), "--one", op], capture_output=True, text=True,
                               timeout=args.timeout)
       lines = [l for l in result.stdout.splitlines() if l.startswith(f"{op} L=")]
-      errors = [l for l in result.stderr.splitlines()
-                if "Error" in l or "error:" in l.lower() or "RESOURCE_EXHAUSTED" in l]
       print(lines[-1] if lines else f"{op} L={args.length}: FAILED (exit {result.returncode}): "
-            f"{errors[-1][:300] if errors else result.stderr[-300:]}", flush=True)
+            f"{child_failure(result.stderr)}", flush=True)
     except subprocess.TimeoutExpired:
       print(f"{op} L={args.length}: timed out after {time.time() - start:.0f} s", flush=True)
 

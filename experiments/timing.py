@@ -37,3 +37,14 @@ def vjp_fn(f: Callable[..., Any]) -> Callable[..., Any]:
     return pullback(jnp.ones_like(out))
 
   return jax.jit(run)
+
+
+def child_failure(stderr: str) -> str:
+  """One line for why a benchmark's child process gave no result: "OOM", "CUDA illegal
+  address" (a fault that poisons the process), or its last error line."""
+  if "RESOURCE_EXHAUSTED" in stderr or "out of memory" in stderr.lower():
+    return "OOM"
+  if "ILLEGAL_ADDRESS" in stderr:
+    return "CUDA illegal address"
+  errors = [line.strip() for line in stderr.splitlines() if "error" in line.lower()]
+  return errors[-1][:200] if errors else stderr.strip()[-200:]
