@@ -15,7 +15,8 @@ Measurements, in this order (each row is written to the results file as soon as 
    memory (arguments + outputs - aliased + temporaries, per device, from XLA's memory analysis)
    exceeds the device's limit (`--memory-gb`, default the device's own), or when it runs out
    of memory;
-3. p2p vs a2a convolutions and all-gather vs ring attention under CP=N at `--length`.
+3. p2p vs a2a convolutions, all-gather vs ring attention, and the attention block kernels
+   (cuDNN pairs, the default on GPU, vs Pallas or XLA) under CP=N at `--length`.
 
 Scaling efficiency at L = --length over N devices (T = tokens/s, F = model FLOPs of one step,
 experiments.bench_train.model_flops_per_step):
@@ -56,7 +57,7 @@ import numpy as np
 from experiments.bench_train import model_flops_per_step
 from experiments.timing import child_failure
 from sh2_jax import config as config_lib
-from sh2_jax.parallel import mesh as mesh_lib
+from sh2_jax.parallel import context_attention as cp_attention, mesh as mesh_lib
 from sh2_jax.train import optim, step as step_lib
 from sh2_jax.train.state import create_train_state, state_shardings
 
@@ -73,12 +74,14 @@ class Setup:
   conv: str = "p2p"
   attention: str = "allgather"
   zigzag: bool = True
+  kernel: str = "auto"  # CP attention blocks: sh2_jax.parallel.context_attention.KERNELS
 
   @property
   def name(self) -> str:
     if self.devices == 1:
       return "1 device"
-    return (f"CP={self.devices} {self.conv}/{self.attention}" + (" zigzag" if self.zigzag else ""))
+    return (f"CP={self.devices} {self.conv}/{self.attention}" + (" zigzag" if self.zigzag else "")
+            + ("" if self.kernel == "auto" else f" ({self.kernel} blocks)"))
 
   def mesh_config(self) -> config_lib.MeshConfig:
     if self.devices == 1:
@@ -196,6 +199,14 @@ class Bench:
     return {"status": f"error (process exit {result.returncode}): {cause}"}
 
   def _run(self, setup: Setup, length: int) -> dict[str, Any]:
+    kernel = cp_attention.KERNEL
+    cp_attention.KERNEL = setup.kernel
+    try:
+      return self._run_step(setup, length)
+    finally:
+      cp_attention.KERNEL = kernel
+
+  def _run_step(self, setup: Setup, length: int) -> dict[str, Any]:
     mesh_cfg = setup.mesh_config()
     mesh = mesh_lib.make_mesh(mesh_cfg, jax.devices()[:setup.devices])
     train_cfg = config_lib.TrainConfig(steps=1000, batch_size=1, warmup_steps=10)
@@ -323,9 +334,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--time-budget", type=float, default=330.0, help="seconds; later "
                       "measurements are skipped and say so")
   parser.add_argument("--no-zigzag", action="store_true")
-  parser.add_argument("--compare", default="a2a,ring", help="strategies to time against p2p + "
-                      "all-gather at --length: a2a (SE/MR all-to-all), ring (ring attention); "
-                      "'' for none")
+  parser.add_argument("--attention", default="allgather", choices=("allgather", "ring"),
+                      help="CP attention of the main setup (ring holds one K/V block, not all)")
+  parser.add_argument("--compare", default="a2a,ring", help="setups to time against p2p + "
+                      "all-gather at --length: a2a (SE/MR all-to-all), ring (ring attention), "
+                      "pallas / xla (attention blocks by that kernel); '' for none")
   parser.add_argument("--no-refine", action="store_true", help="powers of two only in the search")
   parser.add_argument("--smoke", action="store_true", help="tiny: D=64, MR 16 taps, float32, "
                       "L=256, max 1024, 1 timed step (CPU fake devices)")
@@ -349,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     raise config_lib.ConfigError(f"sh2 bench cp --devices {n}: only {len(jax.devices())} "
                                  f"device(s) present; lower --devices")
   zigzag = not args.no_zigzag
-  known = {"a2a": Setup(n, "a2a", "allgather", zigzag), "ring": Setup(n, "p2p", "ring", zigzag)}
+  known = {"a2a": Setup(n, "a2a", "allgather", zigzag), "ring": Setup(n, "p2p", "ring", zigzag),
+           "pallas": Setup(n, "p2p", "allgather", zigzag, "pallas"),
+           "xla": Setup(n, "p2p", "allgather", zigzag, "xla")}
   compare = [c.strip() for c in args.compare.split(",") if c.strip()]
   if any(c not in known for c in compare):
     raise config_lib.ConfigError(f"--compare {args.compare!r}: choose from {sorted(known)}")
@@ -380,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
   model_args = dict(d_model=args.d_model, layers=args.layers, dtype=args.dtype,
                     mr_taps=args.mr_taps, layout=args.layout)
   bench = Bench(model, args.iters, limit, deadline, out, header, model_args if isolate else None)
-  single, cp = Setup(1), Setup(n, "p2p", "allgather", zigzag)
+  single, cp = Setup(1), Setup(n, "p2p", args.attention, zigzag)
   multiple = 2 * n
   # 1. Efficiency points.
   if "efficiency" in parts:

@@ -122,3 +122,52 @@ def assert_module_matches_direct(module_cls, config, method: str, shape_BLD: tup
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert np.all(np.isfinite(got))
     assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want)
+
+
+def masked_attention_float64(q, k, v, pos_q, pos_k, dout):
+  """Softmax attention with the position mask (query i sees key j iff pos_q[i] >= pos_k[j])
+  in float64: (out, lse, dq, dk, dv) for the cotangent dout; q [B, Q, N, H], k, v [B, K, N, H].
+  A query that sees no key gets out 0, lse -inf."""
+  q, k, v, dout = (np.asarray(a, np.float64) for a in (q, k, v, dout))
+  scale = 1.0 / np.sqrt(q.shape[-1])
+  s = np.einsum("bqnh,bknh->bnqk", q, k) * scale
+  seen = np.asarray(pos_q)[:, None] >= np.asarray(pos_k)[None, :]
+  s = np.where(seen, s, -np.inf)
+  top = np.max(s, axis=-1, keepdims=True)
+  top = np.where(np.isfinite(top), top, 0.0)
+  e = np.where(seen, np.exp(s - top), 0.0)
+  total = e.sum(-1, keepdims=True)
+  p = e / np.where(total > 0, total, 1.0)
+  with np.errstate(divide="ignore"):
+    lse = (np.log(total) + top)[..., 0]
+  out = np.einsum("bnqk,bknh->bqnh", p, v)
+  dp = np.einsum("bqnh,bknh->bnqk", dout, v)
+  ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+  dq = np.einsum("bnqk,bknh->bqnh", ds, k) * scale
+  dk = np.einsum("bnqk,bqnh->bknh", ds, q) * scale
+  dv = np.einsum("bnqk,bqnh->bknh", p, dout)
+  return out, lse, dq, dk, dv
+
+
+def cudnn_contract_forward(q, k, v, causal, scale):
+  """float32 stand-in for `cudnn_blocks.block_forward` (CPU tests): (o [B, T, N, H], lse
+  [B, N, T]) of an unmasked or top-left causal block."""
+  s = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
+  if causal:
+    s = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), s, -jnp.inf)
+  lse = jax.nn.logsumexp(s, axis=-1)
+  out = jnp.einsum("bnts,bsnh->btnh", jnp.exp(s - lse[..., None]), v)
+  return out.astype(q.dtype), lse
+
+
+def cudnn_contract_backward(q, k, v, out, lse, d_out, causal, scale):
+  """float32 stand-in for `cudnn_blocks.block_backward`: (dq, dk, dv) of a block given the
+  queries' FINAL output and lse."""
+  s = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
+  p = jnp.exp(s - lse[..., None])
+  if causal:
+    p = jnp.where(jnp.tril(jnp.ones(s.shape[-2:], bool)), p, 0.0)
+  delta = jnp.einsum("btnh,btnh->bnt", d_out, out)
+  ds = p * (jnp.einsum("btnh,bsnh->bnts", d_out, v) - delta[..., None])
+  return (jnp.einsum("bnts,bsnh->btnh", ds, k) * scale, jnp.einsum("bnts,btnh->bsnh", ds, q) * scale,
+          jnp.einsum("bnts,btnh->bsnh", p, d_out))

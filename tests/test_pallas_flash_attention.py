@@ -20,29 +20,6 @@ SMALL = fa.FlashBlockSizes(block_q=32, block_k=16, block_k_dkdv=32, block_q_dkdv
 TOL = 2e-5  # max |error| / max |reference|, float32 kernels vs float64
 
 
-def _reference(q, k, v, pos_q, pos_k, dout):
-  """float64 (out, lse, dq, dk, dv); a query that sees no key gets out 0, lse -inf."""
-  q, k, v, dout = (np.asarray(a, np.float64) for a in (q, k, v, dout))
-  scale = 1.0 / np.sqrt(q.shape[-1])
-  s = np.einsum("bqnh,bknh->bnqk", q, k) * scale
-  seen = np.asarray(pos_q)[:, None] >= np.asarray(pos_k)[None, :]
-  s = np.where(seen, s, -np.inf)
-  top = np.max(s, axis=-1, keepdims=True)
-  top = np.where(np.isfinite(top), top, 0.0)
-  e = np.where(seen, np.exp(s - top), 0.0)
-  total = e.sum(-1, keepdims=True)
-  p = e / np.where(total > 0, total, 1.0)
-  with np.errstate(divide="ignore"):
-    lse = (np.log(total) + top)[..., 0]
-  out = np.einsum("bnqk,bknh->bqnh", p, v)
-  dp = np.einsum("bqnh,bknh->bnqk", dout, v)
-  ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
-  dq = np.einsum("bnqk,bknh->bqnh", ds, k) * scale
-  dk = np.einsum("bnqk,bqnh->bknh", ds, q) * scale
-  dv = np.einsum("bnqk,bqnh->bknh", p, dout)
-  return out, lse, dq, dk, dv
-
-
 def _rel_err(got, want):
   got = np.asarray(got, np.float64)
   assert np.all(np.isfinite(got)), "non-finite values (unwritten, NaN-poisoned tile?)"
@@ -72,7 +49,7 @@ def _check_attention(q, k, v, dout, pos_q, pos_k, block_sizes):
                                           block_sizes=block_sizes, interpret=True)
   out, vjp = jax.vjp(fn, q, k, v)
   got = (out, *vjp(dout))
-  want_out, _, *want_grads = _reference(q, k, v, pos_q, pos_k, dout)
+  want_out, _, *want_grads = helpers.masked_attention_float64(q, k, v, pos_q, pos_k, dout)
   errs = {n: _rel_err(g, w) for n, g, w in zip(("out", "dq", "dk", "dv"), got,
                                                (want_out, *want_grads))}
   assert max(errs.values()) < TOL, errs
@@ -100,7 +77,7 @@ def test_presorted_sides_skip_the_sort_with_the_same_result():
   pos_q = np.sort(rng.choice(80, 48, replace=False))
   pos_k = np.sort(rng.permutation(80))
   args = (q, k, v, jnp.asarray(pos_q), jnp.asarray(pos_k))
-  want_out, want_lse, want_dq, want_dk, want_dv = _reference(q, k, v, pos_q, pos_k, dout)
+  want_out, want_lse, want_dq, want_dk, want_dv = helpers.masked_attention_float64(q, k, v, pos_q, pos_k, dout)
   for sorted_q, sorted_k in ((True, False), (True, True)):
     out, lse = fa.attention_block_forward(*args, block_sizes=SMALL, interpret=True,
                                           sorted_q=sorted_q, sorted_k=sorted_k)
@@ -118,7 +95,7 @@ def test_block_forward_query_that_sees_no_key():
   pos_k = rng.permutation(48)
   out, lse = fa.attention_block_forward(q, k, v, jnp.asarray(pos_q), jnp.asarray(pos_k),
                                         block_sizes=SMALL, interpret=True)
-  want_out, want_lse, *_ = _reference(q, k, v, pos_q, pos_k, np.zeros(q.shape))
+  want_out, want_lse, *_ = helpers.masked_attention_float64(q, k, v, pos_q, pos_k, np.zeros(q.shape))
   blind = pos_q < 0
   assert np.all(np.asarray(out)[:, blind] == 0.0)
   assert np.all(np.asarray(lse)[:, :, blind] == fa.NEG_INF)
@@ -141,7 +118,7 @@ def test_two_blocks_combined_through_lse_equal_one():
   lse = np.logaddexp(*lses)
   weights = [np.exp(l - lse).transpose(0, 2, 1)[..., None] for l in lses]
   out = outs[0] * weights[0] + outs[1] * weights[1]
-  want_out, want_lse, want_dq, want_dk, want_dv = _reference(q, k, v, pos_q, pos_k, dout)
+  want_out, want_lse, want_dq, want_dk, want_dv = helpers.masked_attention_float64(q, k, v, pos_q, pos_k, dout)
   assert _rel_err(out, want_out) < TOL and _rel_err(lse, want_lse) < TOL
   delta = np.einsum("bqnh,bqnh->bnq", np.asarray(dout, np.float64), out)
   dq = 0.0

@@ -12,12 +12,20 @@ positions.
   it and they arrive home after the N-th rotation. Per device memory is O(L/N): one K/V block
   in flight, no [L, L] scores.
 
-Inside a block: on GPU the Pallas flash-attention kernels (pallas_kernels.flash_attention:
-one program per query tile, key tiles wholly in the future skipped, the mask applied only to
-partly visible tiles); elsewhere XLA tiles (`lax.map` over query tiles, `lax.scan` over key
-tiles, a tile pair skipped by `lax.cond`), forward and backward (the backward recomputes the
-probabilities from the saved log-sum-exp). `KERNEL` forces one ("pallas" runs in interpret
-mode off GPU, for tests). Scores, softmax and accumulators are float32.
+Inside a block, by `KERNEL`:
+- "cudnn" (GPU, bf16/fp16, positions ascending within every rank's block, as the contiguous
+  and zigzag layouts give): query and key blocks are cut into half-blocks (one zigzag chunk
+  each) and every pair is, by its positions, skipped (keys all later), one unmasked cuDNN
+  call (keys all earlier), one causal cuDNN call (the same positions), or, for any other
+  layout, the Pallas kernel; pairs combine through the lse and their backward runs cuDNN's
+  with the final output and lse (`cudnn_blocks`).
+- "pallas": the Pallas flash-attention kernels (pallas_kernels.flash_attention: one program
+  per query tile, key tiles wholly in the future skipped, the mask applied only to partly
+  visible tiles); interpret mode off GPU, for tests.
+- "xla": XLA tiles (`lax.map` over query tiles, `lax.scan` over key tiles, a tile pair
+  skipped by `lax.cond`); the backward recomputes the probabilities from the saved lse.
+"auto" takes cuDNN where it applies, else Pallas on GPU, else XLA. Scores, softmax and
+accumulators are float32.
 """
 
 from __future__ import annotations
@@ -29,19 +37,50 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import flash_attention as flash
+from sh2_jax.parallel import cudnn_blocks
 
 NEG_INF = flash.NEG_INF
 TILE = 512
 STRATEGIES = ("allgather", "ring")
-KERNELS = ("auto", "pallas", "xla")
-KERNEL = "auto"  # block kernel: "auto" (Pallas on GPU, XLA tiles elsewhere) | "pallas" | "xla"
+KERNELS = ("auto", "cudnn", "pallas", "xla")
+KERNEL = "auto"  # block kernel: "auto" (cuDNN, else Pallas on GPU, else XLA) or one of those
 F32 = jnp.float32
 
 
-def _use_pallas() -> bool:
+def _on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+def _half_block(length: int) -> int:
+  """Length of the query sub-blocks of the cuDNN path: half a rank's block (a zigzag chunk)."""
+  return length // 2 if length % 2 == 0 else length
+
+
+def _cudnn_reason(q: jax.Array, k: jax.Array, order: tuple[bool, bool, bool]) -> str | None:
+  """Why the cuDNN pair path cannot run these blocks (None when it can)."""
+  if not (order[0] and order[2]):
+    return "the queries or the key blocks are not known to ascend in position"
+  if k.shape[1] % _half_block(q.shape[1]):
+    return (f"{k.shape[1]} keys are not a multiple of the query half-block "
+            f"{_half_block(q.shape[1])}")
+  return cudnn_blocks.unsupported_reason(q.dtype, q.shape[-1])
+
+
+def _kernel(q: jax.Array, k: jax.Array, order: tuple[bool, bool, bool]) -> str:
+  """The block kernel for these blocks: "cudnn", "pallas" or "xla" (see the module doc).
+
+  order: (queries ascend, keys ascend, keys ascend within every run of len(queries)).
+  """
   if KERNEL not in KERNELS:
     raise ValueError(f"context_attention.KERNEL={KERNEL!r}: choose one of {KERNELS}")
-  return KERNEL == "pallas" or (KERNEL == "auto" and jax.default_backend() == "gpu")
+  if KERNEL in ("auto", "cudnn"):
+    reason = _cudnn_reason(q, k, order)
+    if reason is None:
+      return "cudnn"
+    if KERNEL == "cudnn":
+      raise ValueError(f"context_attention.KERNEL='cudnn' cannot run here: {reason}; "
+                       "set it to 'auto' or 'pallas'")
+  return "pallas" if KERNEL == "pallas" or (KERNEL == "auto" and _on_gpu()) else "xla"
 
 
 def _tile(length: int, target: int = TILE) -> int:
@@ -95,22 +134,134 @@ def _visible(pos_Q, pos_K):
   return jnp.max(pos_Q) >= jnp.min(pos_K)
 
 
-def _block_forward(q, k, v, pos_q, pos_k, o, m, l, scale, presorted=(False, False)):
+def _fold(o, m, l, o_blk, lse_blk):
+  """Folds a normalised block result (o_blk [B, Lq, N, H], lse_blk [B, N, Lq]) into the
+  online-softmax state (o unnormalised f32, running max m, sum l)."""
+  m_new = jnp.maximum(m, lse_blk)
+  alpha, beta = jnp.exp(m - m_new), jnp.exp(lse_blk - m_new)
+  weight = lambda w: jnp.swapaxes(w, 1, 2)[..., None]
+  return (o * weight(alpha) + o_blk.astype(F32) * weight(beta), m_new,
+          alpha * l + jnp.where(lse_blk > NEG_INF / 2, beta, 0.0))
+
+
+def _normalise(o, m, l):
+  """Online-softmax state -> (o / l, lse); rows that saw nothing get o = 0, lse = NEG_INF."""
+  seen = l > 0
+  l_safe = jnp.where(seen, l, 1.0)
+  return o / jnp.swapaxes(l_safe, 1, 2)[..., None], jnp.where(seen, m + jnp.log(l_safe), NEG_INF)
+
+
+def _runs(x: jax.Array, size: int, axis: int) -> list[jax.Array]:
+  return [jax.lax.slice_in_dim(x, i * size, (i + 1) * size, axis=axis)
+          for i in range(x.shape[axis] // size)]
+
+
+def _relation(pos_q: jax.Array, pos_k: jax.Array) -> jax.Array:
+  """0: no key visible, 1: every key visible, 2: the same positions (causal), 3: anything
+  else; for ascending positions on both sides."""
+  skip, full = pos_q[-1] < pos_k[0], pos_q[0] >= pos_k[-1]
+  same = jnp.all(pos_q == pos_k) if pos_q.shape == pos_k.shape else jnp.bool_(False)
+  return jnp.where(skip, 0, jnp.where(full, 1, jnp.where(same, 2, 3))).astype(jnp.int32)
+
+
+def _general_kernel() -> str:
+  return "pallas" if _on_gpu() else "xla"
+
+
+def _cudnn_block_forward(q, k, v, pos_q, pos_k, scale):
+  """(o [B, Lq, N, H] f32 normalised, lse [B, N, Lq]) of q against one key block, from cuDNN
+  calls on the pairs of half-blocks (see the module doc)."""
+  sub = _half_block(q.shape[1])
+
+  def skip(q_a, k_b, v_b, pq_a, pk_b):
+    return (_full(q_a.shape, 0.0, q_a), _full((q_a.shape[0], q_a.shape[2], sub), NEG_INF, q_a))
+
+  def cudnn(causal):
+    def call(q_a, k_b, v_b, pq_a, pk_b):
+      o, lse = cudnn_blocks.block_forward(q_a, k_b, v_b, causal, scale)
+      return o.astype(F32), lse
+    return call
+
+  def general(q_a, k_b, v_b, pq_a, pk_b):
+    return _kernel_block_attention(q_a, k_b, v_b, pq_a, pk_b, scale, _general_kernel(),
+                                   (True, True, True))
+
+  branches = (skip, cudnn(False), cudnn(True), general)
+  outs, lses = [], []
+  for q_a, pq_a in zip(_runs(q, sub, 1), _runs(pos_q, sub, 0)):
+    state = (_full(q_a.shape, 0.0, q_a), _full((q.shape[0], q.shape[2], sub), NEG_INF, q_a),
+             _full((q.shape[0], q.shape[2], sub), 0.0, q_a))
+    for k_b, v_b, pk_b in zip(_runs(k, sub, 1), _runs(v, sub, 1), _runs(pos_k, sub, 0)):
+      state = _fold(*state, *jax.lax.switch(_relation(pq_a, pk_b), branches,
+                                             q_a, k_b, v_b, pq_a, pk_b))
+    o_a, lse_a = _normalise(*state)
+    outs.append(o_a)
+    lses.append(lse_a)
+  return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
+
+
+def _cudnn_block_backward(q, k, v, pos_q, pos_k, out, d_out, lse, delta, scale, out_dtype):
+  """Gradients of one key block by pairs of half-blocks (see `_cudnn_block_forward`):
+  (dq [B, Lq, N, H], dk, dv [B, Lk, N, H]) in out_dtype."""
+  sub = _half_block(q.shape[1])
+
+  def skip(q_a, k_b, v_b, pq_a, pk_b, o_a, do_a, lse_a, delta_a):
+    return (_full(q_a.shape, 0.0, q_a), _full(k_b.shape, 0.0, q_a), _full(v_b.shape, 0.0, q_a))
+
+  def cudnn(causal):
+    def call(q_a, k_b, v_b, pq_a, pk_b, o_a, do_a, lse_a, delta_a):
+      grads = cudnn_blocks.block_backward(q_a, k_b, v_b, o_a, lse_a, do_a, causal, scale)
+      return tuple(g.astype(F32) for g in grads)
+    return call
+
+  def general(q_a, k_b, v_b, pq_a, pk_b, o_a, do_a, lse_a, delta_a):
+    return _kernel_block_backward(q_a, k_b, v_b, pq_a, pk_b, do_a, lse_a, delta_a, scale, F32,
+                                  _general_kernel(), (True, True, True))
+
+  branches = (skip, cudnn(False), cudnn(True), general)
+  queries = list(zip(_runs(q, sub, 1), _runs(pos_q, sub, 0), _runs(out, sub, 1),
+                     _runs(d_out, sub, 1), _runs(lse, sub, 2), _runs(delta, sub, 2)))
+  dqs = [_full(q_a.shape, 0.0, q_a) for q_a, *_ in queries]
+  dks, dvs = [], []
+  for k_b, v_b, pk_b in zip(_runs(k, sub, 1), _runs(v, sub, 1), _runs(pos_k, sub, 0)):
+    dk_b = dv_b = 0.0
+    for a, (q_a, pq_a, o_a, do_a, lse_a, delta_a) in enumerate(queries):
+      dq, dk, dv = jax.lax.switch(_relation(pq_a, pk_b), branches,
+                                  q_a, k_b, v_b, pq_a, pk_b, o_a, do_a, lse_a, delta_a)
+      dqs[a], dk_b, dv_b = dqs[a] + dq, dk_b + dk, dv_b + dv
+    dks.append(dk_b.astype(out_dtype))  # each key half-block done: no f32 dK/dV of length Lk
+    dvs.append(dv_b.astype(out_dtype))
+  return (jnp.concatenate(dqs, axis=1).astype(out_dtype), jnp.concatenate(dks, axis=1),
+          jnp.concatenate(dvs, axis=1))
+
+
+def _kernel_block_attention(q, k, v, pos_q, pos_k, scale, kernel, order):
+  """(o [B, Lq, N, H] f32 normalised, lse [B, N, Lq]) of q against one key block."""
+  if kernel == "cudnn":
+    return _cudnn_block_forward(q, k, v, pos_q, pos_k, scale)
+  if kernel == "pallas":
+    return flash.attention_block_forward(q, k, v, pos_q, pos_k, scale=scale, out_dtype=F32,
+                                         interpret=not _on_gpu(), sorted_q=order[0],
+                                         sorted_k=order[1])
+  batch, length_q, heads, _ = q.shape
+  state = (_full(q.shape, 0.0, q), _full((batch, heads, length_q), NEG_INF, q),
+           _full((batch, heads, length_q), 0.0, q))
+  return _normalise(*_xla_block_forward(q, k, v, pos_q, pos_k, *state, scale))
+
+
+def _block_forward(q, k, v, pos_q, pos_k, o, m, l, scale, kernel, order):
   """Folds one key block into the online-softmax state.
 
   q [B, Lq, N, H], k/v [B, Lk, N, H], pos [Lq]/[Lk] int; o [B, Lq, N, H] f32, m/l [B, N, Lq] f32.
-  presorted: (queries, keys) known to be in ascending position order (the Pallas kernels then
-  skip their sort).
+  kernel: "cudnn" | "pallas" | "xla"; order: (queries ascend, keys ascend, keys ascend within
+  every run of Lq), which spares the kernels their sorts.
   """
-  if _use_pallas():
-    o_blk, lse_blk = flash.attention_block_forward(
-        q, k, v, pos_q, pos_k, scale=scale, out_dtype=F32,
-        interpret=jax.default_backend() != "gpu", sorted_q=presorted[0], sorted_k=presorted[1])
-    m_new = jnp.maximum(m, lse_blk)
-    alpha, beta = jnp.exp(m - m_new), jnp.exp(lse_blk - m_new)
-    weight = lambda w: jnp.swapaxes(w, 1, 2)[..., None]
-    return (o * weight(alpha) + o_blk * weight(beta), m_new,
-            alpha * l + jnp.where(lse_blk > NEG_INF / 2, beta, 0.0))
+  if kernel == "xla":
+    return _xla_block_forward(q, k, v, pos_q, pos_k, o, m, l, scale)
+  return _fold(o, m, l, *_kernel_block_attention(q, k, v, pos_q, pos_k, scale, kernel, order))
+
+
+def _xla_block_forward(q, k, v, pos_q, pos_k, o, m, l, scale):
   tq, tk = _tile(q.shape[1]), _tile(k.shape[1])
   ks, vs, pks = _split(k, tk, 1), _split(v, tk, 1), _split(pos_k, tk, 0)
 
@@ -139,17 +290,19 @@ def _block_forward(q, k, v, pos_q, pos_k, o, m, l, scale, presorted=(False, Fals
   return _merge(o, 1), _merge(m, 2), _merge(l, 2)
 
 
-def _block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale, out_dtype=F32,
-                    presorted=(False, False)):
+def _kernel_block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale, out_dtype, kernel,
+                           order, out=None):
   """Gradients of one key block: (dq [B, Lq, N, H], dk, dv [B, Lk, N, H]) in out_dtype.
 
-  lse, delta: [B, N, Lq] final log-sum-exp and rowsum(d_out * out) of the queries.
+  lse, delta: [B, N, Lq] final log-sum-exp and rowsum(d_out * out) of the queries; out: their
+  final output [B, Lq, N, H] (needed by "cudnn"). kernel, order: as `_block_forward`.
   """
-  if _use_pallas():
+  if kernel == "cudnn":
+    return _cudnn_block_backward(q, k, v, pos_q, pos_k, out, d_out, lse, delta, scale, out_dtype)
+  if kernel == "pallas":
     return flash.attention_block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale=scale,
-                                          out_dtype=out_dtype,
-                                          interpret=jax.default_backend() != "gpu",
-                                          sorted_q=presorted[0], sorted_k=presorted[1])
+                                          out_dtype=out_dtype, interpret=not _on_gpu(),
+                                          sorted_q=order[0], sorted_k=order[1])
   tq, tk = _tile(q.shape[1]), _tile(k.shape[1])
   qs, pqs, dos = _split(q, tq, 1), _split(pos_q, tq, 0), _split(d_out, tq, 1)
   lses, deltas = _split(lse, tq, 2), _split(delta, tq, 2)
@@ -198,48 +351,53 @@ def _num_blocks(axis_name):
   return 1 if axis_name is None else jax.lax.axis_size(axis_name)
 
 
-def _attention_forward(q, k, v, pos_q, pos_k, axis_name, presorted):
+def _attention_forward(q, k, v, pos_q, pos_k, axis_name, order):
   batch, length_q, heads, head_dim = q.shape
   scale = 1.0 / math.sqrt(head_dim)
-  if _num_blocks(axis_name) == 1 and _use_pallas():  # one block: the kernel's (o, lse) as is
+  kernel = _kernel(q, k, order)
+  if _num_blocks(axis_name) == 1 and kernel == "pallas":  # one block: the kernel's (o, lse)
     return flash.attention_block_forward(q, k, v, pos_q, pos_k, scale=scale,
-                                         interpret=jax.default_backend() != "gpu",
-                                         sorted_q=presorted[0], sorted_k=presorted[1])
+                                         interpret=not _on_gpu(), sorted_q=order[0],
+                                         sorted_k=order[1])
+  if _num_blocks(axis_name) == 1 and kernel == "cudnn":
+    out, lse = _cudnn_block_forward(q, k, v, pos_q, pos_k, scale)
+    return out.astype(q.dtype), lse
   state = (_full(q.shape, 0.0, q), _full((batch, heads, length_q), NEG_INF, q),
            _full((batch, heads, length_q), 0.0, q))
 
   def step(carry, _):  # fold the visiting block in, pass it on (one K/V block in flight)
     state, block = carry
-    state = _block_forward(q, block[0], block[1], pos_q, block[2], *state, scale, presorted)
+    state = _block_forward(q, block[0], block[1], pos_q, block[2], *state, scale, kernel, order)
     return (state, _rotate(block, axis_name)), None
 
   block = (k, v, pos_k)
   if _num_blocks(axis_name) > 1:
     (state, block), _ = jax.lax.scan(step, (state, block), None, length=_num_blocks(axis_name) - 1)
-  o, m, l = _block_forward(q, block[0], block[1], pos_q, block[2], *state, scale, presorted)
+  o, m, l = _block_forward(q, block[0], block[1], pos_q, block[2], *state, scale, kernel, order)
   out = (o / jnp.swapaxes(l, 1, 2)[..., None]).astype(q.dtype)
   return out, m + jnp.log(l)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attention(q, k, v, pos_q, pos_k, axis_name, presorted=(False, False)):
-  return _attention_forward(q, k, v, pos_q, pos_k, axis_name, presorted)[0]
+def _attention(q, k, v, pos_q, pos_k, axis_name, order=(False, False, False)):
+  return _attention_forward(q, k, v, pos_q, pos_k, axis_name, order)[0]
 
 
-def _attention_fwd(q, k, v, pos_q, pos_k, axis_name, presorted=(False, False)):
-  out, lse = _attention_forward(q, k, v, pos_q, pos_k, axis_name, presorted)
+def _attention_fwd(q, k, v, pos_q, pos_k, axis_name, order=(False, False, False)):
+  out, lse = _attention_forward(q, k, v, pos_q, pos_k, axis_name, order)
   return out, (q, k, v, pos_q, pos_k, out, lse)
 
 
-def _attention_bwd(axis_name, presorted, saved, d_out):
+def _attention_bwd(axis_name, order, saved, d_out):
   q, k, v, pos_q, pos_k, out, lse = saved
   scale = 1.0 / math.sqrt(q.shape[-1])
+  kernel = _kernel(q, k, order)
   d_out = d_out.astype(q.dtype)
   delta = jnp.einsum("bqnh,bqnh->bnq", d_out.astype(F32), out.astype(F32))
 
   def grads(dq, block, dkv):
-    dq_s, dk_s, dv_s = _block_backward(q, block[0], block[1], pos_q, block[2], d_out, lse, delta,
-                                       scale, F32, presorted)
+    dq_s, dk_s, dv_s = _kernel_block_backward(q, block[0], block[1], pos_q, block[2], d_out, lse,
+                                              delta, scale, F32, kernel, order, out)
     return dq + dq_s, (dkv[0] + dk_s, dkv[1] + dv_s)
 
   def step(carry, _):  # the visiting block's dK/dV travel with it and arrive home after N
@@ -247,11 +405,11 @@ def _attention_bwd(axis_name, presorted, saved, d_out):
     dq, dkv = grads(dq, block, dkv)
     return (dq, _rotate(block, axis_name), _rotate(dkv, axis_name)), None
 
-  if _num_blocks(axis_name) == 1 and _use_pallas():
+  if _num_blocks(axis_name) == 1 and kernel != "xla":
     # One block (all-gather, one device): the kernels write the input dtypes directly, with
     # no float32 dK/dV of the gathered length in between.
-    return (*_block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale, q.dtype,
-                             presorted), None, None)
+    return (*_kernel_block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale, q.dtype,
+                                    kernel, order, out), None, None)
   carry = (_full(q.shape, 0.0, q), (k, v, pos_k), (_full(k.shape, 0.0, q), _full(v.shape, 0.0, q)))
   if _num_blocks(axis_name) > 1:
     carry, _ = jax.lax.scan(step, carry, None, length=_num_blocks(axis_name) - 1)
@@ -272,16 +430,20 @@ def _compute_dtype(x: jax.Array) -> jnp.dtype:
 
 
 def masked_attention(q_BQNH: jax.Array, k_BKNH: jax.Array, v_BKNH: jax.Array, pos_Q: jax.Array,
-                     pos_K: jax.Array, sorted_q: bool = False) -> jax.Array:
+                     pos_K: jax.Array, sorted_q: bool = False,
+                     sorted_k_runs: bool = False) -> jax.Array:
   """softmax(q k^T / sqrt(H), pos_q >= pos_k) v on one device, tiled (no [Q, K] scores).
 
   Every query must see at least one key (true for causal attention over its own position).
   sorted_q: pos_Q is known to ascend (spares the Pallas kernels a sort of the queries).
+  sorted_k_runs: pos_K ascends within every run of Q keys (all-gathered blocks of ranks whose
+    positions ascend); with sorted_q it lets the cuDNN pair path run.
   Returns [B, Q, N, H] in q's dtype.
   """
   cdt = _compute_dtype(q_BQNH)
   out = _attention(q_BQNH.astype(cdt), k_BKNH.astype(cdt), v_BKNH.astype(cdt),
-                   pos_Q.astype(jnp.int32), pos_K.astype(jnp.int32), None, (sorted_q, False))
+                   pos_Q.astype(jnp.int32), pos_K.astype(jnp.int32), None,
+                   (sorted_q, False, sorted_q and sorted_k_runs))
   return out.astype(q_BQNH.dtype)
 
 
@@ -294,7 +456,7 @@ def ring_attention(q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array, pos_
     pos_L: [L_local] int positions of the local tokens in the full sequence.
     axis_name: the shard_map axis holding the sequence.
     local_sorted: every rank's pos_L ascends (contiguous and zigzag layouts), so the kernels
-      need not sort queries or visiting key blocks.
+      need not sort queries or visiting key blocks, and cuDNN can run the blocks.
 
   Returns:
     [B, L_local, N, H] in q's dtype.
@@ -302,7 +464,7 @@ def ring_attention(q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array, pos_
   cdt = _compute_dtype(q_BLNH)
   pos = pos_L.astype(jnp.int32)
   out = _attention(q_BLNH.astype(cdt), k_BLNH.astype(cdt), v_BLNH.astype(cdt), pos, pos, axis_name,
-                   (local_sorted, local_sorted))
+                   (local_sorted,) * 3)
   return out.astype(q_BLNH.dtype)
 
 
@@ -312,7 +474,7 @@ def allgather_attention(q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array,
   arguments as `ring_attention`); the backward reduce-scatters dK, dV."""
   gather = lambda x, axis: jax.lax.all_gather(x, axis_name, axis=axis, tiled=True)
   return masked_attention(q_BLNH, gather(k_BLNH, 1), gather(v_BLNH, 1), pos_L, gather(pos_L, 0),
-                          sorted_q=local_sorted)
+                          sorted_q=local_sorted, sorted_k_runs=local_sorted)
 
 
 def context_attention(q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array, pos_L: jax.Array,
