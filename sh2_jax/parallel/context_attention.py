@@ -170,21 +170,21 @@ def _general_kernel() -> str:
 
 def _cudnn_block_forward(q, k, v, pos_q, pos_k, scale):
   """(o [B, Lq, N, H] f32 normalised, lse [B, N, Lq]) of q against one key block, from cuDNN
-  calls on the pairs of half-blocks (see the module doc)."""
+  calls on the pairs of half-blocks (see the module doc). Each pair's o is in q's dtype (what
+  cuDNN writes): every pair's switch holds its own output buffers."""
   sub = _half_block(q.shape[1])
 
   def skip(q_a, k_b, v_b, pq_a, pk_b):
-    return (_full(q_a.shape, 0.0, q_a), _full((q_a.shape[0], q_a.shape[2], sub), NEG_INF, q_a))
+    return (jnp.zeros_like(q_a), _full((q_a.shape[0], q_a.shape[2], sub), NEG_INF, q_a))
 
   def cudnn(causal):
     def call(q_a, k_b, v_b, pq_a, pk_b):
-      o, lse = cudnn_blocks.block_forward(q_a, k_b, v_b, causal, scale)
-      return o.astype(F32), lse
+      return cudnn_blocks.block_forward(q_a, k_b, v_b, causal, scale)
     return call
 
   def general(q_a, k_b, v_b, pq_a, pk_b):
     return _kernel_block_attention(q_a, k_b, v_b, pq_a, pk_b, scale, _general_kernel(),
-                                   (True, True, True))
+                                   (True, True, True), out_dtype=q_a.dtype)
 
   branches = (skip, cudnn(False), cudnn(True), general)
   outs, lses = [], []
@@ -202,21 +202,21 @@ def _cudnn_block_forward(q, k, v, pos_q, pos_k, scale):
 
 def _cudnn_block_backward(q, k, v, pos_q, pos_k, out, d_out, lse, delta, scale, out_dtype):
   """Gradients of one key block by pairs of half-blocks (see `_cudnn_block_forward`):
-  (dq [B, Lq, N, H], dk, dv [B, Lk, N, H]) in out_dtype."""
+  (dq [B, Lq, N, H], dk, dv [B, Lk, N, H]) in out_dtype. Each pair's gradients are in q's
+  dtype (what cuDNN writes), summed in float32."""
   sub = _half_block(q.shape[1])
 
   def skip(q_a, k_b, v_b, pq_a, pk_b, o_a, do_a, lse_a, delta_a):
-    return (_full(q_a.shape, 0.0, q_a), _full(k_b.shape, 0.0, q_a), _full(v_b.shape, 0.0, q_a))
+    return jnp.zeros_like(q_a), jnp.zeros_like(k_b), jnp.zeros_like(v_b)
 
   def cudnn(causal):
     def call(q_a, k_b, v_b, pq_a, pk_b, o_a, do_a, lse_a, delta_a):
-      grads = cudnn_blocks.block_backward(q_a, k_b, v_b, o_a, lse_a, do_a, causal, scale)
-      return tuple(g.astype(F32) for g in grads)
+      return cudnn_blocks.block_backward(q_a, k_b, v_b, o_a, lse_a, do_a, causal, scale)
     return call
 
   def general(q_a, k_b, v_b, pq_a, pk_b, o_a, do_a, lse_a, delta_a):
-    return _kernel_block_backward(q_a, k_b, v_b, pq_a, pk_b, do_a, lse_a, delta_a, scale, F32,
-                                  _general_kernel(), (True, True, True))
+    return _kernel_block_backward(q_a, k_b, v_b, pq_a, pk_b, do_a, lse_a, delta_a, scale,
+                                  q_a.dtype, _general_kernel(), (True, True, True))
 
   branches = (skip, cudnn(False), cudnn(True), general)
   queries = list(zip(_runs(q, sub, 1), _runs(pos_q, sub, 0), _runs(out, sub, 1),
@@ -228,25 +228,27 @@ def _cudnn_block_backward(q, k, v, pos_q, pos_k, out, d_out, lse, delta, scale, 
     for a, (q_a, pq_a, o_a, do_a, lse_a, delta_a) in enumerate(queries):
       dq, dk, dv = jax.lax.switch(_relation(pq_a, pk_b), branches,
                                   q_a, k_b, v_b, pq_a, pk_b, o_a, do_a, lse_a, delta_a)
-      dqs[a], dk_b, dv_b = dqs[a] + dq, dk_b + dk, dv_b + dv
+      dqs[a], dk_b, dv_b = dqs[a] + dq.astype(F32), dk_b + dk.astype(F32), dv_b + dv.astype(F32)
     dks.append(dk_b.astype(out_dtype))  # each key half-block done: no f32 dK/dV of length Lk
     dvs.append(dv_b.astype(out_dtype))
   return (jnp.concatenate(dqs, axis=1).astype(out_dtype), jnp.concatenate(dks, axis=1),
           jnp.concatenate(dvs, axis=1))
 
 
-def _kernel_block_attention(q, k, v, pos_q, pos_k, scale, kernel, order):
-  """(o [B, Lq, N, H] f32 normalised, lse [B, N, Lq]) of q against one key block."""
+def _kernel_block_attention(q, k, v, pos_q, pos_k, scale, kernel, order, out_dtype=F32):
+  """(o [B, Lq, N, H] normalised in out_dtype, lse [B, N, Lq]) of q against one key block."""
   if kernel == "cudnn":
-    return _cudnn_block_forward(q, k, v, pos_q, pos_k, scale)
+    o, lse = _cudnn_block_forward(q, k, v, pos_q, pos_k, scale)
+    return o.astype(out_dtype), lse
   if kernel == "pallas":
-    return flash.attention_block_forward(q, k, v, pos_q, pos_k, scale=scale, out_dtype=F32,
+    return flash.attention_block_forward(q, k, v, pos_q, pos_k, scale=scale, out_dtype=out_dtype,
                                          interpret=not _on_gpu(), sorted_q=order[0],
                                          sorted_k=order[1])
   batch, length_q, heads, _ = q.shape
   state = (_full(q.shape, 0.0, q), _full((batch, heads, length_q), NEG_INF, q),
            _full((batch, heads, length_q), 0.0, q))
-  return _normalise(*_xla_block_forward(q, k, v, pos_q, pos_k, *state, scale))
+  o, lse = _normalise(*_xla_block_forward(q, k, v, pos_q, pos_k, *state, scale))
+  return o.astype(out_dtype), lse
 
 
 def _block_forward(q, k, v, pos_q, pos_k, o, m, l, scale, kernel, order):
@@ -337,7 +339,7 @@ def _kernel_block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale, out_
 
   dq, (dks, dvs) = _scan(k_tile, _full(qs.shape, 0.0, q),
                                 (_split(k, tk, 1), _split(v, tk, 1), _split(pos_k, tk, 0)))
-  return _merge(dq, 1), _merge(dks, 1), _merge(dvs, 1)
+  return tuple(_merge(g, 1).astype(out_dtype) for g in (dq, dks, dvs))
 
 
 def _rotate(xs, axis_name):
