@@ -304,19 +304,37 @@ def cp_li_gate_conv_gate_a2a(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax
                              zigzag: bool = False) -> jax.Array:
   """Hyena-LI post * (modal_conv(pre * v) + dskip * pre * v) by all-to-all.
 
+  With the fused modal kernel ("pallas"; "auto" on GPU), post, pre and v switch to channel
+  sharding in their own dtype (bf16 in training), the single-device operator
+  (`hyena.li_gate_conv_gate`: gates and skip inside the kernel) runs on the rank's D/N
+  channels over the full length, and its output switches back: no float32 [B, L, D/N]
+  buffers. Otherwise (FFT, chunked) the gates stay in the sequence layout and u = pre * v and
+  the convolution cross in float32 (fewer buffers for those methods). Either way the same bytes
+  cross the axis.
+
   Args:
     post_BLD, pre_BLD, v_BLD: [B, L_local, D] local blocks.
     log_poles_DN, residues_DN: [D, N] whole (replicated); the rank takes its D/N rows by
       axis_index.
-    dskip_D: [D] whole; applied in the sequence-sharded layout.
+    dskip_D: [D] whole.
     axis_name: the shard_map axis holding the sequence.
-    method: as in `hyena.li_long_conv`, resolved against the full length.
+    method: as in `hyena.li_gate_conv_gate`, resolved against the full length.
     zigzag: the shard holds chunks r and 2N-1-r.
 
   Returns:
     [B, L_local, D] in v's dtype.
   """
-  log_poles, residues = local_rows(log_poles_DN, axis_name), local_rows(residues_DN, axis_name)
+  rows = lambda w: local_rows(w, axis_name)
+  num_shards = jax.lax.axis_size(axis_name)
+  batch, length_local, channels = v_BLD.shape
+  shape_ch = (batch, length_local * num_shards, channels // num_shards)
+  method = hyena.resolve_li_method(method, shape_ch[1], shape_ch, log_poles_DN.shape[-1])
+  log_poles, residues = rows(log_poles_DN), rows(residues_DN)
+  if method == "pallas":
+    post, pre, v = (seq_to_channels(x, axis_name, zigzag) for x in (post_BLD, pre_BLD, v_BLD))
+    y_ch = hyena.li_gate_conv_gate(post, pre, v, log_poles, residues, rows(dskip_D[:, None])[:, 0],
+                                   method)
+    return channels_to_seq(y_ch, axis_name, zigzag)
 
   def inner_conv(u):
     y_ch = hyena.li_long_conv(seq_to_channels(u, axis_name, zigzag), log_poles, residues, method)
