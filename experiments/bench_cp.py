@@ -75,19 +75,22 @@ class Setup:
   attention: str = "allgather"
   zigzag: bool = True
   kernel: str = "auto"  # CP attention blocks: sh2_jax.parallel.context_attention.KERNELS
+  context_fsdp: bool = False  # params and AdamW state sharded over the context axis too
 
   @property
   def name(self) -> str:
     if self.devices == 1:
       return "1 device"
     return (f"CP={self.devices} {self.conv}/{self.attention}" + (" zigzag" if self.zigzag else "")
-            + ("" if self.kernel == "auto" else f" ({self.kernel} blocks)"))
+            + ("" if self.kernel == "auto" else f" ({self.kernel} blocks)")
+            + (" context-FSDP" if self.context_fsdp else ""))
 
   def mesh_config(self) -> config_lib.MeshConfig:
     if self.devices == 1:
       return config_lib.MeshConfig(data=1)
     return config_lib.MeshConfig(data=1, context=self.devices, context_conv=self.conv,
-                                 context_attention=self.attention, zigzag=self.zigzag)
+                                 context_attention=self.attention, zigzag=self.zigzag,
+                                 context_fsdp=self.context_fsdp)
 
 
 def model_config(d_model: int, layers: int, dtype: str, mr_taps: int = 128,
@@ -211,7 +214,7 @@ class Bench:
     mesh = mesh_lib.make_mesh(mesh_cfg, jax.devices()[:setup.devices])
     train_cfg = config_lib.TrainConfig(steps=1000, batch_size=1, warmup_steps=10)
     tx = optim.make_optimizer(train_cfg)
-    abstract, shardings = state_shardings(self.model, tx, mesh)
+    abstract, shardings = state_shardings(self.model, tx, mesh, mesh_cfg)
     batch = mesh_lib.batch_sharding(mesh)
     step = step_lib.make_train_step(self.model, train_cfg, tx, mesh, shardings, mesh_cfg)
     # Compile on abstract values first: a length that does not fit allocates nothing.
@@ -336,9 +339,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no-zigzag", action="store_true")
   parser.add_argument("--attention", default="allgather", choices=("allgather", "ring"),
                       help="CP attention of the main setup (ring holds one K/V block, not all)")
+  parser.add_argument("--context-fsdp", action="store_true", help="main CP setup: shard params "
+                      "and AdamW state over the context axis too (mesh.context_fsdp)")
   parser.add_argument("--compare", default="a2a,ring", help="setups to time against p2p + "
                       "all-gather at --length: a2a (SE/MR all-to-all), ring (ring attention), "
-                      "pallas / xla (attention blocks by that kernel); '' for none")
+                      "pallas / xla (attention blocks by that kernel), context-fsdp (params and AdamW "
+                      "state sharded over the context axis); '' for none")
   parser.add_argument("--no-refine", action="store_true", help="powers of two only in the search")
   parser.add_argument("--smoke", action="store_true", help="tiny: D=64, MR 16 taps, float32, "
                       "L=256, max 1024, 1 timed step (CPU fake devices)")
@@ -364,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
   zigzag = not args.no_zigzag
   known = {"a2a": Setup(n, "a2a", "allgather", zigzag), "ring": Setup(n, "p2p", "ring", zigzag),
            "pallas": Setup(n, "p2p", "allgather", zigzag, "pallas"),
-           "xla": Setup(n, "p2p", "allgather", zigzag, "xla")}
+           "xla": Setup(n, "p2p", "allgather", zigzag, "xla"),
+           "context-fsdp": Setup(n, "p2p", "allgather", zigzag, context_fsdp=True)}
   compare = [c.strip() for c in args.compare.split(",") if c.strip()]
   if any(c not in known for c in compare):
     raise config_lib.ConfigError(f"--compare {args.compare!r}: choose from {sorted(known)}")
@@ -395,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
   model_args = dict(d_model=args.d_model, layers=args.layers, dtype=args.dtype,
                     mr_taps=args.mr_taps, layout=args.layout)
   bench = Bench(model, args.iters, limit, deadline, out, header, model_args if isolate else None)
-  single, cp = Setup(1), Setup(n, "p2p", args.attention, zigzag)
+  single = Setup(1)
+  cp = Setup(n, "p2p", args.attention, zigzag, context_fsdp=args.context_fsdp)
   multiple = 2 * n
   # 1. Efficiency points.
   if "efficiency" in parts:

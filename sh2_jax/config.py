@@ -289,6 +289,9 @@ class MeshConfig:
     context_attention: "allgather" (gather K/V) or "ring" (K/V blocks passed around the axis,
       online softmax).
     zigzag: load-balance causal attention: rank r of N holds chunks r and 2N-1-r of 2N.
+    context_fsdp: also shard parameters and optimizer state over the context axis (their
+      "embed" dimension over fsdp x context; XLA gathers each weight where it is used), so a
+      context mesh does not hold N replicas of them.
   """
   data: int = -1
   fsdp: int = 1
@@ -297,6 +300,7 @@ class MeshConfig:
   context_conv: str = "p2p"
   context_attention: str = "allgather"
   zigzag: bool = False
+  context_fsdp: bool = False
 
   AXES: typing.ClassVar[tuple[str, ...]] = ("data", "fsdp", "tensor", "context")
 

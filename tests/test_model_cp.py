@@ -5,8 +5,8 @@ model whose layout holds every mixer (SE MR LI MHA), the per-token losses and th
 their mean wrt every parameter:
 - on one device (the reference);
 - on meshes (data, fsdp, tensor, context) = (8,1,1,1), (2,2,1,2) a2a/ring, (1,2,2,2)
-  p2p/ring/zigzag, (1,1,1,8) p2p/all-gather, through `step.make_model` / `next_token_nll`
-  (what the train step runs);
+  p2p/ring/zigzag, (1,1,1,8) p2p/all-gather with parameters sharded over context
+  (mesh.context_fsdp), through `step.make_model` / `next_token_nll` (what the train step runs);
 - `train` (loop, train step, eval step) on mesh data=2,context=4 with a2a/all-gather/zigzag
   vs data=8: equal per-step and held-out losses;
 - causality under CP (context 8, ring, zigzag): a changed token moves no earlier loss.
@@ -51,7 +51,7 @@ out = {}
 def loss_and_grads(mesh_cfg, devices):
   mesh = mesh_lib.make_mesh(mesh_cfg, devices)
   model = step_lib.make_model(cfg, mesh, mesh_cfg)
-  _, shardings = state_shardings(cfg, tx, mesh)
+  _, shardings = state_shardings(cfg, tx, mesh, mesh_cfg)
   p = jax.device_put(params, shardings.params)
   w = jax.device_put(window, mesh_lib.batch_sharding(mesh))
 
@@ -73,11 +73,12 @@ CASES = [  # name: (data, fsdp, tensor, context), context_conv, context_attentio
     ("8,1,1,1", (8, 1, 1, 1), "p2p", "allgather", False),
     ("2,2,1,2 a2a ring", (2, 2, 1, 2), "a2a", "ring", False),
     ("1,2,2,2 p2p ring zigzag", (1, 2, 2, 2), "p2p", "ring", True),
-    ("1,1,1,8 p2p allgather", (1, 1, 1, 8), "p2p", "allgather", False),
+    ("1,1,1,8 p2p allgather context-fsdp", (1, 1, 1, 8), "p2p", "allgather", False),
 ]
 for name, shape, conv, attention, zigzag in CASES:
   t = time.time()
-  mesh_cfg = C.MeshConfig(*shape, context_conv=conv, context_attention=attention, zigzag=zigzag)
+  mesh_cfg = C.MeshConfig(*shape, context_conv=conv, context_attention=attention, zigzag=zigzag,
+                          context_fsdp="context-fsdp" in name)
   nll, grads = loss_and_grads(mesh_cfg, jax.devices())
   flat, flat0 = jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(grads0)
   out[name] = {"nll": rel_err(nll, nll0),
@@ -128,7 +129,7 @@ def model_cp_results(tmp_path_factory):
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-CASE_NAMES = ["8,1,1,1", "2,2,1,2 a2a ring", "1,2,2,2 p2p ring zigzag", "1,1,1,8 p2p allgather"]
+CASE_NAMES = ["8,1,1,1", "2,2,1,2 a2a ring", "1,2,2,2 p2p ring zigzag", "1,1,1,8 p2p allgather context-fsdp"]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)

@@ -2,7 +2,8 @@
 
 Modules name their parameters' axes logically ("embed", "mlp", "heads", ...); this table maps
 them onto the mesh axes `data`, `fsdp`, `tensor`, `context`:
-- FSDP shards every parameter's "embed" dimension (and so the optimizer state).
+- FSDP shards every parameter's "embed" dimension (and so the optimizer state); with
+  `mesh.context_fsdp` over fsdp x context (`logical_axis_rules`).
 - Tensor parallelism splits projections Megatron-style: column-parallel into the mixer/MLP
   ("channels", "heads", "mlp"), row-parallel out of them; Hyena groups stay whole on a rank
   because channel shards are contiguous and groups are contiguous blocks of channels.
@@ -39,6 +40,15 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("poles", None),
     ("norm", None),
 )
+
+
+def logical_axis_rules(mesh_config: MeshConfig | None = None) -> tuple[tuple[str, Any], ...]:
+  """The rule table for a mesh config: LOGICAL_AXIS_RULES, with "embed" over fsdp x context
+  when `mesh_config.context_fsdp`."""
+  if mesh_config is None or not mesh_config.context_fsdp:
+    return LOGICAL_AXIS_RULES
+  return tuple(("embed", ("fsdp", "context")) if name == "embed" else (name, axes)
+               for name, axes in LOGICAL_AXIS_RULES)
 
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:

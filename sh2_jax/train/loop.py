@@ -159,7 +159,7 @@ def _setup(config: Config) -> _Setup:
   rows_index, rows_count = batch_rows(mesh_lib.batch_sharding(mesh), global_batch)
   data = build_data(config.data, global_batch, rows_index, rows_count)
   optimizer = optim.make_optimizer(config.train)
-  abstract, shardings = state_shardings(config.model, optimizer, mesh)
+  abstract, shardings = state_shardings(config.model, optimizer, mesh, config.mesh)
   return _Setup(config, mesh, data, optimizer, abstract, shardings)
 
 
@@ -194,7 +194,7 @@ def train(config: Config, run_dir: str, resume: bool = False, progress: bool = T
   if resume:
     state = ckpt.restore(latest, setup.abstract_state, train_iter)
   else:
-    state, _ = create_train_state(config.model, setup.optimizer, setup.mesh, tc.seed)
+    state, _ = create_train_state(config.model, setup.optimizer, setup.mesh, tc.seed, config.mesh)
   save_config(config, run_dir)
   metrics_log = MetricsWriter(os.path.join(run_dir, "metrics.jsonl"))
   train_step = step_lib.make_train_step(config.model, tc, setup.optimizer, setup.mesh,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from sh2_jax.config import ModelConfig
+from sh2_jax.config import MeshConfig, ModelConfig
 from sh2_jax.model import StripedHyena2
 from sh2_jax.parallel import mesh as mesh_lib
 
@@ -39,22 +39,25 @@ def _init_boxed(model_config: ModelConfig, optimizer: optax.GradientTransformati
 
 
 def state_shardings(model_config: ModelConfig, optimizer: optax.GradientTransformation,
-                    mesh: Mesh) -> tuple[TrainState, TrainState]:
+                    mesh: Mesh, mesh_config: MeshConfig | None = None
+                    ) -> tuple[TrainState, TrainState]:
   """(abstract unboxed state, NamedShardings) from abstract evaluation: nothing allocated.
 
   Optimizer moments inherit their parameter's logical axes (optax maps over the boxes).
+  mesh_config: picks the rule table (`mesh_lib.logical_axis_rules`; None: the default).
   """
   boxed = jax.eval_shape(lambda r: _init_boxed(model_config, optimizer, r), jax.random.key(0))
-  shardings = mesh_lib.logical_shardings(boxed, mesh)
+  shardings = mesh_lib.logical_shardings(boxed, mesh, mesh_lib.logical_axis_rules(mesh_config))
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.meta.unbox(boxed), shardings)
   return abstract, shardings
 
 
 def create_train_state(model_config: ModelConfig, optimizer: optax.GradientTransformation,
-                       mesh: Mesh, seed: int) -> tuple[TrainState, TrainState]:
+                       mesh: Mesh, seed: int, mesh_config: MeshConfig | None = None
+                       ) -> tuple[TrainState, TrainState]:
   """Initialises the state directly into its shardings; returns (state, shardings)."""
-  _, shardings = state_shardings(model_config, optimizer, mesh)
+  _, shardings = state_shardings(model_config, optimizer, mesh, mesh_config)
   init = jax.jit(lambda r: nn.meta.unbox(_init_boxed(model_config, optimizer, r)),
                  out_shardings=shardings)
   return init(jax.random.key(seed)), shardings
