@@ -29,6 +29,7 @@ import numpy as np
 from pallas_kernels import blocked_conv as bc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.compare import norm_rel_diff  # noqa: E402
 from experiments.timing import median_ms  # noqa: E402
 
 logger = logging.getLogger("bench_blocked_conv")
@@ -62,12 +63,6 @@ def _fns(conv):
   return fwd, jax.jit(bwd), jax.jit(fwd_bwd)
 
 
-def _rel(a, b):
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
-
-
 def check(key, dtype=jnp.bfloat16, block_sizes=None):
   """Kernel in `dtype` vs reference on float32-upcast inputs: out and all five gradients."""
   rows = []
@@ -81,7 +76,7 @@ def check(key, dtype=jnp.bfloat16, block_sizes=None):
     out_r, vjp_r = jax.vjp(ref, *args32)
     grads_k = vjp_k(ct)
     grads_r = vjp_r(ct.astype(jnp.float32))
-    errs = [_rel(out_k, out_r)] + [_rel(a, b) for a, b in zip(grads_k, grads_r)]
+    errs = [norm_rel_diff(out_k, out_r)] + [norm_rel_diff(a, b) for a, b in zip(grads_k, grads_r)]
     finite = all(bool(jnp.all(jnp.isfinite(x))) for x in [out_k, *grads_k])
     rows.append(((batch, length, channels, groups, taps), errs, finite))
     logger.info("check %s B,L,C,G,K=%s rel err out %.2e dpost %.2e dpre %.2e dv %.2e dh %.2e "

@@ -26,11 +26,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels import modal_conv as mc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.compare import norm_rel_diff  # noqa: E402
 from experiments.timing import median_ms  # noqa: E402
 from sh2_jax.ops import hyena  # noqa: E402
 
@@ -75,12 +75,6 @@ def _fns(op):
   return fwd, jax.jit(fwd_bwd)
 
 
-def _rel(a, b):
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
-
-
 NAMES = ("out", "dpost", "dpre", "dv", "dlog_poles", "dresidues", "ddskip")
 
 
@@ -94,7 +88,7 @@ def check(key, shapes):
     out_r, vjp_r = jax.vjp(_fft, *args32)
     got = [out_k, *vjp_k(ct)]
     want = [out_r, *vjp_r(ct.astype(jnp.float32))]
-    errs = [_rel(a, b) for a, b in zip(got, want)]
+    errs = [norm_rel_diff(a, b) for a, b in zip(got, want)]
     finite = all(bool(jnp.all(jnp.isfinite(x))) for x in got)
     shape = (batch, length, channels, jnp.dtype(dtype).name)
     rows.append((shape, errs, finite))

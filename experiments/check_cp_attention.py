@@ -17,15 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.compare import max_rel_diff
 from experiments.timing import median_ms
 from sh2_jax.parallel import context as cp, context_attention as ca
 
 AXIS = "context"
-
-
-def _rel(a: jax.Array, b: jax.Array) -> float:
-  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
       try:
         run = value_and_grads(sharded(strategy))
         out, grads = run(q, k, v, d_out)
-        errors = [_rel(out, want_out)] + [_rel(g, w) for g, w in zip(grads, want_grads)]
+        errors = [max_rel_diff(out, want_out)] + [max_rel_diff(g, w)
+                                                  for g, w in zip(grads, want_grads)]
         ms = median_ms(run, q, k, v, d_out)
         lines.append(f"| {kernel} | {strategy} | {ms:.2f} | "
                      + " | ".join(f"{e:.1e}" for e in errors) + " |")

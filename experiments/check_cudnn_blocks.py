@@ -23,6 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from experiments.compare import max_rel_diff as _rel
 from experiments.timing import median_ms
 
 
@@ -69,11 +70,6 @@ def split_backward(q2, k, v, out, lse, dout, scale):
   dq2, dk2, dv2 = block_backward(q2, k[:, half:], v[:, half:], out, lse, dout, True, scale)
   dq = dq1.astype(jnp.float32) + dq2.astype(jnp.float32)
   return dq, jnp.concatenate([dk1, dk2], axis=1), jnp.concatenate([dv1, dv2], axis=1)
-
-
-def _rel(a, b) -> float:
-  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-  return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
 def main(argv: list[str] | None = None) -> int:
