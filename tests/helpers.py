@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import time
 import zlib
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,46 @@ def x64():
   test files run in float32 in the same process)."""
   with jax.enable_x64(True):
     yield
+
+
+def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str,
+                     compute: Callable[[], Any], timeout: float = 900.0) -> Any:
+  """compute() once per test session, shared by the pytest-xdist workers (JSON-able result).
+
+  A module fixture otherwise runs once in every worker that gets one of its tests; for the
+  multi-device subprocesses that doubles minutes of CI. The first worker computes (holding an
+  O_EXCL lock file in the session's shared temp root) and the others wait for its result.
+  """
+  if os.environ.get("PYTEST_XDIST_WORKER") is None:
+    return compute()
+  root = tmp_path_factory.getbasetemp().parent  # the session's root, shared by its workers
+  result, lock = root / f"{name}.json", root / f"{name}.lock"
+  try:
+    os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+  except FileExistsError:
+    deadline = time.time() + timeout
+    while not result.exists():
+      if time.time() > deadline:
+        raise TimeoutError(f"{name}: no result from the worker computing it after {timeout} s")
+      time.sleep(0.5)
+    value = json.loads(result.read_text())
+    if isinstance(value, dict) and "__error__" in value:
+      raise RuntimeError(f"{name} failed in another worker: {value['__error__']}")
+    return value
+  try:
+    value = compute()
+  except BaseException as error:
+    payload = {"__error__": f"{type(error).__name__}: {str(error)[-3000:]}"}
+    _write_atomically(result, json.dumps(payload))
+    raise
+  _write_atomically(result, json.dumps(value))
+  return value
+
+
+def _write_atomically(path, text: str) -> None:
+  partial = path.with_suffix(".partial")
+  partial.write_text(text)
+  os.replace(partial, path)
 
 
 def seeded_rng(*key: object) -> np.random.Generator:

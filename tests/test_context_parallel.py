@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+from tests import helpers
+
 TOLERANCE = 1e-5  # max |cp - single| / max |single|, float32
 
 CP_SCRIPT = r"""
@@ -256,14 +258,18 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def cp_results():
+def _run_cp_script():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run([sys.executable, "-c", CP_SCRIPT, root, "8,2"], capture_output=True,
                           text=True, env=env, timeout=300, cwd=root)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def cp_results(tmp_path_factory):
+  return helpers.once_per_session(tmp_path_factory, "context_parallel", _run_cp_script)
 
 
 def test_cp_values_and_gradients_match_one_device(cp_results):

@@ -20,6 +20,8 @@ import sys
 
 import pytest
 
+from tests import helpers
+
 TOLERANCE = 2e-5  # float32: max |cp - single| / max |single| per output / parameter leaf
 
 MODEL_CP_SCRIPT = r"""
@@ -120,13 +122,17 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def model_cp_results(tmp_path_factory):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  runs = str(tmp_path_factory.mktemp("runs"))
-  result = subprocess.run([sys.executable, "-c", MODEL_CP_SCRIPT, root, runs], capture_output=True,
-                          text=True, env=env, timeout=600, cwd=root)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  def run():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = str(tmp_path_factory.mktemp("runs"))
+    result = subprocess.run([sys.executable, "-c", MODEL_CP_SCRIPT, root, runs],
+                            capture_output=True, text=True, env=env, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+  return helpers.once_per_session(tmp_path_factory, "model_cp", run)
 
 
 CASE_NAMES = ["8,1,1,1", "2,2,1,2 a2a ring", "1,2,2,2 p2p ring zigzag", "1,1,1,8 p2p allgather context-fsdp"]

@@ -81,7 +81,7 @@ def test_resume_gives_identical_parameters(tmp_path):
 def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path):
   """SIGKILL a `sh2 train` between checkpoints; `--resume` finishes with the parameters of
   an uninterrupted run."""
-  config = small_config(steps=120, checkpoint_every=4, keep_checkpoints=2)
+  config = small_config(steps=48, checkpoint_every=4, keep_checkpoints=2)
   sets = [f"--set=train.{k}={v}" for k, v in dataclasses.asdict(config.train).items()]
   sets += [f"--set=model.{k}={v}" for k, v in dataclasses.asdict(config.model).items() if v is not None]
   sets += [f"--set=data.{k}={v}" for k, v in dataclasses.asdict(config.data).items() if v is not None]
