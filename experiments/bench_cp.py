@@ -44,6 +44,7 @@ import gc
 import json
 import logging
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -116,6 +117,43 @@ def _error_row(error: BaseException) -> dict[str, Any]:
   return {"status": "OOM" if _is_oom(error) else "error: " + str(error).splitlines()[0][:240]}
 
 
+_PEAK_FIELDS = {"Size": "size", "Operator": "op", "XLA Label": "label", "Shape": "shape",
+                "Entry Parameter Subshape": "shape"}
+
+
+def peak_buffers(error_text: str) -> list[dict[str, str]]:
+  """The "Peak buffers" section of XLA's GPU out-of-memory error (the largest buffers live at
+  the program's memory peak), as dicts with size, shape, label (the XLA op) and, where XLA
+  knows it, op (the JAX op name) and source (file:line); [] if the text has no such section.
+  XLA lists 15 buffers unless XLA_FLAGS sets --xla_debug_buffer_assignment_show_max."""
+  start = error_text.find("Peak buffers:")
+  if start < 0:
+    return []
+  buffers: list[dict[str, str]] = []
+  for line in error_text[start + len("Peak buffers:"):].splitlines():
+    line = line.strip()
+    if re.fullmatch(r"Buffer \d+:", line):
+      buffers.append({})
+    elif buffers and ": " in line:
+      key, value = line.split(": ", 1)
+      if key == "Operator":
+        name = re.search(r'op_name="([^"]*)"', value)
+        where = re.search(r'source_file="([^"]*)" source_line=(\d+)', value)
+        if name:
+          buffers[-1]["op"] = name.group(1)
+        if where:
+          buffers[-1]["source"] = f"{os.path.basename(where.group(1))}:{where.group(2)}"
+      elif key in _PEAK_FIELDS:
+        buffers[-1][_PEAK_FIELDS[key]] = value
+  return [b for b in buffers if "size" in b]
+
+
+def _short_op(op_name: str, keep: int = 90) -> str:
+  """A JAX op name without its jit(...) prefixes, cut to its last `keep` characters."""
+  name = re.sub(r"^(jit\([^)]*\)/)+", "", op_name)
+  return name if len(name) <= keep else "..." + name[-keep:]
+
+
 def _compiled_bytes(compiled: Any) -> float | None:
   """Per-device bytes the compiled step needs (XLA memory analysis), None if unavailable."""
   try:
@@ -139,10 +177,12 @@ class Bench:
 
   def __init__(self, model: config_lib.ModelConfig, iters: int, memory_limit: float | None,
                deadline: float, out: str, header: list[str],
-               isolate: dict[str, Any] | None = None):
+               isolate: dict[str, Any] | None = None, explain: bool = False):
     """isolate: the model arguments of `model_config`, to run every measurement in its own
-    process (`_run_in_subprocess`); None runs them here."""
+    process (`_run_in_subprocess`); None runs them here. explain: run a step that does not
+    fit anyway, to list the buffers live at its memory peak from the out-of-memory error."""
     self.model = model
+    self.explain = explain
     self.isolate = isolate
     self.iters = iters
     self.memory_limit = memory_limit
@@ -189,7 +229,7 @@ class Bench:
     """`_run` in a fresh process: a CUDA fault (illegal address) poisons the process that
     meets it, so without this every later row would fail too."""
     spec = dict(model=self.isolate, setup=dataclasses.asdict(setup), length=length,
-                iters=self.iters, memory_limit=self.memory_limit)
+                iters=self.iters, memory_limit=self.memory_limit, explain=self.explain)
     result = subprocess.run([sys.executable, "-m", "experiments.bench_cp", "--child",
                              json.dumps(spec)], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -222,12 +262,20 @@ class Bench:
                                                          sharding=batch)).compile()
     need = _compiled_bytes(compiled)
     row: dict[str, Any] = {"need_gib": None if need is None else need / GIB}
-    if need is not None and self.memory_limit is not None and need > self.memory_limit:
+    fits = need is None or self.memory_limit is None or need <= self.memory_limit
+    if not fits:
       row["status"] = f"does not fit ({need / GIB:.3g} > {self.memory_limit / GIB:.3g} GiB)"
-      return row
+      if not self.explain:
+        return row
     tokens = np.random.default_rng(length).integers(0, 256, (1, length + 1))
     window = jax.device_put(jnp.asarray(tokens, jnp.int32), batch)
     state = self._initial_state(mesh, tx, shardings)
+    if not fits:
+      try:
+        jax.block_until_ready(compiled(state, window))
+      except Exception as error:  # noqa: BLE001 - the out-of-memory error is what we want
+        row["peak_buffers"] = peak_buffers(str(error))
+      return row
     state, metrics = compiled(state, window)
     row["loss"] = float(metrics["loss"])
     times = []
@@ -281,6 +329,15 @@ class Bench:
                    f"{fmt('tokens_per_s', '.0f')} | {fmt('tflops_per_device', '.3g')} | "
                    f"{fmt('need_gib', '.3g')} | {fmt('loss', '.5f')} |")
     lines += [""] + self.summary + [""]
+    for (setup, length), r in self.results.items():
+      if r.get("peak_buffers"):
+        lines += [f"### Largest buffers at the memory peak: {setup.name}, L = {length}", "",
+                  "(from XLA's out-of-memory report of running the step anyway, `--explain`)", "",
+                  "| size | shape | XLA op | JAX op | source |", "|---|---|---|---|---|"]
+        lines += [f"| {b['size']} | {b.get('shape', '')} | {b.get('label', '')} | "
+                  f"{_short_op(b.get('op', ''))} | {b.get('source', '')} |"
+                  for b in r["peak_buffers"]]
+        lines.append("")
     os.makedirs(os.path.dirname(os.path.abspath(self.out)), exist_ok=True)
     with open(self.out, "w") as f:
       f.write("\n".join(lines))
@@ -346,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
                       "pallas / xla (attention blocks by that kernel), context-fsdp (params and AdamW "
                       "state sharded over the context axis); '' for none")
   parser.add_argument("--no-refine", action="store_true", help="powers of two only in the search")
+  parser.add_argument("--explain", action="store_true", help="run steps that do not fit anyway "
+                      "and list the buffers live at their memory peak (GPU: from XLA's "
+                      "out-of-memory report)")
   parser.add_argument("--smoke", action="store_true", help="tiny: D=64, MR 16 taps, float32, "
                       "L=256, max 1024, 1 timed step (CPU fake devices)")
   parser.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
@@ -401,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
   isolate = args.isolate == "yes" or (args.isolate == "auto" and jax.default_backend() == "gpu")
   model_args = dict(d_model=args.d_model, layers=args.layers, dtype=args.dtype,
                     mr_taps=args.mr_taps, layout=args.layout)
-  bench = Bench(model, args.iters, limit, deadline, out, header, model_args if isolate else None)
+  bench = Bench(model, args.iters, limit, deadline, out, header, model_args if isolate else None,
+                args.explain)
   single = Setup(1)
   cp = Setup(n, "p2p", args.attention, zigzag, context_fsdp=args.context_fsdp)
   multiple = 2 * n
@@ -442,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
 def _child_main(spec: dict[str, Any]) -> int:
   """One measurement (`Bench._run_in_subprocess`'s child): prints its row as JSON."""
   model = model_config(**spec["model"])
-  bench = Bench(model, spec["iters"], spec["memory_limit"], float("inf"), "", [])
+  bench = Bench(model, spec["iters"], spec["memory_limit"], float("inf"), "", [],
+                explain=spec.get("explain", False))
   try:
     row = bench._run(Setup(**spec["setup"]), spec["length"])
   except Exception as error:  # noqa: BLE001 - OOM and failures are reported in the table

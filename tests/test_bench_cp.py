@@ -99,3 +99,43 @@ def test_isolated_measurement_matches_in_process(tmp_path):
   assert b["need_gib"] == pytest.approx(a["need_gib"], rel=1e-6)
   with pytest.raises(Exception, match="--parts 'x': choose from"):
     bench_cp.main(["--devices", "1", "--parts", "x"])
+
+
+_OOM_TEXT = """RESOURCE_EXHAUSTED: Out of memory while trying to allocate 208305913856 bytes.
+BufferAssignment OOM Debugging.
+BufferAssignment stats:
+             parameter allocation:   12.00GiB
+     preallocated temp allocation:  194.00GiB
+Peak buffers:
+\tBuffer 1:
+\t\tSize: 8.00GiB
+\t\tOperator: op_name="jit(step)/jit(main)/transpose(jvp(Model))/blocks_3/mixer/all_gather" source_file="/x/sh2_jax/parallel/context_attention.py" source_line=211
+\t\tXLA Label: fusion
+\t\tShape: bf16[786432,32,128]
+\t\t==========================
+
+\tBuffer 2:
+\t\tSize: 6.00GiB
+\t\tEntry Parameter Subshape: f32[4096,12288]
+\t\t==========================
+
+"""
+
+
+def test_peak_buffers_from_an_out_of_memory_report(tmp_path):
+  """`--explain`: XLA's peak-buffer list parses into rows and lands under the table."""
+  buffers = bench_cp.peak_buffers(_OOM_TEXT)
+  assert buffers == [
+      {"size": "8.00GiB", "op": "jit(step)/jit(main)/transpose(jvp(Model))/blocks_3/mixer/all_gather",
+       "source": "context_attention.py:211", "label": "fusion", "shape": "bf16[786432,32,128]"},
+      {"size": "6.00GiB", "shape": "f32[4096,12288]"}]
+  assert bench_cp.peak_buffers("RESOURCE_EXHAUSTED: out of memory") == []
+  model = bench_cp.model_config(32, 1, "float32", 4, "MHA")
+  bench = bench_cp.Bench(model, 1, None, float("inf"), str(tmp_path / "cp.md"), [], explain=True)
+  bench.results[(bench_cp.Setup(2), 1024)] = {"status": "does not fit (194 > 133 GiB)",
+                                              "peak_buffers": buffers}
+  bench.write()
+  text = (tmp_path / "cp.md").read_text()
+  assert "### Largest buffers at the memory peak: CP=2 p2p/allgather zigzag, L = 1024" in text
+  assert ("| 8.00GiB | bf16[786432,32,128] | fusion | transpose(jvp(Model))/blocks_3/mixer/"
+          "all_gather | context_attention.py:211 |") in text
