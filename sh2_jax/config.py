@@ -99,6 +99,9 @@ class ModelConfig:
       its input: least memory), "save_dots" (also the outputs of matrix products without batch
       dimensions, i.e. the projections and the MLP, so the backward recomputes only norms,
       gates, convolutions and attention).
+    mlp_slices: run the MLP over this many token slices in turn, each rematerialised: its
+      [L, mlp_dim] hidden values exist one slice at a time (long context; 1 = off; lengths
+      that are not a multiple of it run in gcd(L, mlp_slices) slices).
     init_std: standard deviation of embedding and projection init.
   """
   vocab_size: int = 512
@@ -124,6 +127,7 @@ class ModelConfig:
   conv_chunk: int = 128
   remat: bool = False
   remat_policy: str = "full"
+  mlp_slices: int = 1
   init_std: float = 0.02
 
   def __post_init__(self) -> None:
@@ -162,6 +166,9 @@ class ModelConfig:
       if longest > self.conv_chunk:
         raise ConfigError(f"model.conv_chunk={self.conv_chunk} must be >= the longest blocked "
                           f"filter ({longest} taps) for conv_method={self.conv_method!r}")
+    if not isinstance(self.mlp_slices, int) or self.mlp_slices < 1:
+      raise ConfigError(f"model.mlp_slices={self.mlp_slices!r} must be a positive integer "
+                        "(1 runs the MLP in one piece)")
     if self.mlp_dim is not None and (not isinstance(self.mlp_dim, int) or self.mlp_dim < 1):
       raise ConfigError(f"model.mlp_dim={self.mlp_dim!r} must be a positive integer or null")
 

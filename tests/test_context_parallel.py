@@ -207,6 +207,19 @@ def ring_cudnn(n, mesh):
   cudnn_blocks.block_forward, cudnn_blocks.block_backward, cudnn_blocks.unsupported_reason = saved
 
 
+def sliced_mlp_collectives(mesh):
+  # Collectives in the compiled forward+backward of the sliced MLP (8 strided token slices)
+  # with the sequence sharded over the context axis: only the weight gradients' all-reduce.
+  import re
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from sh2_jax.ops.mlp import sliced_gated_mlp
+  x = jax.device_put(rand(1, 64 * mesh.shape[AXIS], 16), NamedSharding(mesh, P(None, AXIS, None)))
+  ws = (rand(16, 24), rand(16, 24), rand(24, 16))
+  loss = lambda x, *ws: jnp.sum(sliced_gated_mlp(x, *ws, jax.nn.silu, jnp.float32, 8) ** 2)
+  hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(x, *ws).compile().as_text()
+  return sorted(set(re.findall(r"(all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter)(?:-start)?\(", hlo)))
+
+
 for n in [int(a) for a in sys.argv[2].split(",")]:
   if n == 2:  # the project's 4-axis mesh (data, fsdp, tensor of size 1)
     mesh = mesh_lib.make_mesh(MeshConfig(data=1, context=n), jax.devices()[:n])
@@ -248,6 +261,7 @@ for n in [int(a) for a in sys.argv[2].split(",")]:
     out[f"causal_{name}/{n}"] = [float(jnp.max(jnp.abs(after - before)[:, :t])),
                                  float(jnp.max(jnp.abs(after - before)[:, t:]))]
   out[f"errors/{n}"] = errors(n, mesh)
+  out[f"mlp_slice_collectives/{n}"] = sliced_mlp_collectives(mesh)
   if n == 8:
     zigzag_and_attention(n, mesh)
   if n == 2:
@@ -274,7 +288,8 @@ def cp_results(tmp_path_factory):
 
 def test_cp_values_and_gradients_match_one_device(cp_results):
   errs = {k: v for k, v in cp_results.items()
-          if not k.startswith(("causal", "errors", "seconds", "attention_memory"))}
+          if not k.startswith(("causal", "errors", "seconds", "attention_memory",
+                               "mlp_slice"))}
   assert len(errs) == 2 * 13 + 14 + 2
   bad = {k: v for k, v in errs.items() if not v <= TOLERANCE}
   assert not bad, bad
@@ -285,6 +300,13 @@ def test_cp_is_causal(cp_results):
     earlier, later = cp_results[key]
     limit = 0.0 if key.startswith("causal_p2p") else 1e-5 * later  # fft: roundoff only
     assert earlier <= limit and later > 0.1, (key, earlier, later)
+
+
+@pytest.mark.parametrize("n", [8, 2])
+def test_sliced_mlp_keeps_the_sequence_sharding(cp_results, n):
+  """model.mlp_slices under context parallelism: strided slices of a sequence sharded in
+  contiguous blocks stay local (no gather, all-to-all or permute; only the weights' sums)."""
+  assert set(cp_results[f"mlp_slice_collectives/{n}"]) <= {"all-reduce"}, cp_results
 
 
 @pytest.mark.parametrize("n", [8, 2])

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from sh2_jax.config import ModelConfig
 from sh2_jax.layers import params as P
+from sh2_jax.ops.mlp import sliced_gated_mlp
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -30,7 +31,5 @@ class GatedMLP(nn.Module):
     w2 = P.declare(self, "w2", P.normal(cfg.init_std), (d, f), ("embed", "mlp"), pdt)
     w3 = P.declare(self, "w3", P.normal(P.output_std(cfg.init_std, cfg.num_layers)), (f, d),
                    ("mlp", "embed"), pdt)
-    x = x_BLD.astype(dt)
     act = ACTIVATIONS[cfg.activation(self.layer)]
-    hidden_BLF = act(x @ w1.astype(dt)) * (x @ w2.astype(dt))
-    return hidden_BLF @ w3.astype(dt)
+    return sliced_gated_mlp(x_BLD, w1, w2, w3, act, dt, cfg.mlp_slices)
