@@ -3,7 +3,7 @@
 p2p halo exchange, convolutions and gate-conv-gates (u exchange and the fused path), the
 all-to-all switch for MR/LI, the zigzag layout of each, and ring / all-gather attention (with
 and without zigzag, several tiles per block; with zigzag also through the Pallas flash-attention
-blocks in interpret mode; on 2 devices the ring through the cuDNN pair path with cuDNN's
+blocks in interpret mode; on 2 devices ring and all-gather through the cuDNN pair path with cuDNN's
 contract in float32), on 8 and 2 fake CPU devices; the tiled attention
 on one device; causality; error messages. The multi-device cases run in one fresh process (the
 device count must be set before jax initialises; this pytest process already has one device),
@@ -181,9 +181,10 @@ def zigzag_and_attention(n, mesh):
           lambda q, k, v: cp_attention.masked_attention_reference(q, k, v, perm, perm), qkv)
 
 
-def ring_cudnn(n, mesh):
-  # Ring attention through the cuDNN pair path with cuDNN's two calls replaced by their float32
-  # contract (tests/helpers.py; cuDNN needs a GPU): zigzag and an irregular layout.
+def attention_cudnn_contract(n, mesh):
+  # Ring and all-gather attention through the cuDNN pair path with cuDNN's two calls replaced
+  # by their float32 contract (tests/helpers.py; cuDNN needs a GPU): zigzag, contiguous and an
+  # irregular (sorted random) layout.
   from tests import helpers
   from sh2_jax.parallel import cudnn_blocks
   saved = (cudnn_blocks.block_forward, cudnn_blocks.block_backward, cudnn_blocks.unsupported_reason)
@@ -194,15 +195,19 @@ def ring_cudnn(n, mesh):
   b, l, heads, head_dim = 2, 32, 2, 8
   qkv = tuple(rand(b, l, heads, head_dim) for _ in range(3))
   spec = jax.P(None, AXIS, None, None)
-  body = lambda q, k, v, p: cp_attention.ring_attention(q, k, v, p, AXIS, local_sorted=True)
   irregular = np.sort(rng.permutation(l).reshape(n, -1), axis=1).reshape(-1)
-  for tag, pos in [("zigzag", cp.zigzag_order(l, n)), ("irregular", irregular)]:
-    pos = jnp.asarray(pos, jnp.int32)  # positions of the stored tokens (q, k, v as stored)
-    ring = lambda q, k, v, pos=pos: jax.shard_map(
-        body, mesh=mesh, in_specs=(spec,) * 3 + (jax.P(AXIS),), out_specs=spec,
-        check_vma=False)(q, k, v, pos)
-    compare(f"attention_ring_cudnn_contract_{tag}/{n}", ring,
-            lambda q, k, v, pos=pos: cp_attention.masked_attention_reference(q, k, v, pos, pos), qkv)
+  for strategy in ("ring", "allgather"):
+    body = lambda q, k, v, p, strategy=strategy: cp_attention.context_attention(
+        q, k, v, p, AXIS, strategy, local_sorted=True)
+    for tag, pos in [("zigzag", cp.zigzag_order(l, n)), ("contiguous", np.arange(l)),
+                     ("irregular", irregular)]:
+      pos = jnp.asarray(pos, jnp.int32)  # positions of the stored tokens (q, k, v as stored)
+      sharded = lambda q, k, v, pos=pos, body=body: jax.shard_map(
+          body, mesh=mesh, in_specs=(spec,) * 3 + (jax.P(AXIS),), out_specs=spec,
+          check_vma=False)(q, k, v, pos)
+      compare(f"attention_{strategy}_cudnn_contract_{tag}/{n}", sharded,
+              lambda q, k, v, pos=pos: cp_attention.masked_attention_reference(q, k, v, pos, pos),
+              qkv)
   cp_attention.KERNEL = "auto"
   cudnn_blocks.block_forward, cudnn_blocks.block_backward, cudnn_blocks.unsupported_reason = saved
 
@@ -265,7 +270,7 @@ for n in [int(a) for a in sys.argv[2].split(",")]:
   if n == 8:
     zigzag_and_attention(n, mesh)
   if n == 2:
-    ring_cudnn(n, mesh)
+    attention_cudnn_contract(n, mesh)
   out[f"seconds/{n}"] = time.time() - START
 out["seconds"] = time.time() - START
 print(json.dumps(out))
@@ -290,7 +295,7 @@ def test_cp_values_and_gradients_match_one_device(cp_results):
   errs = {k: v for k, v in cp_results.items()
           if not k.startswith(("causal", "errors", "seconds", "attention_memory",
                                "mlp_slice"))}
-  assert len(errs) == 2 * 13 + 14 + 2
+  assert len(errs) == 2 * 13 + 14 + 6
   bad = {k: v for k, v in errs.items() if not v <= TOLERANCE}
   assert not bad, bad
 

@@ -5,10 +5,10 @@ two calls are replaced by a float32 implementation of the same contract: forward
 an unmasked or top-left causal block; backward given the FINAL output and lse. What is tested
 is ours: cutting blocks into half-blocks, classifying each pair by positions (skipped,
 unmasked, causal, or the general kernel), combining through the lse, and the backward.
-All-gather attention runs with 2 ranks emulated by `jax.vmap` with an axis name, for zigzag,
-contiguous and irregular (sorted random) layouts, against float64 attention; ring attention
-(a custom_vjp that needs a bound mesh axis) runs on 2 fake devices in
-tests/test_context_parallel.py.
+Here each rank of an all-gather attention runs in a loop (its queries against all keys), for
+zigzag, contiguous and irregular (sorted random) layouts, against float64 attention; ring and
+all-gather attention themselves (custom VJPs with collectives, which need a bound mesh axis)
+run through this path on 2 fake devices in tests/test_context_parallel.py.
 """
 
 import jax
@@ -19,7 +19,6 @@ import pytest
 from sh2_jax.parallel import context as cp, context_attention as ca, cudnn_blocks
 from tests import helpers
 
-AXIS = "context"
 TOL = 2e-5
 
 
@@ -42,24 +41,24 @@ def _layout(kind: str, length: int, ranks: int, rng) -> np.ndarray:
 
 @pytest.mark.parametrize("kind,ranks", [("zigzag", 2), ("contiguous", 2), ("irregular", 2)])
 def test_cudnn_pairs_match_float64_attention(cudnn_contract, kind, ranks):
+  """What all-gather attention computes on each rank, ranks in a loop: the rank's queries
+  (ascending) against all keys (ascending within every rank's run), out and all gradients."""
   rng = helpers.seeded_rng("cudnn_pairs", kind, ranks)
   batch, length, heads, head_dim = 2, 32, 2, 8
   pos = _layout(kind, length, ranks, rng)  # q, k, v, d_out are in this stored order
   q, k, v, d_out = (rng.standard_normal((batch, length, heads, head_dim)) for _ in range(4))
+  pos_j = jnp.asarray(pos, jnp.int32)
 
-  def per_rank(x):  # [B, L, ...] stored order -> [ranks, B, L / ranks, ...]
-    return jnp.asarray(np.stack(np.split(x, ranks, axis=1)), jnp.float32)
+  def all_ranks(q, k, v):
+    outs = [ca.masked_attention(q_r, k, v, p_r, pos_j, sorted_q=True, sorted_k_runs=True)
+            for q_r, p_r in zip(jnp.split(q, ranks, axis=1), jnp.split(pos_j, ranks))]
+    return jnp.concatenate(outs, axis=1)
 
-  def sharded(q, k, v):
-    fn = lambda q, k, v, p: ca.allgather_attention(q, k, v, p, AXIS, local_sorted=True)
-    return jax.vmap(fn, axis_name=AXIS)(q, k, v, jnp.asarray(pos.reshape(ranks, -1), jnp.int32))
-
-  out, vjp = jax.vjp(jax.jit(sharded), *(per_rank(x) for x in (q, k, v)))
-  grads = vjp(per_rank(d_out))
+  out, vjp = jax.vjp(jax.jit(all_ranks), *(jnp.asarray(x, jnp.float32) for x in (q, k, v)))
+  grads = vjp(jnp.asarray(d_out, jnp.float32))
   want = helpers.masked_attention_float64(q, k, v, pos, pos, d_out)
-  unstack = lambda x: np.concatenate(list(np.asarray(x, np.float64)), axis=1)
   for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), (want[0], *want[2:])):
-    got = unstack(got)
+    got = np.asarray(got, np.float64)
     assert np.all(np.isfinite(got)), name
     err = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
     assert err <= TOL, (name, err)

@@ -5,7 +5,8 @@ Both run INSIDE `jax.shard_map` over `axis_name` and mask by token positions
 over the ranks (contiguous blocks or zigzag chunks); RoPE is applied outside, with the same
 positions.
 
-- all-gather: gather K, V and their positions (autodiff reduce-scatters dK, dV back).
+- all-gather: gather K, V and their positions; the backward (custom VJP, which keeps only the
+  local K, V) gathers them again and reduce-scatters dK, dV.
 - ring: N steps; at step s rank r holds the K/V block of rank r - s (ppermute i -> i+1) and
   folds it into an online softmax (running max m, sum l, unnormalised output o). The backward
   (custom VJP) runs the ring again: each visiting block carries its dK/dV accumulators with
@@ -470,13 +471,45 @@ def ring_attention(q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array, pos_
   return out.astype(q_BLNH.dtype)
 
 
+def _gather(x: jax.Array, axis_name: str, axis: int) -> jax.Array:
+  return jax.lax.all_gather(x, axis_name, axis=axis, tiled=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _gathered_attention(q, k, v, pos, axis_name, order):
+  return _gathered_attention_fwd(q, k, v, pos, axis_name, order)[0]
+
+
+def _gathered_attention_fwd(q, k, v, pos, axis_name, order):
+  out, lse = _attention_forward(q, _gather(k, axis_name, 1), _gather(v, axis_name, 1), pos,
+                                _gather(pos, axis_name, 0), None, order)
+  # The local K/V are saved, not the gathered ones (N times larger, alive from the forward
+  # through the rest of the block's backward): the backward gathers them again.
+  return out, (q, k, v, pos, out, lse)
+
+
+def _gathered_attention_bwd(axis_name, order, saved, d_out):
+  q, k, v, pos, out, lse = saved
+  gathered = (q, _gather(k, axis_name, 1), _gather(v, axis_name, 1), pos,
+              _gather(pos, axis_name, 0), out, lse)
+  dq, dk, dv, _, _ = _attention_bwd(None, order, gathered, d_out)
+  scatter = lambda g: jax.lax.psum_scatter(g, axis_name, scatter_dimension=1, tiled=True)
+  return dq, scatter(dk), scatter(dv), None
+
+
+_gathered_attention.defvjp(_gathered_attention_fwd, _gathered_attention_bwd)
+
+
 def allgather_attention(q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array,
                         pos_L: jax.Array, axis_name: str, local_sorted: bool = False) -> jax.Array:
   """Causal attention of a sequence sharded over `axis_name` by all-gathering K, V (same
-  arguments as `ring_attention`); the backward reduce-scatters dK, dV."""
-  gather = lambda x, axis: jax.lax.all_gather(x, axis_name, axis=axis, tiled=True)
-  return masked_attention(q_BLNH, gather(k_BLNH, 1), gather(v_BLNH, 1), pos_L, gather(pos_L, 0),
-                          sorted_q=local_sorted, sorted_k_runs=local_sorted)
+  arguments as `ring_attention`); the backward gathers K, V again and reduce-scatters dK, dV.
+  Keeps only the local K, V for the backward."""
+  cdt = _compute_dtype(q_BLNH)
+  out = _gathered_attention(q_BLNH.astype(cdt), k_BLNH.astype(cdt), v_BLNH.astype(cdt),
+                            pos_L.astype(jnp.int32), axis_name,
+                            (local_sorted, False, local_sorted))
+  return out.astype(q_BLNH.dtype)
 
 
 def context_attention(q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array, pos_L: jax.Array,
