@@ -50,10 +50,13 @@ class StripedHyena2(nn.Module):
     for i in range(cfg.num_layers):
       x_BLD = constrain(block_cls(cfg, i, cp, name=f"block_{i}")(x_BLD))
       self.sow("intermediates", f"hidden_{i}", x_BLD)
-    x_BLD = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")(x_BLD)
     dt = jnp.dtype(cfg.dtype)
+    # Rematerialised with the blocks: the backward keeps the norm's dt output, not its float32
+    # intermediates (two [B, L, D] float32 values).
+    norm_cls = nn.remat(RMSNorm) if cfg.remat else RMSNorm
+    x_BLD = norm_cls(cfg.norm_eps, cfg.param_dtype, cfg.dtype, name="final_norm")(x_BLD)
     with P.matmul_precision(dt):
-      logits_BLV = constrain(jnp.einsum("BLD,VD->BLV", x_BLD.astype(dt), embedding_VD.astype(dt),
+      logits_BLV = constrain(jnp.einsum("BLD,VD->BLV", x_BLD, embedding_VD.astype(dt),
                                         preferred_element_type=jnp.float32))
     if cp is not None and not in_layout:
       logits_BLV = cp.from_layout(logits_BLV)

@@ -9,11 +9,14 @@ from sh2_jax.ops.norms import rms_norm
 
 
 class RMSNorm(nn.Module):
+  """[..., D] -> [..., D] in out_dtype (None: x's dtype); computed in float32."""
   eps: float = 1e-6
   param_dtype: str = "float32"
+  out_dtype: str | None = None
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     scale = P.declare(self, "scale", P.constant(1.0), (x_BLD.shape[-1],), ("norm",),
                       jnp.dtype(self.param_dtype))
-    return rms_norm(x_BLD, scale, self.eps)
+    y = rms_norm(x_BLD, scale, self.eps)
+    return y if self.out_dtype is None else y.astype(self.out_dtype)
