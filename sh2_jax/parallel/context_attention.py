@@ -9,8 +9,9 @@ positions.
   local K, V) gathers them again and reduce-scatters dK, dV.
 - ring: N steps; at step s rank r holds the K/V block of rank r - s (ppermute i -> i+1) and
   folds it into an online softmax (running max m, sum l, unnormalised output o). The backward
-  (custom VJP) runs the ring again: each visiting block carries its dK/dV accumulators with
-  it and they arrive home after the N-th rotation. Per device memory is O(L/N): one K/V block
+  (custom VJP) runs the ring again: each visiting block carries its dK/dV accumulators (in
+  the inputs' dtype, as all-gather's reduce-scatter sums) with it and they arrive home after
+  the N-th rotation. Per device memory is O(L/N): one K/V block
   in flight, no [L, L] scores.
 
 Inside a block, by `KERNEL`:
@@ -25,8 +26,8 @@ Inside a block, by `KERNEL`:
   visible tiles); interpret mode off GPU, for tests.
 - "xla": XLA tiles (`lax.map` over query tiles, `lax.scan` over key tiles, a tile pair
   skipped by `lax.cond`); the backward recomputes the probabilities from the saved lse.
-"auto" takes cuDNN where it applies, else Pallas on GPU, else XLA. Scores, softmax and
-accumulators are float32.
+"auto" takes cuDNN where it applies, else Pallas on GPU, else XLA. Scores, softmax,
+dQ and output accumulators are float32.
 """
 
 from __future__ import annotations
@@ -399,9 +400,12 @@ def _attention_bwd(axis_name, order, saved, d_out):
   delta = jnp.einsum("bqnh,bqnh->bnq", d_out.astype(F32), out.astype(F32))
 
   def grads(dq, block, dkv):
+    # Each block's gradients come in the inputs' dtype (cuDNN's pairs are already in it); dQ
+    # sums them in float32, the travelling dK/dV in the inputs' dtype: the same rounding as
+    # all-gather's reduce-scatter of dK/dV, at half the memory of float32 accumulators.
     dq_s, dk_s, dv_s = _kernel_block_backward(q, block[0], block[1], pos_q, block[2], d_out, lse,
-                                              delta, scale, F32, kernel, order, out)
-    return dq + dq_s, (dkv[0] + dk_s, dkv[1] + dv_s)
+                                              delta, scale, q.dtype, kernel, order, out)
+    return dq + dq_s.astype(F32), (dkv[0] + dk_s, dkv[1] + dv_s)
 
   def step(carry, _):  # the visiting block's dK/dV travel with it and arrive home after N
     dq, block, dkv = carry
@@ -413,7 +417,7 @@ def _attention_bwd(axis_name, order, saved, d_out):
     # no float32 dK/dV of the gathered length in between.
     return (*_kernel_block_backward(q, k, v, pos_q, pos_k, d_out, lse, delta, scale, q.dtype,
                                     kernel, order, out), None, None)
-  carry = (_full(q.shape, 0.0, q), (k, v, pos_k), (_full(k.shape, 0.0, q), _full(v.shape, 0.0, q)))
+  carry = (_full(q.shape, 0.0, q), (k, v, pos_k), (jnp.zeros_like(k), jnp.zeros_like(v)))
   if _num_blocks(axis_name) > 1:
     carry, _ = jax.lax.scan(step, carry, None, length=_num_blocks(axis_name) - 1)
   dq, dkv = grads(*carry)
