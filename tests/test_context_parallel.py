@@ -136,8 +136,8 @@ def zigzag_and_attention(n, mesh):
                       True, check_vma=False),
               lambda *a: hyena.li_gate_conv_gate(*a, method="fft"), li_args)
     compare(f"gcg_p2p_fused_blocked{tag}/{n}",
-            sharded(lambda *a: cp.cp_gate_conv_gate_p2p_fused(*a, AXIS, "blocked", chunk=8,
-                                                             zigzag=zz, align=8), 3, zz),
+            sharded(lambda *a: cp.cp_gate_conv_gate_p2p(*a, AXIS, "blocked", chunk=8,
+                                                       zigzag=zz), 3, zz),
             lambda *a: hyena.gate_conv_gate(*a, method="blocked", chunk=8),
             gates + (rand(4, 3), rand(c)))
     # Attention: q, k, v [B, L, N, H]; positions are the stored tokens' true positions.

@@ -5,11 +5,13 @@ The sequence is sharded in contiguous blocks over a mesh axis (rank r of N holds
 and 2N-1-r (balances causal attention; the sequence is permuted once at the input, see
 `zigzag_order`). Two strategies keep the causal convolutions exact:
 - p2p (featurizer, SE, MR while K-1 <= local length): each shard receives the last K-1 rows of
-  its causal predecessor by `jax.lax.ppermute` (i -> i+1, zeros on shard 0), prepends them,
-  runs the local causal convolution and drops the first K-1 outputs. Autodiff of ppermute is
-  the reverse ppermute, so the halo gradients flow back to the predecessor. Under zigzag a
-  rank's two chunks have different predecessors: chunk r's is rank r-1's first chunk, chunk
-  2N-1-r's is rank r+1's second chunk (rank N-1: its own first chunk).
+  its causal predecessor by `jax.lax.ppermute` (i -> i+1, zeros on shard 0), runs the local
+  operator on its own rows as they are, and adds what the received rows contribute to the first
+  K-1 outputs (a small direct convolution): no halo-extended copy of the activations.
+  Autodiff of ppermute is the reverse ppermute, so the halo gradients flow back to the
+  predecessor. Under zigzag a rank's two chunks are two segments with different predecessors:
+  chunk r's is rank r-1's first chunk, chunk 2N-1-r's is rank r+1's second chunk (rank N-1:
+  its own first chunk).
 - all-to-all (LI, optionally MR): `jax.lax.all_to_all` switches from sequence sharding
   [B, L/N, C] to channel sharding [B, L, C/N], the full-length convolution runs on the rank's
   channels (whole filter groups), and a second all-to-all switches back. Under zigzag the
@@ -94,27 +96,65 @@ def halo_exchange(x_BLC: jax.Array, halo: int, axis_name: str) -> jax.Array:
   return jnp.concatenate([received_BHC, x_BLC], axis=1)
 
 
-def zigzag_halo_exchange(x_BLC: jax.Array, halo: int, axis_name: str) -> jax.Array:
-  """Halos of a zigzag shard: [B, 2c, C] (chunks r, 2N-1-r) -> [2, B, halo + c, C].
+def segment_halos(x_BLC: jax.Array, halo: int, axis_name: str, zigzag: bool = False) -> jax.Array:
+  """The `halo` rows before each segment of this shard in the full sequence (zeros before
+  position 0): [B * S, halo, C], segments as `x.reshape(B * S, L_local / S, C)`.
 
-  Chunk r gets the tail of chunk r-1 (rank r-1's first chunk; zeros on rank 0); chunk 2N-1-r
-  gets the tail of chunk 2N-2-r (rank r+1's second chunk; rank N-1's own first chunk).
+  S = 1, or 2 under zigzag, where chunk r's predecessor is rank r-1's first chunk and chunk
+  2N-1-r's is rank r+1's second chunk (rank N-1: its own first chunk).
   """
-  local_len = x_BLC.shape[1]
-  if local_len % 2:
+  batch, local_len, channels = x_BLC.shape
+  segments = 2 if zigzag else 1
+  if local_len % segments:
     raise ValueError(f"a zigzag shard holds two equal chunks; got {local_len} rows")
-  first_BcC, second_BcC = jnp.split(x_BLC, 2, axis=1)
-  if halo == 0:
-    return jnp.stack([first_BcC, second_BcC])
-  padded_first = halo_exchange(first_BcC, halo, axis_name)
+  seg_len = local_len // segments
+  if halo > seg_len:
+    raise ValueError(f"halo {halo} is longer than the local block of {seg_len} rows: p2p context "
+                     f"parallelism needs K-1 <= L/N; use the all-to-all strategy instead")
   num_shards = jax.lax.axis_size(axis_name)
-  tail_second = second_BcC[:, second_BcC.shape[1] - halo:]
-  perm = [(i + 1, i) for i in range(num_shards - 1)]
-  received = jax.lax.ppermute(tail_second, axis_name, perm) if perm else jnp.zeros_like(tail_second)
-  own_first_tail = padded_first[:, padded_first.shape[1] - halo:]
+  forward = [(i, i + 1) for i in range(num_shards - 1)]
+  first_tail = x_BLC[:, seg_len - halo:seg_len]
+  # ppermute leaves zeros on ranks that receive nothing (shard 0): the causal left padding.
+  before_first = jax.lax.ppermute(first_tail, axis_name, forward) if forward else jnp.zeros_like(first_tail)
+  if not zigzag:
+    return before_first
+  second_tail = x_BLC[:, local_len - halo:]
+  backward = [(i + 1, i) for i in range(num_shards - 1)]
+  received = jax.lax.ppermute(second_tail, axis_name, backward) if backward else jnp.zeros_like(second_tail)
   last = jax.lax.axis_index(axis_name) == num_shards - 1
-  halo_second = jnp.where(last, own_first_tail, received)
-  return jnp.stack([padded_first, jnp.concatenate([halo_second, second_BcC], axis=1)])
+  before_second = jnp.where(last, first_tail, received)
+  return jnp.stack([before_first, before_second], axis=1).reshape(batch * 2, halo, channels)
+
+
+def _segments(x_BLC: jax.Array, zigzag: bool) -> jax.Array:
+  """[B, L_local, C] -> [B * S, L_local / S, C] (a reshape: no copy)."""
+  segments = 2 if zigzag else 1
+  return x_BLC.reshape(x_BLC.shape[0] * segments, -1, x_BLC.shape[-1])
+
+
+def _plus_heads(y_SLC: jax.Array, head_SHC: jax.Array, batch: int) -> jax.Array:
+  """y with head added to the first rows of every segment, back to [B, L_local, C].
+
+  A scatter-add: its transpose passes y's cotangent through whole (no zeroed copy)."""
+  rows = head_SHC.shape[1]
+  y_SLC = y_SLC.at[:, :rows].add(head_SHC.astype(y_SLC.dtype), indices_are_sorted=True,
+                                 unique_indices=True)
+  return y_SLC.reshape(batch, -1, y_SLC.shape[-1])
+
+
+def _halo_contribution(before_SHC: jax.Array, h_GK: jax.Array) -> jax.Array:
+  """What the K-1 rows before each segment add to its first K-1 convolution outputs:
+  [S, K-1, C] float32, y[t] += sum_k h[k] x[t - k] over the taps that reach before row 0
+  (one banded [K-1, K-1] product per filter group, contiguous channel groups)."""
+  halo = h_GK.shape[-1] - 1
+  tap = np.arange(halo)[:, None] - np.arange(halo)[None, :] + halo  # [t, s]: 1 .. 2(K-1)-1
+  h = h_GK.astype(jnp.float32)
+  toeplitz_GTS = jnp.where(tap <= halo, h[:, np.minimum(tap, halo)], 0.0)
+  segments, _, channels = before_SHC.shape
+  groups = h.shape[0]
+  x_SHGc = before_SHC.astype(jnp.float32).reshape(segments, halo, groups, channels // groups)
+  y = jnp.einsum("gts,bsgc->btgc", toeplitz_GTS, x_SHGc, precision=jax.lax.Precision.HIGHEST)
+  return y.reshape(segments, halo, channels)
 
 
 def cp_causal_conv_p2p(x_BLC: jax.Array, h_GK: jax.Array, axis_name: str,
@@ -123,7 +163,9 @@ def cp_causal_conv_p2p(x_BLC: jax.Array, h_GK: jax.Array, axis_name: str,
   """Grouped causal convolution of a sequence-sharded input by halo exchange (featurizer, SE, MR).
 
   Equals the local shard of `conv.causal_conv` on the full sequence (in zigzag order with
-  `zigzag`).
+  `zigzag`). The local convolution runs on the shard's segments as they are (as if each
+  started the sequence), then what the received halo rows contribute to the first K-1 outputs
+  of each segment is added: no halo-extended copy of the activations.
 
   Args:
     x_BLC: [B, L_local, C] local block.
@@ -137,15 +179,13 @@ def cp_causal_conv_p2p(x_BLC: jax.Array, h_GK: jax.Array, axis_name: str,
     [B, L_local, C] in x's dtype.
   """
   halo = h_GK.shape[-1] - 1
-  if not zigzag:
-    padded_BLC = halo_exchange(x_BLC, halo, axis_name)
-    return conv.causal_conv(padded_BLC, h_GK, method=method, chunk=chunk)[:, halo:]
-  padded_2BLC = zigzag_halo_exchange(x_BLC, halo, axis_name)
-  two, batch = padded_2BLC.shape[:2]
-  y = conv.causal_conv(padded_2BLC.reshape(two * batch, *padded_2BLC.shape[2:]), h_GK,
-                       method=method, chunk=chunk)[:, halo:]
-  first, second = jnp.split(y, 2, axis=0)
-  return jnp.concatenate([first, second], axis=1)
+  if halo == 0:
+    return conv.causal_conv(x_BLC, h_GK, method=method, chunk=chunk)
+  halos = segment_halos(x_BLC, halo, axis_name, zigzag)
+  x_SLC = _segments(x_BLC, zigzag)
+  y_SLC = conv.causal_conv(x_SLC, h_GK, method=method, chunk=chunk)
+  # The convolution is linear: the halo rows' share of the first K-1 outputs is added.
+  return _plus_heads(y_SLC, _halo_contribution(halos, h_GK), x_BLC.shape[0])
 
 
 def cp_gate_conv_gate_p2p(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,
@@ -154,58 +194,32 @@ def cp_gate_conv_gate_p2p(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Ar
                           zigzag: bool = False) -> jax.Array:
   """post * (conv(pre * v, h) + dskip * pre * v) on a sequence-sharded input, p2p (SE, MR).
 
-  Only u = pre * v crosses shards (K-1 rows); the gates are pointwise. The local convolution
-  runs through `conv.causal_conv` ("pallas" runs as its "blocked" reference here).
+  The single-device operator (`hyena.gate_conv_gate` with `method`: the Pallas kernel on GPU)
+  runs on the shard's segments as they are; then post * conv(u) of the K-1 rows of u = pre * v
+  before each segment (pre and v exchanged) is added to its first K-1 outputs. No
+  halo-extended copies of post, pre or v.
 
   Args:
     post_BLD, pre_BLD, v_BLD: [B, L_local, D] local blocks.
-    h_GK: [G, K] grouped filter (replicated), K-1 <= L_local.
+    h_GK: [G, K] grouped filter (replicated), K-1 <= L_local (L_local / 2 under zigzag).
     dskip_D: [D] skip weights (replicated) or None.
     axis_name: the shard_map axis holding the sequence.
+    method, chunk: as in `hyena.gate_conv_gate`.
     zigzag: the shard holds chunks r and 2N-1-r.
 
   Returns:
     [B, L_local, D] in v's dtype.
   """
-  h = h_GK.astype(jnp.float32)
-  return hyena.gated(post_BLD, pre_BLD, v_BLD, dskip_D,
-                     lambda u: cp_causal_conv_p2p(u, h, axis_name, method, chunk, zigzag))
-
-
-def cp_gate_conv_gate_p2p_fused(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,
-                                h_GK: jax.Array, dskip_D: jax.Array | None, axis_name: str,
-                                method: str = "auto", chunk: int = blocked_conv.DEFAULT_CHUNK,
-                                zigzag: bool = False,
-                                align: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
-  """p2p gate-conv-gate through the single-device fused op (`hyena.gate_conv_gate`: the Pallas
-  kernel on GPU, the blocked reference elsewhere).
-
-  The halos of pre and v (not of u) are exchanged; post is zero-padded (the padded rows'
-  outputs are dropped). The front padding is rounded up to a multiple of `align` rows so a
-  local length the kernel tiles stays tileable.
-
-  Args: as `cp_gate_conv_gate_p2p`; method: "pallas" | "blocked" | ... for gate_conv_gate.
-
-  Returns:
-    [B, L_local, D] in v's dtype.
-  """
   halo = h_GK.shape[-1] - 1
-  pad = -(-halo // align) * align
-
-  def with_halo(x):  # [S, B, pad + c, D], S = 2 chunks under zigzag
-    xs = zigzag_halo_exchange(x, halo, axis_name) if zigzag else halo_exchange(x, halo, axis_name)[None]
-    return jnp.pad(xs, ((0, 0), (0, 0), (pad - halo, 0), (0, 0)))
-
-  def zero_padded(x):
-    xs = jnp.stack(jnp.split(x, 2, axis=1)) if zigzag else x[None]
-    return jnp.pad(xs, ((0, 0), (0, 0), (pad, 0), (0, 0)))
-
-  post, pre, v = zero_padded(post_BLD), with_halo(pre_BLD), with_halo(v_BLD)
-  segments, batch = v.shape[:2]
-  merge = lambda x: x.reshape(segments * batch, *x.shape[2:])
-  y = hyena.gate_conv_gate(merge(post), merge(pre), merge(v), h_GK, dskip_D, method, chunk)
-  y = y[:, pad:].reshape(segments, batch, -1, y.shape[-1])
-  return jnp.concatenate(list(y), axis=1)
+  if halo == 0:
+    return hyena.gate_conv_gate(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D, method, chunk)
+  post, pre, v = (_segments(x, zigzag) for x in (post_BLD, pre_BLD, v_BLD))
+  y = hyena.gate_conv_gate(post, pre, v, h_GK, dskip_D, method, chunk)
+  # What u = pre * v of the halo rows adds to the first K-1 outputs: post * conv(u_halo).
+  u_halo = (segment_halos(pre_BLD, halo, axis_name, zigzag).astype(jnp.float32)
+            * segment_halos(v_BLD, halo, axis_name, zigzag).astype(jnp.float32))
+  missing = post[:, :halo].astype(jnp.float32) * _halo_contribution(u_halo, h_GK)
+  return _plus_heads(y, missing, post_BLD.shape[0])
 
 
 def _reorder_chunks(x_BLC: jax.Array, chunk_ids: np.ndarray) -> jax.Array:

@@ -133,19 +133,20 @@ class ContextSharding:
                      chunk: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
     """`hyena.gate_conv_gate` (SE, MR) under context parallelism (p2p or a2a).
 
-    p2p with a fused method ("pallas", "blocked"; "auto" on GPU) runs the single-device fused
-    gate-conv-gate on halo-extended pre/v (`cp_gate_conv_gate_p2p_fused`); other methods and
-    a2a exchange u and run `conv.causal_conv` ("pallas" as its blocked reference).
+    p2p runs the single-device gate-conv-gate (`method`: the Pallas kernel on GPU) on the
+    shard's segments and adds what the exchanged halo rows contribute to their first K-1 outputs
+    (`cp_gate_conv_gate_p2p`); a2a exchanges u and runs `conv.causal_conv` ("pallas" as its
+    blocked reference) on the rank's channels.
     """
     strategy = self.conv_strategy
     self.validate(v_BLD.shape[1], h_GK.shape[-1] - 1 if strategy == "p2p" else 0)
     method = "pallas" if method in ("pallas_fused", "pallas_unfused") else method
     method = conv.resolve_method(method, h_GK.shape[-1], chunk, fused=True)
-    if strategy == "p2p" and method in ("pallas", "blocked"):
-      fn = cp.cp_gate_conv_gate_p2p_fused
+    if strategy == "p2p":
+      fn = cp.cp_gate_conv_gate_p2p
     else:
       method = "blocked" if method == "pallas" else method
-      fn = cp.cp_gate_conv_gate_p2p if strategy == "p2p" else cp.cp_gate_conv_gate_a2a
+      fn = cp.cp_gate_conv_gate_a2a
     zigzag = self.zigzag
 
     def body(post, pre, v, h, dskip=None):
