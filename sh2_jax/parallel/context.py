@@ -80,20 +80,11 @@ def halo_exchange(x_BLC: jax.Array, halo: int, axis_name: str) -> jax.Array:
   Returns:
     [B, halo + L_local, C] in x's dtype.
   """
-  local_len = x_BLC.shape[1]
   if halo < 0:
     raise ValueError(f"halo {halo} must be >= 0")
-  if halo > local_len:
-    raise ValueError(f"halo {halo} is longer than the local block of {local_len} rows: p2p context "
-                     f"parallelism needs K-1 <= L/N; use the all-to-all strategy instead")
   if halo == 0:
     return x_BLC
-  num_shards = jax.lax.axis_size(axis_name)
-  tail_BHC = x_BLC[:, local_len - halo:]
-  perm = [(i, i + 1) for i in range(num_shards - 1)]
-  # ppermute leaves zeros on ranks that receive nothing (shard 0): the causal left padding.
-  received_BHC = jax.lax.ppermute(tail_BHC, axis_name, perm) if perm else jnp.zeros_like(tail_BHC)
-  return jnp.concatenate([received_BHC, x_BLC], axis=1)
+  return jnp.concatenate([segment_halos(x_BLC, halo, axis_name), x_BLC], axis=1)
 
 
 def segment_halos(x_BLC: jax.Array, halo: int, axis_name: str, zigzag: bool = False) -> jax.Array:
