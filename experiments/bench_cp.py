@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench_train import model_flops_per_step
+from experiments import xla_memory
 from experiments.timing import child_failure
 from sh2_jax import config as config_lib
 from sh2_jax.parallel import context_attention as cp_attention, mesh as mesh_lib
@@ -66,6 +67,8 @@ logger = logging.getLogger(__name__)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 GIB = 2.0 ** 30
 _CHILD_MARK = "BENCH_CP_ROW "
+EXPLAIN_ROWS = 40
+COMPILED_FIT = "fits (compile only)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,37 +120,6 @@ def _error_row(error: BaseException) -> dict[str, Any]:
   return {"status": "OOM" if _is_oom(error) else "error: " + str(error).splitlines()[0][:240]}
 
 
-_PEAK_FIELDS = {"Size": "size", "Operator": "op", "XLA Label": "label", "Shape": "shape",
-                "Entry Parameter Subshape": "shape"}
-
-
-def peak_buffers(error_text: str) -> list[dict[str, str]]:
-  """The "Peak buffers" section of XLA's GPU out-of-memory error (the largest buffers live at
-  the program's memory peak), as dicts with size, shape, label (the XLA op) and, where XLA
-  knows it, op (the JAX op name) and source (file:line); [] if the text has no such section.
-  XLA lists 15 buffers unless XLA_FLAGS sets --xla_debug_buffer_assignment_show_max."""
-  start = error_text.find("Peak buffers:")
-  if start < 0:
-    return []
-  buffers: list[dict[str, str]] = []
-  for line in error_text[start + len("Peak buffers:"):].splitlines():
-    line = line.strip()
-    if re.fullmatch(r"Buffer \d+:", line):
-      buffers.append({})
-    elif buffers and ": " in line:
-      key, value = line.split(": ", 1)
-      if key == "Operator":
-        name = re.search(r'op_name="([^"]*)"', value)
-        where = re.search(r'source_file="([^"]*)" source_line=(\d+)', value)
-        if name:
-          buffers[-1]["op"] = name.group(1)
-        if where:
-          buffers[-1]["source"] = f"{os.path.basename(where.group(1))}:{where.group(2)}"
-      elif key in _PEAK_FIELDS:
-        buffers[-1][_PEAK_FIELDS[key]] = value
-  return [b for b in buffers if "size" in b]
-
-
 def _short_op(op_name: str, keep: int = 90) -> str:
   """A JAX op name without its jit(...) prefixes, cut to its last `keep` characters."""
   name = re.sub(r"^(jit\([^)]*\)/)+", "", op_name)
@@ -166,6 +138,17 @@ def _compiled_bytes(compiled: Any) -> float | None:
                + m.temp_size_in_bytes)
 
 
+def mock_topology(gpus: int) -> None:
+  """Makes this process one of `gpus` one-GPU hosts of XLA's mock topology (mock NCCL): a
+  program over `gpus` devices compiles on one real GPU, for its memory (running needs real
+  peers). Call before jax's backends start."""
+  jax.config.update("jax_mock_gpu_topology", f"1x{gpus}x1")
+  if jax.default_backend() != "gpu":
+    raise config_lib.ConfigError(
+        f"--mock-gpus needs a GPU (the backend here is {jax.default_backend()}); on CPU, fake "
+        "devices stand in: XLA_FLAGS=--xla_force_host_platform_device_count=N")
+
+
 def device_memory_limit() -> float | None:
   stats = jax.devices()[0].memory_stats() or {}
   limit = stats.get("bytes_limit")
@@ -177,12 +160,17 @@ class Bench:
 
   def __init__(self, model: config_lib.ModelConfig, iters: int, memory_limit: float | None,
                deadline: float, out: str, header: list[str],
-               isolate: dict[str, Any] | None = None, explain: bool = False):
+               isolate: dict[str, Any] | None = None, explain: bool = False,
+               compile_only: bool = False, mock_gpus: int = 0):
     """isolate: the model arguments of `model_config`, to run every measurement in its own
-    process (`_run_in_subprocess`); None runs them here. explain: run a step that does not
-    fit anyway, to list the buffers live at its memory peak from the out-of-memory error."""
+    process (`_run_in_subprocess`); None runs them here. explain: list the buffers alive at
+    each compiled step's memory peak (from XLA's dump). compile_only: a step that fits is not
+    run (status COMPILED_FIT). mock_gpus: the children stand in a mock topology of this many
+    one-GPU hosts (`mock_topology`)."""
     self.model = model
     self.explain = explain
+    self.compile_only = compile_only
+    self.mock_gpus = mock_gpus
     self.isolate = isolate
     self.iters = iters
     self.memory_limit = memory_limit
@@ -229,7 +217,8 @@ class Bench:
     """`_run` in a fresh process: a CUDA fault (illegal address) poisons the process that
     meets it, so without this every later row would fail too."""
     spec = dict(model=self.isolate, setup=dataclasses.asdict(setup), length=length,
-                iters=self.iters, memory_limit=self.memory_limit, explain=self.explain)
+                iters=self.iters, memory_limit=self.memory_limit, explain=self.explain,
+                compile_only=self.compile_only, mock_gpus=self.mock_gpus)
     result = subprocess.run([sys.executable, "-m", "experiments.bench_cp", "--child",
                              json.dumps(spec)], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -258,24 +247,25 @@ class Bench:
     batch = mesh_lib.batch_sharding(mesh)
     step = step_lib.make_train_step(self.model, train_cfg, tx, mesh, shardings, mesh_cfg)
     # Compile on abstract values first: a length that does not fit allocates nothing.
-    compiled = step.lower(abstract, jax.ShapeDtypeStruct((1, length + 1), jnp.int32,
-                                                         sharding=batch)).compile()
+    lowered = step.lower(abstract, jax.ShapeDtypeStruct((1, length + 1), jnp.int32,
+                                                        sharding=batch))
+    if self.explain:
+      compiled, peak = xla_memory.compile_with_dump(lowered)
+    else:
+      compiled, peak = lowered.compile(), []
     need = _compiled_bytes(compiled)
     row: dict[str, Any] = {"need_gib": None if need is None else need / GIB}
-    fits = need is None or self.memory_limit is None or need <= self.memory_limit
-    if not fits:
+    if peak:
+      row["peak_buffers"] = peak[:EXPLAIN_ROWS]
+    if need is not None and self.memory_limit is not None and need > self.memory_limit:
       row["status"] = f"does not fit ({need / GIB:.3g} > {self.memory_limit / GIB:.3g} GiB)"
-      if not self.explain:
-        return row
+      return row
+    if self.compile_only:
+      row["status"] = COMPILED_FIT
+      return row
     tokens = np.random.default_rng(length).integers(0, 256, (1, length + 1))
     window = jax.device_put(jnp.asarray(tokens, jnp.int32), batch)
     state = self._initial_state(mesh, tx, shardings)
-    if not fits:
-      try:
-        jax.block_until_ready(compiled(state, window))
-      except Exception as error:  # noqa: BLE001 - the out-of-memory error is what we want
-        row["peak_buffers"] = peak_buffers(str(error))
-      return row
     state, metrics = compiled(state, window)
     row["loss"] = float(metrics["loss"])
     times = []
@@ -292,7 +282,7 @@ class Bench:
     return row
 
   def ok(self, setup: Setup, length: int) -> bool:
-    return self.measure(setup, length).get("status") == "ok"
+    return self.measure(setup, length).get("status") in ("ok", COMPILED_FIT)
 
   def longest(self, setup: Setup, start: int, max_length: int, multiple: int,
               refine: bool = True) -> int | None:
@@ -331,12 +321,13 @@ class Bench:
     lines += [""] + self.summary + [""]
     for (setup, length), r in self.results.items():
       if r.get("peak_buffers"):
+        shown = sum(b["bytes"] for b in r["peak_buffers"])
         lines += [f"### Largest buffers at the memory peak: {setup.name}, L = {length}", "",
-                  "(from XLA's out-of-memory report of running the step anyway, `--explain`)", "",
-                  "| size | shape | XLA op | JAX op | source |", "|---|---|---|---|---|"]
-        lines += [f"| {b['size']} | {b.get('shape', '')} | {b.get('label', '')} | "
-                  f"{_short_op(b.get('op', ''))} | {b.get('source', '')} |"
-                  for b in r["peak_buffers"]]
+                  f"(`--explain`: XLA's live ranges of the compiled step; the {len(r['peak_buffers'])}"
+                  f" largest groups, {shown / GIB:.1f} GiB, of values of one shape and JAX op)", "",
+                  "| GiB | values | shape | JAX op | one HLO value |", "|---|---|---|---|---|"]
+        lines += [f"| {b['bytes'] / GIB:.2f} | {b['count']} | {b['shape']} | "
+                  f"{_short_op(b['op'])} | {b['label']} |" for b in r["peak_buffers"]]
         lines.append("")
     os.makedirs(os.path.dirname(os.path.abspath(self.out)), exist_ok=True)
     with open(self.out, "w") as f:
@@ -405,9 +396,14 @@ def main(argv: list[str] | None = None) -> int:
                       "pallas / xla (attention blocks by that kernel), context-fsdp (params and AdamW "
                       "state sharded over the context axis); '' for none")
   parser.add_argument("--no-refine", action="store_true", help="powers of two only in the search")
-  parser.add_argument("--explain", action="store_true", help="run steps that do not fit anyway "
-                      "and list the buffers live at their memory peak (GPU: from XLA's "
-                      "out-of-memory report)")
+  parser.add_argument("--explain", action="store_true", help="list the buffers alive at each "
+                      "step's memory peak (from XLA's dump of the compiled step)")
+  parser.add_argument("--compile-only", action="store_true", help="memory only: compile each "
+                      "step and test the fit, run nothing")
+  parser.add_argument("--mock-gpus", action="store_true", help="GPU with fewer than --devices "
+                      "GPUs: compile CP steps for a mock topology of --devices one-GPU hosts "
+                      "(XLA's mock NCCL) and test the fit against this GPU's memory; implies "
+                      "--compile-only")
   parser.add_argument("--smoke", action="store_true", help="tiny: D=64, MR 16 taps, float32, "
                       "L=256, max 1024, 1 timed step (CPU fake devices)")
   parser.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
@@ -426,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     args.length = 256 if args.length == parser.get_default("length") else args.length
     args.max_length = min(args.max_length, 1024)
   n = args.devices
+  if args.mock_gpus:
+    mock_topology(n)
+    args.compile_only = True
   if len(jax.devices()) < n:
     raise config_lib.ConfigError(f"sh2 bench cp --devices {n}: only {len(jax.devices())} "
                                  f"device(s) present; lower --devices")
@@ -455,7 +454,10 @@ def main(argv: list[str] | None = None) -> int:
       f"{f', MLP in {model.mlp_slices} token slices' if model.mlp_slices > 1 else ''}, B=1; "
       f"median of {args.iters} steps after a warm-up step",
       f"- fit test: compiled per-device memory vs "
-      f"{'unknown' if limit is None else f'{limit / GIB:.3g} GiB'} (and real OOMs)",
+      f"{'unknown' if limit is None else f'{limit / GIB:.3g} GiB'} (and real OOMs)"
+      + ("; compile only, nothing run" if args.compile_only else "")
+      + (f"; CP steps compiled for a mock topology of {n} one-GPU hosts (XLA's mock NCCL) on "
+         "this one GPU" if args.mock_gpus else ""),
       "- definitions: see the docstring of experiments/bench_cp.py", ""]
   parts = {p.strip() for p in args.parts.split(",") if p.strip()}
   if "search" in parts:
@@ -467,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
   model_args = dict(d_model=args.d_model, layers=args.layers, dtype=args.dtype,
                     mr_taps=args.mr_taps, layout=args.layout, mlp_slices=args.mlp_slices)
   bench = Bench(model, args.iters, limit, deadline, out, header, model_args if isolate else None,
-                args.explain)
+                args.explain, args.compile_only, n if args.mock_gpus else 0)
   single = Setup(1)
   cp = Setup(n, "p2p", args.attention, zigzag, context_fsdp=args.context_fsdp)
   multiple = 2 * n
@@ -507,9 +509,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _child_main(spec: dict[str, Any]) -> int:
   """One measurement (`Bench._run_in_subprocess`'s child): prints its row as JSON."""
+  if spec.get("mock_gpus"):
+    mock_topology(spec["mock_gpus"])
   model = model_config(**spec["model"])
   bench = Bench(model, spec["iters"], spec["memory_limit"], float("inf"), "", [],
-                explain=spec.get("explain", False))
+                explain=spec["explain"], compile_only=spec["compile_only"])
   try:
     row = bench._run(Setup(**spec["setup"]), spec["length"])
   except Exception as error:  # noqa: BLE001 - OOM and failures are reported in the table

@@ -13,9 +13,10 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
-from experiments import bench_cp
+from experiments import bench_cp, xla_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,41 +102,70 @@ def test_isolated_measurement_matches_in_process(tmp_path):
     bench_cp.main(["--devices", "1", "--parts", "x"])
 
 
-_OOM_TEXT = """RESOURCE_EXHAUSTED: Out of memory while trying to allocate 208305913856 bytes.
-BufferAssignment OOM Debugging.
-BufferAssignment stats:
-             parameter allocation:   12.00GiB
-     preallocated temp allocation:  194.00GiB
-Peak buffers:
-\tBuffer 1:
-\t\tSize: 8.00GiB
-\t\tOperator: op_name="jit(step)/jit(main)/transpose(jvp(Model))/blocks_3/mixer/all_gather" source_file="/x/sh2_jax/parallel/context_attention.py" source_line=211
-\t\tXLA Label: fusion
-\t\tShape: bf16[786432,32,128]
-\t\t==========================
-
-\tBuffer 2:
-\t\tSize: 6.00GiB
-\t\tEntry Parameter Subshape: f32[4096,12288]
-\t\t==========================
-
-"""
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8,
+          "s64": 8}
 
 
-def test_peak_buffers_from_an_out_of_memory_report(tmp_path):
-  """`--explain`: XLA's peak-buffer list parses into rows and lands under the table."""
-  buffers = bench_cp.peak_buffers(_OOM_TEXT)
-  assert buffers == [
-      {"size": "8.00GiB", "op": "jit(step)/jit(main)/transpose(jvp(Model))/blocks_3/mixer/all_gather",
-       "source": "context_attention.py:211", "label": "fusion", "shape": "bf16[786432,32,128]"},
-      {"size": "6.00GiB", "shape": "f32[4096,12288]"}]
-  assert bench_cp.peak_buffers("RESOURCE_EXHAUSTED: out of memory") == []
+def _shape_bytes(shape: str) -> int:
+  """Bytes of an array shape written as XLA writes it, e.g. f32[2,3]."""
+  match = re.fullmatch(r"(\w+)\[([\d,]*)\]", shape)
+  assert match, shape
+  size = _BYTES[match[1]]
+  for dim in filter(None, match[2].split(",")):
+    size *= int(dim)
+  return size
+
+
+def test_peak_buffers_of_a_program_with_known_live_values(tmp_path):
+  """Three f32[256, 1024] values (of x, sin, cos, tanh) are alive at the peak whatever XLA's
+  schedule: they are listed under their JAX ops and shapes, and the groups add up to the peak
+  XLA's own breakdown reports."""
+  def f(x):
+    a, b, c = jnp.sin(x), jnp.cos(x), jnp.tanh(x)
+    return (a * b).sum() + (b * c).sum() + (a * c).sum()
+
+  lowered = jax.jit(f).lower(jax.ShapeDtypeStruct((256, 1024), jnp.float32))
+  lowered.compile(compiler_options={"xla_dump_to": str(tmp_path), "xla_dump_hlo_as_text": True,
+                                    "xla_dump_hlo_module_re": "jit_f"})
+  peak = xla_memory.peak_buffers(str(tmp_path), "jit_f")
+  assert peak, "no live-range dump parsed"
+  for group in peak:
+    assert group["bytes"] == group["count"] * _shape_bytes(group["shape"]), group
+  big = [g for g in peak if g["shape"] == "f32[256,1024]"]
+  assert sum(g["count"] for g in big) >= 3, peak
+  assert {g["op"] for g in big} <= {"x", "jit(f)/sin", "jit(f)/cos", "jit(f)/tanh"}, big
+  (live_range,) = tmp_path.glob("*jit_f*after_optimizations-live-range.txt")
+  total = re.search(r"Stack trace breakdown for peak usage: ([\d ]+) bytes", live_range.read_text())
+  assert total and sum(g["bytes"] for g in peak) == int(total[1].replace(" ", ""))
+  compiled, again = xla_memory.compile_with_dump(lowered, module="jit_f")
+  assert again == peak
+  assert sum(g["bytes"] for g in peak) <= bench_cp._compiled_bytes(compiled)
+
+
+def test_tuple_subshapes():
+  shape = "(s32[], f32[1,2]{1,0}, /*index=2*/(bf16[3]{0}, u8[4,5]{1,0}), pred[])"
+  assert xla_memory._shape_at(shape, "") == "(s32[], f32[1,2], /*index=2*/(bf16[3], u8[4,5]), pred[])"
+  assert xla_memory._shape_at(shape, "1") == "f32[1,2]"
+  assert xla_memory._shape_at(shape, "2,1") == "u8[4,5]"
+  assert xla_memory._shape_at(shape, "3") == "pred[]"
+
+
+def test_explain_and_compile_only(tmp_path):
+  """`--explain --compile-only`: the step is compiled, not run; the buffers alive at its memory
+  peak land under the table, their sizes consistent with their shapes and the compiled need."""
   model = bench_cp.model_config(32, 1, "float32", 4, "MHA")
-  bench = bench_cp.Bench(model, 1, None, float("inf"), str(tmp_path / "cp.md"), [], explain=True)
-  bench.results[(bench_cp.Setup(2), 1024)] = {"status": "does not fit (194 > 133 GiB)",
-                                              "peak_buffers": buffers}
-  bench.write()
+  bench = bench_cp.Bench(model, 1, None, float("inf"), str(tmp_path / "cp.md"), [], explain=True,
+                         compile_only=True)
+  row = bench.measure(bench_cp.Setup(1), 64)
+  assert row["status"] == bench_cp.COMPILED_FIT and "loss" not in row, row
+  peak = row["peak_buffers"]
+  assert peak and all(g["bytes"] == g["count"] * _shape_bytes(g["shape"]) for g in peak
+                      if not g["shape"].startswith("(")), peak
+  assert sum(g["bytes"] for g in peak) <= row["need_gib"] * bench_cp.GIB
+  assert bench.ok(bench_cp.Setup(1), 64)
   text = (tmp_path / "cp.md").read_text()
-  assert "### Largest buffers at the memory peak: CP=2 p2p/allgather zigzag, L = 1024" in text
-  assert ("| 8.00GiB | bf16[786432,32,128] | fusion | transpose(jvp(Model))/blocks_3/mixer/"
-          "all_gather | context_attention.py:211 |") in text
+  assert "### Largest buffers at the memory peak: 1 device, L = 64" in text
+  assert f"| 1 device | 64 | {bench_cp.COMPILED_FIT} |" in text
+  top = peak[0]
+  assert f"| {top['bytes'] / bench_cp.GIB:.2f} | {top['count']} | {top['shape']} |" in text
+
