@@ -98,7 +98,8 @@ class Setup:
 
 
 def model_config(d_model: int, layers: int, dtype: str, mr_taps: int = 128,
-                 layout: str | None = None, mlp_slices: int = 1) -> config_lib.ModelConfig:
+                 layout: str | None = None, mlp_slices: int = 1,
+                 offload_residuals: bool = False) -> config_lib.ModelConfig:
   """The first `layers` blocks of the evo2-7b stack (or `layout`); a smaller `d_model` scales
   heads (head dim 128, at least 2 heads) and filter groups (16 channels each) with it."""
   base = config_lib.get_preset("evo2-7b").model
@@ -107,7 +108,8 @@ def model_config(d_model: int, layers: int, dtype: str, mr_taps: int = 128,
   groups = max(1, d_model // 16)
   return dataclasses.replace(base, d_model=d_model, layout=layout, num_heads=heads,
                              se_groups=groups, mr_groups=groups, mr_filter_len=mr_taps,
-                             dtype=dtype, remat=True, mlp_slices=mlp_slices)
+                             dtype=dtype, remat=True, mlp_slices=mlp_slices,
+                             offload_residuals=offload_residuals)
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -380,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--mr-taps", type=int, default=128)
   parser.add_argument("--mlp-slices", type=int, default=1, help="model.mlp_slices: the MLP in "
                       "this many rematerialised token slices (less memory at long context)")
+  parser.add_argument("--offload-residuals", action="store_true", help="model.offload_residuals: "
+                      "each block's float32 input in pinned host memory from forward to backward")
   parser.add_argument("--dtype", default="bfloat16", choices=config_lib.DTYPES)
   parser.add_argument("--iters", type=int, default=3, help="timed steps after one warm-up step")
   parser.add_argument("--memory-gb", type=float, default=None, help="per-device memory limit "
@@ -438,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     raise config_lib.ConfigError(f"--compare {args.compare!r}: choose from {sorted(known)}")
   deadline = time.monotonic() + args.time_budget
   model = model_config(args.d_model, args.layers, args.dtype, args.mr_taps, args.layout,
-                       args.mlp_slices)
+                       args.mlp_slices, args.offload_residuals)
   device = jax.devices()[0]
   limit = args.memory_gb * GIB if args.memory_gb else device_memory_limit()
   name = device.device_kind.lower().replace(" ", "_")
@@ -451,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
       f"- model: layout `{model.layout}`, d_model {model.d_model}, {model.num_heads} heads, "
       f"{model.se_groups} groups, MR {model.mr_filter_len} taps, {model.dtype} compute, float32 "
       f"params + AdamW, remat per block"
-      f"{f', MLP in {model.mlp_slices} token slices' if model.mlp_slices > 1 else ''}, B=1; "
+      f"{f', MLP in {model.mlp_slices} token slices' if model.mlp_slices > 1 else ''}"
+      f"{', block inputs offloaded to host memory' if model.offload_residuals else ''}, B=1; "
       f"median of {args.iters} steps after a warm-up step",
       f"- fit test: compiled per-device memory vs "
       f"{'unknown' if limit is None else f'{limit / GIB:.3g} GiB'} (and real OOMs)"
@@ -467,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "search1, searchN, strategies")
   isolate = args.isolate == "yes" or (args.isolate == "auto" and jax.default_backend() == "gpu")
   model_args = dict(d_model=args.d_model, layers=args.layers, dtype=args.dtype,
-                    mr_taps=args.mr_taps, layout=args.layout, mlp_slices=args.mlp_slices)
+                    mr_taps=args.mr_taps, layout=args.layout, mlp_slices=args.mlp_slices,
+                    offload_residuals=args.offload_residuals)
   bench = Bench(model, args.iters, limit, deadline, out, header, model_args if isolate else None,
                 args.explain, args.compile_only, n if args.mock_gpus else 0)
   single = Setup(1)

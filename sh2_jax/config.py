@@ -102,6 +102,9 @@ class ModelConfig:
     mlp_slices: run the MLP over this many token slices in turn, each rematerialised: its
       [L, mlp_dim] hidden values exist one slice at a time (long context; 1 = off; lengths
       that are not a multiple of it run in gcd(L, mlp_slices) slices).
+    offload_residuals: with remat, keep each block's input (the float32 residual stream,
+      [B, L, D]) and the final norm's in pinned host memory from the forward to the backward
+      pass instead of on the device: 4 * L * D bytes per block freed for one copy each way.
     init_std: standard deviation of embedding and projection init.
   """
   vocab_size: int = 512
@@ -128,6 +131,7 @@ class ModelConfig:
   remat: bool = False
   remat_policy: str = "full"
   mlp_slices: int = 1
+  offload_residuals: bool = False
   init_std: float = 0.02
 
   def __post_init__(self) -> None:
@@ -169,6 +173,9 @@ class ModelConfig:
     if not isinstance(self.mlp_slices, int) or self.mlp_slices < 1:
       raise ConfigError(f"model.mlp_slices={self.mlp_slices!r} must be a positive integer "
                         "(1 runs the MLP in one piece)")
+    if self.offload_residuals and not self.remat:
+      raise ConfigError("model.offload_residuals=true needs model.remat=true (without remat "
+                        "the backward keeps every activation on the device anyway)")
     if self.mlp_dim is not None and (not isinstance(self.mlp_dim, int) or self.mlp_dim < 1):
       raise ConfigError(f"model.mlp_dim={self.mlp_dim!r} must be a positive integer or null")
 

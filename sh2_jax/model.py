@@ -7,6 +7,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from sh2_jax.config import ModelConfig
 from sh2_jax.layers import params as P
@@ -18,6 +19,10 @@ REMAT_POLICIES = {  # model.remat_policy -> what jax.checkpoint keeps of a block
     "full": None,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+RESIDUAL = "residual_stream"  # checkpoint name of each block's input (model.offload_residuals)
+OFFLOAD_RESIDUALS = jax.checkpoint_policies.save_and_offload_only_these_names(
+    names_which_can_be_saved=[], names_which_can_be_offloaded=[RESIDUAL],
+    offload_src="device", offload_dst="pinned_host")
 
 
 class StripedHyena2(nn.Module):
@@ -45,22 +50,32 @@ class StripedHyena2(nn.Module):
     embedding_VD = P.declare(self, "embedding", P.normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
                              ("vocab", "embed"), jnp.dtype(cfg.param_dtype))
     x_BLD = constrain(jnp.take(embedding_VD, tokens_BL, axis=0).astype(jnp.float32))
-    policy = REMAT_POLICIES[cfg.remat_policy]
-    block_cls = nn.remat(Block, static_argnums=(), policy=policy) if cfg.remat else Block
-    for i in range(cfg.num_layers):
-      x_BLD = constrain(block_cls(cfg, i, cp, name=f"block_{i}")(x_BLD))
-      self.sow("intermediates", f"hidden_{i}", x_BLD)
+    x_BLD = self._stack(x_BLD) if not cfg.offload_residuals else nn.remat(
+        StripedHyena2._stack, policy=OFFLOAD_RESIDUALS)(self, x_BLD)
     dt = jnp.dtype(cfg.dtype)
-    # Rematerialised with the blocks: the backward keeps the norm's dt output, not its float32
-    # intermediates (two [B, L, D] float32 values).
-    norm_cls = nn.remat(RMSNorm) if cfg.remat else RMSNorm
-    x_BLD = norm_cls(cfg.norm_eps, cfg.param_dtype, cfg.dtype, name="final_norm")(x_BLD)
     with P.matmul_precision(dt):
       logits_BLV = constrain(jnp.einsum("BLD,VD->BLV", x_BLD, embedding_VD.astype(dt),
                                         preferred_element_type=jnp.float32))
     if cp is not None and not in_layout:
       logits_BLV = cp.from_layout(logits_BLV)
     return logits_BLV
+
+  def _stack(self, x_BLD: jax.Array) -> jax.Array:
+    """The blocks and the final norm: float32 [B, L, D] -> `config.dtype` [B, L, D]. Each block's
+    input is named RESIDUAL (offloaded to host memory under `model.offload_residuals`)."""
+    cfg = self.config
+    constrain = (lambda x: x) if self.parallel is None else self.parallel.constrain
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    block_cls = nn.remat(Block, static_argnums=(), policy=policy) if cfg.remat else Block
+    for i in range(cfg.num_layers):
+      x_BLD = checkpoint_name(x_BLD, RESIDUAL)
+      x_BLD = constrain(block_cls(cfg, i, self.parallel, name=f"block_{i}")(x_BLD))
+      self.sow("intermediates", f"hidden_{i}", x_BLD)
+    # Rematerialised with the blocks: the backward keeps the norm's dt output, not its float32
+    # intermediates (two [B, L, D] float32 values).
+    norm_cls = nn.remat(RMSNorm) if cfg.remat else RMSNorm
+    return norm_cls(cfg.norm_eps, cfg.param_dtype, cfg.dtype,
+                    name="final_norm")(checkpoint_name(x_BLD, RESIDUAL))
 
 
 def abstract_params(config: ModelConfig, length: int = 8) -> dict:

@@ -6,7 +6,8 @@ their mean wrt every parameter:
 - on one device (the reference);
 - on meshes (data, fsdp, tensor, context) = (8,1,1,1), (2,2,1,2) a2a/ring, (1,2,2,2)
   p2p/ring/zigzag, (1,1,1,8) p2p/all-gather with parameters sharded over context
-  (mesh.context_fsdp), through `step.make_model` / `next_token_nll` (what the train step runs);
+  (mesh.context_fsdp) and the model rematerialised with its block inputs offloaded to host
+  memory (model.offload_residuals), through `step.make_model` / `next_token_nll` (what the train step runs);
 - `train` (loop, train step, eval step) on mesh data=2,context=4 with a2a/all-gather/zigzag
   vs data=8: equal per-step and held-out losses;
 - causality under CP (context 8, ring, zigzag): a changed token moves no earlier loss.
@@ -50,7 +51,7 @@ tx = optim.make_optimizer(C.TrainConfig(warmup_steps=0))
 out = {}
 
 
-def loss_and_grads(mesh_cfg, devices):
+def loss_and_grads(mesh_cfg, devices, cfg=cfg):
   mesh = mesh_lib.make_mesh(mesh_cfg, devices)
   model = step_lib.make_model(cfg, mesh, mesh_cfg)
   _, shardings = state_shardings(cfg, tx, mesh, mesh_cfg)
@@ -75,13 +76,14 @@ CASES = [  # name: (data, fsdp, tensor, context), context_conv, context_attentio
     ("8,1,1,1", (8, 1, 1, 1), "p2p", "allgather", False),
     ("2,2,1,2 a2a ring", (2, 2, 1, 2), "a2a", "ring", False),
     ("1,2,2,2 p2p ring zigzag", (1, 2, 2, 2), "p2p", "ring", True),
-    ("1,1,1,8 p2p allgather context-fsdp", (1, 1, 1, 8), "p2p", "allgather", False),
+    ("1,1,1,8 p2p allgather context-fsdp offload", (1, 1, 1, 8), "p2p", "allgather", False),
 ]
 for name, shape, conv, attention, zigzag in CASES:
   t = time.time()
   mesh_cfg = C.MeshConfig(*shape, context_conv=conv, context_attention=attention, zigzag=zigzag,
                           context_fsdp="context-fsdp" in name)
-  nll, grads = loss_and_grads(mesh_cfg, jax.devices())
+  offload = dataclasses.replace(cfg, remat=True, offload_residuals=True)
+  nll, grads = loss_and_grads(mesh_cfg, jax.devices(), offload if "offload" in name else cfg)
   flat, flat0 = jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(grads0)
   out[name] = {"nll": rel_err(nll, nll0),
                **{jax.tree_util.keystr(path): rel_err(g, g0) for (path, g), g0 in zip(flat, flat0)}}
@@ -135,7 +137,8 @@ def model_cp_results(tmp_path_factory):
   return helpers.once_per_session(tmp_path_factory, "model_cp", run)
 
 
-CASE_NAMES = ["8,1,1,1", "2,2,1,2 a2a ring", "1,2,2,2 p2p ring zigzag", "1,1,1,8 p2p allgather context-fsdp"]
+CASE_NAMES = ["8,1,1,1", "2,2,1,2 a2a ring", "1,2,2,2 p2p ring zigzag",
+              "1,1,1,8 p2p allgather context-fsdp offload"]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)

@@ -1,6 +1,8 @@
 """Training: learning on the default genome, exact resume, gradient accumulation, optimizer."""
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import signal
@@ -181,29 +183,39 @@ def test_eval_run_reports_model_and_markov_baselines(tmp_path):
 
 
 def test_remat_gives_identical_loss_and_gradients():
-  """No remat, full remat and remat saving the projections' outputs: the same loss and
-  gradients; the policy is honoured (full remat recomputes the block's matrix products in the
-  backward, save_dots almost none)."""
+  """No remat, full remat, remat saving the projections' outputs and full remat with the block
+  inputs offloaded to host memory: the same loss and gradients; the policy is honoured (full
+  remat recomputes the block's matrix products in the backward, save_dots almost none; the
+  offloaded residuals are the block inputs and the final norm's, in host memory)."""
   config = small_config()
   model_cfg = dataclasses.replace(config.model, dtype="float32")
   rng = np.random.default_rng(1)
   window = jnp.asarray(rng.integers(0, 256, (2, 33)), jnp.int32)
   results, dots = [], []
-  for remat, policy in ((False, "full"), (True, "full"), (True, "save_dots")):
-    cfg = dataclasses.replace(model_cfg, remat=remat, remat_policy=policy)
+  for remat, policy, offload in ((False, "full", False), (True, "full", False),
+                                 (True, "save_dots", False), (True, "full", True)):
+    cfg = dataclasses.replace(model_cfg, remat=remat, remat_policy=policy,
+                              offload_residuals=offload)
     model = step_lib.StripedHyena2(cfg)
     params = jax.tree.map(lambda x: x, __import__("flax").linen.meta.unbox(
         model.init(jax.random.key(0), window[:, :-1])["params"]))
     loss = lambda p: jnp.mean(step_lib.next_token_nll(model, p, window))
     results.append(jax.jit(jax.value_and_grad(loss))(params))
     dots.append(str(jax.make_jaxpr(jax.grad(loss))(params)).count("dot_general"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+      jax.ad_checkpoint.print_saved_residuals(loss, params)
+    on_host = [line.split()[0] for line in printed.getvalue().splitlines() if "<host>" in line]
+    expected = cfg.num_layers + 1 if offload else 0
+    assert on_host == [f"f32<host>[2,32,{cfg.d_model}]"] * expected, (offload, on_host)
   for other in results[1:]:
     assert float(results[0][0]) == pytest.approx(float(other[0]), rel=1e-6)
     for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(other[1])):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-  no_remat, full, save_dots = dots
+  no_remat, full, save_dots, offloaded = dots
   assert full > save_dots >= no_remat, dots
   assert full - save_dots > 2 * (save_dots - no_remat), dots
+  assert offloaded == full, dots
 
 
 MESH_SCRIPT = r"""
