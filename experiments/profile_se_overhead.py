@@ -3,7 +3,8 @@
   PYTHONPATH=. python experiments/profile_se_overhead.py [--lengths 4096,32768]
 
 Each row is a jitted vjp with respect to x and every weight (B=1, D=4096, bf16 compute):
-  floor                 x @ W_in [D, 3D], then a D-wide slice @ W_out (bf16 weights)
+  floor                 the projections' six products alone (bench_ops.projection_products:
+                        forward and backward with dense cotangents, bf16 weights)
   module f32 params     the HyenaSE Linen module as the model runs it (float32 params);
                         also with conv_method "pallas_fused" (the featurizer in the kernel)
   module bf16 params    the same module with bfloat16 params (no per-call weight casts)
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments.bench_ops import projection_products  # noqa: E402
 from experiments.timing import median_ms, vjp_fn  # noqa: E402
 from pallas_kernels import blocked_conv, featurized_conv  # noqa: E402
 from sh2_jax.config import ModelConfig  # noqa: E402
@@ -49,9 +51,6 @@ def main() -> None:
   w_feat = jax.random.normal(key, (3 * d, 3)) * 0.5
   w_feat_blk = hyena.blocked_columns(w_in, w_feat)[1]
   h = jax.random.normal(key, (args.groups, 7)) * 0.3
-
-  def floor(x, w_in, w_out, w_feat, h):
-    return (x @ w_in)[..., :d] @ w_out
 
   def gemm_slices(x, w_in, w_out, w_feat, h):
     z = x @ w_in
@@ -80,7 +79,10 @@ def main() -> None:
   print("| piece | L | fwd+bwd ms |\n|---|---|---|")
   for length in [int(x) for x in args.lengths.split(",")]:
     x = jax.random.normal(jax.random.fold_in(key, length), (1, length, d), dt)
-    for name, f in (("floor", floor), ("blocked: gemm+slices+gates", gemm_slices),
+    dz, dy = jax.random.normal(key, (1, length, 3 * d), dt), jax.random.normal(key, (1, length, d), dt)
+    floor_ms = median_ms(jax.jit(projection_products), x, w_in, w_out, dz, dy)
+    print(f"| floor | {length} | {floor_ms:.2f} |", flush=True)
+    for name, f in (("blocked: gemm+slices+gates", gemm_slices),
                     ("blocked: +feat", gemm_feat), ("blocked: +kernel", gemm_feat_kernel)):
       print(f"| {name} | {length} | {median_ms(vjp_fn(f), x, w_in, w_out, w_feat, h):.2f} |",
             flush=True)

@@ -60,7 +60,7 @@ def main() -> None:
   command = "python experiments/train_cpu.py --steps " + str(args.steps) + "".join(
       f" --set {s}" for s in args.overrides)
   lines = [
-      f"# `tiny` preset, longer CPU run on the bundled genome",
+      "# `tiny` preset, longer CPU run on the bundled genome",
       "",
       f"- date: {datetime.date.today().isoformat()}",
       f"- machine: {cpu_name()}, {os.cpu_count()} cores (CPU only), jax "

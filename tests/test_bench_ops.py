@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import bench_ops
@@ -18,6 +21,33 @@ def test_select_variants_by_family_and_without_xla():
       "LI (pallas)", "LI (XLA fft)", "LI (XLA chunked)"]
   with pytest.raises(ValueError, match="--ops attention: choose from floor,se,mr,li,mha"):
     bench_ops.select_variants(variants, ["attention"])
+  headline = [v.name for v in bench_ops.select_variants(variants, None, xla=True,
+                                                         headline=bench_ops.headline_names(True))]
+  assert headline == ["GEMM floor", "SE (pallas)", "MR (pallas)", "LI (pallas)", "MHA (XLA)"]
+
+
+def test_gemm_floor_products_match_float64_and_count_every_flop():
+  """The floor's six products equal numpy float64 on random inputs, and its compiled program
+  has 3x the forward's FLOPs (a VJP through the D-wide slice lets XLA drop a third of dW_in or
+  dx: 22 or 20 L D^2 instead of 24)."""
+  rng = np.random.default_rng()
+  b, length, d = 2, 48, 16
+  x, w_in, w_out, dz, dy = (rng.standard_normal(s) for s in
+                            ((b, length, d), (d, 3 * d), (d, d), (b, length, 3 * d), (b, length, d)))
+  got = bench_ops.projection_products(*(jnp.asarray(a, jnp.float32) for a in (x, w_in, w_out, dz, dy)))
+  u = (x @ w_in)[..., :d]
+  want = (u @ w_out, dz @ w_in.T, np.einsum("bld,ble->de", x, dz), dy @ w_out.T,
+          np.einsum("bld,ble->de", u, dy))
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=1e-4, atol=1e-4)
+  x_BLD = jnp.asarray(rng.standard_normal((1, 512, 64)), jnp.float32)
+  fwd, fwdbwd = bench_ops.gemm_floor_fns(64, x_BLD, jax.random.key(int(rng.integers(1 << 30))))
+  args = (x_BLD, jnp.ones((64, 192)), jnp.ones((64, 64)), jnp.ones((1, 512, 192)), jnp.ones((1, 512, 64)))
+  both = jax.jit(bench_ops.projection_products).lower(*args).compile().cost_analysis()["flops"]
+  forward = jax.jit(lambda x, a, b: (x @ a)[..., :64] @ b).lower(*args[:3]).compile().cost_analysis()["flops"]
+  assert both == pytest.approx(3 * forward, rel=0.01) and forward == pytest.approx(8 * 512 * 64 * 64, rel=0.01)
+  assert fwd().shape == (1, 512, 64) and [a.shape for a in fwdbwd()] == [
+      (1, 512, 64), (1, 512, 64), (64, 192), (1, 512, 64), (64, 64)]
 
 
 def test_bench_ops_tiny_table(tmp_path):
@@ -42,6 +72,7 @@ def test_ratios_from_rows():
   assert got["SE / GEMM floor (fwd+bwd)"] == pytest.approx(1.5)
   assert got["MR / SE (fwd+bwd)"] == pytest.approx(1.1)
   assert got["MR bwd / MR fwd"] == pytest.approx(2.3)
+  assert got["GEMM floor bwd / fwd (for MR's)"] == pytest.approx(1.0)
   assert got["SE / MHA (fwd+bwd)"] == pytest.approx(0.75)
   assert got["LI (best) / MHA (fwd+bwd)"] is None
 
