@@ -102,6 +102,11 @@ def select_variants(variants: list[Variant], families: list[str] | None,
           and (headline is None or v.name in headline)]
 
 
+def projection_forward(x_BLD: jax.Array, w_in: jax.Array, w_out: jax.Array) -> jax.Array:
+  """The GEMM floor's forward: x @ W_in [D, 3D], then its first D columns @ W_out [D, D]."""
+  return (x_BLD @ w_in)[..., :w_out.shape[0]] @ w_out
+
+
 def projection_products(x_BLD: jax.Array, w_in: jax.Array, w_out: jax.Array, dz_BLE: jax.Array,
                         dy_BLD: jax.Array) -> tuple[jax.Array, ...]:
   """The GEMM floor's forward+backward: the six matrix products of a Hyena operator's projections.
@@ -112,8 +117,7 @@ def projection_products(x_BLD: jax.Array, w_in: jax.Array, w_out: jax.Array, dz_
   the slice would hand XLA a zero-padded dz, which it shrinks to a D-wide product (a floor
   missing 4 L D^2 of the operator's 24 L D^2 FLOPs). Returns (y, dx, dW_in, du, dW_out).
   """
-  d = w_out.shape[0]
-  u = (x_BLD @ w_in)[..., :d]
+  u = (x_BLD @ w_in)[..., :w_out.shape[0]]
   y = u @ w_out
   dx = dz_BLE @ w_in.T
   dw_in = jnp.einsum("bld,ble->de", x_BLD, dz_BLE)
@@ -122,18 +126,23 @@ def projection_products(x_BLD: jax.Array, w_in: jax.Array, w_out: jax.Array, dz_
   return y, dx, dw_in, du, dw_out
 
 
-def gemm_floor_fns(d_model: int, x_BLD: jax.Array, key: jax.Array
-                   ) -> tuple[Callable[[], jax.Array], Callable[[], tuple[jax.Array, ...]]]:
-  """(forward, forward+backward) thunks of the GEMM floor at x's dtype: the projections alone."""
-  d, dt = d_model, x_BLD.dtype
+def projection_inputs(x_BLD: jax.Array, key: jax.Array) -> tuple[jax.Array, ...]:
+  """(x, W_in, W_out, dz, dy) for projection_products at x's width D and dtype (random)."""
+  d, dt = x_BLD.shape[-1], x_BLD.dtype
   k1, k2, k3, k4 = jax.random.split(key, 4)
   w_in = (jax.random.normal(k1, (d, 3 * d), jnp.float32) * 0.02).astype(dt)
   w_out = (jax.random.normal(k2, (d, d), jnp.float32) * 0.02).astype(dt)
   dz = jax.random.normal(k3, x_BLD.shape[:-1] + (3 * d,), dt)
   dy = jax.random.normal(k4, x_BLD.shape, dt)
-  fwd = jax.jit(lambda x, a, b: (x @ a)[..., :d] @ b)
-  fwdbwd = jax.jit(projection_products)
-  return (lambda: fwd(x_BLD, w_in, w_out)), (lambda: fwdbwd(x_BLD, w_in, w_out, dz, dy))
+  return x_BLD, w_in, w_out, dz, dy
+
+
+def gemm_floor_fns(x_BLD: jax.Array, key: jax.Array
+                   ) -> tuple[Callable[[], jax.Array], Callable[[], tuple[jax.Array, ...]]]:
+  """(forward, forward+backward) thunks of the GEMM floor at x's width and dtype."""
+  inputs = projection_inputs(x_BLD, key)
+  fwd, fwdbwd = jax.jit(projection_forward), jax.jit(projection_products)
+  return (lambda: fwd(*inputs[:3])), (lambda: fwdbwd(*inputs))
 
 
 def _module_fns(variant: Variant, config: ModelConfig, x_BLD: jax.Array, key: jax.Array):
@@ -172,10 +181,11 @@ def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups
                        mr_filter_len=128, train_len=8192)
   rows = []
   key = jax.random.key(0)
+  variants = select_variants(default_variants(kernels), families, xla,
+                             headline_names(kernels) if headline_only else None)
   for length in sorted(set(lengths) | set(long_lengths)):
     x = jax.random.normal(jax.random.fold_in(key, length), (1, length, d_model), jnp.bfloat16)
-    headline = headline_names(kernels) if headline_only else None
-    for variant in select_variants(default_variants(kernels), families, xla, headline):
+    for variant in variants:
       if length in long_lengths and length not in lengths and not variant.hyena:
         continue
       if variant.overrides.get("li_method") == "chunked" and length > CHUNKED_LI_MAX_LEN:
@@ -186,7 +196,7 @@ def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups
         setattr(hyena_ops, name, value)
       try:
         if variant.module is None:
-          fwd, fwdbwd = gemm_floor_fns(d_model, x, key)
+          fwd, fwdbwd = gemm_floor_fns(x, key)
         else:
           fwd, fwdbwd = _module_fns(variant, config, x, key)
         row["fwd_ms"] = median_ms(fwd, iters=iters, max_seconds=20.0)

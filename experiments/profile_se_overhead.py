@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.bench_ops import projection_products  # noqa: E402
+from experiments.bench_ops import projection_inputs, projection_products  # noqa: E402
 from experiments.timing import median_ms, vjp_fn  # noqa: E402
 from pallas_kernels import blocked_conv, featurized_conv  # noqa: E402
 from sh2_jax.config import ModelConfig  # noqa: E402
@@ -79,8 +79,7 @@ def main() -> None:
   print("| piece | L | fwd+bwd ms |\n|---|---|---|")
   for length in [int(x) for x in args.lengths.split(",")]:
     x = jax.random.normal(jax.random.fold_in(key, length), (1, length, d), dt)
-    dz, dy = jax.random.normal(key, (1, length, 3 * d), dt), jax.random.normal(key, (1, length, d), dt)
-    floor_ms = median_ms(jax.jit(projection_products), x, w_in, w_out, dz, dy)
+    floor_ms = median_ms(jax.jit(projection_products), *projection_inputs(x, key))
     print(f"| floor | {length} | {floor_ms:.2f} |", flush=True)
     for name, f in (("blocked: gemm+slices+gates", gemm_slices),
                     ("blocked: +feat", gemm_feat), ("blocked: +kernel", gemm_feat_kernel)):

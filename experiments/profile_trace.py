@@ -40,7 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.bench_ops import projection_products  # noqa: E402
+from experiments.bench_ops import projection_inputs, projection_products  # noqa: E402
 from sh2_jax.config import ModelConfig  # noqa: E402
 from sh2_jax.layers.attention import MHA  # noqa: E402
 from sh2_jax.layers.hyena import HyenaLI, HyenaMR, HyenaSE  # noqa: E402
@@ -69,12 +69,7 @@ def fwd_bwd_fn(name: str, config: ModelConfig, x_BLD: jax.Array,
   module_cls, overrides = OPERATORS[name]
   cotangent = jnp.ones(x_BLD.shape, x_BLD.dtype)
   if module_cls is None:
-    d, dt = config.d_model, x_BLD.dtype
-    k1, k2, k3, k4 = jax.random.split(key, 4)
-    w_in = (jax.random.normal(k1, (d, 3 * d)) * 0.02).astype(dt)
-    w_out = (jax.random.normal(k2, (d, d)) * 0.02).astype(dt)
-    dz = jax.random.normal(k3, x_BLD.shape[:-1] + (3 * d,), dt)
-    return jax.jit(projection_products), (x_BLD, w_in, w_out, dz, cotangent)
+    return jax.jit(projection_products), projection_inputs(x_BLD, key)
   module = module_cls(dataclasses.replace(config, **overrides))
   params = nn.meta.unbox(jax.jit(module.init)(key, x_BLD[:, :128])["params"])
 
