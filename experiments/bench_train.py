@@ -51,8 +51,9 @@ def model_flops_per_step(model: config_lib.ModelConfig, length: int, batch: int)
           + 6.0 * tokens * model.d_model * model.vocab_size)
 
 
-def time_step(model: config_lib.ModelConfig, length: int, batch: int, iters: int) -> float:
-  """Median ms of a jitted train step (forward, backward, AdamW update)."""
+def build_step(model: config_lib.ModelConfig, length: int, batch: int
+               ) -> tuple[Any, Any, list[jax.Array]]:
+  """(jitted train step, its initial state, two random [batch, length + 1] token windows)."""
   train_cfg = config_lib.TrainConfig(steps=1000, batch_size=batch, warmup_steps=10)
   mesh = mesh_lib.make_mesh(config_lib.MeshConfig())
   tx = optim.make_optimizer(train_cfg)
@@ -60,6 +61,12 @@ def time_step(model: config_lib.ModelConfig, length: int, batch: int, iters: int
   step = step_lib.make_train_step(model, train_cfg, tx, mesh, shardings)
   rng = np.random.default_rng(0)
   windows = [jnp.asarray(rng.integers(0, 256, (batch, length + 1)), jnp.int32) for _ in range(2)]
+  return step, state, windows
+
+
+def time_step(model: config_lib.ModelConfig, length: int, batch: int, iters: int) -> float:
+  """Median ms of a jitted train step (forward, backward, AdamW update)."""
+  step, state, windows = build_step(model, length, batch)
   for i in range(2):
     state, metrics = step(state, windows[i % 2])
   jax.block_until_ready(metrics)
@@ -73,9 +80,13 @@ def time_step(model: config_lib.ModelConfig, length: int, batch: int, iters: int
   return statistics.median(times)
 
 
-def variants(preset: str, remat: str = "full") -> list[tuple[str, config_lib.ModelConfig]]:
-  """SH2 and all-MHA configs of a preset; remat: "none" or a model.remat_policy (per block)."""
-  base = dataclasses.replace(config_lib.get_preset(preset).model, dtype="bfloat16",
+def variants(preset: str, remat: str = "full", overrides: dict[str, str] | None = None
+             ) -> list[tuple[str, config_lib.ModelConfig]]:
+  """SH2 and all-MHA configs of a preset; remat: "none" or a model.remat_policy (per block);
+  overrides: model settings for both, e.g. {"d_model": "256"}."""
+  preset_cfg = config_lib.apply_overrides(config_lib.get_preset(preset),
+                                          {f"model.{k}": v for k, v in (overrides or {}).items()})
+  base = dataclasses.replace(preset_cfg.model, dtype="bfloat16",
                              remat=remat != "none", remat_policy="full" if remat == "none" else remat)
   all_mha = dataclasses.replace(base, layout=" ".join(["MHA"] * base.num_layers))
   return [(f"{preset} (SH2: {base.layout.count('MHA')} MHA of {base.num_layers})", base),

@@ -168,6 +168,8 @@ BENCHMARKS = {
     "train": ("experiments.bench_train", "tokens/s and MFU of a train step, SH2 vs all-MHA"),
     "cp": ("experiments.bench_cp", "longest trainable sequence on 1 vs N devices (context "
            "parallelism), tokens/s, scaling efficiency, p2p vs a2a"),
+    "profile-train": ("experiments.profile_train", "device time of a train step by model part, pass "
+                      "and kernel kind (GEMM, Pallas, cuDNN attention, fusions), SH2 vs all-MHA"),
     "generate": ("experiments.bench_generate", "decode tokens/s vs context, long-prompt prefill"),
     "attention": ("experiments.bench_attention", "Pallas position-masked flash attention vs cuDNN "
                   "(GPU), block-size sweep"),

@@ -1,0 +1,101 @@
+"""`sh2 bench profile-train`: kernel kinds from optimized HLO, attribution to model parts and passes."""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import jax.numpy as jnp
+
+from experiments import bench_train, profile_train
+
+_STACK = "jit(step)/jvp(StripedHyena2)/StripedHyena2._stack"
+_BACK = ("jit(step)/transpose(jvp(StripedHyena2))/StripedHyena2._stack/jvp(StripedHyena2)/"
+         "StripedHyena2._stack/checkpoint")
+GPU_HLO = f"""
+HloModule jit_step, entry_computation_layout={{(f32[4]{{0}})->f32[4]{{0}}}}
+
+%fused_computation.3 (p0: bf16[8,4]) -> bf16[8,4] {{
+  %p0 = bf16[8,4]{{1,0}} parameter(0)
+  ROOT %mul.1 = bf16[8,4]{{1,0}} multiply(%p0, %p0), metadata={{op_name="{_BACK}/block_2/mixer/mul"}}
+}}
+
+ENTRY %main (p: f32[4]) -> f32[4] {{
+  %custom-call.12 = (bf16[8192,5760]{{1,0}}, s8[4194304]{{0}}) custom-call(bf16[8192,1920]{{1,0}} %a, bf16[1920,5760]{{1,0}} %b), custom_call_target="__cublas$gemm", metadata={{op_name="{_STACK}/block_0/mixer/dot_general" source_file="hyena.py" source_line=3}}, backend_config={{"gemm_backend_config":{{}}}}
+  %fusion.3 = bf16[8,4]{{1,0}} fusion(%a), kind=kLoop, calls=%fused_computation.3, metadata={{op_name="{_BACK}/rematted_computation/block_2/mixer/mul"}}
+  %custom-call.7 = bf16[1,8192,1920]{{2,1,0}} custom-call(%a, %b), custom_call_target="__gpu$xla.gpu.triton", metadata={{op_name="{_STACK}/block_1/mixer/jit(gate_conv_gate)/pallas_call"}}
+  %custom-call.9 = (bf16[1,8192,16,128]{{3,2,1,0}}, f32[1,16,8192]{{2,1,0}}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax", metadata={{op_name="{_STACK}/block_3/mixer/dot_product_attention"}}
+  %gemm_fusion.2 = bf16[8192,5120]{{1,0}} fusion(%x, %w), kind=kCustom, calls=%gemm_computation, metadata={{op_name="{_BACK}/block_0/mlp/dot_general"}}, backend_config={{"fusion_backend_config":{{"kind":"__triton_gemm"}}}}
+  %loop_add_fusion = f32[1920]{{0}} fusion(%g), kind=kLoop, calls=%add_computation, metadata={{op_name="jit(step)/mul"}}
+  %copy.4 = f32[8192,1920]{{1,0}} copy(%x), metadata={{op_name="{_BACK}/block_1/pre_norm/mul"}}
+  %input_reduce_fusion = f32[8192]{{0}} fusion(%x), kind=kInput, calls=%reduce_computation, metadata={{op_name="{_STACK}/final_norm/reduce_sum"}}
+  ROOT %tuple.1 = (f32[4]{{0}}) tuple(%p)
+}}
+"""
+
+
+def test_parse_hlo_kinds_and_names():
+  ops = profile_train.parse_hlo(GPU_HLO)
+  kinds = {name: op.kind for name, op in ops.items()}
+  assert kinds["custom-call.12"] == "GEMM"
+  assert kinds["gemm_fusion.2"] == "GEMM"
+  assert kinds["custom-call.7"] == "Pallas kernels"
+  assert kinds["custom-call.9"] == "cuDNN attention"
+  assert kinds["fusion.3"] == "other fusions"
+  assert kinds["loop_add_fusion"] == "other fusions"
+  assert kinds["input_reduce_fusion"] == "other fusions"
+  assert kinds["copy.4"] == "copies"
+  assert kinds["mul.1"] == "other"
+  assert ops["custom-call.7"].op_name.endswith("block_1/mixer/jit(gate_conv_gate)/pallas_call")
+  assert ops["tuple.1"].op_name == ""
+
+
+def test_attribute_parts_passes_and_kinds():
+  ops = profile_train.parse_hlo(GPU_HLO)
+  layers = ("SE", "MR", "LI", "MHA")
+  ns = {"custom-call.12": 2e6, "fusion.3": 4e6, "custom-call.7": 6e6, "custom-call.9": 8e6,
+        "gemm_fusion.2": 10e6, "loop_add_fusion": 12e6, "copy.4": 14e6, "input_reduce_fusion": 16e6,
+        "memset.1": 18e6}
+  got = profile_train.attribute(ns, ops, layers, steps=2)
+  assert got == {("SE mixer", "forward", "GEMM"): 1.0,
+                 ("LI mixer", "recompute", "other fusions"): 2.0,
+                 ("MR mixer", "forward", "Pallas kernels"): 3.0,
+                 ("MHA mixer", "forward", "cuDNN attention"): 4.0,
+                 ("MLP", "backward", "GEMM"): 5.0,
+                 ("loss, clipping, AdamW", "loss and update", "other fusions"): 6.0,
+                 ("norms", "backward", "copies"): 7.0,
+                 ("embedding, final norm, logits", "forward", "other fusions"): 8.0,
+                 ("unattributed", "loss and update", "other"): 9.0}
+  table = "\n".join(profile_train.markdown_table(
+      "m", bench_train.variants("tiny")[0][1], 64, 50.0, got))
+  all_row = next(line for line in table.splitlines() if line.startswith("| **all**"))
+  assert "| 45.00 |" in all_row  # 1 + 2 + ... + 9 ms
+
+
+def test_every_kernel_of_a_real_step_is_attributed():
+  """The tiny model's compiled train step (CPU): every block's mixer and MLP is found, with the
+  right kind for its layer, in the forward, the remat recompute and the backward."""
+  model = bench_train.variants("tiny", "save_dots")[0][1]
+  step, state, windows = bench_train.build_step(model, 64, 1)
+  ops = profile_train.parse_hlo(step.lower(state, windows[0]).compile().as_text())
+  parts = collections.Counter((profile_train.model_part(op.op_name, model.layers),
+                               profile_train.model_pass(op.op_name)) for op in ops.values() if op.op_name)
+  for kind in set(model.layers):
+    for model_pass in ("forward", "recompute", "backward"):
+      assert parts[(f"{kind} mixer", model_pass)] > 0, (kind, model_pass)
+  assert parts[("MLP", "backward")] > 0 and parts[("loss, clipping, AdamW", "loss and update")] > 0
+  names = [op.op_name for op in ops.values()]
+  assert not [n for n in names if re.search(r"block_\d+/mixer", n)
+              and profile_train.model_part(n, model.layers) == "loss, clipping, AdamW"]
+
+
+def test_profile_train_writes_both_tables(tmp_path):
+  out = tmp_path / "profile.md"
+  assert profile_train.main(["--preset", "tiny", "--lengths", "64", "--iters", "1",
+                             "--set", "d_model=64", "--out", str(out)]) == 0
+  text = out.read_text()
+  assert "### tiny (SH2: 1 MHA of 4), L=64" in text and "### tiny shape, all MHA, L=64" in text
+  sh2_table = text.split("### tiny shape, all MHA")[0]
+  for part in ("SE mixer", "MR mixer", "LI mixer", "MHA mixer", "MLP", "loss, clipping, AdamW"):
+    assert f"| {part} |" in sh2_table
+  assert jnp.isfinite(float(re.search(r"device busy ([\d.]+) ms", text).group(1)))
