@@ -185,6 +185,32 @@ def markdown_table(name: str, model: config_lib.ModelConfig, length: int, wall_m
   return lines + [""]
 
 
+def pair_summary(sh2: tuple[float, dict[tuple[str, str, str], float]],
+                 mha: tuple[float, dict[tuple[str, str, str], float]]) -> list[str]:
+  """Lines comparing the SH2 and all-MHA steps (each (wall ms, times)): the tokens/s ratio, the
+  Hyena mixers' time beyond their GEMMs, and the ratio the step would have without it."""
+  def total(times, parts=None, kinds=None):
+    return sum(v for (p, _, k), v in times.items()
+               if (parts is None or p in parts) and (kinds is None or k in kinds))
+  (sh2_wall, sh2_t), (mha_wall, mha_t) = sh2, mha
+  hyena = {p for p, _, _ in sh2_t if p.endswith("mixer") and p != "MHA mixer"}
+  common = {"MLP", "norms", "embedding, final norm, logits", "loss, clipping, AdamW"}
+  sh2_busy, mha_busy = total(sh2_t), total(mha_t)
+  hyena_all, hyena_gemm = total(sh2_t, hyena), total(sh2_t, hyena, {"GEMM"})
+  beyond = hyena_all - hyena_gemm
+  return [
+      f"- SH2 / all-MHA tokens/s: {mha_wall / sh2_wall:.3f} by wall time, {mha_busy / sh2_busy:.3f} by "
+      "device busy time",
+      f"- Hyena mixers: {hyena_all:.1f} ms per step, of which GEMMs {hyena_gemm:.1f} and the rest "
+      f"(Pallas kernels, fusions, copies) {beyond:.1f}; MHA mixers: {total(sh2_t, {'MHA mixer'}):.1f} ms "
+      f"in SH2, {total(mha_t, {'MHA mixer'}):.1f} in the all-MHA model "
+      f"(cuDNN attention {total(mha_t, {'MHA mixer'}, {'cuDNN attention'}):.1f})",
+      f"- parts common to both (MLP, norms, logits, loss and update): {total(sh2_t, common):.1f} ms in "
+      f"SH2, {total(mha_t, common):.1f} in the all-MHA model",
+      f"- if the Hyena mixers cost only their GEMMs, SH2 / all-MHA would be "
+      f"{mha_busy / (sh2_busy - beyond):.3f} (device busy time)", ""]
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="sh2 bench profile-train", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,14 +238,19 @@ def main(argv: list[str] | None = None) -> int:
            "step of device time summed per kernel (command buffers off)", ""]
   pair = bench_train.variants(args.preset, args.remat, overrides)
   for length in [int(x) for x in args.lengths.split(",") if x.strip()]:
+    profiles = {}
     for (name, model), tag in zip(pair, ("sh2", "mha")):
       if tag not in wanted:
         continue
-      wall_ms, times = profile_step(model, length, args.batch, args.iters)
-      table = markdown_table(name, model, length, wall_ms, times)
+      profiles[tag] = profile_step(model, length, args.batch, args.iters)
+      table = markdown_table(name, model, length, *profiles[tag])
       print("\n".join(table), flush=True)
       lines += table
       jax.clear_caches()
+    if len(profiles) == 2:
+      summary = [f"### SH2 against all-MHA, L={length}", ""] + pair_summary(profiles["sh2"], profiles["mha"])
+      print("\n".join(summary), flush=True)
+      lines += summary
   text = "\n".join(lines)
   path = args.out or os.path.join(bench_train.RESULTS,
                                   f"train_profile_{device.device_kind.lower().replace(' ', '_')}.md")

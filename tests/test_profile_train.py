@@ -99,3 +99,17 @@ def test_profile_train_writes_both_tables(tmp_path):
   for part in ("SE mixer", "MR mixer", "LI mixer", "MHA mixer", "MLP", "loss, clipping, AdamW"):
     assert f"| {part} |" in sh2_table
   assert jnp.isfinite(float(re.search(r"device busy ([\d.]+) ms", text).group(1)))
+
+
+def test_pair_summary_bound():
+  sh2 = (100.0, {("SE mixer", "forward", "GEMM"): 10.0, ("SE mixer", "backward", "Pallas kernels"): 4.0,
+                 ("LI mixer", "forward", "other fusions"): 6.0, ("MHA mixer", "forward", "cuDNN attention"): 5.0,
+                 ("MLP", "forward", "GEMM"): 55.0})
+  mha = (130.0, {("MHA mixer", "forward", "cuDNN attention"): 40.0, ("MHA mixer", "forward", "GEMM"): 15.0,
+                 ("MLP", "forward", "GEMM"): 55.0})
+  text = "\n".join(profile_train.pair_summary(sh2, mha))
+  assert "1.300 by wall time, 1.375 by device busy time" in text  # 130/100, 110/80
+  assert "Hyena mixers: 20.0 ms per step, of which GEMMs 10.0 and the rest (Pallas kernels, fusions, copies) 10.0" in text
+  assert "5.0 ms in SH2, 55.0 in the all-MHA model (cuDNN attention 40.0)" in text
+  assert "55.0 ms in SH2, 55.0 in the all-MHA model" in text
+  assert "would be 1.571 (device busy time)" in text  # 110 / (80 - 10)
