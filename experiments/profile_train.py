@@ -8,7 +8,8 @@ device time of every kernel, attributed through the optimized HLO to
 - a part of the model: each mixer kind (SE, MR, LI, MHA), the MLPs, the norms, the embedding
   and logits, and the rest (loss, gradient clipping, AdamW); from the op's JAX name stack
   (`block_<i>/mixer/...`, the block's kind from the layout);
-- a pass: forward, recompute (remat's forward inside the backward), backward;
+- a pass: forward, recompute (remat's forward inside the backward), backward, and the loss and
+  update outside the model;
 - a kind of kernel: GEMM (cuBLAS, cuDNN or Triton GEMM), Pallas kernels, cuDNN attention,
   other fusions (elementwise, norms, reductions, casts), copies and transposes, other.
 Writes a markdown table per model and length (ms per step, per layer, share) to
@@ -134,8 +135,8 @@ def profile_step(model: config_lib.ModelConfig, length: int, batch: int, iters: 
                  ) -> tuple[float, dict[tuple[str, str, str], float]]:
   """(median wall ms per step, {(part, pass, kind): device ms per step}) of one train step."""
   step, state, windows = bench_train.build_step(model, length, batch)
-  compiled = step.lower(state, windows[0]).compile()
-  ops = parse_hlo(compiled.as_text())
+  step = step.lower(state, windows[0]).compile()  # the program that runs is the one parsed
+  ops = parse_hlo(step.as_text())
   for i in range(2):
     state, metrics = step(state, windows[i % 2])
   jax.block_until_ready(metrics)
