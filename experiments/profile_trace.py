@@ -79,16 +79,15 @@ def fwd_bwd_fn(name: str, config: ModelConfig, x_BLD: jax.Array,
   return jax.jit(fwd_bwd), (params, x_BLD)
 
 
-def kernel_times(trace_dir: str) -> tuple[dict[str, float], list[str]]:
-  """{HLO op or kernel name: total device ns} over the GPU planes of a trace (off GPU: the
-  host events that carry an hlo_op), and the names of the lines seen."""
+def kernel_events(trace_dir: str) -> tuple[list[tuple[int, int, str]], list[str]]:
+  """[(start ns, duration ns, HLO op or kernel name)] of every kernel on the GPU planes of a
+  trace (off GPU: the host events that carry an hlo_op), and the names of the lines seen."""
   from jax.profiler import ProfileData  # noqa: PLC0415 - only where a trace exists
 
   paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
   planes = [plane for path in paths for plane in ProfileData.from_file(path).planes]
   gpu = [plane for plane in planes if plane.name.startswith("/device:GPU")]
-  totals: dict[str, float] = collections.defaultdict(float)
-  lines_seen = []
+  events, lines_seen = [], []
   for plane in gpu or planes:
     for line in plane.lines:
       lines_seen.append(f"{plane.name}:{line.name}")
@@ -97,7 +96,17 @@ def kernel_times(trace_dir: str) -> tuple[dict[str, float], list[str]]:
       for event in line.events:
         stats = {name: value for name, value in event.stats}
         if gpu or "hlo_op" in stats:
-          totals[str(stats.get("hlo_op", event.name))] += event.duration_ns
+          events.append((int(event.start_ns), int(event.duration_ns), str(stats.get("hlo_op", event.name))))
+  return events, lines_seen
+
+
+def kernel_times(trace_dir: str) -> tuple[dict[str, float], list[str]]:
+  """{HLO op or kernel name: total device ns} over a trace's kernels (see kernel_events), and
+  the names of the lines seen."""
+  events, lines_seen = kernel_events(trace_dir)
+  totals: dict[str, float] = collections.defaultdict(float)
+  for _, duration, name in events:
+    totals[name] += duration
   return totals, lines_seen
 
 

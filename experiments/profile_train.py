@@ -12,6 +12,8 @@ device time of every kernel, attributed through the optimized HLO to
   update outside the model;
 - a kind of kernel: GEMM (cuBLAS, cuDNN or Triton GEMM), Pallas kernels, cuDNN attention,
   other fusions (elementwise, norms, reductions, casts), copies and transposes, other.
+Also the device idle time just before each part's kernels (gaps in the timeline: launch cost,
+synchronisation) and, with `--top N`, the N costliest mixer kernels summed over layers.
 Writes a markdown table per model and length (ms per step, per layer, share) to
 experiments/results/train_profile_<device>.md. Command buffers are turned off so that every
 kernel is one trace event (steps run a little slower than in `sh2 bench train`).
@@ -38,7 +40,7 @@ import logging  # noqa: E402
 import jax  # noqa: E402
 
 from experiments import bench_train  # noqa: E402
-from experiments.profile_trace import kernel_times  # noqa: E402
+from experiments.profile_trace import kernel_events  # noqa: E402
 from sh2_jax import config as config_lib  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class HloOp:
   """One instruction of an optimized HLO module: what kind of kernel it is and whose it is."""
   kind: str  # one of KINDS
   op_name: str  # JAX name stack from the metadata ("" if none)
+  shape: str = ""  # the result's type, e.g. "bf16[1,8192,1920]{2,1,0}"
 
 
 def kernel_kind(opcode: str, rest: str) -> str:
@@ -92,7 +95,8 @@ def parse_hlo(hlo_text: str) -> dict[str, HloOp]:
     if not opcode:
       continue
     op_name = re.search(r'op_name="([^"]*)"', rhs)
-    ops[name] = HloOp(kernel_kind(opcode.group(1), rhs[opcode.end():]), op_name.group(1) if op_name else "")
+    ops[name] = HloOp(kernel_kind(opcode.group(1), rhs[opcode.end():]), op_name.group(1) if op_name else "",
+                      rhs[:opcode.start()].strip())
   return ops
 
 
@@ -118,22 +122,84 @@ def model_pass(op_name: str) -> str:
   return "recompute" if "rematted_computation" in op_name else "backward"
 
 
+def _key(op: HloOp | None, layers: tuple[str, ...]) -> tuple[str, str, str]:
+  if op is None:
+    return ("unattributed", "loss and update", "other")
+  return (model_part(op.op_name, layers), model_pass(op.op_name), op.kind)
+
+
 def attribute(totals_ns: dict[str, float], ops: dict[str, HloOp], layers: tuple[str, ...],
               steps: int) -> dict[tuple[str, str, str], float]:
   """{(part, pass, kind): ms per step} from per-instruction device ns over `steps` steps.
   Kernels the HLO does not name (e.g. memsets) go to ('unattributed', 'loss and update', 'other')."""
   out: dict[tuple[str, str, str], float] = collections.defaultdict(float)
   for name, ns in totals_ns.items():
-    op = ops.get(name)
-    key = ("unattributed", "loss and update", "other") if op is None else (
-        model_part(op.op_name, layers), model_pass(op.op_name), op.kind)
-    out[key] += ns / steps / 1e6
+    out[_key(ops.get(name), layers)] += ns / steps / 1e6
   return dict(out)
 
 
-def profile_step(model: config_lib.ModelConfig, length: int, batch: int, iters: int
-                 ) -> tuple[float, dict[tuple[str, str, str], float]]:
-  """(median wall ms per step, {(part, pass, kind): device ms per step}) of one train step."""
+def idle_before(events: list[tuple[int, int, str]]) -> dict[str, float]:
+  """{kernel name: ns} of device idle time just before each kernel started, summed.
+
+  Events are (start ns, duration ns, name) on one device's timeline (any number of streams):
+  a kernel's gap is how long after the last running kernel ended it started, 0 if it overlaps.
+  Long gaps before a kind of kernel point at host-side launch cost or a synchronisation.
+  """
+  out: dict[str, float] = collections.defaultdict(float)
+  busy_until = None
+  for start, duration, name in sorted(events):
+    if busy_until is not None and start > busy_until:
+      out[name] += start - busy_until
+    busy_until = start + duration if busy_until is None else max(busy_until, start + duration)
+  return dict(out)
+
+
+def idle_by_part(idle_ns: dict[str, float], ops: dict[str, HloOp], layers: tuple[str, ...],
+                 steps: int) -> dict[str, float]:
+  """{part: ms per step of idle time before that part's kernels}."""
+  out: dict[str, float] = collections.defaultdict(float)
+  for name, ns in idle_ns.items():
+    out[_key(ops.get(name), layers)[0]] += ns / steps / 1e6
+  return dict(out)
+
+
+def top_kernels(totals_ns: dict[str, float], ops: dict[str, HloOp], layers: tuple[str, ...],
+                steps: int, parts: set[str], count: int) -> list[str]:
+  """Markdown table of the `count` costliest kernels of `parts`, each summed over the layers
+  (the same JAX op in every block of a kind is one row), ms per step."""
+  rows: dict[tuple[str, str, str, str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
+  for name, ns in totals_ns.items():
+    op = ops.get(name)
+    part, model_pass_, kind = _key(op, layers)
+    if part not in parts:
+      continue
+    where = re.sub(r"^.*?block_\d+/(mixer|mlp|pre_norm|post_norm)/", "", op.op_name)
+    where = re.sub(r"block_\d+", "block_*", where)
+    shape = re.sub(r"\{[\d,]*\}", "", op.shape)[:60]
+    row = rows[(part, model_pass_, kind, where[-90:], shape)]
+    row[0] += ns / steps / 1e6
+    row[1] += 1
+  lines = ["| part | pass | kind | ms/step | kernels | JAX op (after the block's part) | result |",
+           "|---|---|---|---|---|---|---|"]
+  for (part, model_pass_, kind, where, shape), (ms, kernels) in sorted(rows.items(), key=lambda r: -r[1][0])[:count]:
+    lines.append(f"| {part} | {model_pass_} | {kind} | {ms:.2f} | {kernels} | `{where}` | `{shape}` |")
+  return lines + [""]
+
+
+@dataclasses.dataclass
+class StepProfile:
+  """One train step's profile: wall ms per step, {(part, pass, kind): device ms per step},
+  {part: idle ms per step before its kernels}, and the per-kernel totals to rank."""
+  wall_ms: float
+  times: dict[tuple[str, str, str], float]
+  idle: dict[str, float]
+  totals_ns: dict[str, float]
+  ops: dict[str, HloOp]
+  steps: int
+
+
+def profile_step(model: config_lib.ModelConfig, length: int, batch: int, iters: int) -> StepProfile:
+  """Profile of `iters` train steps of `model` after 2 warm-ups (median-free: wall is the mean)."""
   step, state, windows = bench_train.build_step(model, length, batch)
   step = step.lower(state, windows[0]).compile()  # the program that runs is the one parsed
   ops = parse_hlo(step.as_text())
@@ -150,9 +216,14 @@ def profile_step(model: config_lib.ModelConfig, length: int, batch: int, iters: 
     for i in range(iters):
       state, metrics = step(state, windows[i % 2])
     jax.block_until_ready(metrics)
-  totals, _ = kernel_times(trace_dir)
+  events, _ = kernel_events(trace_dir)
   del state
-  return wall_ms, attribute(totals, ops, tuple(model.layers), iters)
+  totals: dict[str, float] = collections.defaultdict(float)
+  for _, duration, name in events:
+    totals[name] += duration
+  layers = tuple(model.layers)
+  return StepProfile(wall_ms, attribute(totals, ops, layers, iters),
+                     idle_by_part(idle_before(events), ops, layers, iters), dict(totals), ops, iters)
 
 
 def _part_order(parts: set[str]) -> list[str]:
@@ -162,14 +233,18 @@ def _part_order(parts: set[str]) -> list[str]:
 
 
 def markdown_table(name: str, model: config_lib.ModelConfig, length: int, wall_ms: float,
-                   times: dict[tuple[str, str, str], float]) -> list[str]:
-  """Lines of one model's table: per part, ms per step by pass and by kernel kind."""
+                   times: dict[tuple[str, str, str], float],
+                   idle: dict[str, float] | None = None) -> list[str]:
+  """Lines of one model's table: per part, ms per step by pass and by kernel kind, and the
+  device idle time just before the part's kernels (`idle`, {part: ms per step})."""
   busy = sum(times.values())
+  idle = idle or {}
   counts = collections.Counter(model.layers)
-  lines = [f"### {name}, L={length}: {wall_ms:.1f} ms per step (wall), device busy {busy:.1f} ms", "",
+  lines = [f"### {name}, L={length}: {wall_ms:.1f} ms per step (wall), device busy {busy:.1f} ms, "
+           f"idle between kernels {sum(idle.values()):.1f} ms", "",
            "| part | layers | ms/step | ms/layer | share | " + " | ".join(PASSES) + " | "
-           + " | ".join(KINDS) + " |", "|---|" + "---|" * (4 + len(PASSES) + len(KINDS))]
-  parts = {p for p, _, _ in times}
+           + " | ".join(KINDS) + " | idle before |", "|---|" + "---|" * (5 + len(PASSES) + len(KINDS))]
+  parts = {p for p, _, _ in times} | set(idle)
   for part in _part_order(parts):
     total = sum(v for (p, _, _), v in times.items() if p == part)
     kind = part.removesuffix(" mixer")
@@ -178,11 +253,12 @@ def markdown_table(name: str, model: config_lib.ModelConfig, length: int, wall_m
     by_pass = [sum(v for (p, q, _), v in times.items() if p == part and q == x) for x in PASSES]
     by_kind = [sum(v for (p, _, k), v in times.items() if p == part and k == x) for x in KINDS]
     lines.append(f"| {part} | {layers or ''} | {total:.2f} | {per_layer} | {total / busy:.1%} | "
-                 + " | ".join(f"{v:.2f}" for v in by_pass) + " | " + " | ".join(f"{v:.2f}" for v in by_kind) + " |")
+                 + " | ".join(f"{v:.2f}" for v in by_pass) + " | " + " | ".join(f"{v:.2f}" for v in by_kind)
+                 + f" | {idle.get(part, 0.0):.2f} |")
   by_kind = [sum(v for (_, _, k), v in times.items() if k == x) for x in KINDS]
   by_pass = [sum(v for (_, q, _), v in times.items() if q == x) for x in PASSES]
   lines.append(f"| **all** | {model.num_layers} | {busy:.2f} | | 100% | " + " | ".join(f"{v:.2f}" for v in by_pass)
-               + " | " + " | ".join(f"{v:.2f}" for v in by_kind) + " |")
+               + " | " + " | ".join(f"{v:.2f}" for v in by_kind) + f" | {sum(idle.values()):.2f} |")
   return lines + [""]
 
 
@@ -223,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--models", default="sh2,mha", help="which of the pair: sh2, mha or both")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="model setting for both models, e.g. d_model=256 (repeatable)")
+  parser.add_argument("--top", type=int, default=0,
+                      help="also list the N costliest kernels of the mixers (summed over layers)")
   parser.add_argument("--out", default=None,
                       help="markdown path (default experiments/results/train_profile_<device>.md)")
   args = parser.parse_args(argv)
@@ -243,8 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     for (name, model), tag in zip(pair, ("sh2", "mha")):
       if tag not in wanted:
         continue
-      profiles[tag] = profile_step(model, length, args.batch, args.iters)
-      table = markdown_table(name, model, length, *profiles[tag])
+      prof = profile_step(model, length, args.batch, args.iters)
+      profiles[tag] = (prof.wall_ms, prof.times)
+      table = markdown_table(name, model, length, prof.wall_ms, prof.times, prof.idle)
+      if args.top:
+        mixers = {p for p, _, _ in prof.times if p.endswith("mixer")}
+        table += [f"Costliest {args.top} mixer kernels, {name}, L={length}:", ""] + top_kernels(
+            prof.totals_ns, prof.ops, tuple(model.layers), prof.steps, mixers, args.top)
       print("\n".join(table), flush=True)
       lines += table
       jax.clear_caches()

@@ -46,6 +46,7 @@ def test_parse_hlo_kinds_and_names():
   assert kinds["input_reduce_fusion"] == "other fusions"
   assert kinds["copy.4"] == "copies"
   assert kinds["mul.1"] == "other"
+  assert ops["custom-call.12"].shape == "(bf16[8192,5760]{1,0}, s8[4194304]{0})"
   assert ops["custom-call.7"].op_name.endswith("block_1/mixer/jit(gate_conv_gate)/pallas_call")
   assert ops["tuple.1"].op_name == ""
 
@@ -91,7 +92,7 @@ def test_every_kernel_of_a_real_step_is_attributed():
 
 def test_profile_train_writes_both_tables(tmp_path):
   out = tmp_path / "profile.md"
-  assert profile_train.main(["--preset", "tiny", "--lengths", "64", "--iters", "1",
+  assert profile_train.main(["--preset", "tiny", "--lengths", "64", "--iters", "1", "--top", "5",
                              "--set", "d_model=64", "--out", str(out)]) == 0
   text = out.read_text()
   assert "### tiny (SH2: 1 MHA of 4), L=64" in text and "### tiny shape, all MHA, L=64" in text
@@ -99,6 +100,8 @@ def test_profile_train_writes_both_tables(tmp_path):
   for part in ("SE mixer", "MR mixer", "LI mixer", "MHA mixer", "MLP", "loss, clipping, AdamW"):
     assert f"| {part} |" in sh2_table
   assert jnp.isfinite(float(re.search(r"device busy ([\d.]+) ms", text).group(1)))
+  assert "Costliest 5 mixer kernels, tiny (SH2: 1 MHA of 4), L=64" in text
+  assert len(re.findall(r"^\| (SE|MR|LI|MHA) mixer \| (forward|recompute|backward) \|", sh2_table, re.M)) == 5
 
 
 def test_pair_summary_bound():
@@ -113,3 +116,25 @@ def test_pair_summary_bound():
   assert "5.0 ms in SH2, 55.0 in the all-MHA model (cuDNN attention 40.0)" in text
   assert "55.0 ms in SH2, 55.0 in the all-MHA model" in text
   assert "would be 1.571 (device busy time)" in text  # 110 / (80 - 10)
+
+
+def test_idle_before_counts_gaps_once_across_streams():
+  # Kernel a runs 0-10, b overlaps it on another stream (5-20), c starts after a 5 ns gap,
+  # d after a 30 ns gap; a kernel inside a running one (e) adds nothing.
+  events = [(0, 10, "a"), (5, 15, "b"), (25, 5, "c"), (26, 2, "e"), (60, 1, "d"), (61, 1, "d")]
+  assert profile_train.idle_before(events) == {"c": 5, "d": 30}
+
+
+def test_top_kernels_sums_layers_and_ranks():
+  stack = "jit(step)/jvp(StripedHyena2)/StripedHyena2._stack"
+  ops = {f"f{i}": profile_train.HloOp("other fusions", f"{stack}/block_{i}/mixer/conv/add", "f32[4,8]{1,0}")
+         for i in range(3)}
+  ops["k0"] = profile_train.HloOp("Pallas kernels", f"{stack}/block_0/mixer/pallas_call", "(bf16[4]{0}, f32[2]{0})")
+  ops["m0"] = profile_train.HloOp("GEMM", f"{stack}/block_0/mlp/dot_general")
+  ns = {"f0": 1e6, "f1": 2e6, "f2": 3.5e6, "k0": 4e6, "m0": 100e6}
+  lines = profile_train.top_kernels(ns, ops, ("SE", "SE", "MR"), 1, {"SE mixer", "MR mixer"}, 2)
+  assert lines[2] == "| SE mixer | forward | Pallas kernels | 4.00 | 1 | `pallas_call` | `(bf16[4], f32[2])` |"
+  assert lines[3] == "| MR mixer | forward | other fusions | 3.50 | 1 | `conv/add` | `f32[4,8]` |"
+  assert len(lines) == 5  # header, rule, 2 rows, blank; the MLP GEMM is not a mixer kernel
+  lines = profile_train.top_kernels(ns, ops, ("SE", "SE", "SE"), 1, {"SE mixer"}, 5)
+  assert "| SE mixer | forward | other fusions | 6.50 | 3 | `conv/add` | `f32[4,8]` |" in lines
