@@ -17,7 +17,7 @@ segment is walked row by row (a `fori_loop` over chunks of `chunk` rows, the row
 unrolled), the [N, block_c] float32 state in registers; every input byte is read once per
 pass and every output byte written once. Segments make the grid wide enough for the GPU: a
 first pass computes each segment's state from a zero start, XLA chains the [B, S, N, C]
-segment states (a scan of S steps), and the main pass starts every segment from its true
+segment states (an associative scan over S), and the main pass starts every segment from its true
 state. All math is float32 and exact up to rounding (no p^-t scalings, any decay rate).
 
 Backward (custom_vjp), with g = dout * post:
@@ -330,36 +330,56 @@ def _segment_states(p_NC, pre, v, bs, interpret, with_z):
 
 def _chain_forward(s_hat_BSNC, z_hat_BSNC, p_seg_NC):
   """Segment-start states from segment-local final ones: s0_(k+1) = P s0_k + s_hat_k,
-  z0_(k+1) = P z0_k + Ls P s0_k + z_hat_k (P = p^Ls, Ls rows per segment)."""
+  z0_(k+1) = P z0_k + Ls P s0_k + z_hat_k (P = p^Ls, Ls rows per segment), s0_0 = z0_0 = 0.
+
+  Each segment is the affine map (s, z) -> ([[P, 0], [Ls P, P]] (s, z) + (s_hat, z_hat)); the
+  maps compose associatively, so the S segments chain in log2(S) parallel steps
+  (`associative_scan`) rather than a sequential loop of S steps, whose tiny kernels and
+  per-iteration loop overhead cost more than the kernels around them at S = 32.
+  """
   p_seg, ls_p = p_seg_NC
+  s_hat = jnp.moveaxis(s_hat_BSNC, 1, 0)
+  diag = jnp.broadcast_to(p_seg, s_hat.shape)
+  if z_hat_BSNC is None:
+    def compose(first, second):
+      (a1, b1), (a2, b2) = first, second
+      return a2 * a1, a2 * b1 + b2
 
-  def step(carry, hats):
-    s0, z0 = carry
-    s_hat, z_hat = hats
-    s1 = p_seg * s0 + s_hat
-    z1 = None if z_hat is None else p_seg * z0 + ls_p * s0 + z_hat
-    return (s1, z1), (s0, z0)
+    _, s_end = jax.lax.associative_scan(compose, (diag, s_hat))
+    return _shift_in_zero(s_end), None
 
-  zeros = jnp.zeros_like(s_hat_BSNC[:, 0])
-  hats = (jnp.moveaxis(s_hat_BSNC, 1, 0),
-          None if z_hat_BSNC is None else jnp.moveaxis(z_hat_BSNC, 1, 0))
-  init = (zeros, None if z_hat_BSNC is None else zeros)
-  _, (s0, z0) = jax.lax.scan(step, init, hats)
-  return jnp.moveaxis(s0, 0, 1), None if z0 is None else jnp.moveaxis(z0, 0, 1)
+  def compose_with_z(first, second):
+    # (a, c, bs, bz): s -> a s + bs, z -> a z + c s + bz.
+    a1, c1, bs1, bz1 = first
+    a2, c2, bs2, bz2 = second
+    return a2 * a1, c2 * a1 + a2 * c1, a2 * bs1 + bs2, c2 * bs1 + a2 * bz1 + bz2
+
+  lower = jnp.broadcast_to(ls_p, s_hat.shape)
+  z_hat = jnp.moveaxis(z_hat_BSNC, 1, 0)
+  _, _, s_end, z_end = jax.lax.associative_scan(compose_with_z, (diag, lower, s_hat, z_hat))
+  return _shift_in_zero(s_end), _shift_in_zero(z_end)
+
+
+def _shift_in_zero(x_SBNC):
+  """[S, B, N, C] states after each segment -> [B, S, N, C] states before it (zero first)."""
+  return jnp.moveaxis(jnp.concatenate([jnp.zeros_like(x_SBNC[:1]), x_SBNC[:-1]]), 0, 1)
 
 
 def _chain_reverse(a_hat_BSNC, p_seg_NC):
-  """Adjoint entering each segment from the right: c_k = a_hat_(k+1) + P c_(k+1), c_last = 0."""
+  """Adjoint entering each segment from the right: c_k = a_hat_(k+1) + P c_(k+1), c_last = 0
+  (an associative scan from the right, as in _chain_forward)."""
 
-  def step(c, a_hat_next):
-    c = a_hat_next + p_seg_NC * c
-    return c, c
+  def compose(later, earlier):
+    # Reverse scans combine (element k+1's prefix, element k): c -> a c + b.
+    (a2, b2), (a1, b1) = later, earlier
+    return a1 * a2, a1 * b2 + b1
 
-  zeros = jnp.zeros_like(a_hat_BSNC[:, 0])
   shifted = jnp.moveaxis(a_hat_BSNC[:, 1:], 1, 0)
-  _, c_rev = jax.lax.scan(step, zeros, shifted, reverse=True)
-  c_SBNC = jnp.concatenate([c_rev, zeros[None]], axis=0)
-  return jnp.moveaxis(c_SBNC, 0, 1)
+  if shifted.shape[0] == 0:
+    return jnp.zeros_like(a_hat_BSNC)
+  diag = jnp.broadcast_to(p_seg_NC, shifted.shape)
+  _, c = jax.lax.associative_scan(compose, (diag, shifted), reverse=True)
+  return jnp.moveaxis(jnp.concatenate([c, jnp.zeros_like(c[:1])]), 0, 1)
 
 
 def _prepare(log_poles_CN, residues_CN, dskip_C, bs, padded_len):

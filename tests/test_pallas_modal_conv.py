@@ -191,3 +191,28 @@ def test_lowers_for_cuda(dtype, block_sizes):
   for name in ("modal_conv_states", "modal_conv_fwd", "modal_conv_bwd_forward",
                "modal_conv_bwd_reverse"):
     assert name in text
+
+
+@pytest.mark.parametrize("segments", [1, 2, 37])
+def test_segment_chains_match_sequential_float64(segments):
+  """The associative-scan chains equal the segment recurrences run one step at a time:
+  s0_(k+1) = P s0_k + s_hat_k, z0_(k+1) = P z0_k + Ls P s0_k + z_hat_k (zero start) and
+  c_k = a_hat_(k+1) + P c_(k+1) (c_last = 0)."""
+  rng = np.random.default_rng(segments)
+  batch, order, channels, seg_len = 2, 4, 8, 16
+  p_seg = rng.uniform(0.2, 1.0, (order, channels))
+  s_hat, z_hat, a_hat = (rng.standard_normal((batch, segments, order, channels)) for _ in range(3))
+  s0, z0 = np.zeros_like(s_hat), np.zeros_like(z_hat)
+  for k in range(segments - 1):
+    s0[:, k + 1] = p_seg * s0[:, k] + s_hat[:, k]
+    z0[:, k + 1] = p_seg * z0[:, k] + seg_len * p_seg * s0[:, k] + z_hat[:, k]
+  c = np.zeros_like(a_hat)
+  for k in range(segments - 2, -1, -1):
+    c[:, k] = a_hat[:, k + 1] + p_seg * c[:, k + 1]
+  f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+  got_s, got_z = mc._chain_forward(f32(s_hat), f32(z_hat), (f32(p_seg), f32(seg_len * p_seg)))
+  got_s_only, none = mc._chain_forward(f32(s_hat), None, (f32(p_seg), f32(seg_len * p_seg)))
+  got_c = mc._chain_reverse(f32(a_hat), f32(p_seg))
+  assert none is None
+  for got, want in ((got_s, s0), (got_z, z0), (got_s_only, s0), (got_c, c)):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
