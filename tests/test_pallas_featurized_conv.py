@@ -13,6 +13,7 @@ import pytest
 from pallas_kernels import blocked_conv as bc
 from tests import helpers
 from pallas_kernels import featurized_conv as fc
+from sh2_jax.ops import hyena
 
 TOLERANCE = {jnp.float32: 2e-6, jnp.bfloat16: 1.5e-2}
 
@@ -398,3 +399,35 @@ def test_module_with_interleaved_fused_kernel_equals_direct(monkeypatch):
   monkeypatch.setattr(hyena, "FUSED_Z_LAYOUT", "interleaved")
   config = ModelConfig(d_model=32, num_heads=2, se_groups=2, layout="SE", dtype="float32")
   helpers.assert_module_matches_direct(HyenaSE, config, "pallas_fused", (1, 40, 32), seed=9)
+
+
+@pytest.mark.parametrize("batch,length,channels,taps,dtype", [
+    (2, 70, 32, 3, jnp.float32), (1, 64, 48, 3, jnp.float32), (1, 45, 16, 5, jnp.bfloat16)])
+def test_featurize_with_pallas_backward_matches_float64(batch, length, channels, taps, dtype):
+  """ops.hyena's GPU featurizer (direct forward, Pallas backward; L not a multiple of the
+  kernel's 32-row chunk is padded): output and both gradients against a numpy float64 loop."""
+  rng = np.random.default_rng(length + channels)
+  z = rng.standard_normal((batch, length, channels))
+  w = rng.standard_normal((channels, taps))
+  ct = rng.standard_normal((batch, length, channels))
+  want_f = np.zeros_like(z)
+  for j in range(taps):
+    want_f[:, j:] += w[:, j] * z[:, :length - j]
+  # d/dz <ct, f> and d/dw <ct, f> by the same loop transposed.
+  want_dz, want_dw = np.zeros_like(z), np.zeros_like(w)
+  for j in range(taps):
+    want_dz[:, :length - j] += w[:, j] * ct[:, j:]
+    want_dw[:, j] = np.sum(ct[:, j:] * z[:, :length - j], axis=(0, 1))
+  z_j, w_j, ct_j = (jnp.asarray(x, dtype) for x in (z, w, ct))
+  f, vjp = jax.vjp(lambda zz, ww: hyena.featurize_with_pallas_backward(zz, ww, True), z_j, w_j)
+  dz, dw = vjp(ct_j)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  assert f.dtype == dtype and dz.dtype == dtype and dw.dtype == dtype
+  assert _rel_err(f, want_f) < tol and _rel_err(dz, want_dz) < tol and _rel_err(dw, want_dw) < tol
+
+
+def test_featurizer_backward_reason():
+  assert hyena.featurizer_backward_reason((1, 100, 1920), (1920, 3)) is None
+  assert "multiple of 16" in hyena.featurizer_backward_reason((1, 100, 24), (24, 3))
+  assert "one filter per channel" in hyena.featurizer_backward_reason((1, 100, 32), (4, 3))
+  assert "taps" in hyena.featurizer_backward_reason((1, 100, 32), (32, 40))

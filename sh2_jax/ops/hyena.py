@@ -11,6 +11,7 @@ convolution run in float32 and return the compute dtype.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -51,8 +52,51 @@ def project_and_featurize(x_BLD: jax.Array, w_in_D3D: jax.Array,
 
 
 def featurize(z_BLC: jax.Array, w_CK: jax.Array) -> jax.Array:
-  """Causal depthwise short convolution (one filter per channel, w[:, 0] on the current token)."""
+  """Causal depthwise short convolution (one filter per channel, w[:, 0] on the current token).
+
+  On GPU (where `featurizer_backward_reason` allows) the backward is one Pallas pass over the
+  cotangent and z for both gradients (featurize_with_pallas_backward); elsewhere autodiff.
+  """
+  if jax.default_backend() == "gpu" and featurizer_backward_reason(z_BLC.shape, w_CK.shape) is None:
+    return featurize_with_pallas_backward(z_BLC, w_CK, False)
   return conv.direct_conv(z_BLC, w_CK)
+
+
+def featurizer_backward_reason(shape_BLC: tuple[int, ...], shape_CK: tuple[int, ...]) -> str | None:
+  """Why the Pallas featurizer backward cannot take these shapes, or None if it can."""
+  if shape_BLC[-1] % 16:
+    return f"channels {shape_BLC[-1]} not a multiple of 16"
+  if shape_CK[0] != shape_BLC[-1]:
+    return f"grouped taps {shape_CK} (the kernel takes one filter per channel)"
+  if shape_CK[1] > featurized_conv.FEAT_BWD_CHUNK:
+    return f"{shape_CK[1]} taps > {featurized_conv.FEAT_BWD_CHUNK}"
+  return None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def featurize_with_pallas_backward(z_BLC: jax.Array, w_CK: jax.Array, interpret: bool) -> jax.Array:
+  """`featurize` whose gradients come from featurized_conv.featurizer_backward_pallas: dz and
+  dw in one read of the cotangent and z (XLA's autodiff of the shifted sum takes two passes
+  and a partial reduction per stream). Forward: conv.direct_conv. [B, L, C] in z's dtype."""
+  return conv.direct_conv(z_BLC, w_CK)
+
+
+def _featurize_fwd(z_BLC, w_CK, interpret):
+  return conv.direct_conv(z_BLC, w_CK), (z_BLC, w_CK)
+
+
+def _featurize_bwd(interpret, residuals, df_BLC):
+  z_BLC, w_CK = residuals
+  length = z_BLC.shape[1]
+  chunk = featurized_conv.FEAT_BWD_CHUNK
+  pad = ((0, 0), (0, -length % chunk), (0, 0))
+  dz, dw = featurized_conv.featurizer_backward_pallas(
+      jnp.pad(df_BLC.astype(z_BLC.dtype), pad), jnp.pad(z_BLC, pad), w_CK, chunk=chunk,
+      interpret=interpret)
+  return dz[:, :length], dw.astype(w_CK.dtype)
+
+
+featurize_with_pallas_backward.defvjp(_featurize_fwd, _featurize_bwd)
 
 
 def gated(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array, dskip_D: jax.Array | None,
