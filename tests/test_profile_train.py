@@ -138,3 +138,18 @@ def test_top_kernels_sums_layers_and_ranks():
   assert len(lines) == 5  # header, rule, 2 rows, blank; the MLP GEMM is not a mixer kernel
   lines = profile_train.top_kernels(ns, ops, ("SE", "SE", "SE"), 1, {"SE mixer"}, 5)
   assert "| SE mixer | forward | other fusions | 6.50 | 3 | `conv/add` | `f32[4,8]` |" in lines
+
+
+def test_bench_train_table_has_both_timings_and_ratios(tmp_path):
+  """`sh2 bench train` on the tiny preset: both models' rows with pipelined and synchronised
+  step times, tokens/s from the pipelined one, and the ratio row computed from the rows."""
+  out = tmp_path / "train.md"
+  assert bench_train.main(["--preset", "tiny", "--lengths", "64", "--iters", "2", "--out", str(out)]) == 0
+  text = out.read_text()
+  rows = re.findall(r"^\| (tiny[^|]*) \| 64 \| ([\d.]+) \| ([\d.]+) \| (\d+) \| — \|$", text, re.M)
+  assert [r[0] for r in rows] == ["tiny (SH2: 1 MHA of 4)", "tiny shape, all MHA"]
+  for _, ms, _, tokens in rows:
+    assert abs(int(tokens) - 64 / (float(ms) / 1e3)) <= 0.01 * int(tokens) + 1
+  ratio, synced = re.search(r"^\| 64 \| ([\d.]+) \| ([\d.]+) \| >= 1.3 \|$", text, re.M).groups()
+  assert abs(float(ratio) - int(rows[0][3]) / int(rows[1][3])) < 0.01
+  assert abs(float(synced) - float(rows[1][2]) / float(rows[0][2])) < 0.02
