@@ -31,7 +31,9 @@ Backward (custom_vjp), with g = dout * post:
 The forward saves the segment-start states of s and z ([B, S, N, C], small).
 
 `gate_conv_gate_auto` picks the kernel on GPU and the plain-JAX reference (`gate_conv_gate`,
-a chunked scan) elsewhere or for unsupported shapes. This module depends on jax only.
+a chunked scan) elsewhere or for unsupported shapes. `featurized_gate_conv_gate_pallas` takes
+the featurizer's inputs instead and featurizes each chunk's rows inside the same kernels.
+This module depends on jax and pallas_kernels.featurized_conv only.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import featurized_conv
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ DEFAULT_NUM_STAGES = 3
 TARGET_PROGRAMS = 1024  # segment heuristic: split L until the grid has this many programs
 MIN_SEGMENT_CHUNKS = 8  # segment heuristic: fewest chunks per program
 MAX_ORDER = 64  # modes per channel the kernels take (padded to a power of two)
+MAX_FEATURIZER_TAPS = 8  # featurizer taps the featurized kernels take (rows loaded before a chunk)
 PAD_LOG_POLE = -1.0  # log pole of the padding modes (residue 0): bounded, harmless
 
 
@@ -163,12 +168,19 @@ def _resolve(block_sizes: BlockSizes | None, shape_BLC: tuple[int, ...]) -> Bloc
 # ---------------------------------------------------------------------------------------------
 
 
-def _walk(refs, chunk: int, segment_chunks: int, reverse: bool, process, init):
+def _walk(refs, chunk: int, segment_chunks: int, reverse: bool, process, init, taps=None):
   """Runs `process(carry, base, rows)` over this program's segment, chunk by chunk (last
   chunk first if `reverse`); rows[k][i] is row base + i of refs[k], float32 [1, dc]. The next
   chunk's rows are loaded before the current chunk is processed (software prefetch: the loads
-  are in flight during the chunk's arithmetic)."""
+  are in flight during the chunk's arithmetic).
+
+  taps: None, or one entry per ref: None, or the J featurizer taps ([1, dc] float32 each) of
+  that ref, whose rows are then featurized, sum_j taps[j] * ref[t - j] (rows before 0 zero):
+  each chunk also loads the J - 1 rows before it.
+  """
   first_row = pl.program_id(2) * segment_chunks * chunk
+  taps = taps or (None,) * len(refs)
+  halo = max([len(t) - 1 for t in taps if t] + [0])
 
   def chunk_base(step):
     index = segment_chunks - 1 - step if reverse else step
@@ -176,20 +188,48 @@ def _walk(refs, chunk: int, segment_chunks: int, reverse: bool, process, init):
 
   def load(step):
     base = chunk_base(jnp.minimum(step, segment_chunks - 1))
-    return tuple(tuple(ref[pl.ds(base + i, 1), :] for i in range(chunk)) for ref in refs)
+    rows = []
+    for ref, ref_taps in zip(refs, taps):
+      if ref_taps:
+        rows.append(tuple(_row_or_zero(ref, base + i) for i in range(-halo, chunk)))
+      else:
+        rows.append(tuple(ref[pl.ds(base + i, 1), :] for i in range(chunk)))
+    return tuple(rows)
 
   def body(step, carry):
     state, rows = carry
     next_rows = load(step + 1)
     rows = tuple(tuple(r.astype(jnp.float32) for r in ref_rows) for ref_rows in rows)
+    rows = tuple(ref_rows if not ref_taps else
+                 tuple(sum(w_1C * ref_rows[halo + i - j] for j, w_1C in enumerate(ref_taps))
+                       for i in range(chunk))
+                 for ref_rows, ref_taps in zip(rows, taps))
     return process(state, chunk_base(step), rows), next_rows
 
   return jax.lax.fori_loop(0, segment_chunks, body, (init, load(0)))[0]
 
 
-def _states_kernel(p_ref, pre_ref, v_ref, s_ref, z_ref, *, chunk: int, segment_chunks: int):
+def _row_or_zero(ref, row):
+  """Row `row` of ref as [1, dc], zero where row < 0 (the featurizer's rows before the start)."""
+  value = ref[pl.ds(jnp.maximum(row, 0), 1), :]
+  return jnp.where(row >= 0, value, jnp.zeros_like(value))
+
+
+def _stream_taps(wf_ref, num_taps: int):
+  """(post, pre, v) featurizer taps from wf_ref [4 Jp, dc] (rows s Jp + j), each a list of
+  num_taps [1, dc] float32 rows; None when num_taps is 0 (inputs are already featurized)."""
+  if not num_taps:
+    return None
+  rows_per_stream = wf_ref.shape[0] // 4
+  return tuple([wf_ref[pl.ds(s * rows_per_stream + j, 1), :].astype(jnp.float32)
+                for j in range(num_taps)] for s in range(3))
+
+
+def _states_kernel(wf_ref, p_ref, pre_ref, v_ref, s_ref, z_ref, *, chunk: int, segment_chunks: int,
+                   num_taps: int):
   """Segment-local final states from a zero start: s (and z if z_ref is given)."""
   p_NC = p_ref[...]
+  taps = _stream_taps(wf_ref, num_taps)
 
   def process(carry, base, rows):
     s_NC, z_NC = carry
@@ -200,14 +240,16 @@ def _states_kernel(p_ref, pre_ref, v_ref, s_ref, z_ref, *, chunk: int, segment_c
     return s_NC, z_NC
 
   zeros = jnp.zeros_like(p_NC)
-  s_NC, z_NC = _walk((pre_ref, v_ref), chunk, segment_chunks, False, process, (zeros, zeros))
+  s_NC, z_NC = _walk((pre_ref, v_ref), chunk, segment_chunks, False, process, (zeros, zeros),
+                     taps and taps[1:])
   s_ref[...] = s_NC
   if z_ref is not None:
     z_ref[...] = z_NC
 
 
-def _fwd_kernel(p_ref, r_ref, dskip_ref, s0_ref, post_ref, pre_ref, v_ref, out_ref, *,
-                chunk: int, segment_chunks: int):
+def _fwd_kernel(wf_ref, p_ref, r_ref, dskip_ref, s0_ref, post_ref, pre_ref, v_ref, out_ref, *,
+                chunk: int, segment_chunks: int, num_taps: int):
+  taps = _stream_taps(wf_ref, num_taps)
   p_NC = p_ref[...]
   r_NC = r_ref[...]
   dskip_1C = dskip_ref[...]
@@ -220,13 +262,14 @@ def _fwd_kernel(p_ref, r_ref, dskip_ref, s0_ref, post_ref, pre_ref, v_ref, out_r
       out_ref[pl.ds(base + i, 1), :] = (post_1C * y_1C).astype(out_ref.dtype)
     return s_NC
 
-  _walk((post_ref, pre_ref, v_ref), chunk, segment_chunks, False, process, s0_ref[...])
+  _walk((post_ref, pre_ref, v_ref), chunk, segment_chunks, False, process, s0_ref[...], taps)
 
 
-def _bwd_forward_kernel(lp_ref, p_ref, r_ref, dskip_ref, s0_ref, z0_ref, post_ref, pre_ref,
+def _bwd_forward_kernel(wf_ref, lp_ref, p_ref, r_ref, dskip_ref, s0_ref, z0_ref, post_ref, pre_ref,
                         v_ref, dout_ref, dpost_ref, dr_ref, dz_ref, ddskip_ref, a_ref, *,
-                        chunk: int, segment_chunks: int):
+                        chunk: int, segment_chunks: int, num_taps: int):
   """Forward walk of the backward: dpost and the per-program partial parameter gradients."""
+  taps = _stream_taps(wf_ref, num_taps)
   lp_NC = lp_ref[...]
   p_NC = p_ref[...]
   r_NC = r_ref[...]
@@ -256,16 +299,18 @@ def _bwd_forward_kernel(lp_ref, p_ref, r_ref, dskip_ref, s0_ref, z0_ref, post_re
   zeros = jnp.zeros_like(p_NC)
   init = (s0_ref[...], z0_ref[...], zeros, zeros, jnp.zeros_like(dskip_1C), zeros)
   _, _, dr_NC, dz_NC, dd_1C, a_NC = _walk((post_ref, pre_ref, v_ref, dout_ref), chunk,
-                                          segment_chunks, False, process, init)
+                                          segment_chunks, False, process, init,
+                                          taps and taps + (None,))
   dr_ref[...] = dr_NC
   dz_ref[...] = dz_NC
   ddskip_ref[...] = dd_1C
   a_ref[...] = a_NC
 
 
-def _bwd_reverse_kernel(p_ref, r_ref, dskip_ref, a0_ref, post_ref, pre_ref, v_ref, dout_ref,
-                        dpre_ref, dv_ref, *, chunk: int, segment_chunks: int):
+def _bwd_reverse_kernel(wf_ref, p_ref, r_ref, dskip_ref, a0_ref, post_ref, pre_ref, v_ref, dout_ref,
+                        dpre_ref, dv_ref, *, chunk: int, segment_chunks: int, num_taps: int):
   """Reverse walk of the backward: the adjoint recurrence, dpre and dv."""
+  taps = _stream_taps(wf_ref, num_taps)
   p_NC = p_ref[...]
   r_NC = r_ref[...]
   dskip_1C = dskip_ref[...]
@@ -281,7 +326,7 @@ def _bwd_reverse_kernel(p_ref, r_ref, dskip_ref, a0_ref, post_ref, pre_ref, v_re
     return a_NC
 
   _walk((post_ref, pre_ref, v_ref, dout_ref), chunk, segment_chunks, True, process,
-        a0_ref[...])
+        a0_ref[...], taps and taps + (None,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,31 +345,49 @@ def _specs(batch: int, padded_len: int, channels: int, order: int, bs: BlockSize
   return grid, segments, tile, param, skip, state, row
 
 
-def _call(kernel, name, bs, grid, in_specs, out_specs, out_shape, interpret, *args):
-  kernel = functools.partial(kernel, chunk=bs.chunk, segment_chunks=bs.segment_chunks)
+def _taps_spec(wf, bs: BlockSizes):
+  return pl.BlockSpec((wf.shape[0], bs.block_c), lambda b, c, s: (0, c))
+
+
+def _call(kernel, name, bs, grid, in_specs, out_specs, out_shape, interpret, num_taps, wf, *args):
+  """pallas_call of one kernel; its first input is always the featurizer taps `wf` (read only
+  when num_taps > 0)."""
+  kernel = functools.partial(kernel, chunk=bs.chunk, segment_chunks=bs.segment_chunks,
+                             num_taps=num_taps)
   return pl.pallas_call(
       kernel,
       grid=grid,
-      in_specs=in_specs,
+      in_specs=[_taps_spec(wf, bs)] + list(in_specs),
       out_specs=out_specs,
       out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
       interpret=interpret,
       name=name,
-  )(*args)
+  )(wf, *args)
 
 
-def _segment_states(p_NC, pre, v, bs, interpret, with_z):
+def _stack_taps(w_feat_S3: tuple | None, channels: int) -> tuple[jax.Array, int]:
+  """(wf [4 Jp, C] float32 with rows s Jp + j = tap j of stream s, J) from the (post, pre, v)
+  taps [C, J] each; None: a [4, C] zero placeholder and J = 0 (inputs already featurized)."""
+  if w_feat_S3 is None:
+    return jnp.zeros((4, channels), jnp.float32), 0
+  num_taps = w_feat_S3[0].shape[1]
+  taps_pad = _next_pow2(num_taps)
+  streams = [jnp.pad(w.astype(jnp.float32).T, ((0, taps_pad - num_taps), (0, 0))) for w in w_feat_S3]
+  return jnp.concatenate(streams + [jnp.zeros_like(streams[0])]), num_taps
+
+
+def _segment_states(p_NC, pre, v, bs, interpret, with_z, wf, num_taps):
   batch, padded_len, channels = v.shape
   order = p_NC.shape[0]
   grid, segments, tile, param, _, state, _ = _specs(batch, padded_len, channels, order, bs)
   shape = jax.ShapeDtypeStruct((batch, segments, order, channels), jnp.float32)
   kernel = _states_kernel
   if not with_z:
-    kernel = lambda p, pr, vv, s, **kw: _states_kernel(p, pr, vv, s, None, **kw)  # noqa: E731
+    kernel = lambda w, p, pr, vv, s, **kw: _states_kernel(w, p, pr, vv, s, None, **kw)  # noqa: E731
   out = _call(kernel, "modal_conv_states", bs, grid, [param, tile, tile],
               (state, state) if with_z else state, (shape, shape) if with_z else shape,
-              interpret, p_NC, pre, v)
+              interpret, num_taps, wf, p_NC, pre, v)
   return out if with_z else (out, None)
 
 
@@ -405,20 +468,58 @@ def _padded_len(length: int, bs: BlockSizes) -> int:
   return -(-length // seg_len) * seg_len
 
 
-def _fwd_impl(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret, with_z):
+def _fwd_impl(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret, with_z,
+              w_feat_S3=None):
+  """Output [B, L, C] and the saved segment-start states; with w_feat_S3 ((post, pre, v) taps
+  [C, J] each) the three inputs are the featurizer's inputs, featurized inside the kernels."""
   batch, length, channels = v.shape
   padded_len = _padded_len(length, bs)
   pad = functools.partial(_pad_rows, padded_len=padded_len)
   post_p, pre_p, v_p = pad(post), pad(pre), pad(v)
+  wf, num_taps = _stack_taps(w_feat_S3, channels)
   _, p_NC, r_NC, dskip_1C, p_seg = _prepare(log_poles_CN, residues_CN, dskip_C, bs, padded_len)
-  s_hat, z_hat = _segment_states(p_NC, pre_p, v_p, bs, interpret, with_z)
+  s_hat, z_hat = _segment_states(p_NC, pre_p, v_p, bs, interpret, with_z, wf, num_taps)
   s0, z0 = _chain_forward(s_hat, z_hat, p_seg)
   grid, _, tile, param, skip, state, _ = _specs(batch, padded_len, channels, p_NC.shape[0], bs)
   out = _call(_fwd_kernel, "modal_conv_fwd", bs, grid, [param, param, skip, state, tile, tile,
                                                           tile], tile,
-              jax.ShapeDtypeStruct(v_p.shape, v.dtype), interpret,
+              jax.ShapeDtypeStruct(v_p.shape, v.dtype), interpret, num_taps, wf,
               p_NC, r_NC, dskip_1C, s0, post_p, pre_p, v_p)
   return out[:, :length], (s0, z0)
+
+
+def _bwd_impl(bs, interpret, post, pre, v, log_poles_CN, residues_CN, dskip_C, s0, z0, dout,
+              w_feat_S3=None):
+  """Gradients of the (post, pre, v) inputs of the kernels (featurized streams when
+  w_feat_S3 is given: the featurizer's own backward is the caller's), log poles, residues, dskip."""
+  batch, length, channels = v.shape
+  order = log_poles_CN.shape[1]
+  padded_len = _padded_len(length, bs)
+  pad = functools.partial(_pad_rows, padded_len=padded_len)
+  post_p, pre_p, v_p, dout_p = pad(post), pad(pre), pad(v), pad(dout.astype(v.dtype))
+  wf, num_taps = _stack_taps(w_feat_S3, channels)
+  lp_NC, p_NC, r_NC, dskip_1C, p_seg = _prepare(log_poles_CN, residues_CN, dskip_C, bs,
+                                                padded_len)
+  grid, segments, tile, param, skip, state, row = _specs(batch, padded_len, channels,
+                                                         p_NC.shape[0], bs)
+  state_shape = jax.ShapeDtypeStruct((batch, segments) + p_NC.shape, jnp.float32)
+  dpost, dr, dz, ddskip, a_hat = _call(
+      _bwd_forward_kernel, "modal_conv_bwd_forward", bs, grid,
+      [param, param, param, skip, state, state, tile, tile, tile, tile],
+      (tile, state, state, row, state),
+      (jax.ShapeDtypeStruct(post_p.shape, post.dtype), state_shape, state_shape,
+       jax.ShapeDtypeStruct((batch, segments, 1, channels), jnp.float32), state_shape),
+      interpret, num_taps, wf, lp_NC, p_NC, r_NC, dskip_1C, s0, z0, post_p, pre_p, v_p, dout_p)
+  a0 = _chain_reverse(a_hat, p_seg[0])
+  dpre, dv = _call(
+      _bwd_reverse_kernel, "modal_conv_bwd_reverse", bs, grid,
+      [param, param, skip, state, tile, tile, tile, tile], (tile, tile),
+      (jax.ShapeDtypeStruct(pre_p.shape, pre.dtype), jax.ShapeDtypeStruct(v_p.shape, v.dtype)),
+      interpret, num_taps, wf, p_NC, r_NC, dskip_1C, a0, post_p, pre_p, v_p, dout_p)
+  dr_CN = dr.sum((0, 1)).T[:, :order]
+  dlp_CN = (r_NC * dz.sum((0, 1))).T[:, :order]
+  return ((dpost, dpre, dv), dlp_CN.astype(log_poles_CN.dtype), dr_CN.astype(residues_CN.dtype),
+          ddskip.sum((0, 1, 2)).astype(dskip_C.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -433,38 +534,107 @@ def _modal_gcg_fwd(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpr
 
 
 def _modal_gcg_bwd(bs, interpret, residuals, dout):
-  post, pre, v, log_poles_CN, residues_CN, dskip_C, s0, z0 = residuals
-  batch, length, channels = v.shape
-  order = log_poles_CN.shape[1]
-  padded_len = _padded_len(length, bs)
-  pad = functools.partial(_pad_rows, padded_len=padded_len)
-  post_p, pre_p, v_p, dout_p = pad(post), pad(pre), pad(v), pad(dout.astype(v.dtype))
-  lp_NC, p_NC, r_NC, dskip_1C, p_seg = _prepare(log_poles_CN, residues_CN, dskip_C, bs,
-                                                padded_len)
-  grid, segments, tile, param, skip, state, row = _specs(batch, padded_len, channels,
-                                                         p_NC.shape[0], bs)
-  state_shape = jax.ShapeDtypeStruct((batch, segments) + p_NC.shape, jnp.float32)
-  dpost, dr, dz, ddskip, a_hat = _call(
-      _bwd_forward_kernel, "modal_conv_bwd_forward", bs, grid,
-      [param, param, param, skip, state, state, tile, tile, tile, tile],
-      (tile, state, state, row, state),
-      (jax.ShapeDtypeStruct(post_p.shape, post.dtype), state_shape, state_shape,
-       jax.ShapeDtypeStruct((batch, segments, 1, channels), jnp.float32), state_shape),
-      interpret, lp_NC, p_NC, r_NC, dskip_1C, s0, z0, post_p, pre_p, v_p, dout_p)
-  a0 = _chain_reverse(a_hat, p_seg[0])
-  dpre, dv = _call(
-      _bwd_reverse_kernel, "modal_conv_bwd_reverse", bs, grid,
-      [param, param, skip, state, tile, tile, tile, tile], (tile, tile),
-      (jax.ShapeDtypeStruct(pre_p.shape, pre.dtype), jax.ShapeDtypeStruct(v_p.shape, v.dtype)),
-      interpret, p_NC, r_NC, dskip_1C, a0, post_p, pre_p, v_p, dout_p)
-  dr_CN = dr.sum((0, 1)).T[:, :order]
-  dlp_CN = (r_NC * dz.sum((0, 1))).T[:, :order]
-  return (dpost[:, :length], dpre[:, :length], dv[:, :length],
-          dlp_CN.astype(log_poles_CN.dtype), dr_CN.astype(residues_CN.dtype),
-          ddskip.sum((0, 1, 2)).astype(dskip_C.dtype))
+  post, pre, v = residuals[:3]
+  length = v.shape[1]
+  streams, dlp, dr, ddskip = _bwd_impl(bs, interpret, *residuals, dout)
+  return tuple(d[:, :length] for d in streams) + (dlp, dr, ddskip)
 
 
 _modal_gcg.defvjp(_modal_gcg_fwd, _modal_gcg_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
+def _modal_fgcg(z_post, z_pre, z_v, w_post, w_pre, w_v, log_poles_CN, residues_CN, dskip_C, bs,
+                interpret):
+  return _fwd_impl(z_post, z_pre, z_v, log_poles_CN, residues_CN, dskip_C, bs, interpret, False,
+                   (w_post, w_pre, w_v))[0]
+
+
+def _modal_fgcg_fwd(z_post, z_pre, z_v, w_post, w_pre, w_v, log_poles_CN, residues_CN, dskip_C,
+                    bs, interpret):
+  out, (s0, z0) = _fwd_impl(z_post, z_pre, z_v, log_poles_CN, residues_CN, dskip_C, bs, interpret,
+                            True, (w_post, w_pre, w_v))
+  return out, (z_post, z_pre, z_v, w_post, w_pre, w_v, log_poles_CN, residues_CN, dskip_C, s0, z0)
+
+
+def _modal_fgcg_bwd(bs, interpret, residuals, dout):
+  z_post, z_pre, z_v, w_post, w_pre, w_v, log_poles_CN, residues_CN, dskip_C, s0, z0 = residuals
+  length = z_v.shape[1]
+  dfeat, dlp, dr, ddskip = _bwd_impl(bs, interpret, z_post, z_pre, z_v, log_poles_CN, residues_CN,
+                                     dskip_C, s0, z0, dout, (w_post, w_pre, w_v))
+  # The featurizer's backward, one Pallas pass per stream: rows past L of dfeat are zero (dout
+  # is zero there), as featurizer_backward_pallas requires; rows padded to its chunk.
+  chunk = featurized_conv.FEAT_BWD_CHUNK
+  padded = -(-dfeat[0].shape[1] // chunk) * chunk
+  dz, dw = [], []
+  for df, z, w in zip(dfeat, (z_post, z_pre, z_v), (w_post, w_pre, w_v)):
+    dz_s, dw_s = featurized_conv.featurizer_backward_pallas(
+        _pad_rows(df, padded), _pad_rows(z, padded), w, chunk=chunk, interpret=interpret)
+    dz.append(dz_s[:, :length])
+    dw.append(dw_s.astype(w.dtype))
+  return tuple(dz) + tuple(dw) + (dlp, dr, ddskip)
+
+
+_modal_fgcg.defvjp(_modal_fgcg_fwd, _modal_fgcg_bwd)
+
+
+def featurized_unsupported_reason(shape_BLC: tuple[int, ...], shape_CJ: tuple[int, ...],
+                                  shape_CN: tuple[int, ...],
+                                  block_sizes: BlockSizes | None = None) -> str | None:
+  """Why featurized_gate_conv_gate_pallas cannot take these shapes, or None when it can
+  (unsupported_reason's conditions, plus the featurizer taps [C, J])."""
+  reason = unsupported_reason(shape_BLC, shape_CN, block_sizes)
+  if reason:
+    return reason
+  if len(shape_CJ) != 2 or shape_CJ[0] != shape_BLC[2]:
+    return f"featurizer taps {shape_CJ} must be [C, J] for C = {shape_BLC[2]} channels"
+  if not 1 <= shape_CJ[1] <= MAX_FEATURIZER_TAPS:
+    return f"featurizer of {shape_CJ[1]} taps: the kernels take 1 to {MAX_FEATURIZER_TAPS}"
+  if shape_BLC[2] % 16:
+    return f"channels {shape_BLC[2]} must be a multiple of 16 (the featurizer backward's tiles)"
+  return None
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def featurized_gate_conv_gate_pallas(z_post_BLC: jax.Array, z_pre_BLC: jax.Array,
+                                     z_v_BLC: jax.Array, w_post_CJ: jax.Array, w_pre_CJ: jax.Array,
+                                     w_v_CJ: jax.Array, log_poles_CN: jax.Array,
+                                     residues_CN: jax.Array, dskip_C: jax.Array, *,
+                                     block_sizes: BlockSizes | None = None,
+                                     interpret: bool = False) -> jax.Array:
+  """Hyena-LI from the featurizer's inputs: gate_conv_gate_pallas(f(z_post), f(z_pre), f(z_v))
+  with f(z)[t] = sum_j w[:, j] z[t - j] (causal, w[:, 0] on the current token), the featurizer
+  computed inside the kernels from each chunk's rows and the J - 1 before them, so the
+  featurized streams never reach memory. Gradients (custom_vjp) for all nine inputs; the
+  featurizer's own come from featurized_conv.featurizer_backward_pallas.
+
+  Args:
+    z_post_BLC, z_pre_BLC, z_v_BLC: [B, L, C] featurizer inputs (the in-projection's streams).
+    w_post_CJ, w_pre_CJ, w_v_CJ: [C, J] featurizer taps of each stream.
+    log_poles_CN, residues_CN, dskip_C: as in gate_conv_gate_pallas (dskip required).
+    block_sizes, interpret: as in gate_conv_gate_pallas.
+
+  Returns:
+    [B, L, C] in z_v's dtype.
+
+  Raises:
+    ValueError: shapes the kernels do not take (see `featurized_unsupported_reason`).
+  """
+  if not z_post_BLC.shape == z_pre_BLC.shape == z_v_BLC.shape:
+    raise ValueError(f"the three streams must share one shape, got {z_post_BLC.shape}, "
+                     f"{z_pre_BLC.shape}, {z_v_BLC.shape}")
+  if not w_post_CJ.shape == w_pre_CJ.shape == w_v_CJ.shape:
+    raise ValueError(f"the three streams' taps must share one shape, got {w_post_CJ.shape}, "
+                     f"{w_pre_CJ.shape}, {w_v_CJ.shape}")
+  reason = featurized_unsupported_reason(z_v_BLC.shape, w_v_CJ.shape, log_poles_CN.shape,
+                                         block_sizes)
+  if reason:
+    raise ValueError(reason)
+  if dskip_C.shape != (z_v_BLC.shape[2],):
+    raise ValueError(f"dskip shape {dskip_C.shape} must be ({z_v_BLC.shape[2]},)")
+  resolved = _resolve(block_sizes, z_v_BLC.shape)
+  return _modal_fgcg(z_post_BLC, z_pre_BLC, z_v_BLC, w_post_CJ, w_pre_CJ, w_v_CJ, log_poles_CN,
+                     residues_CN, dskip_C, resolved, interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))

@@ -6,13 +6,13 @@ Interpret mode fills every output buffer with NaN before the kernel runs, so an 
 tile shows as NaN; test_unwritten_tile_is_caught proves the comparisons catch it.
 """
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import pallas as pl
 
 from pallas_kernels import modal_conv as mc
 from tests import helpers
@@ -216,3 +216,138 @@ def test_segment_chains_match_sequential_float64(segments):
   assert none is None
   for got, want in ((got_s, s0), (got_z, z0), (got_s_only, s0), (got_c, c)):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+def _featurize_f64(z, w):
+  """f[t] = sum_j w[:, j] z[t - j] (causal; float64)."""
+  f = np.zeros_like(z)
+  for j in range(w.shape[1]):
+    f[:, j:] += w[:, j] * z[:, :z.shape[1] - j]
+  return f
+
+
+def _featurized_case(seed, batch, length, channels, order, num_taps, dtype):
+  (post, pre, v, lp, r, dskip), ct = _inputs(seed, batch, length, channels, order, dtype)
+  rng = np.random.default_rng(seed + 1)
+  taps = [jnp.asarray(rng.uniform(-1, 1, (channels, num_taps)), jnp.float32) for _ in range(3)]
+  return (post, pre, v, *taps, lp, r, dskip), ct
+
+
+def _check_featurized(op, args, ct, tol):
+  """Output and all nine gradients of op(z_post, z_pre, z_v, w_post, w_pre, w_v, lp, r, dskip)
+  against float64: features by a direct loop, _reference_f64 on them, then the featurizer's
+  transpose dz[t] = sum_j w_j df[t + j] and tap gradients dw_j = sum_t df[t] z[t - j]."""
+  out, vjp = jax.vjp(op, *args)
+  got = (out, *vjp(ct))
+  z = [np.asarray(a, np.float64) for a in args[:3]]
+  w = [np.asarray(a, np.float64) for a in args[3:6]]
+  feats = [_featurize_f64(zs, ws) for zs, ws in zip(z, w)]
+  want_out, (*dfeat, dlp, dr, ddskip) = _reference_f64(*feats, *args[6:], ct)
+  length = z[0].shape[1]
+  dz, dw = [], []
+  for df, zs, ws in zip(dfeat, z, w):
+    dz_s = np.zeros_like(df)
+    dw_s = np.zeros_like(ws)
+    for j in range(ws.shape[1]):
+      dz_s[:, :length - j] += ws[:, j] * df[:, j:]
+      dw_s[:, j] = np.sum(df[:, j:] * zs[:, :length - j], axis=(0, 1))
+    dz.append(dz_s)
+    dw.append(dw_s)
+  names = ("out", "dz_post", "dz_pre", "dz_v", "dw_post", "dw_pre", "dw_v", "dlog_poles",
+           "dresidues", "ddskip")
+  want = (want_out, *dz, *dw, dlp, dr, ddskip)
+  errs = {n: _rel_err(g, wv) for n, g, wv in zip(names, got, want)}
+  assert max(errs.values()) < tol, errs
+
+
+FEATURIZED_CASES = [
+    # (batch, length, channels, order, featurizer taps, dtype, block sizes): several segments
+    # (the taps reach across chunk and segment starts), L not a multiple of anything, B > 1,
+    # more taps than the chunk has rows.
+    (2, 150, 32, 16, 3, jnp.float32, mc.BlockSizes(chunk=8, block_c=16, segment_chunks=4)),
+    (1, 203, 64, 5, 6, jnp.float32, mc.BlockSizes(chunk=4, block_c=32, segment_chunks=16)),
+    (2, 100, 32, 16, 2, jnp.bfloat16, mc.BlockSizes(chunk=8, block_c=32, segment_chunks=3)),
+]
+
+
+@pytest.mark.parametrize("batch,length,channels,order,num_taps,dtype,block_sizes", FEATURIZED_CASES)
+def test_featurized_matches_float64_reference(batch, length, channels, order, num_taps, dtype,
+                                              block_sizes):
+  args, ct = _featurized_case(length + num_taps, batch, length, channels, order, num_taps, dtype)
+  kernel = functools.partial(mc.featurized_gate_conv_gate_pallas, block_sizes=block_sizes,
+                             interpret=True)
+  _check_featurized(kernel, args, ct, 2e-5 if dtype == jnp.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("name,program", [("_states_kernel", (0, 1, 0)),  # the last segment's
+                                          ("_bwd_forward_kernel", (0, 1, 1))])  # state is unused
+def test_featurized_unwritten_tile_is_caught(monkeypatch, name, program):
+  monkeypatch.setattr(mc, name, helpers.skip_one_program(getattr(mc, name), mc, program))
+  jax.clear_caches()
+  try:
+    args, ct = _featurized_case(4, 1, 64, 32, 4, 3, jnp.float32)
+    kernel = functools.partial(mc.featurized_gate_conv_gate_pallas, interpret=True,
+                               block_sizes=mc.BlockSizes(chunk=8, block_c=16, segment_chunks=4))
+    with pytest.raises(AssertionError):
+      _check_featurized(kernel, args, ct, 2e-5)
+  finally:
+    jax.clear_caches()
+
+
+def test_featurized_unsupported_shapes_say_why():
+  assert mc.featurized_unsupported_reason((1, 10, 32), (32, 3), (32, 16)) is None
+  assert "[C, J]" in mc.featurized_unsupported_reason((1, 10, 32), (16, 3), (32, 16))
+  assert "taps" in mc.featurized_unsupported_reason((1, 10, 32), (32, 9), (32, 16))
+  assert "multiple of 16" in mc.featurized_unsupported_reason((1, 10, 24), (24, 3), (24, 16),
+                                                              mc.BlockSizes(block_c=8))
+  args, _ = _featurized_case(1, 1, 20, 32, 4, 3, jnp.float32)
+  with pytest.raises(ValueError, match="taps"):
+    mc.featurized_gate_conv_gate_pallas(*args[:3], *(w[:, :1].repeat(9, 1) for w in args[3:6]),
+                                        *args[6:], interpret=True)
+
+
+def test_featurized_lowers_for_cuda():
+  batch, length, channels, order = 1, 3000, 256, 16
+  x = jax.ShapeDtypeStruct((batch, length, channels), jnp.bfloat16)
+  taps = jax.ShapeDtypeStruct((channels, 3), jnp.float32)
+  poles = jax.ShapeDtypeStruct((channels, order), jnp.float32)
+  dskip = jax.ShapeDtypeStruct((channels,), jnp.float32)
+
+  def fwd_bwd(zp, zq, zv, wp, wq, wv, lp, r, ds, ct):
+    out, vjp = jax.vjp(mc.featurized_gate_conv_gate_pallas, zp, zq, zv, wp, wq, wv, lp, r, ds)
+    return out, vjp(ct)
+
+  text = _lower_for_cuda(fwd_bwd, x, x, x, taps, taps, taps, poles, poles, dskip, x)
+  for name in ("modal_conv_states", "modal_conv_fwd", "modal_conv_bwd_forward",
+               "modal_conv_bwd_reverse", "featurizer_bwd"):
+    assert name in text
+
+
+def test_module_with_fused_featurizer_equals_fft(monkeypatch):
+  """HyenaLI with li_method "pallas_fused" (the featurized kernels, interpret mode) equals the
+  XLA FFT path, output and every parameter's and the input's gradient."""
+  from sh2_jax.layers.hyena import HyenaLI  # noqa: PLC0415
+
+  calls = []
+  fused = mc.featurized_gate_conv_gate_pallas
+  monkeypatch.setattr(mc, "featurized_gate_conv_gate_pallas",
+                      lambda *a, **k: calls.append(a[0].shape) or fused(*a, **k))
+
+  config = ModelConfig(d_model=32, num_heads=2, layout="LI", dtype="float32", li_method="fft")
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 70, 32), jnp.float32)
+  params = HyenaLI(config).init(jax.random.PRNGKey(1), x)
+  ct = jax.random.normal(jax.random.PRNGKey(2), (2, 70, 32), jnp.float32)
+
+  def run(method):
+    module = HyenaLI(dataclasses.replace(config, li_method=method))
+    out, vjp = jax.vjp(lambda p, xx: module.apply(p, xx), params, x)
+    return out, vjp(ct)
+
+  (out_f, grads_f), (out_p, grads_p) = run("fft"), run("pallas_fused")
+  assert _rel_err(out_p, out_f) < TOLERANCE[jnp.float32]
+  leaves_f, leaves_p = jax.tree.leaves(grads_f), jax.tree.leaves(grads_p)
+  assert len(leaves_f) == len(leaves_p) == 9  # 8 parameters and x
+  for got, want in zip(leaves_p, leaves_f):
+    assert _rel_err(got, want) < 5e-5
+  assert calls == [(2, 70, 32)]  # the fused kernels ran (once: the fft run does not call them)
+  assert hyena.resolve_li_method("pallas_fused", 100) == "pallas"
