@@ -60,12 +60,13 @@ def default_variants(kernels: bool) -> list[Variant]:
       Variant("MR (XLA blocked einsum)", HyenaMR, {"conv_method": "blocked"}),
       Variant("MR (XLA fft)", HyenaMR, {"conv_method": "fft"}),
       Variant("LI (pallas)", HyenaLI, {"li_method": "pallas"}),
+      Variant("LI (pallas, fused featurizer)", HyenaLI, {"li_method": "pallas_fused"}),
       Variant("LI (XLA fft)", HyenaLI, {"li_method": "fft"}),
       Variant("LI (XLA chunked)", HyenaLI, {"li_method": "chunked"}),
       Variant("MHA (cuDNN)" if jax.default_backend() == "gpu" else "MHA (XLA)", MHA, {}, hyena=False),
   ]
   if not kernels:
-    out = [v for v in out if v.overrides.get("li_method") != "pallas" and not v.switches
+    out = [v for v in out if v.overrides.get("li_method") not in ("pallas", "pallas_fused") and not v.switches
            and v.overrides.get("conv_method") not in ("pallas_unfused", "pallas_fused")]
   seen, unique = set(), []
   for v in out:
@@ -229,7 +230,7 @@ def ratios(rows: list[dict[str, Any]], kernels: bool) -> list[tuple[str, int, fl
   fast = "pallas" if kernels else "blocked"
   get = {(r["op"], r["L"]): r for r in rows}
   mha = "MHA (cuDNN)" if any(r["op"] == "MHA (cuDNN)" for r in rows) else "MHA (XLA)"
-  best_li = lambda L: min((get[(n, L)]["fwdbwd_ms"] for n in ("LI (pallas)", "LI (XLA fft)", "LI (XLA chunked)")
+  best_li = lambda L: min((get[(n, L)]["fwdbwd_ms"] for n in ("LI (pallas)", "LI (pallas, fused featurizer)", "LI (XLA fft)", "LI (XLA chunked)")
                            if "fwdbwd_ms" in get.get((n, L), {})), default=None)
   out = []
   for length in sorted({r["L"] for r in rows}):

@@ -16,7 +16,7 @@ from sh2_jax.errors import UserError
 
 MIXER_TYPES = ("SE", "MR", "LI", "MHA")
 CONV_METHODS = ("auto", "direct", "fft", "blocked", "pallas", "pallas_fused", "pallas_unfused")
-LI_METHODS = ("auto", "fft", "chunked", "pallas")
+LI_METHODS = ("auto", "fft", "chunked", "pallas", "pallas_fused")
 REMAT_POLICIES = ("full", "save_dots")
 MLP_ACTIVATIONS = ("evo2", "gelu", "identity", "silu")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -92,7 +92,9 @@ class ModelConfig:
       GPU where the shape allows, else direct for short filters and blocked up to the chunk).
     li_method: LI long-convolution method: "fft" (float32 FFT of the materialised filter),
       "chunked" (exact Toeplitz inside chunks, 16-state carry between), "pallas" (the fused
-      modal-recurrence GPU kernel; interpret mode off GPU, slow), "auto".
+      modal-recurrence GPU kernel; interpret mode off GPU, slow), "pallas_fused" (the same
+      kernels featurizing the in-projection's streams themselves; one device, else "pallas"),
+      "auto" ("pallas" on GPU where the shape allows, else fft / chunked by length).
     conv_chunk: chunk length of the blocked convolution (>= the longest blocked filter).
     remat: rematerialise each block in the backward pass.
     remat_policy: what a rematerialised block keeps from its forward pass: "full" (nothing but

@@ -18,7 +18,7 @@ def test_select_variants_by_family_and_without_xla():
                    "SE (pallas direct FIR, interleaved z)"]
   assert all(not v.switches for v in bench_ops.default_variants(kernels=False))
   assert [v.name for v in bench_ops.select_variants(variants, ["li"])] == [
-      "LI (pallas)", "LI (XLA fft)", "LI (XLA chunked)"]
+      "LI (pallas)", "LI (pallas, fused featurizer)", "LI (XLA fft)", "LI (XLA chunked)"]
   with pytest.raises(ValueError, match="--ops attention: choose from floor,se,mr,li,mha"):
     bench_ops.select_variants(variants, ["attention"])
   headline = [v.name for v in bench_ops.select_variants(variants, None, xla=True,

@@ -40,6 +40,10 @@ class HyenaBase(nn.Module):
     """(h [G, K] float32, dskip [D] or None) of an explicit-filter mixer (SE, MR), else None."""
     return None
 
+  def modal_filter(self) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+    """(log poles [D, N] float32, residues [D, N], dskip [D]) of a modal mixer (LI), else None."""
+    return None
+
   @nn.compact
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     cfg = self.config
@@ -51,9 +55,12 @@ class HyenaBase(nn.Module):
                       (d, d), ("channels", "embed"), pdt)
     b_out = P.declare(self, "out_bias", P.constant(0.0), (d,), ("embed",), pdt)
     explicit = self.explicit_filter() if self.parallel is None else None
+    modal = self.modal_filter() if self.parallel is None else None
     if explicit is not None:  # SE/MR on one device: fused kernel where it applies
       y_BLD = hyena.explicit_mixer(x_BLD.astype(dt), w_in.astype(dt), w_feat, *explicit,
                                    cfg.conv_method, cfg.conv_chunk)
+    elif modal is not None:  # LI on one device: the featurizer in the kernel with pallas_fused
+      y_BLD = hyena.li_mixer(x_BLD.astype(dt), w_in.astype(dt), w_feat, *modal, cfg.li_method)
     else:
       if self.parallel is None:
         post, pre, v = hyena.project_and_featurize(x_BLD.astype(dt), w_in.astype(dt), w_feat)
@@ -101,7 +108,7 @@ class HyenaMR(HyenaBase):
 class HyenaLI(HyenaBase):
   """Long implicit modal filter: li_order real poles per channel, ungrouped, with skip."""
 
-  def inner(self, post_BLD, pre_BLD, v_BLD):
+  def modal_filter(self):
     cfg = self.config
     d, n, pdt = cfg.d_model, cfg.li_order, jnp.float32
     p = P.declare(self, "pole_p", P.constant(-1.0), (d, n), ("channels", "poles"), pdt)
@@ -109,6 +116,9 @@ class HyenaLI(HyenaBase):
                       ("channels", "poles"), pdt)
     residues = P.declare(self, "residues", P.normal(0.1 / 4), (d, n), ("channels", "poles"), pdt)
     dskip = P.declare(self, "dskip", P.normal(1.0), (d,), ("channels",), jnp.dtype(cfg.param_dtype))
-    log_poles = filters.modal_log_poles(p, gamma)
+    return filters.modal_log_poles(p, gamma), residues, dskip
+
+  def inner(self, post_BLD, pre_BLD, v_BLD):
+    log_poles, residues, dskip = self.modal_filter()
     li = hyena.li_gate_conv_gate if self.parallel is None else self.parallel.li_gate_conv_gate
-    return li(post_BLD, pre_BLD, v_BLD, log_poles, residues, dskip, cfg.li_method)
+    return li(post_BLD, pre_BLD, v_BLD, log_poles, residues, dskip, self.config.li_method)

@@ -226,13 +226,17 @@ def explicit_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
   return gate_conv_gate(post, pre, v, h_GK, dskip_D, method, chunk)
 
 
-LI_METHODS = ("auto", "fft", "chunked", "pallas")
+LI_METHODS = ("auto", "fft", "chunked", "pallas", "pallas_fused")
 
 
 def resolve_li_method(method: str, length: int, shape_BLD: tuple[int, ...] | None = None,
                       order: int | None = None) -> str:
   """"auto": the Pallas modal-recurrence kernel on GPU where it takes the shape (given
-  `shape_BLD` and `order`), else FFT up to 64K tokens and the chunked recurrence beyond."""
+  `shape_BLD` and `order`), else FFT up to 64K tokens and the chunked recurrence beyond.
+  "pallas_fused" (the featurizer inside the kernels: `li_mixer`) is "pallas" for callers that
+  hold featurized streams already."""
+  if method == "pallas_fused":
+    return "pallas"
   if method == "auto":
     if (jax.default_backend() == "gpu" and shape_BLD is not None and order is not None
         and modal_conv.unsupported_reason(shape_BLD, (shape_BLD[-1], order)) is None):
@@ -279,6 +283,38 @@ def li_long_conv(u_BLD: jax.Array, log_poles_DN: jax.Array, residues_DN: jax.Arr
     return filters.modal_chunked_conv(u_BLD, log_poles_DN, residues_DN)
   h_DL = filters.modal_filter(log_poles_DN, residues_DN, length)
   return conv.fft_conv(u_BLD.astype(jnp.float32), h_DL)
+
+
+def li_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
+             log_poles_DN: jax.Array, residues_DN: jax.Array, dskip_D: jax.Array,
+             method: str = "auto") -> jax.Array:
+  """Hyena-LI between the projections: project, featurize, modal gate-conv-gate.
+
+  With method "pallas_fused" (where modal_conv.featurized_unsupported_reason allows; interpret
+  mode off GPU) the three [D, D] products' streams go straight into the modal kernels, which
+  featurize them (modal_conv.featurized_gate_conv_gate_pallas): the featurized streams never
+  reach memory. Otherwise project_and_featurize + li_gate_conv_gate with `method`.
+
+  Args:
+    x_BLD: [B, L, D] normalised input in the compute dtype.
+    w_in_D3D, w_feat_3DK: interleaved in-projection and featurizer taps (module layout).
+    log_poles_DN, residues_DN, dskip_D, method: as in li_gate_conv_gate.
+
+  Returns:
+    [B, L, D] in x's dtype.
+  """
+  width, num_taps = x_BLD.shape[-1], w_feat_3DK.shape[-1]
+  if method == "pallas_fused" and modal_conv.featurized_unsupported_reason(
+      x_BLD.shape, (width, num_taps), log_poles_DN.shape) is None:
+    w_in_DCS = w_in_D3D.reshape(width, width, 3)
+    w_feat_CSK = w_feat_3DK.reshape(width, 3, num_taps)
+    streams = [x_BLD @ w_in_DCS[:, :, s] for s in range(3)]
+    taps = [w_feat_CSK[:, s] for s in range(3)]
+    return modal_conv.featurized_gate_conv_gate_pallas(
+        *streams, *taps, log_poles_DN, residues_DN, dskip_D,
+        interpret=jax.default_backend() != "gpu").astype(x_BLD.dtype)
+  post, pre, v = project_and_featurize(x_BLD, w_in_D3D, w_feat_3DK)
+  return li_gate_conv_gate(post, pre, v, log_poles_DN, residues_DN, dskip_D, method)
 
 
 def li_gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,
