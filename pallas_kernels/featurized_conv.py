@@ -531,6 +531,18 @@ def featurizer_backward_pallas(df_BLX: jax.Array, z_BLX: jax.Array, w_XJ: jax.Ar
   return dz, dw_part.sum((0, 1))[:num_taps_f].T
 
 
+def featurizer_backward(df_BLX: jax.Array, z_BLX: jax.Array, w_XJ: jax.Array, *,
+                        interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """featurizer_backward_pallas for any number of rows L: pads df and z with zero rows to the
+  kernel's chunk. Returns dz [B, L, X] in z's dtype and dw [X, J] in w's dtype."""
+  length = z_BLX.shape[1]
+  padded = bc._padded_len(length, FEAT_BWD_CHUNK)
+  dz, dw = featurizer_backward_pallas(bc._pad_rows(df_BLX.astype(z_BLX.dtype), padded),
+                                      bc._pad_rows(z_BLX, padded), w_XJ, chunk=FEAT_BWD_CHUNK,
+                                      interpret=interpret)
+  return dz[:, :length], dw.astype(w_XJ.dtype)
+
+
 def _pad_rows(z_BL3C: jax.Array, chunk: int) -> jax.Array:
   return bc._pad_rows(z_BL3C, bc._padded_len(z_BL3C.shape[1], chunk))
 

@@ -562,17 +562,11 @@ def _modal_fgcg_bwd(bs, interpret, residuals, dout):
   length = z_v.shape[1]
   dfeat, dlp, dr, ddskip = _bwd_impl(bs, interpret, z_post, z_pre, z_v, log_poles_CN, residues_CN,
                                      dskip_C, s0, z0, dout, (w_post, w_pre, w_v))
-  # The featurizer's backward, one Pallas pass per stream: rows past L of dfeat are zero (dout
-  # is zero there), as featurizer_backward_pallas requires; rows padded to its chunk.
-  chunk = featurized_conv.FEAT_BWD_CHUNK
-  padded = -(-dfeat[0].shape[1] // chunk) * chunk
-  dz, dw = [], []
-  for df, z, w in zip(dfeat, (z_post, z_pre, z_v), (w_post, w_pre, w_v)):
-    dz_s, dw_s = featurized_conv.featurizer_backward_pallas(
-        _pad_rows(df, padded), _pad_rows(z, padded), w, chunk=chunk, interpret=interpret)
-    dz.append(dz_s[:, :length])
-    dw.append(dw_s.astype(w.dtype))
-  return tuple(dz) + tuple(dw) + (dlp, dr, ddskip)
+  # The featurizer's backward, one Pallas pass per stream (dfeat's rows past L are zero: dout
+  # is zero there).
+  grads = [featurized_conv.featurizer_backward(df[:, :length], z, w, interpret=interpret)
+           for df, z, w in zip(dfeat, (z_post, z_pre, z_v), (w_post, w_pre, w_v))]
+  return tuple(g[0] for g in grads) + tuple(g[1] for g in grads) + (dlp, dr, ddskip)
 
 
 _modal_fgcg.defvjp(_modal_fgcg_fwd, _modal_fgcg_bwd)

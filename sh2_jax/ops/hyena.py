@@ -87,13 +87,7 @@ def _featurize_fwd(z_BLC, w_CK, interpret):
 
 def _featurize_bwd(interpret, residuals, df_BLC):
   z_BLC, w_CK = residuals
-  length = z_BLC.shape[1]
-  chunk = featurized_conv.FEAT_BWD_CHUNK
-  pad = ((0, 0), (0, -length % chunk), (0, 0))
-  dz, dw = featurized_conv.featurizer_backward_pallas(
-      jnp.pad(df_BLC.astype(z_BLC.dtype), pad), jnp.pad(z_BLC, pad), w_CK, chunk=chunk,
-      interpret=interpret)
-  return dz[:, :length], dw.astype(w_CK.dtype)
+  return featurized_conv.featurizer_backward(df_BLC, z_BLC, w_CK, interpret=interpret)
 
 
 featurize_with_pallas_backward.defvjp(_featurize_fwd, _featurize_bwd)
