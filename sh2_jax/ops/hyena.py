@@ -45,10 +45,23 @@ def project_and_featurize(x_BLD: jax.Array, w_in_D3D: jax.Array,
     w_in_D3D: [D, 3D] in-projection, columns interleaved (3i+0 post, 3i+1 pre, 3i+2 value).
     w_feat_3DK: [3D, K] featurizer taps in the same channel order, w[:, 0] on the current token.
   """
+  return tuple(featurize(z, w) for z, w in zip(project_streams(x_BLD, w_in_D3D),
+                                                stream_taps(w_feat_3DK)))
+
+
+def project_streams(x_BLD: jax.Array, w_in_D3D: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The featurizer's inputs (post, pre, v) [B, L, D], contiguous: three [D, D] products with
+  the interleaved columns 3i+0, 3i+1, 3i+2 of w_in."""
   width = x_BLD.shape[-1]
   w_in_DCS = w_in_D3D.reshape(width, width, 3)
+  return tuple(x_BLD @ w_in_DCS[:, :, s] for s in range(3))
+
+
+def stream_taps(w_feat_3DK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The featurizer taps [D, K] of (post, pre, v) from the interleaved [3D, K] parameter."""
+  width = w_feat_3DK.shape[0] // 3
   w_feat_CSK = w_feat_3DK.reshape(width, 3, w_feat_3DK.shape[-1])
-  return tuple(featurize(x_BLD @ w_in_DCS[:, :, s], w_feat_CSK[:, s]) for s in range(3))
+  return tuple(w_feat_CSK[:, s] for s in range(3))
 
 
 def featurize(z_BLC: jax.Array, w_CK: jax.Array) -> jax.Array:
@@ -297,16 +310,11 @@ def li_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
   Returns:
     [B, L, D] in x's dtype.
   """
-  width, num_taps = x_BLD.shape[-1], w_feat_3DK.shape[-1]
   if method == "pallas_fused" and modal_conv.featurized_unsupported_reason(
-      x_BLD.shape, (width, num_taps), log_poles_DN.shape) is None:
-    w_in_DCS = w_in_D3D.reshape(width, width, 3)
-    w_feat_CSK = w_feat_3DK.reshape(width, 3, num_taps)
-    streams = [x_BLD @ w_in_DCS[:, :, s] for s in range(3)]
-    taps = [w_feat_CSK[:, s] for s in range(3)]
+      x_BLD.shape, (x_BLD.shape[-1], w_feat_3DK.shape[-1]), log_poles_DN.shape) is None:
     return modal_conv.featurized_gate_conv_gate_pallas(
-        *streams, *taps, log_poles_DN, residues_DN, dskip_D,
-        interpret=jax.default_backend() != "gpu").astype(x_BLD.dtype)
+        *project_streams(x_BLD, w_in_D3D), *stream_taps(w_feat_3DK), log_poles_DN, residues_DN,
+        dskip_D, interpret=jax.default_backend() != "gpu").astype(x_BLD.dtype)
   post, pre, v = project_and_featurize(x_BLD, w_in_D3D, w_feat_3DK)
   return li_gate_conv_gate(post, pre, v, log_poles_DN, residues_DN, dskip_D, method)
 
