@@ -104,10 +104,15 @@ def kernel_times(trace_dir: str) -> tuple[dict[str, float], list[str]]:
   """{HLO op or kernel name: total device ns} over a trace's kernels (see kernel_events), and
   the names of the lines seen."""
   events, lines_seen = kernel_events(trace_dir)
+  return event_totals(events), lines_seen
+
+
+def event_totals(events: list[tuple[int, int, str]]) -> dict[str, float]:
+  """{name: summed duration ns} of (start ns, duration ns, name) events."""
   totals: dict[str, float] = collections.defaultdict(float)
   for _, duration, name in events:
     totals[name] += duration
-  return totals, lines_seen
+  return dict(totals)
 
 
 def first_instruction(hlo_text: str, op_name: str) -> str:

@@ -40,7 +40,7 @@ import logging  # noqa: E402
 import jax  # noqa: E402
 
 from experiments import bench_train  # noqa: E402
-from experiments.profile_trace import kernel_events  # noqa: E402
+from experiments.profile_trace import event_totals, kernel_events  # noqa: E402
 from sh2_jax import config as config_lib  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -218,12 +218,10 @@ def profile_step(model: config_lib.ModelConfig, length: int, batch: int, iters: 
     jax.block_until_ready(metrics)
   events, _ = kernel_events(trace_dir)
   del state
-  totals: dict[str, float] = collections.defaultdict(float)
-  for _, duration, name in events:
-    totals[name] += duration
+  totals = event_totals(events)
   layers = tuple(model.layers)
   return StepProfile(wall_ms, attribute(totals, ops, layers, iters),
-                     idle_by_part(idle_before(events), ops, layers, iters), dict(totals), ops, iters)
+                     idle_by_part(idle_before(events), ops, layers, iters), totals, ops, iters)
 
 
 def _part_order(parts: set[str]) -> list[str]:

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pallas_kernels import blocked_conv
 from sh2_jax.config import ConfigError, MeshConfig, ModelConfig
-from sh2_jax.ops import conv
+from sh2_jax.ops import conv, hyena
 from sh2_jax.parallel import context as cp
 from sh2_jax.parallel import context_attention as cp_attention
 
@@ -115,9 +115,8 @@ class ContextSharding:
     """
     width, taps = x_BLD.shape[-1], w_feat_3DK.shape[-1]
     self.validate(x_BLD.shape[1], taps - 1)
-    w_in_DCS = w_in_D3D.reshape(width, width, 3)
     w_feat_CSK = w_feat_3DK.reshape(width, 3, taps)
-    streams = tuple(self.constrain(x_BLD @ w_in_DCS[:, :, s]) for s in range(3))
+    streams = tuple(self.constrain(z) for z in hyena.project_streams(x_BLD, w_in_D3D))
     zigzag = self.zigzag
 
     def body(post, pre, v, w_CSK):
