@@ -10,7 +10,8 @@ for is reported too). MFU = model FLOPs per step / step time / peak bf16 rate, w
 of 12 L^2 D) + the tied unembedding 6 x L x D x V. Hyena filter FLOPs are not counted (they
 are small next to the projections), so Hyena MFU is slightly understated.
 
-  python -m sh2_jax.cli bench train [--lengths 8192,32768] [--preset evo2-1b]
+  python -m sh2_jax.cli bench train [--lengths 8192,32768] [--preset evo2-1b] [--models sh2,mha]
+      [--set li_method=pallas_fused ...]
 """
 
 from __future__ import annotations
@@ -96,9 +97,10 @@ def time_step(model: config_lib.ModelConfig, length: int, batch: int, iters: int
 def variants(preset: str, remat: str = "full", overrides: dict[str, str] | None = None
              ) -> list[tuple[str, config_lib.ModelConfig]]:
   """SH2 and all-MHA configs of a preset; remat: "none" or a model.remat_policy (per block);
-  overrides: model settings for both, e.g. {"d_model": "256"}."""
-  preset_cfg = config_lib.apply_overrides(config_lib.get_preset(preset),
-                                          {f"model.{k}": v for k, v in (overrides or {}).items()})
+  overrides: model settings for both, e.g. {"d_model": "256"} (or "model.d_model")."""
+  preset_cfg = config_lib.apply_overrides(
+      config_lib.get_preset(preset),
+      {k if k.startswith("model.") else f"model.{k}": v for k, v in (overrides or {}).items()})
   base = dataclasses.replace(preset_cfg.model, dtype="bfloat16",
                              remat=remat != "none", remat_policy="full" if remat == "none" else remat)
   all_mha = dataclasses.replace(base, layout=" ".join(["MHA"] * base.num_layers))
@@ -116,14 +118,23 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--remat", default="save_dots", choices=("none",) + config_lib.REMAT_POLICIES,
                       help="rematerialisation of each block, both models (default save_dots: the "
                            "fastest for both on an H100 at 8K and 32K)")
+  parser.add_argument("--models", default="sh2,mha", help="which of the pair: sh2, mha or both")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="model setting for both models, e.g. li_method=pallas_fused (repeatable)")
   parser.add_argument("--out", default=None, help="markdown path (default experiments/results/train_<device>.md)")
   args = parser.parse_args(argv)
+  wanted = {m.strip() for m in args.models.split(",") if m.strip()}
+  if not wanted or wanted - {"sh2", "mha"}:
+    parser.error(f"--models {args.models!r}: choose sh2, mha or sh2,mha")
+  overrides = config_lib.parse_set_args(args.set)
   device = jax.devices()[0]
   peak = peak_tflops(device.device_kind)
   rows: list[dict[str, Any]] = []
   for length in [int(x) for x in args.lengths.split(",") if x.strip()]:
-    for name, model in variants(args.preset, args.remat):
-      row = {"model": name, "L": length}
+    for (name, model), tag in zip(variants(args.preset, args.remat, overrides), ("sh2", "mha")):
+      if tag not in wanted:
+        continue
+      row = {"model": ", ".join([name] + args.set), "L": length}
       try:
         ms, synced_ms = time_step(model, length, args.batch, args.iters)
         flops = model_flops_per_step(model, length, args.batch)

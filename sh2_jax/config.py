@@ -94,7 +94,8 @@ class ModelConfig:
       "chunked" (exact Toeplitz inside chunks, 16-state carry between), "pallas" (the fused
       modal-recurrence GPU kernel; interpret mode off GPU, slow), "pallas_fused" (the same
       kernels featurizing the in-projection's streams themselves; one device, else "pallas"),
-      "auto" ("pallas" on GPU where the shape allows, else fft / chunked by length).
+      "auto" (on GPU "pallas_fused" on one device and "pallas" under context parallelism,
+      where the shape allows; else fft / chunked by length).
     conv_chunk: chunk length of the blocked convolution (>= the longest blocked filter).
     remat: rematerialise each block in the backward pass.
     remat_policy: what a rematerialised block keeps from its forward pass: "full" (nothing but

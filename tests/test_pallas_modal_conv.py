@@ -351,3 +351,29 @@ def test_module_with_fused_featurizer_equals_fft(monkeypatch):
     assert _rel_err(got, want) < 5e-5
   assert calls == [(2, 70, 32)]  # the fused kernels ran (once: the fft run does not call them)
   assert hyena.resolve_li_method("pallas_fused", 100) == "pallas"
+
+
+def test_li_mixer_auto_fuses_the_featurizer_on_gpu(monkeypatch):
+  """li_mixer "auto" takes the featurized kernels when the backend is a GPU (the kernel runs in
+  interpret mode here) and equals the fft method; on CPU "auto" never calls them."""
+  rng = np.random.default_rng(11)
+  width, length = 32, 50
+  x = jnp.asarray(rng.standard_normal((1, length, width)), jnp.float32)
+  w_in = jnp.asarray(rng.standard_normal((width, 3 * width)) / np.sqrt(width), jnp.float32)
+  w_feat = jnp.asarray(rng.standard_normal((3 * width, 3)) / np.sqrt(3), jnp.float32)
+  log_poles = jnp.log(jnp.asarray(rng.uniform(0.5, 0.95, (width, 4)), jnp.float32))
+  residues = jnp.asarray(rng.standard_normal((width, 4)) * 0.2, jnp.float32)
+  dskip = jnp.asarray(rng.standard_normal(width), jnp.float32)
+  args = (x, w_in, w_feat, log_poles, residues, dskip)
+  want = hyena.li_mixer(*args, method="fft")
+
+  calls = []
+  fused = mc.featurized_gate_conv_gate_pallas
+  monkeypatch.setattr(mc, "featurized_gate_conv_gate_pallas",
+                      lambda *a, **k: calls.append(a[0].shape) or fused(*a, **{**k, "interpret": True}))
+  hyena.li_mixer(*args, method="auto")
+  assert calls == []
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  got = hyena.li_mixer(*args, method="auto")
+  assert calls == [(1, length, width)]
+  assert _rel_err(got, want) < 1e-5

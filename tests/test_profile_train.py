@@ -6,6 +6,7 @@ import collections
 import re
 
 import jax.numpy as jnp
+import pytest
 
 from experiments import bench_train, profile_train
 
@@ -153,3 +154,16 @@ def test_bench_train_table_has_both_timings_and_ratios(tmp_path):
   ratio, synced = re.search(r"^\| 64 \| ([\d.]+) \| ([\d.]+) \| >= 1.3 \|$", text, re.M).groups()
   assert abs(float(ratio) - int(rows[0][3]) / int(rows[1][3])) < 0.01
   assert abs(float(synced) - float(rows[1][2]) / float(rows[0][2])) < 0.02
+
+
+def test_bench_train_one_model_with_a_setting(tmp_path):
+  """--models sh2 --set KEY=VALUE: one row, named with the setting, and no ratio row; a model
+  name outside the pair is refused."""
+  out = tmp_path / "train.md"
+  assert bench_train.main(["--preset", "tiny", "--lengths", "64", "--iters", "1", "--models", "sh2",
+                           "--set", "model.li_method=fft", "--out", str(out)]) == 0
+  text = out.read_text()
+  assert re.findall(r"^\| (tiny[^|]*) \| 64 \|", text, re.M) == ["tiny (SH2: 1 MHA of 4), model.li_method=fft"]
+  assert not re.search(r"^\| 64 \| [\d.]+ \|", text, re.M)
+  with pytest.raises(SystemExit):
+    bench_train.main(["--preset", "tiny", "--models", "gpt"])
