@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from experiments.timing import median_ms
+from experiments.timing import median_ms, random_cotangent
 from sh2_jax.config import ModelConfig
 from sh2_jax.layers.attention import MHA
 from sh2_jax.layers.hyena import HyenaLI, HyenaMR, HyenaSE
@@ -150,14 +150,14 @@ def _module_fns(variant: Variant, config: ModelConfig, x_BLD: jax.Array, key: ja
   module = variant.module(dataclasses.replace(config, **variant.overrides))
   params = nn.meta.unbox(jax.jit(module.init)(key, x_BLD[:, :128])["params"])
   fwd = jax.jit(module.apply)
-  cotangent = jnp.ones(x_BLD.shape, x_BLD.dtype)
+  cotangent = random_cotangent(x_BLD, key)
 
-  def loss_vjp(p, x):
+  def loss_vjp(p, x, ct):
     _, pullback = jax.vjp(lambda p, x: module.apply({"params": p}, x), p, x)
-    return pullback(cotangent)
+    return pullback(ct)
 
   grad = jax.jit(loss_vjp)
-  return (lambda: fwd({"params": params}, x_BLD)), (lambda: grad(params, x_BLD))
+  return (lambda: fwd({"params": params}, x_BLD)), (lambda: grad(params, x_BLD, cotangent))
 
 
 CHUNKED_LI_MAX_LEN = 32768  # the XLA chunked LI scan is sequential over chunks: too slow beyond

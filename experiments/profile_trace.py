@@ -41,6 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments.bench_ops import projection_inputs, projection_products  # noqa: E402
+from experiments.timing import random_cotangent  # noqa: E402
 from sh2_jax.config import ModelConfig  # noqa: E402
 from sh2_jax.layers.attention import MHA  # noqa: E402
 from sh2_jax.layers.hyena import HyenaLI, HyenaMR, HyenaSE  # noqa: E402
@@ -67,16 +68,15 @@ def fwd_bwd_fn(name: str, config: ModelConfig, x_BLD: jax.Array,
                key: jax.Array) -> tuple[Callable[..., Any], tuple[Any, ...]]:
   """(jitted fwd+bwd function, its arguments) for one operator."""
   module_cls, overrides = OPERATORS[name]
-  cotangent = jnp.ones(x_BLD.shape, x_BLD.dtype)
   if module_cls is None:
     return jax.jit(projection_products), projection_inputs(x_BLD, key)
   module = module_cls(dataclasses.replace(config, **overrides))
   params = nn.meta.unbox(jax.jit(module.init)(key, x_BLD[:, :128])["params"])
 
-  def fwd_bwd(p, x):
-    return jax.vjp(lambda p, x: module.apply({"params": p}, x), p, x)[1](cotangent)
+  def fwd_bwd(p, x, ct):
+    return jax.vjp(lambda p, x: module.apply({"params": p}, x), p, x)[1](ct)
 
-  return jax.jit(fwd_bwd), (params, x_BLD)
+  return jax.jit(fwd_bwd), (params, x_BLD, random_cotangent(x_BLD, key))
 
 
 def kernel_events(trace_dir: str) -> tuple[list[tuple[int, int, str]], list[str]]:

@@ -29,14 +29,35 @@ def median_ms(fn: Callable[..., Any], *args: Any, warmup: int = 2, iters: int = 
   return statistics.median(times)
 
 
+def random_cotangent(like: jax.Array, key: jax.Array | None = None) -> jax.Array:
+  """A standard-normal cotangent shaped and typed like `like`, for timing a backward pass.
+
+  Not ones: a constant cotangent lets XLA fold the products it enters into reductions (the
+  output projection's du = dy @ W_out^T becomes a column sum), so the timed backward would
+  skip a GEMM that training does.
+  """
+  key = jax.random.key(7) if key is None else jax.random.fold_in(key, 7)
+  return jax.random.normal(key, like.shape, jnp.float32).astype(like.dtype)
+
+
 def vjp_fn(f: Callable[..., Any]) -> Callable[..., Any]:
-  """A jitted function running f forward and backward (cotangent ones) for timing fwd+bwd."""
+  """A function running f forward and backward (jitted) for timing fwd+bwd; the cotangent is
+  random_cotangent of f's output, drawn once per output shape and passed as an argument."""
 
-  def run(*args):
-    out, pullback = jax.vjp(f, *args)
-    return pullback(jnp.ones_like(out))
+  @jax.jit
+  def run(ct, *args):
+    _, pullback = jax.vjp(f, *args)
+    return pullback(ct)
 
-  return jax.jit(run)
+  cotangents: dict[Any, Any] = {}
+
+  def call(*args):
+    signature = tuple((getattr(a, "shape", None), getattr(a, "dtype", None)) for a in jax.tree.leaves(args))
+    if signature not in cotangents:
+      cotangents[signature] = jax.tree.map(random_cotangent, jax.eval_shape(f, *args))
+    return run(cotangents[signature], *args)
+
+  return call
 
 
 def child_failure(stderr: str) -> str:
