@@ -152,9 +152,9 @@ def _module_fns(variant: Variant, config: ModelConfig, x_BLD: jax.Array, key: ja
   fwd = jax.jit(module.apply)
   cotangent = random_cotangent(x_BLD, key)
 
-  def loss_vjp(p, x, ct):
-    _, pullback = jax.vjp(lambda p, x: module.apply({"params": p}, x), p, x)
-    return pullback(ct)
+  def loss_vjp(p, x, ct):  # the output too: unreturned, its projection would be dead code
+    out, pullback = jax.vjp(lambda p, x: module.apply({"params": p}, x), p, x)
+    return out, pullback(ct)
 
   grad = jax.jit(loss_vjp)
   return (lambda: fwd({"params": params}, x_BLD)), (lambda: grad(params, x_BLD, cotangent))

@@ -73,8 +73,9 @@ def fwd_bwd_fn(name: str, config: ModelConfig, x_BLD: jax.Array,
   module = module_cls(dataclasses.replace(config, **overrides))
   params = nn.meta.unbox(jax.jit(module.init)(key, x_BLD[:, :128])["params"])
 
-  def fwd_bwd(p, x, ct):
-    return jax.vjp(lambda p, x: module.apply({"params": p}, x), p, x)[1](ct)
+  def fwd_bwd(p, x, ct):  # the output too: unreturned, its projection would be dead code
+    out, pullback = jax.vjp(lambda p, x: module.apply({"params": p}, x), p, x)
+    return out, pullback(ct)
 
   return jax.jit(fwd_bwd), (params, x_BLD, random_cotangent(x_BLD, key))
 

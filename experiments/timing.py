@@ -30,24 +30,21 @@ def median_ms(fn: Callable[..., Any], *args: Any, warmup: int = 2, iters: int = 
 
 
 def random_cotangent(like: jax.Array, key: jax.Array | None = None) -> jax.Array:
-  """A standard-normal cotangent shaped and typed like `like`, for timing a backward pass.
-
-  Not ones: a constant cotangent lets XLA fold the products it enters into reductions (the
-  output projection's du = dy @ W_out^T becomes a column sum), so the timed backward would
-  skip a GEMM that training does.
-  """
+  """A standard-normal cotangent shaped and typed like `like`, for timing a backward pass
+  (random like a training step's, not a constant that XLA's simplifier could exploit)."""
   key = jax.random.key(7) if key is None else jax.random.fold_in(key, 7)
   return jax.random.normal(key, like.shape, jnp.float32).astype(like.dtype)
 
 
 def vjp_fn(f: Callable[..., Any]) -> Callable[..., Any]:
-  """A function running f forward and backward (jitted) for timing fwd+bwd; the cotangent is
-  random_cotangent of f's output, drawn once per output shape and passed as an argument."""
+  """A function running f forward and backward (jitted) for timing fwd+bwd: returns (output,
+  gradients), the output too so that its last operations are not dead code; the cotangent is
+  random_cotangent of f's output, drawn once per argument signature and passed as an argument."""
 
   @jax.jit
   def run(ct, *args):
-    _, pullback = jax.vjp(f, *args)
-    return pullback(ct)
+    out, pullback = jax.vjp(f, *args)
+    return out, pullback(ct)
 
   cotangents: dict[Any, Any] = {}
 

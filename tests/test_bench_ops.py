@@ -84,15 +84,16 @@ def test_bench_ops_rejects_unknown_family(capsys):
 
 
 def test_vjp_fn_uses_a_random_cotangent():
-  """timing.vjp_fn pulls back a fixed standard-normal cotangent (not ones, which would let XLA
-  fold dy @ W^T into a column sum): the gradients equal numpy float64 products with it."""
+  """timing.vjp_fn returns the output and pulls back a fixed standard-normal cotangent: the
+  gradients equal numpy float64 products with it."""
   from experiments import timing  # noqa: PLC0415
 
   rng = np.random.default_rng()
   x = jnp.asarray(rng.standard_normal((6, 5)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((5, 4)), jnp.float32)
-  dx, dw = timing.vjp_fn(lambda a, b: a @ b)(x, w)
+  out, (dx, dw) = timing.vjp_fn(lambda a, b: a @ b)(x, w)
   ct = np.asarray(timing.random_cotangent(jax.ShapeDtypeStruct((6, 4), jnp.float32)), np.float64)
   assert np.std(ct) > 0.5 and len(np.unique(ct)) == ct.size
+  np.testing.assert_allclose(np.asarray(out), np.asarray(x, np.float64) @ np.asarray(w, np.float64), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(dx), ct @ np.asarray(w, np.float64).T, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(dw), np.asarray(x, np.float64).T @ ct, rtol=1e-5, atol=1e-5)
