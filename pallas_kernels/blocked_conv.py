@@ -50,6 +50,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import output_projection
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 128
@@ -329,7 +331,7 @@ def _gcg_bwd_kernel(
     dv_ref,  # [Lp, dc]
     dh_part_ref,  # [T, T] float32: tril(sum g_n u_n^T) + strict_triu(sum g_n u_(n-1)^T)
     ddskip_part_ref,  # [dc] float32: sum_t g u
-    *,
+    *out_ref,  # optional [Lp, dc]: the forward's output post * y (output_projection)
     chunk: int,
     segment_chunks: int,
     num_chunks: int,
@@ -360,7 +362,10 @@ def _gcg_bwd_kernel(
     # Recompute y rather than store it: one T x T product pair instead of an HBM round trip.
     y_TC = dot(h0_TT, u_dot_TC) + dot(h1_TT, u_prev_dot_TC) + dskip_1C * u_TC
     dpost_ref[rows, :] = (dout_TC * y_TC).astype(dpost_ref.dtype)
-    g_TC = dout_TC * post_ref[rows, :].astype(f32)
+    post_TC = post_ref[rows, :].astype(f32)
+    for ref in out_ref:
+      ref[rows, :] = (post_TC * y_TC).astype(ref.dtype)
+    g_TC = dout_TC * post_TC
     g_dot_TC = g_TC.astype(dot_dtype)
     du_TC = h0t_dot(g_dot_TC) + h1t_dot(g_next_TC) + dskip_1C * g_TC
     dpre_ref[rows, :] = (du_TC * v_TC.astype(f32)).astype(dpre_ref.dtype)
@@ -427,7 +432,8 @@ def _gcg_fwd_call(post_BLC, pre_BLC, v_BLC, hp_GX, dskip_C, *, block_sizes: Bloc
 
 
 def _gcg_bwd_call(post_BLC, pre_BLC, v_BLC, dout_BLC, hp_GX, dskip_C, *,
-                  block_sizes: BlockSizes, interpret: bool):
+                  block_sizes: BlockSizes, interpret: bool, with_output: bool = False):
+  """(dpost, dpre, dv, dh partials, ddskip partials) and, with_output, the forward's output."""
   batch, padded_len, channels = v_BLC.shape
   chunk, block_c = block_sizes.chunk, block_sizes.block_c
   num_chunks = padded_len // chunk
@@ -452,6 +458,9 @@ def _gcg_bwd_call(post_BLC, pre_BLC, v_BLC, dout_BLC, hp_GX, dskip_C, *,
       pl.BlockSpec((None, None, None, chunk, chunk), lambda b, c, s: (b, c, s, 0, 0)),
       pl.BlockSpec((None, None, block_c), lambda b, c, s: (b, s, c)),
   )
+  if with_output:
+    out_shape += (jax.ShapeDtypeStruct(v_BLC.shape, v_BLC.dtype),)
+    out_specs += (tile,)
   return pl.pallas_call(
       kernel,
       grid=grid,
@@ -501,21 +510,36 @@ def _gcg_fwd(post_BLC, pre_BLC, v_BLC, h_GK, dskip_C, block_sizes, interpret):
   return out, (post_BLC, pre_BLC, v_BLC, h_GK, dskip_C)
 
 
-def _gcg_bwd(block_sizes, interpret, residuals, dout_BLC):
+def _gcg_bwd_impl(block_sizes, interpret, residuals, dout_BLC, with_output=False):
+  """The five input gradients, then (with_output) the forward's output [B, L, C]."""
   post_BLC, pre_BLC, v_BLC, h_GK, dskip_C = residuals
   length = v_BLC.shape[1]
   chunk = block_sizes.chunk
   pad = functools.partial(_pad_rows, padded_len=_padded_len(length, chunk))
-  dpost, dpre, dv, dh_part, ddskip_part = _gcg_bwd_call(
+  dpost, dpre, dv, dh_part, ddskip_part, *out = _gcg_bwd_call(
       pad(post_BLC), pad(pre_BLC), pad(v_BLC), pad(dout_BLC.astype(v_BLC.dtype)),
       _padded_filter(h_GK, chunk), dskip_C.astype(jnp.float32), block_sizes=block_sizes,
-      interpret=interpret)
+      interpret=interpret, with_output=with_output)
   dh_GK = _dh_from_partials(dh_part, h_GK.shape[0], h_GK.shape[1]).astype(h_GK.dtype)
   ddskip_C = ddskip_part.sum((0, 1)).astype(dskip_C.dtype)
-  return (dpost[:, :length], dpre[:, :length], dv[:, :length], dh_GK, ddskip_C)
+  return (dpost[:, :length], dpre[:, :length], dv[:, :length], dh_GK, ddskip_C) + tuple(
+      y[:, :length] for y in out)
+
+
+def _gcg_bwd(block_sizes, interpret, residuals, dout_BLC):
+  return _gcg_bwd_impl(block_sizes, interpret, residuals, dout_BLC)
 
 
 _gcg.defvjp(_gcg_fwd, _gcg_bwd)
+
+
+def _gcg_projected_fwd(block_sizes, interpret, operands):
+  return _gcg_fwd_impl(*operands, block_sizes, interpret), operands
+
+
+def _gcg_projected_bwd(block_sizes, interpret, residuals, dy_BLC):
+  *grads, y_BLC = _gcg_bwd_impl(block_sizes, interpret, residuals, dy_BLC, with_output=True)
+  return y_BLC, tuple(grads)
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
@@ -544,9 +568,15 @@ def gate_conv_gate_pallas(post_gate_BLC: jax.Array, pre_gate_BLC: jax.Array, v_B
     ValueError: shapes the kernels do not take (see `unsupported_reason`); use
       `gate_conv_gate_auto` to fall back to the reference instead.
   """
-  if not pre_gate_BLC.shape == post_gate_BLC.shape == v_BLC.shape:
-    raise ValueError(f"gates and v must share one shape, got {post_gate_BLC.shape}, "
-                     f"{pre_gate_BLC.shape}, {v_BLC.shape}")
+  dskip_C, resolved = _checked(post_gate_BLC, pre_gate_BLC, v_BLC, h_GK, dskip_C, block_sizes)
+  return _gcg(post_gate_BLC, pre_gate_BLC, v_BLC, h_GK, dskip_C, resolved, interpret)
+
+
+def _checked(post_BLC, pre_BLC, v_BLC, h_GK, dskip_C, block_sizes):
+  """(dskip, resolved block sizes) after checking the shapes; ValueError says what is wrong."""
+  if not pre_BLC.shape == post_BLC.shape == v_BLC.shape:
+    raise ValueError(f"gates and v must share one shape, got {post_BLC.shape}, "
+                     f"{pre_BLC.shape}, {v_BLC.shape}")
   reason = unsupported_reason(v_BLC.shape, h_GK.shape, block_sizes)
   if reason:
     raise ValueError(reason)
@@ -555,8 +585,28 @@ def gate_conv_gate_pallas(post_gate_BLC: jax.Array, pre_gate_BLC: jax.Array, v_B
     dskip_C = jnp.zeros((channels,), jnp.float32)
   elif dskip_C.shape != (channels,):
     raise ValueError(f"dskip shape {dskip_C.shape} must be ({channels},)")
-  resolved = _resolve(block_sizes, v_BLC.shape, h_GK.shape, v_BLC.dtype)
-  return _gcg(post_gate_BLC, pre_gate_BLC, v_BLC, h_GK, dskip_C, resolved, interpret)
+  return dskip_C, _resolve(block_sizes, v_BLC.shape, h_GK.shape, v_BLC.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def gate_conv_gate_proj_pallas(post_gate_BLC: jax.Array, pre_gate_BLC: jax.Array,
+                               v_BLC: jax.Array, h_GK: jax.Array, dskip_C: jax.Array | None,
+                               w_out_CE: jax.Array, *, block_sizes: BlockSizes | None = None,
+                               interpret: bool = False) -> jax.Array:
+  """gate_conv_gate_pallas(...) @ w_out, whose backward takes the gate output for dW_out from
+  the backward kernel (output_projection.project_output): a rematerialised block does not
+  rerun the forward kernel. Arguments as gate_conv_gate_pallas, plus w_out_CE [C, E].
+
+  Returns:
+    [B, L, E] in v's dtype. Gradients for the five kernel inputs and w_out.
+  """
+  dskip_C, resolved = _checked(post_gate_BLC, pre_gate_BLC, v_BLC, h_GK, dskip_C, block_sizes)
+  if w_out_CE.ndim != 2 or w_out_CE.shape[0] != v_BLC.shape[2]:
+    raise ValueError(f"w_out shape {w_out_CE.shape} must be ({v_BLC.shape[2]}, E)")
+  return output_projection.project_output(
+      functools.partial(_gcg_projected_fwd, resolved, interpret),
+      functools.partial(_gcg_projected_bwd, resolved, interpret),
+      (post_gate_BLC, pre_gate_BLC, v_BLC, h_GK, dskip_C), w_out_CE)
 
 
 def gate_conv_gate_auto(post_gate_BLC: jax.Array, pre_gate_BLC: jax.Array, v_BLC: jax.Array,

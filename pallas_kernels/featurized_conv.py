@@ -43,6 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import blocked_conv as bc
+from pallas_kernels import output_projection
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +223,8 @@ def _fgcg_bwd_kernel(
     # its dc channels of each stream (columns s C + c dc + i, or 3 (c dc + i) + s interleaved)
     dh_part_ref,  # [T, T] float32, as in blocked_conv
     ddskip_part_ref,  # [dc] float32
-    *dwf_part_ref,  # tap_grads == "kernel": [4, Jp, dc] float32, sum_t df_s[t] z_s[t - j]
+    *extra_refs,  # with_output: [Lp, dc], the forward's output (output_projection); then with
+    # tap_grads == "kernel": [4, Jp, dc] float32, sum_t df_s[t] z_s[t - j]
     chunk: int,
     segment_chunks: int,
     num_chunks: int,
@@ -233,8 +235,10 @@ def _fgcg_bwd_kernel(
     windows: bool,
     tap_grads: str,
     interleaved: bool,
+    with_output: bool = False,
 ):
   f32 = jnp.float32
+  out_refs, dwf_part_ref = extra_refs[:int(with_output)], extra_refs[int(with_output):]
   block_c = dskip_ref.shape[-1]
   channels = df_ref.shape[-1] // _STREAMS
   if interleaved:
@@ -260,6 +264,8 @@ def _fgcg_bwd_kernel(
     u_dot_TC = u_TC.astype(dot_dtype)
     dout_TC = dout_ref[rows, :].astype(f32)
     y_TC = dot(h0_TT, u_dot_TC) + dot(h1_TT, u_prev_dot_TC) + dskip_1C * u_TC
+    for ref in out_refs:
+      ref[rows, :] = (post_TC * y_TC).astype(ref.dtype)
     g_TC = dout_TC * post_TC
     g_dot_TC = g_TC.astype(dot_dtype)
     du_TC = h0t_dot(g_dot_TC) + h1t_dot(g_next_TC) + dskip_1C * g_TC
@@ -373,7 +379,10 @@ def _fwd_call(z_BL3C, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int, block_sizes: b
 
 
 def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
-              block_sizes: bc.BlockSizes, interpret: bool, tap_grads: str, layout: str):
+              block_sizes: bc.BlockSizes, interpret: bool, tap_grads: str, layout: str,
+              with_output: bool = False):
+  """(df, dh partials, ddskip partials), then the forward's output if with_output, then the
+  tap-gradient partials if tap_grads == "kernel"."""
   batch, padded_len, width3 = z_BL3C.shape
   channels = width3 // _STREAMS
   chunk, block_c = block_sizes.chunk, block_sizes.block_c
@@ -388,7 +397,7 @@ def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
                              num_taps_f=num_taps_f, dot_dtype=dot_dtype, precision=precision,
                              transpose_by_dot=block_sizes.bwd_transpose_by_dot,
                              windows=not interpret, tap_grads=tap_grads,
-                             interleaved=layout == "interleaved")
+                             interleaved=layout == "interleaved", with_output=with_output)
   out_shape = (
       jax.ShapeDtypeStruct((batch, padded_len, width3), z_BL3C.dtype),
       jax.ShapeDtypeStruct((batch, channels // block_c, segments, chunk, chunk), jnp.float32),
@@ -399,6 +408,9 @@ def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
       pl.BlockSpec((None, None, None, chunk, chunk), lambda b, c, s: (b, c, s, 0, 0)),
       pl.BlockSpec((None, None, block_c), lambda b, c, s: (b, s, c)),
   )
+  if with_output:
+    out_shape += (jax.ShapeDtypeStruct((batch, padded_len, channels), z_BL3C.dtype),)
+    out_specs += (tile,)
   if tap_grads == "kernel":
     out_shape += (jax.ShapeDtypeStruct((batch, segments, _STREAMS_PADDED, taps_pad, channels),
                                        jnp.float32),)
@@ -568,16 +580,23 @@ def _fgcg_fwd(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret, tap_gra
 
 
 def _fgcg_bwd(block_sizes, interpret, tap_grads, layout, residuals, dout_BLC):
+  return _fgcg_bwd_impl(block_sizes, interpret, tap_grads, layout, residuals, dout_BLC)
+
+
+def _fgcg_bwd_impl(block_sizes, interpret, tap_grads, layout, residuals, dout_BLC,
+                   with_output=False):
+  """Gradients of z, the taps, h and dskip, then (with_output) the forward's output."""
   z_BL3C, w_feat_3CJ, h_GK, dskip_C = residuals
   length, width3 = z_BL3C.shape[1:]
   num_taps_f = w_feat_3CJ.shape[1]
   chunk = block_sizes.chunk
   dout = bc._pad_rows(dout_BLC.astype(z_BL3C.dtype), bc._padded_len(length, chunk))
-  df_BL3C, dh_part, ddskip_part, *dwf_part = _bwd_call(
+  df_BL3C, dh_part, ddskip_part, *extra = _bwd_call(
       _pad_rows(z_BL3C, chunk), dout, _kernel_taps(w_feat_3CJ, layout),
       bc._padded_filter(h_GK, chunk),
       dskip_C.astype(jnp.float32), num_taps_f=num_taps_f, block_sizes=block_sizes,
-      interpret=interpret, tap_grads=tap_grads, layout=layout)
+      interpret=interpret, tap_grads=tap_grads, layout=layout, with_output=with_output)
+  out, dwf_part = extra[:int(with_output)], extra[int(with_output):]
   if tap_grads == "kernel":
     df_BL3C = df_BL3C[:, :length]
     dz_BL3C = featurizer_transpose(df_BL3C, w_feat_3CJ).astype(z_BL3C.dtype)
@@ -592,10 +611,20 @@ def _fgcg_bwd(block_sizes, interpret, tap_grads, layout, residuals, dout_BLC):
   dw_3CJ = dw_3CJ.astype(w_feat_3CJ.dtype)
   dh_GK = bc._dh_from_partials(dh_part, h_GK.shape[0], h_GK.shape[1]).astype(h_GK.dtype)
   ddskip_C = ddskip_part.sum((0, 1)).astype(dskip_C.dtype)
-  return dz_BL3C, dw_3CJ, dh_GK, ddskip_C
+  return (dz_BL3C, dw_3CJ, dh_GK, ddskip_C) + tuple(y[:, :length] for y in out)
 
 
 _fgcg.defvjp(_fgcg_fwd, _fgcg_bwd)
+
+
+def _fgcg_projected_fwd(block_sizes, interpret, tap_grads, layout, operands):
+  return _fwd_impl(*operands, block_sizes, interpret, layout), operands
+
+
+def _fgcg_projected_bwd(block_sizes, interpret, tap_grads, layout, residuals, dy_BLC):
+  *grads, y_BLC = _fgcg_bwd_impl(block_sizes, interpret, tap_grads, layout, residuals, dy_BLC,
+                                 with_output=True)
+  return y_BLC, tuple(grads)
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret", "tap_grads", "layout"))
@@ -631,6 +660,12 @@ def featurized_gate_conv_gate_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h
   Raises:
     ValueError: shapes the kernels do not take (see `unsupported_reason`).
   """
+  dskip_C, resolved = _checked(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, tap_grads, layout)
+  return _fgcg(z_BL3C, w_feat_3CJ, h_GK, dskip_C, resolved, interpret, tap_grads, layout)
+
+
+def _checked(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, tap_grads, layout):
+  """(dskip, resolved block sizes) after checking shapes and options (ValueError otherwise)."""
   reason = unsupported_reason(z_BL3C.shape, w_feat_3CJ.shape, h_GK.shape, block_sizes,
                               z_BL3C.dtype.itemsize)
   if reason:
@@ -645,8 +680,32 @@ def featurized_gate_conv_gate_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h
     raise ValueError(f"tap_grads={tap_grads!r}: choose one of {TAP_GRADS}")
   if layout not in LAYOUTS:
     raise ValueError(f"layout={layout!r}: choose one of {LAYOUTS}")
-  resolved = _resolve(block_sizes, (batch, length, channels), h_GK.shape, z_BL3C.dtype)
-  return _fgcg(z_BL3C, w_feat_3CJ, h_GK, dskip_C, resolved, interpret, tap_grads, layout)
+  return dskip_C, _resolve(block_sizes, (batch, length, channels), h_GK.shape, z_BL3C.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret", "tap_grads", "layout"))
+def featurized_gate_conv_gate_proj_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array,
+                                          h_GK: jax.Array, dskip_C: jax.Array | None,
+                                          w_out_CE: jax.Array, *,
+                                          block_sizes: bc.BlockSizes | None = None,
+                                          interpret: bool = False, tap_grads: str = "xla",
+                                          layout: str = "blocked") -> jax.Array:
+  """featurized_gate_conv_gate_pallas(...) @ w_out, whose backward takes the gate output for
+  dW_out from the backward kernel (output_projection.project_output): a rematerialised block
+  does not rerun the forward kernel. Arguments as featurized_gate_conv_gate_pallas, plus
+  w_out_CE [C, E].
+
+  Returns:
+    [B, L, E] in z's dtype. Gradients for z, the taps, h, dskip and w_out.
+  """
+  dskip_C, resolved = _checked(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, tap_grads, layout)
+  channels = z_BL3C.shape[2] // _STREAMS
+  if w_out_CE.ndim != 2 or w_out_CE.shape[0] != channels:
+    raise ValueError(f"w_out shape {w_out_CE.shape} must be ({channels}, E)")
+  return output_projection.project_output(
+      functools.partial(_fgcg_projected_fwd, resolved, interpret, tap_grads, layout),
+      functools.partial(_fgcg_projected_bwd, resolved, interpret, tap_grads, layout),
+      (z_BL3C, w_feat_3CJ, h_GK, dskip_C), w_out_CE)
 
 
 # ---------------------------------------------------------------------------------------------

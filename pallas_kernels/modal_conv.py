@@ -33,7 +33,7 @@ The forward saves the segment-start states of s and z ([B, S, N, C], small).
 `gate_conv_gate_auto` picks the kernel on GPU and the plain-JAX reference (`gate_conv_gate`,
 a chunked scan) elsewhere or for unsupported shapes. `featurized_gate_conv_gate_pallas` takes
 the featurizer's inputs instead and featurizes each chunk's rows inside the same kernels.
-This module depends on jax and pallas_kernels.featurized_conv only.
+This module depends on jax and pallas_kernels.featurized_conv / output_projection only.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import featurized_conv
+from pallas_kernels import featurized_conv, output_projection
 
 logger = logging.getLogger(__name__)
 
@@ -266,9 +266,10 @@ def _fwd_kernel(wf_ref, p_ref, r_ref, dskip_ref, s0_ref, post_ref, pre_ref, v_re
 
 
 def _bwd_forward_kernel(wf_ref, lp_ref, p_ref, r_ref, dskip_ref, s0_ref, z0_ref, post_ref, pre_ref,
-                        v_ref, dout_ref, dpost_ref, dr_ref, dz_ref, ddskip_ref, a_ref, *,
+                        v_ref, dout_ref, dpost_ref, dr_ref, dz_ref, ddskip_ref, a_ref, *out_ref,
                         chunk: int, segment_chunks: int, num_taps: int):
-  """Forward walk of the backward: dpost and the per-program partial parameter gradients."""
+  """Forward walk of the backward: dpost and the per-program partial parameter gradients, and
+  the forward's output post * y into out_ref when given (output_projection)."""
   taps = _stream_taps(wf_ref, num_taps)
   lp_NC = lp_ref[...]
   p_NC = p_ref[...]
@@ -288,6 +289,8 @@ def _bwd_forward_kernel(wf_ref, lp_ref, p_ref, r_ref, dskip_ref, s0_ref, z0_ref,
       s_NC = p_NC * s_NC + u_1C
       y_1C = jnp.sum(r_NC * s_NC, axis=0, keepdims=True) + dskip_1C * u_1C
       dpost_ref[pl.ds(base + i, 1), :] = (dout_1C * y_1C).astype(dpost_ref.dtype)
+      for ref in out_ref:
+        ref[pl.ds(base + i, 1), :] = (post_1C * y_1C).astype(ref.dtype)
       dr_NC = dr_NC + g_1C * s_NC
       dz_NC = dz_NC + g_1C * z_NC
       dd_1C = dd_1C + g_1C * u_1C
@@ -468,6 +471,19 @@ def _padded_len(length: int, bs: BlockSizes) -> int:
   return -(-length // seg_len) * seg_len
 
 
+def _start_states(pre, v, log_poles_CN, bs, interpret, with_z, w_feat_S3=None):
+  """Every segment's start state s0 (and z0 if with_z), [B, S, N', C] float32: the
+  segment-local pass, then the chain across segments."""
+  padded_len = _padded_len(v.shape[1], bs)
+  pad = functools.partial(_pad_rows, padded_len=padded_len)
+  wf, num_taps = _stack_taps(w_feat_S3, v.shape[2])
+  zeros_C = jnp.zeros((v.shape[2],), jnp.float32)
+  _, p_NC, _, _, p_seg = _prepare(log_poles_CN, jnp.zeros_like(log_poles_CN), zeros_C, bs,
+                                  padded_len)
+  s_hat, z_hat = _segment_states(p_NC, pad(pre), pad(v), bs, interpret, with_z, wf, num_taps)
+  return _chain_forward(s_hat, z_hat, p_seg)
+
+
 def _fwd_impl(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret, with_z,
               w_feat_S3=None):
   """Output [B, L, C] and the saved segment-start states; with w_feat_S3 ((post, pre, v) taps
@@ -477,9 +493,8 @@ def _fwd_impl(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret, w
   pad = functools.partial(_pad_rows, padded_len=padded_len)
   post_p, pre_p, v_p = pad(post), pad(pre), pad(v)
   wf, num_taps = _stack_taps(w_feat_S3, channels)
-  _, p_NC, r_NC, dskip_1C, p_seg = _prepare(log_poles_CN, residues_CN, dskip_C, bs, padded_len)
-  s_hat, z_hat = _segment_states(p_NC, pre_p, v_p, bs, interpret, with_z, wf, num_taps)
-  s0, z0 = _chain_forward(s_hat, z_hat, p_seg)
+  _, p_NC, r_NC, dskip_1C, _ = _prepare(log_poles_CN, residues_CN, dskip_C, bs, padded_len)
+  s0, z0 = _start_states(pre, v, log_poles_CN, bs, interpret, with_z, w_feat_S3)
   grid, _, tile, param, skip, state, _ = _specs(batch, padded_len, channels, p_NC.shape[0], bs)
   out = _call(_fwd_kernel, "modal_conv_fwd", bs, grid, [param, param, skip, state, tile, tile,
                                                           tile], tile,
@@ -489,9 +504,10 @@ def _fwd_impl(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret, w
 
 
 def _bwd_impl(bs, interpret, post, pre, v, log_poles_CN, residues_CN, dskip_C, s0, z0, dout,
-              w_feat_S3=None):
+              w_feat_S3=None, with_output=False):
   """Gradients of the (post, pre, v) inputs of the kernels (featurized streams when
-  w_feat_S3 is given: the featurizer's own backward is the caller's), log poles, residues, dskip."""
+  w_feat_S3 is given: the featurizer's own backward is the caller's), log poles, residues, dskip,
+  then (with_output) the forward's output [B, Lp, C]."""
   batch, length, channels = v.shape
   order = log_poles_CN.shape[1]
   padded_len = _padded_len(length, bs)
@@ -503,12 +519,13 @@ def _bwd_impl(bs, interpret, post, pre, v, log_poles_CN, residues_CN, dskip_C, s
   grid, segments, tile, param, skip, state, row = _specs(batch, padded_len, channels,
                                                          p_NC.shape[0], bs)
   state_shape = jax.ShapeDtypeStruct((batch, segments) + p_NC.shape, jnp.float32)
-  dpost, dr, dz, ddskip, a_hat = _call(
+  out_specs = (tile, state, state, row, state) + (tile,) * with_output
+  out_shapes = ((jax.ShapeDtypeStruct(post_p.shape, post.dtype), state_shape, state_shape,
+                 jax.ShapeDtypeStruct((batch, segments, 1, channels), jnp.float32), state_shape)
+                + (jax.ShapeDtypeStruct(v_p.shape, v.dtype),) * with_output)
+  dpost, dr, dz, ddskip, a_hat, *out = _call(
       _bwd_forward_kernel, "modal_conv_bwd_forward", bs, grid,
-      [param, param, param, skip, state, state, tile, tile, tile, tile],
-      (tile, state, state, row, state),
-      (jax.ShapeDtypeStruct(post_p.shape, post.dtype), state_shape, state_shape,
-       jax.ShapeDtypeStruct((batch, segments, 1, channels), jnp.float32), state_shape),
+      [param, param, param, skip, state, state, tile, tile, tile, tile], out_specs, out_shapes,
       interpret, num_taps, wf, lp_NC, p_NC, r_NC, dskip_1C, s0, z0, post_p, pre_p, v_p, dout_p)
   a0 = _chain_reverse(a_hat, p_seg[0])
   dpre, dv = _call(
@@ -519,7 +536,7 @@ def _bwd_impl(bs, interpret, post, pre, v, log_poles_CN, residues_CN, dskip_C, s
   dr_CN = dr.sum((0, 1)).T[:, :order]
   dlp_CN = (r_NC * dz.sum((0, 1))).T[:, :order]
   return ((dpost, dpre, dv), dlp_CN.astype(log_poles_CN.dtype), dr_CN.astype(residues_CN.dtype),
-          ddskip.sum((0, 1, 2)).astype(dskip_C.dtype))
+          ddskip.sum((0, 1, 2)).astype(dskip_C.dtype)) + tuple(out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -558,18 +575,38 @@ def _modal_fgcg_fwd(z_post, z_pre, z_v, w_post, w_pre, w_v, log_poles_CN, residu
 
 
 def _modal_fgcg_bwd(bs, interpret, residuals, dout):
+  return _modal_fgcg_bwd_impl(bs, interpret, residuals, dout)
+
+
+def _modal_fgcg_bwd_impl(bs, interpret, residuals, dout, with_output=False):
+  """The nine input gradients, then (with_output) the forward's output [B, L, C]."""
   z_post, z_pre, z_v, w_post, w_pre, w_v, log_poles_CN, residues_CN, dskip_C, s0, z0 = residuals
   length = z_v.shape[1]
-  dfeat, dlp, dr, ddskip = _bwd_impl(bs, interpret, z_post, z_pre, z_v, log_poles_CN, residues_CN,
-                                     dskip_C, s0, z0, dout, (w_post, w_pre, w_v))
+  dfeat, dlp, dr, ddskip, *out = _bwd_impl(bs, interpret, z_post, z_pre, z_v, log_poles_CN,
+                                           residues_CN, dskip_C, s0, z0, dout,
+                                           (w_post, w_pre, w_v), with_output)
   # The featurizer's backward, one Pallas pass per stream (dfeat's rows past L are zero: dout
   # is zero there).
   grads = [featurized_conv.featurizer_backward(df[:, :length], z, w, interpret=interpret)
            for df, z, w in zip(dfeat, (z_post, z_pre, z_v), (w_post, w_pre, w_v))]
-  return tuple(g[0] for g in grads) + tuple(g[1] for g in grads) + (dlp, dr, ddskip)
+  return (tuple(g[0] for g in grads) + tuple(g[1] for g in grads) + (dlp, dr, ddskip)
+          + tuple(y[:, :length] for y in out))
 
 
 _modal_fgcg.defvjp(_modal_fgcg_fwd, _modal_fgcg_bwd)
+
+
+def _modal_fgcg_projected_fwd(bs, interpret, operands):
+  return _modal_fgcg(*operands, bs, interpret), operands
+
+
+def _modal_fgcg_projected_bwd(bs, interpret, operands, dy):
+  # The segment-start states are recomputed here rather than saved by the forward: saved, a
+  # rematerialised block would rerun the whole forward (main kernel included) to get them.
+  z_post, z_pre, z_v, w_post, w_pre, w_v, log_poles_CN = operands[:7]
+  s0, z0 = _start_states(z_pre, z_v, log_poles_CN, bs, interpret, True, (w_post, w_pre, w_v))
+  *grads, y = _modal_fgcg_bwd_impl(bs, interpret, (*operands, s0, z0), dy, with_output=True)
+  return y, tuple(grads)
 
 
 def featurized_unsupported_reason(shape_BLC: tuple[int, ...], shape_CJ: tuple[int, ...],
@@ -614,6 +651,15 @@ def featurized_gate_conv_gate_pallas(z_post_BLC: jax.Array, z_pre_BLC: jax.Array
   Raises:
     ValueError: shapes the kernels do not take (see `featurized_unsupported_reason`).
   """
+  resolved = _featurized_checked(z_post_BLC, z_pre_BLC, z_v_BLC, w_post_CJ, w_pre_CJ, w_v_CJ,
+                                 log_poles_CN, dskip_C, block_sizes)
+  return _modal_fgcg(z_post_BLC, z_pre_BLC, z_v_BLC, w_post_CJ, w_pre_CJ, w_v_CJ, log_poles_CN,
+                     residues_CN, dskip_C, resolved, interpret)
+
+
+def _featurized_checked(z_post_BLC, z_pre_BLC, z_v_BLC, w_post_CJ, w_pre_CJ, w_v_CJ, log_poles_CN,
+                        dskip_C, block_sizes) -> BlockSizes:
+  """Resolved block sizes after checking the featurized kernels' shapes (ValueError otherwise)."""
   if not z_post_BLC.shape == z_pre_BLC.shape == z_v_BLC.shape:
     raise ValueError(f"the three streams must share one shape, got {z_post_BLC.shape}, "
                      f"{z_pre_BLC.shape}, {z_v_BLC.shape}")
@@ -626,9 +672,34 @@ def featurized_gate_conv_gate_pallas(z_post_BLC: jax.Array, z_pre_BLC: jax.Array
     raise ValueError(reason)
   if dskip_C.shape != (z_v_BLC.shape[2],):
     raise ValueError(f"dskip shape {dskip_C.shape} must be ({z_v_BLC.shape[2]},)")
-  resolved = _resolve(block_sizes, z_v_BLC.shape)
-  return _modal_fgcg(z_post_BLC, z_pre_BLC, z_v_BLC, w_post_CJ, w_pre_CJ, w_v_CJ, log_poles_CN,
-                     residues_CN, dskip_C, resolved, interpret)
+  return _resolve(block_sizes, z_v_BLC.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def featurized_gate_conv_gate_proj_pallas(z_post_BLC: jax.Array, z_pre_BLC: jax.Array,
+                                          z_v_BLC: jax.Array, w_post_CJ: jax.Array,
+                                          w_pre_CJ: jax.Array, w_v_CJ: jax.Array,
+                                          log_poles_CN: jax.Array, residues_CN: jax.Array,
+                                          dskip_C: jax.Array, w_out_CE: jax.Array, *,
+                                          block_sizes: BlockSizes | None = None,
+                                          interpret: bool = False) -> jax.Array:
+  """featurized_gate_conv_gate_pallas(...) @ w_out, whose backward takes the gate output for
+  dW_out from the backward's forward walk (output_projection.project_output): a
+  rematerialised block reruns only the segment-state pass, not the main forward kernel.
+  Arguments as featurized_gate_conv_gate_pallas, plus w_out_CE [C, E].
+
+  Returns:
+    [B, L, E] in z_v's dtype. Gradients for the nine kernel inputs and w_out.
+  """
+  resolved = _featurized_checked(z_post_BLC, z_pre_BLC, z_v_BLC, w_post_CJ, w_pre_CJ, w_v_CJ,
+                                 log_poles_CN, dskip_C, block_sizes)
+  if w_out_CE.ndim != 2 or w_out_CE.shape[0] != z_v_BLC.shape[2]:
+    raise ValueError(f"w_out shape {w_out_CE.shape} must be ({z_v_BLC.shape[2]}, E)")
+  return output_projection.project_output(
+      functools.partial(_modal_fgcg_projected_fwd, resolved, interpret),
+      functools.partial(_modal_fgcg_projected_bwd, resolved, interpret),
+      (z_post_BLC, z_pre_BLC, z_v_BLC, w_post_CJ, w_pre_CJ, w_v_CJ, log_poles_CN, residues_CN,
+       dskip_C), w_out_CE)
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))

@@ -96,6 +96,10 @@ class ModelConfig:
       kernels featurizing the in-projection's streams themselves; one device, else "pallas"),
       "auto" (on GPU "pallas_fused" on one device and "pallas" under context parallelism,
       where the shape allows; else fft / chunked by length).
+    out_proj_in_kernel_bwd: Hyena mixers on one device whose gate runs as a Pallas kernel take
+      the output projection's weight gradient from the kernel's backward, which also writes
+      the gate output (pallas_kernels/output_projection.py): a rematerialised block then does
+      not rerun the forward kernel. False: XLA's autodiff of y @ W_out (reruns it).
     conv_chunk: chunk length of the blocked convolution (>= the longest blocked filter).
     remat: rematerialise each block in the backward pass.
     remat_policy: what a rematerialised block keeps from its forward pass: "full" (nothing but
@@ -130,6 +134,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   conv_method: str = "auto"
   li_method: str = "auto"
+  out_proj_in_kernel_bwd: bool = True
   conv_chunk: int = 128
   remat: bool = False
   remat_policy: str = "full"

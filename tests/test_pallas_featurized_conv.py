@@ -316,9 +316,9 @@ def test_module_dispatch_and_result(monkeypatch, mixer, method, fused):
   from sh2_jax.ops import hyena
 
   calls = []
-  real = fc.featurized_gate_conv_gate_pallas
-  monkeypatch.setattr(hyena.featurized_conv, "featurized_gate_conv_gate_pallas",
-                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  for name in ("featurized_gate_conv_gate_pallas", "featurized_gate_conv_gate_proj_pallas"):
+    monkeypatch.setattr(hyena.featurized_conv, name,
+                        lambda *a, real=getattr(fc, name), **k: calls.append(1) or real(*a, **k))
   assert hyena.fuses_featurizer(method, 7 if mixer == "SE" else 128) == fused
   config = ModelConfig(d_model=32, num_heads=2, se_groups=2, mr_groups=2, layout=mixer,
                        dtype="float32", train_len=64)

@@ -235,10 +235,20 @@ def _featurized_case(seed, batch, length, channels, order, num_taps, dtype):
 
 def _check_featurized(op, args, ct, tol):
   """Output and all nine gradients of op(z_post, z_pre, z_v, w_post, w_pre, w_v, lp, r, dskip)
-  against float64: features by a direct loop, _reference_f64 on them, then the featurizer's
-  transpose dz[t] = sum_j w_j df[t + j] and tap gradients dw_j = sum_t df[t] z[t - j]."""
+  against featurized_reference_f64."""
   out, vjp = jax.vjp(op, *args)
   got = (out, *vjp(ct))
+  names = ("out", "dz_post", "dz_pre", "dz_v", "dw_post", "dw_pre", "dw_v", "dlog_poles",
+           "dresidues", "ddskip")
+  want_out, want_grads = featurized_reference_f64(args, ct)
+  errs = {n: _rel_err(g, wv) for n, g, wv in zip(names, got, (want_out, *want_grads))}
+  assert max(errs.values()) < tol, errs
+
+
+def featurized_reference_f64(args, ct):
+  """(out, nine gradients) of the featurized LI operator in float64: features by a direct loop,
+  _reference_f64 on them, then the featurizer's transpose dz[t] = sum_j w_j df[t + j] and tap
+  gradients dw_j = sum_t df[t] z[t - j]."""
   z = [np.asarray(a, np.float64) for a in args[:3]]
   w = [np.asarray(a, np.float64) for a in args[3:6]]
   feats = [_featurize_f64(zs, ws) for zs, ws in zip(z, w)]
@@ -253,11 +263,7 @@ def _check_featurized(op, args, ct, tol):
       dw_s[:, j] = np.sum(df[:, j:] * zs[:, :length - j], axis=(0, 1))
     dz.append(dz_s)
     dw.append(dw_s)
-  names = ("out", "dz_post", "dz_pre", "dz_v", "dw_post", "dw_pre", "dw_v", "dlog_poles",
-           "dresidues", "ddskip")
-  want = (want_out, *dz, *dw, dlp, dr, ddskip)
-  errs = {n: _rel_err(g, wv) for n, g, wv in zip(names, got, want)}
-  assert max(errs.values()) < tol, errs
+  return want_out, (*dz, *dw, dlp, dr, ddskip)
 
 
 FEATURIZED_CASES = [
@@ -329,9 +335,9 @@ def test_module_with_fused_featurizer_equals_fft(monkeypatch):
   from sh2_jax.layers.hyena import HyenaLI  # noqa: PLC0415
 
   calls = []
-  fused = mc.featurized_gate_conv_gate_pallas
-  monkeypatch.setattr(mc, "featurized_gate_conv_gate_pallas",
-                      lambda *a, **k: calls.append(a[0].shape) or fused(*a, **k))
+  for name in ("featurized_gate_conv_gate_pallas", "featurized_gate_conv_gate_proj_pallas"):
+    monkeypatch.setattr(mc, name, lambda *a, real=getattr(mc, name), **k:
+                        calls.append(a[0].shape) or real(*a, **k))
 
   config = ModelConfig(d_model=32, num_heads=2, layout="LI", dtype="float32", li_method="fft")
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 70, 32), jnp.float32)

@@ -56,18 +56,23 @@ class HyenaBase(nn.Module):
     b_out = P.declare(self, "out_bias", P.constant(0.0), (d,), ("embed",), pdt)
     explicit = self.explicit_filter() if self.parallel is None else None
     modal = self.modal_filter() if self.parallel is None else None
+    # One device: the ops apply W_out themselves (from the kernel's backward where one runs).
+    w_out_in_op = w_out.astype(dt) if cfg.out_proj_in_kernel_bwd else None
     if explicit is not None:  # SE/MR on one device: fused kernel where it applies
       y_BLD = hyena.explicit_mixer(x_BLD.astype(dt), w_in.astype(dt), w_feat, *explicit,
-                                   cfg.conv_method, cfg.conv_chunk)
-    elif modal is not None:  # LI on one device: the featurizer in the kernel with pallas_fused
-      y_BLD = hyena.li_mixer(x_BLD.astype(dt), w_in.astype(dt), w_feat, *modal, cfg.li_method)
+                                   cfg.conv_method, cfg.conv_chunk, w_out_in_op)
+    elif modal is not None:  # LI on one device: the featurizer in the kernel (GPU auto)
+      y_BLD = hyena.li_mixer(x_BLD.astype(dt), w_in.astype(dt), w_feat, *modal, cfg.li_method,
+                             w_out_in_op)
     else:
       if self.parallel is None:
         post, pre, v = hyena.project_and_featurize(x_BLD.astype(dt), w_in.astype(dt), w_feat)
       else:
         post, pre, v = self.parallel.project_and_featurize(x_BLD.astype(dt), w_in.astype(dt), w_feat)
       y_BLD = self.inner(post, pre, v)
-    return y_BLD.astype(dt) @ w_out.astype(dt) + b_out.astype(dt)
+    if w_out_in_op is None or (explicit is None and modal is None):
+      y_BLD = y_BLD.astype(dt) @ w_out.astype(dt)
+    return y_BLD.astype(dt) + b_out.astype(dt)
 
 
 class HyenaSE(HyenaBase):

@@ -120,9 +120,16 @@ def gated(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array, dskip_D: ja
   return (post_BLD.astype(jnp.float32) * y).astype(v_BLD.dtype)
 
 
+def project(y_BLD: jax.Array, w_out_DE: jax.Array | None) -> jax.Array:
+  """y @ w_out in y's dtype (the mixers' output projection, as the modules apply it); y when
+  w_out is None."""
+  return y_BLD if w_out_DE is None else y_BLD @ w_out_DE.astype(y_BLD.dtype)
+
+
 def gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array, h_GK: jax.Array,
                    dskip_D: jax.Array | None, method: str = "auto",
-                   chunk: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
+                   chunk: int = blocked_conv.DEFAULT_CHUNK,
+                   w_out_DE: jax.Array | None = None) -> jax.Array:
   """post * (conv(pre * v, h) + dskip * pre * v) with a grouped explicit filter (SE, MR).
 
   Args:
@@ -133,21 +140,32 @@ def gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array, h_
       "pallas" on GPU falls back to the blocked reference for shapes the kernel does not take,
       and runs in interpret mode off GPU).
     chunk: block length of the blocked method.
+    w_out_DE: [D, E] output projection, or None. Given, returns project(out, w_out); where the
+      Pallas kernel runs, by blocked_conv.gate_conv_gate_proj_pallas (dW_out from the backward
+      kernel: no forward-kernel rerun in a rematerialised block).
 
   Returns:
-    [B, L, D] in v's dtype.
+    [B, L, D] (or [B, L, E]) in v's dtype.
   """
   method = conv.resolve_method(method, h_GK.shape[-1], chunk, fused=True)
   if method == "pallas":
-    if jax.default_backend() == "gpu":
-      return blocked_conv.gate_conv_gate_auto(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D)
-    return blocked_conv.gate_conv_gate_pallas(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D,
-                                              interpret=True)
+    on_gpu = jax.default_backend() == "gpu"
+    if w_out_DE is not None and (not on_gpu or blocked_conv.unsupported_reason(
+        v_BLD.shape, h_GK.shape) is None):
+      return blocked_conv.gate_conv_gate_proj_pallas(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D,
+                                                     w_out_DE.astype(v_BLD.dtype),
+                                                     interpret=not on_gpu)
+    if on_gpu:
+      return project(blocked_conv.gate_conv_gate_auto(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D),
+                     w_out_DE)
+    return project(blocked_conv.gate_conv_gate_pallas(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D,
+                                                      interpret=True), w_out_DE)
   if method == "blocked":
-    return blocked_conv.gate_conv_gate(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D, chunk=chunk)
+    return project(blocked_conv.gate_conv_gate(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D,
+                                               chunk=chunk), w_out_DE)
   h = h_GK.astype(jnp.float32)
-  return gated(post_BLD, pre_BLD, v_BLD, dskip_D,
-               lambda u: conv.causal_conv(u, h, method=method, chunk=chunk))
+  return project(gated(post_BLD, pre_BLD, v_BLD, dskip_D,
+                       lambda u: conv.causal_conv(u, h, method=method, chunk=chunk)), w_out_DE)
 
 
 def blocked_columns(w_in_D3D: jax.Array, w_feat_3DK: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -192,7 +210,8 @@ def fuses_featurizer(method: str, num_taps: int) -> bool:
 
 def explicit_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array, h_GK: jax.Array,
                    dskip_D: jax.Array | None, method: str = "auto",
-                   chunk: int = blocked_conv.DEFAULT_CHUNK) -> jax.Array:
+                   chunk: int = blocked_conv.DEFAULT_CHUNK,
+                   w_out_DE: jax.Array | None = None) -> jax.Array:
   """Hyena-SE/MR between the projections: project, featurize, gate-conv-gate.
 
   Where `fuses_featurizer(method, K)` and a fused kernel takes the shapes (and z stays under
@@ -207,9 +226,11 @@ def explicit_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
     x_BLD: [B, L, D] normalised input in the compute dtype.
     w_in_D3D, w_feat_3DK: interleaved in-projection and featurizer taps (module layout).
     h_GK, dskip_D, method, chunk: as in gate_conv_gate.
+    w_out_DE: [D, E] output projection or None, as in gate_conv_gate (the Toeplitz fused
+      kernel: featurized_conv.featurized_gate_conv_gate_proj_pallas).
 
   Returns:
-    [B, L, D] in x's dtype.
+    [B, L, D] (or [B, L, E]) in x's dtype.
   """
   shape_BL3D = (x_BLD.shape[0], x_BLD.shape[1], 3 * x_BLD.shape[2])
   if fuses_featurizer(method, h_GK.shape[-1]):
@@ -225,12 +246,16 @@ def explicit_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
         w_in, w_feat = blocked_columns(w_in_D3D, w_feat_3DK)
         z = x_BLD @ w_in
       if direct:
-        return featurized_short_conv.featurized_short_conv_pallas(
-            z, w_feat, h_GK, dskip_D, interpret=interpret, layout=FUSED_Z_LAYOUT)
+        return project(featurized_short_conv.featurized_short_conv_pallas(
+            z, w_feat, h_GK, dskip_D, interpret=interpret, layout=FUSED_Z_LAYOUT), w_out_DE)
+      if w_out_DE is not None:
+        return featurized_conv.featurized_gate_conv_gate_proj_pallas(
+            z, w_feat, h_GK, dskip_D, w_out_DE.astype(z.dtype), interpret=interpret,
+            layout=FUSED_Z_LAYOUT)
       return featurized_conv.featurized_gate_conv_gate_pallas(
           z, w_feat, h_GK, dskip_D, interpret=interpret, layout=FUSED_Z_LAYOUT)
   post, pre, v = project_and_featurize(x_BLD, w_in_D3D, w_feat_3DK)
-  return gate_conv_gate(post, pre, v, h_GK, dskip_D, method, chunk)
+  return gate_conv_gate(post, pre, v, h_GK, dskip_D, method, chunk, w_out_DE)
 
 
 LI_METHODS = ("auto", "fft", "chunked", "pallas", "pallas_fused")
@@ -294,7 +319,7 @@ def li_long_conv(u_BLD: jax.Array, log_poles_DN: jax.Array, residues_DN: jax.Arr
 
 def li_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
              log_poles_DN: jax.Array, residues_DN: jax.Array, dskip_D: jax.Array,
-             method: str = "auto") -> jax.Array:
+             method: str = "auto", w_out_DE: jax.Array | None = None) -> jax.Array:
   """Hyena-LI between the projections: project, featurize, modal gate-conv-gate.
 
   With method "pallas_fused", and "auto" on GPU (where modal_conv.featurized_unsupported_reason
@@ -309,18 +334,27 @@ def li_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
     x_BLD: [B, L, D] normalised input in the compute dtype.
     w_in_D3D, w_feat_3DK: interleaved in-projection and featurizer taps (module layout).
     log_poles_DN, residues_DN, dskip_D, method: as in li_gate_conv_gate.
+    w_out_DE: [D, E] output projection, or None. Given, returns project(out, w_out); on the
+      featurized kernels by modal_conv.featurized_gate_conv_gate_proj_pallas (dW_out from the
+      backward's forward walk: no main forward kernel in a rematerialised block).
 
   Returns:
-    [B, L, D] in x's dtype.
+    [B, L, D] (or [B, L, E]) in x's dtype.
   """
   fused = method == "pallas_fused" or (method == "auto" and jax.default_backend() == "gpu")
   if fused and modal_conv.featurized_unsupported_reason(
       x_BLD.shape, (x_BLD.shape[-1], w_feat_3DK.shape[-1]), log_poles_DN.shape) is None:
+    operands = (*project_streams(x_BLD, w_in_D3D), *stream_taps(w_feat_3DK), log_poles_DN,
+                residues_DN, dskip_D)
+    interpret = jax.default_backend() != "gpu"
+    if w_out_DE is not None:
+      return modal_conv.featurized_gate_conv_gate_proj_pallas(
+          *operands, w_out_DE.astype(x_BLD.dtype), interpret=interpret).astype(x_BLD.dtype)
     return modal_conv.featurized_gate_conv_gate_pallas(
-        *project_streams(x_BLD, w_in_D3D), *stream_taps(w_feat_3DK), log_poles_DN, residues_DN,
-        dskip_D, interpret=jax.default_backend() != "gpu").astype(x_BLD.dtype)
+        *operands, interpret=interpret).astype(x_BLD.dtype)
   post, pre, v = project_and_featurize(x_BLD, w_in_D3D, w_feat_3DK)
-  return li_gate_conv_gate(post, pre, v, log_poles_DN, residues_DN, dskip_D, method)
+  return project(li_gate_conv_gate(post, pre, v, log_poles_DN, residues_DN, dskip_D, method),
+                 w_out_DE)
 
 
 def li_gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,

@@ -1,0 +1,70 @@
+"""A gate kernel followed by its output projection, with the gate output taken from the backward.
+
+A Hyena mixer ends in out = y @ W_out, y the gate-conv-gate kernel's output. Autodiff of that
+product needs y for dW_out = y^T dout, so a training step that rematerialises the block
+(anything but saving every kernel output) reruns the forward kernel in the backward pass just
+to produce y. The gate kernels' backward computes the convolution of pre * v anyway (for
+dpost = dy * conv), so it can also write y = post * (conv + skip) at the cost of one store per
+element. `project_output` wires that: its backward computes dy = dout @ W_out^T, runs the
+kernel backward that also returns y, then dW_out = y^T dout; the forward kernel is never
+rerun when the operator's residuals are the block's saved values (inputs, matrix products).
+This module depends on jax only.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+# forward(operands) -> (y [B, L, C], residuals); backward(residuals, dy) -> (y, operand grads).
+Forward = Callable[[tuple], tuple[jax.Array, Any]]
+Backward = Callable[[Any, jax.Array], tuple[jax.Array, tuple]]
+
+
+def _project(y_BLC: jax.Array, w_out_CE: jax.Array) -> jax.Array:
+  return jnp.einsum("blc,ce->ble", y_BLC, w_out_CE.astype(y_BLC.dtype),
+                    preferred_element_type=jnp.float32).astype(y_BLC.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _projected(forward: Forward, backward: Backward, operands: tuple, w_out_CE: jax.Array):
+  return _project(forward(operands)[0], w_out_CE)
+
+
+def _projected_fwd(forward, backward, operands, w_out_CE):
+  y_BLC, residuals = forward(operands)
+  return _project(y_BLC, w_out_CE), (residuals, w_out_CE)
+
+
+def _projected_bwd(forward, backward, saved, dout_BLE):
+  residuals, w_out_CE = saved
+  dy_BLC = jnp.einsum("ble,ce->blc", dout_BLE, w_out_CE.astype(dout_BLE.dtype),
+                      preferred_element_type=jnp.float32).astype(dout_BLE.dtype)
+  y_BLC, operand_grads = backward(residuals, dy_BLC)
+  dw_out_CE = jnp.einsum("blc,ble->ce", y_BLC, dout_BLE.astype(y_BLC.dtype),
+                         preferred_element_type=jnp.float32)
+  return operand_grads, dw_out_CE.astype(w_out_CE.dtype)
+
+
+_projected.defvjp(_projected_fwd, _projected_bwd)
+
+
+def project_output(forward: Forward, backward: Backward, operands: tuple,
+                   w_out_CE: jax.Array) -> jax.Array:
+  """forward(operands)[0] @ w_out, differentiable, y for dW_out from `backward`.
+
+  Args:
+    forward: operands -> (y [B, L, C], residuals for backward); y in the I/O dtype.
+    backward: (residuals, dy [B, L, C] in y's dtype) -> (y recomputed by the backward kernel,
+      cotangents of `operands`, one per operand with its shape and dtype).
+    operands: tuple of arrays, the kernel's differentiable inputs.
+    w_out_CE: [C, E] projection; products in y's dtype with float32 accumulation.
+
+  Returns:
+    [B, L, E] in y's dtype. forward and backward must be hashable (functions or
+    functools.partial of hashable arguments): they are static to the custom_vjp.
+  """
+  return _projected(forward, backward, tuple(operands), w_out_CE)

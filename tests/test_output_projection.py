@@ -1,0 +1,119 @@
+"""Gate kernels followed by their output projection, with the gate output for dW_out taken from
+the backward kernels (pallas_kernels/output_projection.py): the three *_proj_pallas operators
+in interpret mode against float64 references (output and every gradient, W_out's included),
+NaN poisoning of the backward kernels' new output, and the point of it all: under a
+save-the-products remat policy the forward kernel runs once, not twice."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import blocked_conv as bc
+from pallas_kernels import featurized_conv as fc
+from pallas_kernels import modal_conv as mc
+from tests import helpers
+from tests import test_pallas_blocked_conv as blocked_tests
+from tests import test_pallas_featurized_conv as featurized_tests
+from tests import test_pallas_modal_conv as modal_tests
+
+
+def _rel_err(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape, (got.shape, want.shape)
+  assert np.all(np.isfinite(got)), "non-finite values (unwritten, NaN-poisoned tile?)"
+  return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def _case(kind: str, seed: int, dtype):
+  """(projected op, plain float64 reference (operands, ct_y) -> (y, operand grads), operands,
+  channels C of the gate output)."""
+  if kind == "blocked":
+    post, pre, v, h, dskip, _ = blocked_tests._inputs(seed, 2, 150, 32, 2, 7, dtype)
+    op = functools.partial(bc.gate_conv_gate_proj_pallas, interpret=True,
+                           block_sizes=bc.BlockSizes(chunk=16, num_segments_fwd=2,
+                                                     num_segments_bwd=2))
+    return op, lambda ops, ct: blocked_tests._reference_f64(*ops, ct), (post, pre, v, h, dskip), 32
+  if kind == "featurized":
+    z, w_feat, h, dskip, _ = featurized_tests._inputs(seed, 2, 150, 32, 2, 7, 3, dtype)
+    op = functools.partial(fc.featurized_gate_conv_gate_proj_pallas, interpret=True,
+                           block_sizes=bc.BlockSizes(chunk=16, num_segments_bwd=2))
+    return op, lambda ops, ct: featurized_tests._reference_f64(*ops, ct), (z, w_feat, h, dskip), 32
+  args, _ = modal_tests._featurized_case(seed, 2, 150, 32, 16, 3, dtype)
+  op = functools.partial(mc.featurized_gate_conv_gate_proj_pallas, interpret=True,
+                         block_sizes=mc.BlockSizes(chunk=8, block_c=16, segment_chunks=4))
+  return op, modal_tests.featurized_reference_f64, args, 32
+
+
+def _check(kind: str, seed: int, dtype, tol: float) -> None:
+  """op(*operands, W_out) and its gradients == (y W_out, grads of y for ct W_out^T, y^T ct)
+  with y and its gradients from the plain operator's float64 reference."""
+  op, reference, operands, channels = _case(kind, seed, dtype)
+  rng = np.random.default_rng(seed + 100)
+  w_out = jnp.asarray(rng.standard_normal((channels, 24)) / np.sqrt(channels), dtype)
+  ct = jnp.asarray(rng.standard_normal(operands[0].shape[:2] + (24,)), dtype)
+  out, vjp = jax.vjp(op, *operands, w_out)
+  got = (out, *vjp(ct))
+  w64, ct64 = np.asarray(w_out, np.float64), np.asarray(ct, np.float64)
+  y, grads = reference(operands, ct64 @ w64.T)
+  want = (y @ w64, *grads, np.einsum("blc,ble->ce", y, ct64))
+  errs = [_rel_err(g, w) for g, w in zip(got, want)]
+  assert len(errs) == len(operands) + 2 and max(errs) < tol, errs
+
+
+@pytest.mark.parametrize("kind", ["blocked", "featurized", "modal"])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
+def test_projected_kernels_match_float64(kind, dtype, tol):
+  """L = 150 (not a multiple of any chunk), B = 2, several segments in the backward."""
+  _check(kind, 3 if dtype == jnp.float32 else 5, dtype, tol)
+
+
+@pytest.mark.parametrize("kind,module,name,program", [
+    ("blocked", bc, "_gcg_bwd_kernel", (1, 0, 1)),
+    ("featurized", fc, "_fgcg_bwd_kernel", (0, 1, 0)),
+    ("modal", mc, "_bwd_forward_kernel", (1, 1, 2))])
+def test_unwritten_gate_output_is_caught(monkeypatch, kind, module, name, program):
+  """One backward program that writes nothing (NaN in interpret mode) fails the check: the
+  gate output the backward kernel writes for dW_out is compared too."""
+  monkeypatch.setattr(module, name, helpers.skip_one_program(getattr(module, name), module, program))
+  jax.clear_caches()
+  try:
+    with pytest.raises(AssertionError):
+      _check(kind, 7, jnp.float32, 2e-5)
+  finally:
+    jax.clear_caches()
+
+
+def _kernel_launches(text: str, name: str) -> int:
+  """Launches of the Pallas kernel named `name` in a CUDA-lowered module."""
+  return len(re.findall(f'name = "{name}"', text))
+
+
+@pytest.mark.parametrize("kind,fwd_name,bwd_name", [
+    ("blocked", "gate_conv_gate_fwd", "gate_conv_gate_bwd"),
+    ("featurized", "featurized_gate_conv_gate_fwd", "featurized_gate_conv_gate_bwd"),
+    ("modal", "modal_conv_fwd", "modal_conv_bwd_forward")])
+def test_remat_runs_the_forward_kernel_once(kind, fwd_name, bwd_name):
+  """grad of a checkpointed block (save_dots policy, as training runs it) lowered for CUDA:
+  the projected operator launches its forward kernel once; the plain kernel followed by
+  `@ W_out` launches it twice (the backward reruns it for dW_out)."""
+  op, _, operands, channels = _case(kind, 1, jnp.bfloat16)
+  plain = {"blocked": bc.gate_conv_gate_pallas, "featurized": fc.featurized_gate_conv_gate_pallas,
+           "modal": mc.featurized_gate_conv_gate_pallas}[kind]
+  w_out = jnp.ones((channels, 32), jnp.bfloat16)
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  counts = {}
+  for projected in (True, False):
+    def block(ops, w):
+      return op.func(*ops, w) if projected else plain(*ops) @ w
+
+    loss = lambda ops, w: jnp.sum(jax.checkpoint(block, policy=policy)(ops, w).astype(jnp.float32) ** 2)  # noqa: E731
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(operands, w_out).lower(
+        lowering_platforms=("cuda",)).as_text()
+    counts[projected] = (_kernel_launches(text, fwd_name), _kernel_launches(text, bwd_name))
+  assert counts == {True: (1, 1), False: (2, 1)}
