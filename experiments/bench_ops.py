@@ -6,7 +6,13 @@ of their methods, MHA through jax.nn.dot_product_attention (cuDNN on GPU), and t
 (the two Hyena projections' matrix products alone). Times are medians of repeated, synchronised
 runs after warm-up; the results table (markdown) goes to experiments/results/ops_<device>.md.
 
+Forward+backward returns the output with the gradients (a random cotangent); `--remat
+save_dots` differentiates each operator inside jax.checkpoint as a training step runs a block,
+and `--set` changes a model setting for every operator.
+
   python -m sh2_jax.cli bench ops [--lengths 4096,8192,16384,32768] [--long 131072,1048576]
+      [--ops floor,se,mr,li,mha] [--headline] [--no-xla] [--remat save_dots]
+      [--set out_proj_in_kernel_bwd=false]
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.timing import median_ms, random_cotangent
+from sh2_jax import config as config_lib
 from sh2_jax.config import ModelConfig
 from sh2_jax.layers.attention import MHA
 from sh2_jax.layers.hyena import HyenaLI, HyenaMR, HyenaSE
@@ -146,14 +153,23 @@ def gemm_floor_fns(x_BLD: jax.Array, key: jax.Array
   return (lambda: fwd(*inputs[:3])), (lambda: fwdbwd(*inputs))
 
 
-def _module_fns(variant: Variant, config: ModelConfig, x_BLD: jax.Array, key: jax.Array):
+REMAT = ("none", "save_dots")  # --remat: how fwd+bwd differentiates each operator
+
+
+def _module_fns(variant: Variant, config: ModelConfig, x_BLD: jax.Array, key: jax.Array,
+                remat: str = "none"):
+  """(forward, forward+backward) thunks of a module variant; remat "save_dots" differentiates
+  it inside jax.checkpoint with the save-the-products policy, as a training step runs a block."""
   module = variant.module(dataclasses.replace(config, **variant.overrides))
   params = nn.meta.unbox(jax.jit(module.init)(key, x_BLD[:, :128])["params"])
   fwd = jax.jit(module.apply)
   cotangent = random_cotangent(x_BLD, key)
+  apply = lambda p, x: module.apply({"params": p}, x)  # noqa: E731
+  if remat == "save_dots":
+    apply = jax.checkpoint(apply, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
   def loss_vjp(p, x, ct):  # the output too: unreturned, its projection would be dead code
-    out, pullback = jax.vjp(lambda p, x: module.apply({"params": p}, x), p, x)
+    out, pullback = jax.vjp(apply, p, x)
     return out, pullback(ct)
 
   grad = jax.jit(loss_vjp)
@@ -167,11 +183,13 @@ def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups
         heads: int = 32, kernels: bool | None = None, iters: int = 10,
         on_row: Callable[[list[dict[str, Any]]], None] | None = None,
         families: list[str] | None = None, xla: bool = True,
-        headline_only: bool = False) -> list[dict[str, Any]]:
+        headline_only: bool = False, remat: str = "none",
+        overrides: dict[str, str] | None = None) -> list[dict[str, Any]]:
   """Times every variant at every length; returns rows {op, L, fwd_ms, fwdbwd_ms}.
 
   `families` (floor, se, mr, li, mha), `xla=False` and `headline_only` (the default path of
-  each family, the rows the ratios read) restrict the variants.
+  each family, the rows the ratios read) restrict the variants; `remat` as in _module_fns;
+  `overrides`: model settings for every operator, e.g. {"out_proj_in_kernel_bwd": "false"}.
 
   `on_row(rows)` is called after each measurement (e.g. to rewrite the table as it grows).
   """
@@ -180,6 +198,10 @@ def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups
   config = ModelConfig(d_model=d_model, num_heads=heads, se_groups=groups, mr_groups=groups,
                        layout="SE MR LI MHA", dtype="bfloat16", param_dtype="float32",
                        mr_filter_len=128, train_len=8192)
+  if overrides:
+    config = config_lib.apply_overrides(
+        config_lib.Config(model=config),
+        {k if k.startswith("model.") else f"model.{k}": v for k, v in overrides.items()}).model
   rows = []
   key = jax.random.key(0)
   variants = select_variants(default_variants(kernels), families, xla,
@@ -199,7 +221,7 @@ def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups
         if variant.module is None:
           fwd, fwdbwd = gemm_floor_fns(x, key)
         else:
-          fwd, fwdbwd = _module_fns(variant, config, x, key)
+          fwd, fwdbwd = _module_fns(variant, config, x, key, remat)
         row["fwd_ms"] = median_ms(fwd, iters=iters, max_seconds=20.0)
         row["fwdbwd_ms"] = median_ms(fwdbwd, iters=iters, max_seconds=20.0)
       except Exception as error:  # noqa: BLE001 - an OOM or a compile failure is a table entry
@@ -301,8 +323,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no-xla", action="store_true", help="skip the plain-XLA variants")
   parser.add_argument("--headline", action="store_true",
                       help="only the default path of each operator (the rows the ratios read)")
+  parser.add_argument("--remat", default="none", choices=REMAT,
+                      help="save_dots: differentiate each operator inside jax.checkpoint with the "
+                           "save-the-products policy, as `sh2 train` runs a block (default none)")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="model setting for every operator, e.g. out_proj_in_kernel_bwd=false")
   parser.add_argument("--out", default=None, help="markdown path (default experiments/results/ops_<device>.md)")
   args = parser.parse_args(argv)
+  overrides = config_lib.parse_set_args(args.set)
   parse = lambda s: [int(x) for x in s.split(",") if x.strip()]
   kernels = jax.default_backend() == "gpu"
   device = jax.devices()[0].device_kind.lower().replace(" ", "_")
@@ -316,6 +344,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(str(error))
   rows = run(parse(args.lengths), parse(args.long), args.d_model, args.groups, args.heads, kernels,
              args.iters, on_row=rewrite, families=families, xla=not args.no_xla,
-             headline_only=args.headline)
+             headline_only=args.headline, remat=args.remat, overrides=overrides)
   print(rewrite(rows))
   return 0

@@ -97,3 +97,39 @@ def test_vjp_fn_uses_a_random_cotangent():
   np.testing.assert_allclose(np.asarray(out), np.asarray(x, np.float64) @ np.asarray(w, np.float64), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(dx), ct @ np.asarray(w, np.float64).T, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(dw), np.asarray(x, np.float64).T @ ct, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_ops_remat_and_settings(tmp_path):
+  """--remat save_dots and --set reach the timed operators: the table names them in its command
+  line, and a row is timed for each; an unknown setting is a one-line error."""
+  out = tmp_path / "ops.md"
+  bench_ops.main(["--lengths", "64", "--d-model", "32", "--groups", "2", "--heads", "2",
+                  "--iters", "1", "--ops", "se", "--headline", "--remat", "save_dots",
+                  "--set", "out_proj_in_kernel_bwd=false", "--out", str(out)])
+  text = out.read_text()
+  assert "--remat save_dots --set out_proj_in_kernel_bwd=false" in text
+  rows = [line for line in text.splitlines() if line.startswith("| SE (")]
+  assert len(rows) == 1 and all(float(c) > 0 for c in rows[0].strip("| ").split(" | ")[1:])
+  with pytest.raises(Exception, match="unknown setting 'model.no_such'"):
+    bench_ops.run([64], [], 32, 2, 2, kernels=False, iters=1, families=["se"], overrides={"no_such": "1"})
+
+
+def test_remat_fwd_bwd_runs_under_checkpoint(monkeypatch):
+  """_module_fns with remat "save_dots" differentiates inside jax.checkpoint with the
+  save-the-products policy (and only then); both return the same output and gradients."""
+  from sh2_jax.config import ModelConfig  # noqa: PLC0415
+  from sh2_jax.layers.attention import MHA  # noqa: PLC0415
+
+  policies = []
+  checkpoint = jax.checkpoint
+  monkeypatch.setattr(jax, "checkpoint", lambda f, **k: policies.append(k.get("policy")) or checkpoint(f, **k))
+  config = ModelConfig(d_model=32, num_heads=2, layout="MHA", dtype="float32")
+  variant = bench_ops.Variant("MHA (XLA)", MHA, {}, hyena=False)
+  x = jax.random.normal(jax.random.key(3), (1, 64, 32), jnp.float32)
+  results = []
+  for remat in ("none", "save_dots"):
+    results.append(bench_ops._module_fns(variant, config, x, jax.random.key(4), remat)[1]())
+    assert policies == ([] if remat == "none" else
+                        [jax.checkpoint_policies.dots_with_no_batch_dims_saveable])
+  for got, want in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[0])):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
