@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

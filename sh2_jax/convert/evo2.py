@@ -164,7 +164,7 @@ def params_to_vortex(params: Mapping[str, Any], config: ModelConfig,
   from sh2_jax.ops import filters  # deferred: keeps numpy-only users free of jax at import
 
   p = _to_numpy(params)
-  d, n_heads, head = config.d_model, config.num_heads, config.head_dim
+  d, head = config.d_model, config.head_dim
   state = {"embedding_layer.weight": p["embedding"], "norm.scale": p["final_norm"]["scale"]}
   for i, kind in enumerate(config.layers):
     pre, block = f"blocks.{i}.", p[f"block_{i}"]

@@ -10,7 +10,6 @@ import os
 import time
 from typing import Any, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
