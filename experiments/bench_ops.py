@@ -198,6 +198,7 @@ def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups
   config = ModelConfig(d_model=d_model, num_heads=heads, se_groups=groups, mr_groups=groups,
                        layout="SE MR LI MHA", dtype="bfloat16", param_dtype="float32",
                        mr_filter_len=128, train_len=8192)
+  config = dataclasses.replace(config, remat=remat != "none")  # as the modules run in a model
   if overrides:
     config = config_lib.apply_overrides(
         config_lib.Config(model=config),

@@ -96,10 +96,11 @@ class ModelConfig:
       kernels featurizing the in-projection's streams themselves; one device, else "pallas"),
       "auto" (on GPU "pallas_fused" on one device and "pallas" under context parallelism,
       where the shape allows; else fft / chunked by length).
-    out_proj_in_kernel_bwd: Hyena mixers on one device whose gate runs as a Pallas kernel take
-      the output projection's weight gradient from the kernel's backward, which also writes
-      the gate output (pallas_kernels/output_projection.py): a rematerialised block then does
-      not rerun the forward kernel. False: XLA's autodiff of y @ W_out (reruns it).
+    out_proj_in_kernel_bwd: with remat, Hyena mixers on one device whose gate runs as a Pallas
+      kernel take the output projection's weight gradient from the kernel's backward, which
+      also writes the gate output (pallas_kernels/output_projection.py), so the rematerialised
+      block does not rerun the forward kernel. False, or without remat: XLA's autodiff of
+      y @ W_out (which, with remat, reruns the forward kernel for y).
     conv_chunk: chunk length of the blocked convolution (>= the longest blocked filter).
     remat: rematerialise each block in the backward pass.
     remat_policy: what a rematerialised block keeps from its forward pass: "full" (nothing but

@@ -117,3 +117,41 @@ def test_remat_runs_the_forward_kernel_once(kind, fwd_name, bwd_name):
         lowering_platforms=("cuda",)).as_text()
     counts[projected] = (_kernel_launches(text, fwd_name), _kernel_launches(text, bwd_name))
   assert counts == {True: (1, 1), False: (2, 1)}
+
+
+@pytest.mark.parametrize("layout,setting", [("SE", {"conv_method": "pallas"}),
+                                            ("MR", {"conv_method": "pallas"}),
+                                            ("LI", {"li_method": "pallas_fused"})])
+def test_module_projects_in_the_kernel_only_with_remat(monkeypatch, layout, setting):
+  """A Hyena module (Pallas kernels in interpret mode) calls the projected operator when the
+  model is rematerialised and out_proj_in_kernel_bwd is on, the plain kernel otherwise; output
+  and every gradient agree either way."""
+  import dataclasses
+
+  import flax.linen as nn
+
+  from sh2_jax.config import ModelConfig
+  from sh2_jax.layers.hyena import HyenaLI, HyenaMR, HyenaSE
+
+  calls = []
+  for module, name in ((bc, "gate_conv_gate_proj_pallas"), (fc, "featurized_gate_conv_gate_proj_pallas"),
+                       (mc, "featurized_gate_conv_gate_proj_pallas")):
+    monkeypatch.setattr(module, name, lambda *a, real=getattr(module, name), **k:
+                        calls.append(1) or real(*a, **k))
+  cls = {"SE": HyenaSE, "MR": HyenaMR, "LI": HyenaLI}[layout]
+  config = ModelConfig(d_model=32, num_heads=2, se_groups=2, mr_groups=2, layout=layout,
+                       dtype="float32", train_len=64, **setting)
+  x = jax.random.normal(jax.random.key(1), (1, 70, 32))
+  ct = jax.random.normal(jax.random.key(2), (1, 70, 32))
+  params = nn.meta.unbox(cls(config).init(jax.random.key(3), x)["params"])
+  results = {}
+  for remat, on in ((True, True), (True, False), (False, True)):
+    calls.clear()
+    module = cls(dataclasses.replace(config, remat=remat, out_proj_in_kernel_bwd=on))
+    with jax.default_matmul_precision("highest"):
+      out, vjp = jax.vjp(lambda p, xx: module.apply({"params": p}, xx), params, x)
+      results[remat, on] = jax.tree.leaves((out, vjp(ct)))
+    assert bool(calls) == (remat and on), (remat, on, calls)
+  for key in ((True, False), (False, True)):
+    for got, want in zip(results[True, True], results[key]):
+      assert _rel_err(got, want) < 1e-5

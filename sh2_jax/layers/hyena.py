@@ -56,8 +56,9 @@ class HyenaBase(nn.Module):
     b_out = P.declare(self, "out_bias", P.constant(0.0), (d,), ("embed",), pdt)
     explicit = self.explicit_filter() if self.parallel is None else None
     modal = self.modal_filter() if self.parallel is None else None
-    # One device: the ops apply W_out themselves (from the kernel's backward where one runs).
-    w_out_in_op = w_out.astype(dt) if cfg.out_proj_in_kernel_bwd else None
+    # One device, rematerialised: the ops apply W_out themselves, taking y for dW_out from the
+    # kernel's backward where one runs (without remat the forward's y is kept anyway).
+    w_out_in_op = w_out.astype(dt) if cfg.out_proj_in_kernel_bwd and cfg.remat else None
     if explicit is not None:  # SE/MR on one device: fused kernel where it applies
       y_BLD = hyena.explicit_mixer(x_BLD.astype(dt), w_in.astype(dt), w_feat, *explicit,
                                    cfg.conv_method, cfg.conv_chunk, w_out_in_op)
