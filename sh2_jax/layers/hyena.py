@@ -58,7 +58,8 @@ class HyenaBase(nn.Module):
     modal = self.modal_filter() if self.parallel is None else None
     # One device, rematerialised: the ops apply W_out themselves, taking y for dW_out from the
     # kernel's backward where one runs (without remat the forward's y is kept anyway).
-    w_out_in_op = w_out.astype(dt) if cfg.out_proj_in_kernel_bwd and cfg.remat else None
+    in_op = self.parallel is None and cfg.out_proj_in_kernel_bwd and cfg.remat
+    w_out_in_op = w_out.astype(dt) if in_op else None
     if explicit is not None:  # SE/MR on one device: fused kernel where it applies
       y_BLD = hyena.explicit_mixer(x_BLD.astype(dt), w_in.astype(dt), w_feat, *explicit,
                                    cfg.conv_method, cfg.conv_chunk, w_out_in_op)
@@ -71,7 +72,7 @@ class HyenaBase(nn.Module):
       else:
         post, pre, v = self.parallel.project_and_featurize(x_BLD.astype(dt), w_in.astype(dt), w_feat)
       y_BLD = self.inner(post, pre, v)
-    if w_out_in_op is None or (explicit is None and modal is None):
+    if not in_op:
       y_BLD = y_BLD.astype(dt) @ w_out.astype(dt)
     return y_BLD.astype(dt) + b_out.astype(dt)
 
