@@ -11,7 +11,7 @@ of 12 L^2 D) + the tied unembedding 6 x L x D x V. Hyena filter FLOPs are not co
 are small next to the projections), so Hyena MFU is slightly understated.
 
   python -m sh2_jax.cli bench train [--lengths 8192,32768] [--preset evo2-1b] [--models sh2,mha]
-      [--set li_method=pallas_fused ...]
+      [--set li_method=pallas_fused ...] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -94,6 +94,39 @@ def time_step(model: config_lib.ModelConfig, length: int, batch: int, iters: int
   return pipelined, statistics.median(times)
 
 
+def time_steps_interleaved(models: list[config_lib.ModelConfig], length: int, batch: int,
+                           iters: int, rounds: int) -> list[tuple[list[float], float]]:
+  """Per model: (pipelined ms of each round, synchronised median ms), with the models' timing
+  windows alternating: round r times `iters` back-to-back steps of every model in turn, so
+  that drift of the device's speed (clocks, temperature) during the run hits all of them
+  alike. Every model's step and state stay allocated for the whole run."""
+  built = [build_step(model, length, batch) for model in models]
+  states, synced = [], []
+  for step, state, windows in built:
+    for i in range(2):
+      state, metrics = step(state, windows[i % 2])
+    jax.block_until_ready(metrics)
+    times = []
+    for i in range(iters):
+      start = time.perf_counter()
+      state, metrics = step(state, windows[i % 2])
+      jax.block_until_ready(metrics)
+      times.append((time.perf_counter() - start) * 1e3)
+    states.append(state)
+    synced.append(statistics.median(times))
+  pipelined: list[list[float]] = [[] for _ in models]
+  for _ in range(rounds):
+    for k, (step, _, windows) in enumerate(built):
+      state = states[k]
+      start = time.perf_counter()
+      for i in range(iters):
+        state, metrics = step(state, windows[i % 2])
+      jax.block_until_ready(metrics)
+      pipelined[k].append((time.perf_counter() - start) * 1e3 / iters)
+      states[k] = state
+  return list(zip(pipelined, synced))
+
+
 def variants(preset: str, remat: str = "full", overrides: dict[str, str] | None = None
              ) -> list[tuple[str, config_lib.ModelConfig]]:
   """SH2 and all-MHA configs of a preset; remat: "none" or a model.remat_policy (per block);
@@ -121,8 +154,14 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--models", default="sh2,mha", help="which of the pair: sh2, mha or both")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="model setting for both models, e.g. li_method=pallas_fused (repeatable)")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="with both models: alternate R timing windows of --iters steps per model "
+                           "(both stay in memory) and report the median window and the median of "
+                           "the per-round ratios (default 1: one model after the other)")
   parser.add_argument("--out", default=None, help="markdown path (default experiments/results/train_<device>.md)")
   args = parser.parse_args(argv)
+  if args.rounds < 1:
+    parser.error(f"--rounds {args.rounds}: give 1 or more")
   wanted = {m.strip() for m in args.models.split(",") if m.strip()}
   if not wanted or wanted - {"sh2", "mha"}:
     parser.error(f"--models {args.models!r}: choose sh2, mha or sh2,mha")
@@ -130,13 +169,30 @@ def main(argv: list[str] | None = None) -> int:
   device = jax.devices()[0]
   peak = peak_tflops(device.device_kind)
   rows: list[dict[str, Any]] = []
+  round_ratios: dict[int, list[float]] = {}
   for length in [int(x) for x in args.lengths.split(",") if x.strip()]:
-    for (name, model), tag in zip(variants(args.preset, args.remat, overrides), ("sh2", "mha")):
-      if tag not in wanted:
-        continue
+    chosen = [(name, model) for (name, model), tag in
+              zip(variants(args.preset, args.remat, overrides), ("sh2", "mha")) if tag in wanted]
+    interleaved = args.rounds > 1 and len(chosen) == 2
+    timings: list[Any] = [None] * len(chosen)
+    if interleaved:
+      try:
+        timings = time_steps_interleaved([m for _, m in chosen], length, args.batch, args.iters,
+                                         args.rounds)
+        round_ratios[length] = [b / a for a, b in zip(timings[0][0], timings[1][0])]
+      except Exception as error:  # noqa: BLE001 - OOM/compile failures are reported in the table
+        timings = [error] * len(chosen)
+    for k, (name, model) in enumerate(chosen):
       row = {"model": ", ".join([name] + args.set), "L": length}
       try:
-        ms, synced_ms = time_step(model, length, args.batch, args.iters)
+        if isinstance(timings[k], Exception):
+          raise timings[k]
+        if interleaved:
+          windows, synced_ms = timings[k]
+          ms = statistics.median(windows)
+          row["window_range"] = (min(windows), max(windows))
+        else:
+          ms, synced_ms = time_step(model, length, args.batch, args.iters)
         flops = model_flops_per_step(model, length, args.batch)
         row.update(ms=ms, synced_ms=synced_ms, tokens_per_s=args.batch * length / (ms / 1e3),
                    mfu=None if peak is None else flops / (ms / 1e3) / (peak * 1e12))
@@ -145,14 +201,18 @@ def main(argv: list[str] | None = None) -> int:
         row["error"] = "OOM" if "RESOURCE_EXHAUSTED" in message or "memory" in message.lower() else message
       logger.info("%s", row)
       rows.append(row)
-      jax.clear_caches()
+      if not interleaved:
+        jax.clear_caches()
+    jax.clear_caches()
   lines = ["# Training step: StripedHyena 2 vs all-MHA, same code path", "",
            f"- device: {device.device_kind}, jax {jax.__version__}; peak bf16 {peak} TFLOP/s for MFU",
            f"- date: {datetime.date.today().isoformat()}",
            f"- command: `sh2 bench train {' '.join(argv or [])}`".rstrip(),
            f"- B={args.batch}, bf16 compute, float32 params + AdamW, remat {args.remat}, 2 warm-up "
            f"steps; step ms: {args.iters} steps dispatched back to back, one wait at the end (as "
-           f"`sh2 train` runs); synchronised: median of {args.iters} steps each waited for; "
+           f"`sh2 train` runs)" + (f", the median of {args.rounds} such windows alternating "
+                                   "between the two models" if args.rounds > 1 else "")
+           + f"; synchronised: median of {args.iters} steps each waited for; "
            "tokens/s and MFU from the first", "",
            "| model | L | step ms | synchronised step ms | tokens/s | MFU |", "|---|---|---|---|---|---|"]
   for r in rows:
@@ -167,8 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     pair = [r for r in rows if r["L"] == length and "tokens_per_s" in r]
     if len(pair) == 2:
       target = ">= 1.3" if length <= 8192 else ">= 2"
-      lines.append(f"| {length} | {pair[0]['tokens_per_s'] / pair[1]['tokens_per_s']:.2f} | "
+      ratio = (statistics.median(round_ratios[length]) if length in round_ratios
+               else pair[0]["tokens_per_s"] / pair[1]["tokens_per_s"])
+      lines.append(f"| {length} | {ratio:.2f} | "
                    f"{pair[1]['synced_ms'] / pair[0]['synced_ms']:.2f} | {target} |")
+  for length, ratios_L in sorted(round_ratios.items()):
+    ranges = [r["window_range"] for r in rows if r["L"] == length and "window_range" in r]
+    lines.append(f"\nL={length}: SH2 / all-MHA per round " + ", ".join(f"{x:.3f}" for x in ratios_L)
+                 + f" (median {statistics.median(ratios_L):.3f}); step-ms windows "
+                 + ", ".join(f"{lo:.1f}-{hi:.1f}" for lo, hi in ranges) + " (SH2, all-MHA)")
   text = "\n".join(lines) + "\n"
   path = args.out or os.path.join(RESULTS, f"train_{device.device_kind.lower().replace(' ', '_')}.md")
   os.makedirs(os.path.dirname(path), exist_ok=True)

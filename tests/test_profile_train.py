@@ -167,3 +167,28 @@ def test_bench_train_one_model_with_a_setting(tmp_path):
   assert not re.search(r"^\| 64 \| [\d.]+ \|", text, re.M)
   with pytest.raises(SystemExit):
     bench_train.main(["--preset", "tiny", "--models", "gpt"])
+
+
+def test_bench_train_rounds_alternate_and_report_the_median_ratio(tmp_path, monkeypatch):
+  """--rounds 3: both models timed in alternating windows (one build each), the step ms is the
+  median window, the ratio row the median of the per-round ratios, listed under the table."""
+  built = []
+  real_build = bench_train.build_step
+  monkeypatch.setattr(bench_train, "build_step", lambda *a: built.append(a[1]) or real_build(*a))
+  out = tmp_path / "train.md"
+  assert bench_train.main(["--preset", "tiny", "--lengths", "64", "--iters", "2", "--rounds", "3",
+                           "--out", str(out)]) == 0
+  assert built == [64, 64]
+  text = out.read_text()
+  per_round = re.search(r"^L=64: SH2 / all-MHA per round ([\d., ]+) \(median ([\d.]+)\); "
+                        r"step-ms windows ([\d.]+)-([\d.]+), ([\d.]+)-([\d.]+)", text, re.M)
+  ratios = [float(x) for x in per_round.group(1).split(", ")]
+  assert len(ratios) == 3 and abs(float(per_round.group(2)) - sorted(ratios)[1]) < 1e-3
+  ratio = float(re.search(r"^\| 64 \| ([\d.]+) \|", text, re.M).group(1))
+  assert abs(ratio - sorted(ratios)[1]) < 0.006
+  rows = re.findall(r"^\| (tiny[^|]*) \| 64 \| ([\d.]+) \|", text, re.M)
+  for (_, ms), lo, hi in zip(rows, per_round.group(3, 5), per_round.group(4, 6)):
+    assert float(lo) - 0.05 <= float(ms) <= float(hi) + 0.05
+  assert "the median of 3 such windows alternating" in text
+  with pytest.raises(SystemExit):
+    bench_train.main(["--preset", "tiny", "--rounds", "0"])
