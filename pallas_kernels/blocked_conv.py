@@ -34,8 +34,10 @@ operands in the I/O dtype (bf16 operands with bf16 I/O, float32 operands at HIGH
 precision, i.e. IEEE on Triton, with float32 I/O).
 
 `gate_conv_gate_auto` picks the kernel on GPU and the plain-JAX reference elsewhere or for
-unsupported shapes. The plain-JAX (einsum) functions at the end of this module are the
-numerical reference. This module depends on jax only.
+unsupported shapes; `gate_conv_gate_proj_pallas` also applies the output projection, with the
+backward kernel writing the output that dW_out needs (pallas_kernels/output_projection.py).
+The plain-JAX (einsum) functions at the end of this module are the numerical reference. This
+module depends on jax and pallas_kernels.output_projection only.
 """
 
 from __future__ import annotations

@@ -26,8 +26,10 @@ float32 gates and accumulation, matrix-product operands in the I/O dtype. The th
 are read from the one z array through three BlockSpecs (channel tile offsets 0, C, 2C; or,
 interleaved, one [Lp, 3 dc] tile read at column stride 3), so no slice of z is ever copied.
 
+`featurized_gate_conv_gate_proj_pallas` also applies the output projection, with the backward
+kernel writing the output that dW_out needs (pallas_kernels/output_projection.py).
 `featurized_gate_conv_gate` (plain JAX, at the end) is the numerical reference and the path
-off GPU. This module depends on jax and pallas_kernels.blocked_conv only.
+off GPU. This module depends on jax and pallas_kernels.blocked_conv / output_projection only.
 """
 
 from __future__ import annotations

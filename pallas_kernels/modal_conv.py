@@ -32,7 +32,10 @@ The forward saves the segment-start states of s and z ([B, S, N, C], small).
 
 `gate_conv_gate_auto` picks the kernel on GPU and the plain-JAX reference (`gate_conv_gate`,
 a chunked scan) elsewhere or for unsupported shapes. `featurized_gate_conv_gate_pallas` takes
-the featurizer's inputs instead and featurizes each chunk's rows inside the same kernels.
+the featurizer's inputs instead and featurizes each chunk's rows inside the same kernels;
+`featurized_gate_conv_gate_proj_pallas` also applies the output projection, its backward
+recomputing the segment-start states and taking the output for dW_out from the backward's
+forward walk (no forward kernel in a rematerialised block).
 This module depends on jax and pallas_kernels.featurized_conv / output_projection only.
 """
 
