@@ -76,6 +76,18 @@ def time_step(model: config_lib.ModelConfig, length: int, batch: int, iters: int
   latency at the start of every step.
   """
   step, state, windows = build_step(model, length, batch)
+  state, synced = _warm_up_and_time_synchronised(step, state, windows, iters)
+  start = time.perf_counter()
+  for i in range(iters):
+    state, metrics = step(state, windows[i % 2])
+  jax.block_until_ready(metrics)
+  pipelined = (time.perf_counter() - start) * 1e3 / iters
+  del state
+  return pipelined, synced
+
+
+def _warm_up_and_time_synchronised(step, state, windows, iters: int) -> tuple[Any, float]:
+  """Two warm-up steps, then `iters` steps each waited for: (state after them, median ms)."""
   for i in range(2):
     state, metrics = step(state, windows[i % 2])
   jax.block_until_ready(metrics)
@@ -85,13 +97,7 @@ def time_step(model: config_lib.ModelConfig, length: int, batch: int, iters: int
     state, metrics = step(state, windows[i % 2])
     jax.block_until_ready(metrics)
     times.append((time.perf_counter() - start) * 1e3)
-  start = time.perf_counter()
-  for i in range(iters):
-    state, metrics = step(state, windows[i % 2])
-  jax.block_until_ready(metrics)
-  pipelined = (time.perf_counter() - start) * 1e3 / iters
-  del state
-  return pipelined, statistics.median(times)
+  return state, statistics.median(times)
 
 
 def time_steps_interleaved(models: list[config_lib.ModelConfig], length: int, batch: int,
@@ -103,17 +109,9 @@ def time_steps_interleaved(models: list[config_lib.ModelConfig], length: int, ba
   built = [build_step(model, length, batch) for model in models]
   states, synced = [], []
   for step, state, windows in built:
-    for i in range(2):
-      state, metrics = step(state, windows[i % 2])
-    jax.block_until_ready(metrics)
-    times = []
-    for i in range(iters):
-      start = time.perf_counter()
-      state, metrics = step(state, windows[i % 2])
-      jax.block_until_ready(metrics)
-      times.append((time.perf_counter() - start) * 1e3)
+    state, synced_ms = _warm_up_and_time_synchronised(step, state, windows, iters)
     states.append(state)
-    synced.append(statistics.median(times))
+    synced.append(synced_ms)
   pipelined: list[list[float]] = [[] for _ in models]
   for _ in range(rounds):
     for k, (step, _, windows) in enumerate(built):
