@@ -474,19 +474,6 @@ def _padded_len(length: int, bs: BlockSizes) -> int:
   return -(-length // seg_len) * seg_len
 
 
-def _start_states(pre, v, log_poles_CN, bs, interpret, with_z, w_feat_S3=None):
-  """Every segment's start state s0 (and z0 if with_z), [B, S, N', C] float32: the
-  segment-local pass, then the chain across segments."""
-  padded_len = _padded_len(v.shape[1], bs)
-  pad = functools.partial(_pad_rows, padded_len=padded_len)
-  wf, num_taps = _stack_taps(w_feat_S3, v.shape[2])
-  zeros_C = jnp.zeros((v.shape[2],), jnp.float32)
-  _, p_NC, _, _, p_seg = _prepare(log_poles_CN, jnp.zeros_like(log_poles_CN), zeros_C, bs,
-                                  padded_len)
-  s_hat, z_hat = _segment_states(p_NC, pad(pre), pad(v), bs, interpret, with_z, wf, num_taps)
-  return _chain_forward(s_hat, z_hat, p_seg)
-
-
 def _fwd_impl(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret, with_z,
               w_feat_S3=None):
   """Output [B, L, C] and the saved segment-start states; with w_feat_S3 ((post, pre, v) taps
@@ -496,8 +483,9 @@ def _fwd_impl(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret, w
   pad = functools.partial(_pad_rows, padded_len=padded_len)
   post_p, pre_p, v_p = pad(post), pad(pre), pad(v)
   wf, num_taps = _stack_taps(w_feat_S3, channels)
-  _, p_NC, r_NC, dskip_1C, _ = _prepare(log_poles_CN, residues_CN, dskip_C, bs, padded_len)
-  s0, z0 = _start_states(pre, v, log_poles_CN, bs, interpret, with_z, w_feat_S3)
+  _, p_NC, r_NC, dskip_1C, p_seg = _prepare(log_poles_CN, residues_CN, dskip_C, bs, padded_len)
+  s_hat, z_hat = _segment_states(p_NC, pre_p, v_p, bs, interpret, with_z, wf, num_taps)
+  s0, z0 = _chain_forward(s_hat, z_hat, p_seg)
   grid, _, tile, param, skip, state, _ = _specs(batch, padded_len, channels, p_NC.shape[0], bs)
   out = _call(_fwd_kernel, "modal_conv_fwd", bs, grid, [param, param, skip, state, tile, tile,
                                                           tile], tile,
@@ -510,7 +498,8 @@ def _bwd_impl(bs, interpret, post, pre, v, log_poles_CN, residues_CN, dskip_C, s
               w_feat_S3=None, with_output=False):
   """Gradients of the (post, pre, v) inputs of the kernels (featurized streams when
   w_feat_S3 is given: the featurizer's own backward is the caller's), log poles, residues, dskip,
-  then (with_output) the forward's output [B, Lp, C]."""
+  then (with_output) the forward's output [B, Lp, C]. s0 = z0 = None: the segment-start
+  states are recomputed here (the state pass and chain of the forward)."""
   batch, length, channels = v.shape
   order = log_poles_CN.shape[1]
   padded_len = _padded_len(length, bs)
@@ -519,6 +508,9 @@ def _bwd_impl(bs, interpret, post, pre, v, log_poles_CN, residues_CN, dskip_C, s
   wf, num_taps = _stack_taps(w_feat_S3, channels)
   lp_NC, p_NC, r_NC, dskip_1C, p_seg = _prepare(log_poles_CN, residues_CN, dskip_C, bs,
                                                 padded_len)
+  if s0 is None:
+    s0, z0 = _chain_forward(*_segment_states(p_NC, pre_p, v_p, bs, interpret, True, wf, num_taps),
+                            p_seg)
   grid, segments, tile, param, skip, state, row = _specs(batch, padded_len, channels,
                                                          p_NC.shape[0], bs)
   state_shape = jax.ShapeDtypeStruct((batch, segments) + p_NC.shape, jnp.float32)
@@ -604,11 +596,9 @@ def _modal_fgcg_projected_fwd(bs, interpret, operands):
 
 
 def _modal_fgcg_projected_bwd(bs, interpret, operands, dy):
-  # The segment-start states are recomputed here rather than saved by the forward: saved, a
-  # rematerialised block would rerun the whole forward (main kernel included) to get them.
-  z_post, z_pre, z_v, w_post, w_pre, w_v, log_poles_CN = operands[:7]
-  s0, z0 = _start_states(z_pre, z_v, log_poles_CN, bs, interpret, True, (w_post, w_pre, w_v))
-  *grads, y = _modal_fgcg_bwd_impl(bs, interpret, (*operands, s0, z0), dy, with_output=True)
+  # The segment-start states (None) are recomputed by the backward rather than saved by the
+  # forward: saved, a rematerialised block would rerun the whole forward to get them.
+  *grads, y = _modal_fgcg_bwd_impl(bs, interpret, (*operands, None, None), dy, with_output=True)
   return y, tuple(grads)
 
 
