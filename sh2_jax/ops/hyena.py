@@ -155,11 +155,9 @@ def gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array, h_
       return blocked_conv.gate_conv_gate_proj_pallas(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D,
                                                      w_out_DE.astype(v_BLD.dtype),
                                                      interpret=not on_gpu)
-    if on_gpu:
-      return project(blocked_conv.gate_conv_gate_auto(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D),
-                     w_out_DE)
-    return project(blocked_conv.gate_conv_gate_pallas(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D,
-                                                      interpret=True), w_out_DE)
+    kernel = (blocked_conv.gate_conv_gate_auto if on_gpu else
+              functools.partial(blocked_conv.gate_conv_gate_pallas, interpret=True))
+    return project(kernel(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D), w_out_DE)
   if method == "blocked":
     return project(blocked_conv.gate_conv_gate(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D,
                                                chunk=chunk), w_out_DE)
