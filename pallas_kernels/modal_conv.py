@@ -32,11 +32,16 @@ The forward saves the segment-start states of s and z ([B, S, N, C], small).
 
 `gate_conv_gate_auto` picks the kernel on GPU and the plain-JAX reference (`gate_conv_gate`,
 a chunked scan) elsewhere or for unsupported shapes. `featurized_gate_conv_gate_pallas` takes
-the featurizer's inputs instead and featurizes each chunk's rows inside the same kernels;
-`featurized_gate_conv_gate_proj_pallas` also applies the output projection, its backward
+the featurizer's inputs instead and featurizes each chunk's rows inside the same kernels; its
+backward walks also apply the featurizer's transpose, dz[t] = sum_j w_j df[t + j], and reduce
+the tap gradients, so no df stream reaches memory: the reverse walk keeps the last J - 1 rows
+of dpre and dv and first steps back over the J - 1 rows past its segment (its adjoint window
+is shifted by J - 1 rows, and the forward walk's segment adjoint with it), the forward walk
+writes row t of dz_post once dpost[t + J - 1] is known and continues J - 1 rows past its
+segment from the exact state there. `featurized_gate_conv_gate_proj_pallas` also applies the output projection, its backward
 recomputing the segment-start states and taking the output for dW_out from the backward's
 forward walk (no forward kernel in a rematerialised block).
-This module depends on jax and pallas_kernels.featurized_conv / output_projection only.
+This module depends on jax and pallas_kernels.output_projection only.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import featurized_conv, output_projection
+from pallas_kernels import output_projection
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +176,8 @@ def _resolve(block_sizes: BlockSizes | None, shape_BLC: tuple[int, ...]) -> Bloc
 # ---------------------------------------------------------------------------------------------
 
 
-def _walk(refs, chunk: int, segment_chunks: int, reverse: bool, process, init, taps=None):
+def _walk(refs, chunk: int, segment_chunks: int, reverse: bool, process, init, taps=None,
+          with_raw: bool = False):
   """Runs `process(carry, base, rows)` over this program's segment, chunk by chunk (last
   chunk first if `reverse`); rows[k][i] is row base + i of refs[k], float32 [1, dc]. The next
   chunk's rows are loaded before the current chunk is processed (software prefetch: the loads
@@ -180,6 +186,8 @@ def _walk(refs, chunk: int, segment_chunks: int, reverse: bool, process, init, t
   taps: None, or one entry per ref: None, or the J featurizer taps ([1, dc] float32 each) of
   that ref, whose rows are then featurized, sum_j taps[j] * ref[t - j] (rows before 0 zero):
   each chunk also loads the J - 1 rows before it.
+  with_raw: call `process(carry, base, rows, raw)`, raw[k] the float32 rows base - halo ...
+  base + chunk - 1 of refs[k] as loaded (before featurizing; halo = max J - 1).
   """
   first_row = pl.program_id(2) * segment_chunks * chunk
   taps = taps or (None,) * len(refs)
@@ -202,11 +210,11 @@ def _walk(refs, chunk: int, segment_chunks: int, reverse: bool, process, init, t
   def body(step, carry):
     state, rows = carry
     next_rows = load(step + 1)
-    rows = tuple(tuple(r.astype(jnp.float32) for r in ref_rows) for ref_rows in rows)
-    rows = tuple(ref_rows if not ref_taps else
-                 tuple(sum(w_1C * ref_rows[halo + i - j] for j, w_1C in enumerate(ref_taps))
-                       for i in range(chunk))
-                 for ref_rows, ref_taps in zip(rows, taps))
+    raw = tuple(tuple(r.astype(jnp.float32) for r in ref_rows) for ref_rows in rows)
+    rows = tuple(ref_rows if not ref_taps else _featurize_rows(ref_rows, ref_taps, halo, chunk)
+                 for ref_rows, ref_taps in zip(raw, taps))
+    if with_raw:
+      return process(state, chunk_base(step), rows, raw), next_rows
     return process(state, chunk_base(step), rows), next_rows
 
   return jax.lax.fori_loop(0, segment_chunks, body, (init, load(0)))[0]
@@ -216,6 +224,38 @@ def _row_or_zero(ref, row):
   """Row `row` of ref as [1, dc], zero where row < 0 (the featurizer's rows before the start)."""
   value = ref[pl.ds(jnp.maximum(row, 0), 1), :]
   return jnp.where(row >= 0, value, jnp.zeros_like(value))
+
+
+def _row_in_range(ref, row):
+  """Row `row` of ref as [1, dc] float32, zero where row < 0 or row >= the ref's rows (the
+  rows a segment's backward reads past its end: the next segment's, none after the last)."""
+  num_rows = ref.shape[0]
+  value = ref[pl.ds(jnp.clip(row, 0, num_rows - 1), 1), :].astype(jnp.float32)
+  return jnp.where((row >= 0) & (row < num_rows), value, jnp.zeros_like(value))
+
+
+def _featurize_rows(raw, taps, halo: int, count: int) -> tuple:
+  """Featurized rows i < count, sum_j taps[j] * raw[halo + i - j], from raw rows that start
+  `halo` rows before the first output row."""
+  return tuple(sum(w_1C * raw[halo + i - j] for j, w_1C in enumerate(taps)) for i in range(count))
+
+
+def _rows_around(refs, taps, row: int, halo: int):
+  """(featurized rows row ... row + halo - 1 of each ref, raw rows row - halo ... row + halo - 1
+  of each featurized ref), float32 and zero outside the array: the halo rows after a
+  segment's end that its backward reads (the featurizer's transpose looks J - 1 rows ahead)."""
+  raw = [tuple(_row_in_range(ref, row + i) for i in range(-halo if ref_taps else 0, halo))
+         for ref, ref_taps in zip(refs, taps)]
+  rows = [_featurize_rows(ref_raw, ref_taps, halo, halo) if ref_taps else ref_raw
+          for ref_raw, ref_taps in zip(raw, taps)]
+  return rows, raw
+
+
+def _store_row_from(ref, row, value_1C, first_row):
+  """ref[row] = value where row >= first_row (a masked store: rows before it are another
+  program's)."""
+  mask = jnp.broadcast_to(row >= first_row, value_1C.shape)
+  plgpu.store(ref.at[pl.ds(jnp.maximum(row, 0), 1), :], value_1C.astype(ref.dtype), mask=mask)
 
 
 def _stream_taps(wf_ref, num_taps: int):
@@ -269,70 +309,158 @@ def _fwd_kernel(wf_ref, p_ref, r_ref, dskip_ref, s0_ref, post_ref, pre_ref, v_re
 
 
 def _bwd_forward_kernel(wf_ref, lp_ref, p_ref, r_ref, dskip_ref, s0_ref, z0_ref, post_ref, pre_ref,
-                        v_ref, dout_ref, dpost_ref, dr_ref, dz_ref, ddskip_ref, a_ref, *out_ref,
-                        chunk: int, segment_chunks: int, num_taps: int):
+                        v_ref, dout_ref, dpost_ref, dr_ref, dz_ref, ddskip_ref, a_ref, *extra_refs,
+                        chunk: int, segment_chunks: int, num_taps: int, with_output: bool = False):
   """Forward walk of the backward: dpost and the per-program partial parameter gradients, and
-  the forward's output post * y into out_ref when given (output_projection)."""
+  the forward's output post * y into extra_refs[0] when with_output (output_projection).
+
+  With featurizer taps (num_taps = J > 0) the inputs are the featurizer's, and the walk also
+  applies the featurizer's transpose to dpost: dpost_ref receives the gradient of z_post,
+  sum_j w[j] dpost[t + j] (row t written once row t + J - 1 is known; the J - 1 rows after the
+  segment come from a short walk past its end from the exact state there), and extra_refs[-1]
+  [Jp, dc] the tap-gradient partials sum_t dpost[t] z_post[t - j]. The reverse adjoint's
+  partial a_ref then starts J - 1 rows into the segment and ends J - 1 rows past it (see
+  _bwd_reverse_kernel).
+  """
   taps = _stream_taps(wf_ref, num_taps)
+  halo = max(num_taps - 1, 0)
+  out_refs = extra_refs[:int(with_output)]
   lp_NC = lp_ref[...]
   p_NC = p_ref[...]
   r_NC = r_ref[...]
   dskip_1C = dskip_ref[...]
   first_row = pl.program_id(2) * segment_chunks * chunk
+  end_row = first_row + segment_chunks * chunk
 
-  def process(carry, base, rows):
-    s_NC, z_NC, dr_NC, dz_NC, dd_1C, a_NC = carry
-    # p^tau at the chunk's first row (tau: offset in the segment), exact rather than a long
-    # product of p; multiplied by p along the chunk's rows.
-    pw_NC = jnp.exp(lp_NC * (base - first_row).astype(jnp.float32))
+  def decay_from(row):
+    # p^tau at `row`, tau its offset past the adjoint window's start (first_row + halo); the
+    # rows before that start weigh 0 (see `live`). Exact rather than a long product of p.
+    return jnp.exp(lp_NC * jnp.maximum(row - first_row - halo, 0).astype(jnp.float32))
+
+  def accumulate_adjoint(a_NC, pw_NC, g_1C, row):
+    if not halo:
+      return a_NC + pw_NC * g_1C, pw_NC * p_NC
+    live = row - first_row >= halo
+    return a_NC + jnp.where(live, pw_NC, 0.0) * g_1C, jnp.where(live, pw_NC * p_NC, pw_NC)
+
+  def transpose_post(history, dpost_1C, row):
+    """Writes z_post's gradient at row - halo; returns the history of the last halo dposts."""
+    window = history + (dpost_1C,)
+    _store_row_from(dpost_ref, row - halo, sum(w * d for w, d in zip(taps[0], window)), first_row)
+    return window[1:]
+
+  def process(carry, base, rows, raw=None):
+    s_NC, z_NC, dr_NC, dz_NC, dd_1C, a_NC, history, dw = carry
+    pw_NC = decay_from(base)
     for i, (post_1C, pre_1C, v_1C, dout_1C) in enumerate(zip(*rows)):
       u_1C = pre_1C * v_1C
       g_1C = dout_1C * post_1C
       z_NC = p_NC * (z_NC + s_NC)
       s_NC = p_NC * s_NC + u_1C
       y_1C = jnp.sum(r_NC * s_NC, axis=0, keepdims=True) + dskip_1C * u_1C
-      dpost_ref[pl.ds(base + i, 1), :] = (dout_1C * y_1C).astype(dpost_ref.dtype)
-      for ref in out_ref:
+      dpost_1C = dout_1C * y_1C
+      if taps:
+        history = transpose_post(history, dpost_1C, base + i)
+        dw = tuple(dw[j] + dpost_1C * raw[0][halo + i - j] for j in range(num_taps))
+      else:
+        dpost_ref[pl.ds(base + i, 1), :] = dpost_1C.astype(dpost_ref.dtype)
+      for ref in out_refs:
         ref[pl.ds(base + i, 1), :] = (post_1C * y_1C).astype(ref.dtype)
       dr_NC = dr_NC + g_1C * s_NC
       dz_NC = dz_NC + g_1C * z_NC
       dd_1C = dd_1C + g_1C * u_1C
-      a_NC = a_NC + pw_NC * g_1C
-      if i + 1 < chunk:
-        pw_NC = pw_NC * p_NC
-    return s_NC, z_NC, dr_NC, dz_NC, dd_1C, a_NC
+      a_NC, pw_NC = accumulate_adjoint(a_NC, pw_NC, g_1C, base + i)
+    return s_NC, z_NC, dr_NC, dz_NC, dd_1C, a_NC, history, dw
 
   zeros = jnp.zeros_like(p_NC)
-  init = (s0_ref[...], z0_ref[...], zeros, zeros, jnp.zeros_like(dskip_1C), zeros)
-  _, _, dr_NC, dz_NC, dd_1C, a_NC = _walk((post_ref, pre_ref, v_ref, dout_ref), chunk,
-                                          segment_chunks, False, process, init,
-                                          taps and taps + (None,))
+  zeros_1C = jnp.zeros_like(dskip_1C)
+  init = (s0_ref[...], z0_ref[...], zeros, zeros, zeros_1C, zeros, (zeros_1C,) * halo,
+          (zeros_1C,) * num_taps)
+  refs = (post_ref, pre_ref, v_ref, dout_ref)
+  s_NC, _, dr_NC, dz_NC, dd_1C, a_NC, history, dw = _walk(
+      refs, chunk, segment_chunks, False, process, init, taps and taps + (None,),
+      with_raw=bool(taps))
+  if taps:
+    # Past the segment's end: dpost of its J - 1 next rows for the transpose, and their part
+    # of the shifted adjoint window.
+    rows, _ = _rows_around(refs, taps + (None,), end_row, halo)
+    pw_NC = decay_from(end_row)
+    for i, (post_1C, pre_1C, v_1C, dout_1C) in enumerate(zip(*rows)):
+      u_1C = pre_1C * v_1C
+      g_1C = dout_1C * post_1C
+      s_NC = p_NC * s_NC + u_1C
+      y_1C = jnp.sum(r_NC * s_NC, axis=0, keepdims=True) + dskip_1C * u_1C
+      history = transpose_post(history, dout_1C * y_1C, end_row + i)
+      a_NC, pw_NC = accumulate_adjoint(a_NC, pw_NC, g_1C, end_row + i)
+    _store_tap_grads(extra_refs[-1], 0, dw)
   dr_ref[...] = dr_NC
   dz_ref[...] = dz_NC
   ddskip_ref[...] = dd_1C
   a_ref[...] = a_NC
 
 
+def _store_tap_grads(ref, first: int, dw):
+  """ref[first + j] = dw[j] for the J taps, zero for the padding rows up to first + Jp."""
+  taps_pad = _next_pow2(len(dw))
+  for j in range(taps_pad):
+    ref[pl.ds(first + j, 1), :] = dw[j] if j < len(dw) else jnp.zeros_like(dw[0])
+
+
 def _bwd_reverse_kernel(wf_ref, p_ref, r_ref, dskip_ref, a0_ref, post_ref, pre_ref, v_ref, dout_ref,
-                        dpre_ref, dv_ref, *, chunk: int, segment_chunks: int, num_taps: int):
-  """Reverse walk of the backward: the adjoint recurrence, dpre and dv."""
+                        dpre_ref, dv_ref, *dw_refs, chunk: int, segment_chunks: int, num_taps: int):
+  """Reverse walk of the backward: the adjoint recurrence, dpre and dv.
+
+  With featurizer taps (num_taps = J > 0) dpre_ref and dv_ref receive the gradients of z_pre
+  and z_v, sum_j w[j] d[t + j] (the last J - 1 dpre / dv rows carried), and dw_refs[0]
+  [2 Jp, dc] the tap-gradient partials of pre (rows j) and v (rows Jp + j). a0 is then the
+  adjoint J - 1 rows past the segment's end: the walk first steps back over those rows (the
+  next segment's, read only) to have their dpre and dv.
+  """
   taps = _stream_taps(wf_ref, num_taps)
+  halo = max(num_taps - 1, 0)
   p_NC = p_ref[...]
   r_NC = r_ref[...]
   dskip_1C = dskip_ref[...]
+  end_row = (pl.program_id(2) + 1) * segment_chunks * chunk
 
-  def process(a_NC, base, rows):
+  def adjoint_row(a_NC, post_1C, dout_1C):
+    g_1C = dout_1C * post_1C
+    a_NC = p_NC * a_NC + g_1C
+    return a_NC, jnp.sum(r_NC * a_NC, axis=0, keepdims=True) + dskip_1C * g_1C
+
+  def process(carry, base, rows, raw=None):
+    a_NC, next_pre, next_v, dw = carry
     for i in reversed(range(chunk)):
       post_1C, pre_1C, v_1C, dout_1C = (ref_rows[i] for ref_rows in rows)
-      g_1C = dout_1C * post_1C
-      a_NC = p_NC * a_NC + g_1C
-      du_1C = jnp.sum(r_NC * a_NC, axis=0, keepdims=True) + dskip_1C * g_1C
-      dpre_ref[pl.ds(base + i, 1), :] = (du_1C * v_1C).astype(dpre_ref.dtype)
-      dv_ref[pl.ds(base + i, 1), :] = (du_1C * pre_1C).astype(dv_ref.dtype)
-    return a_NC
+      a_NC, du_1C = adjoint_row(a_NC, post_1C, dout_1C)
+      dpre_1C, dv_1C = du_1C * v_1C, du_1C * pre_1C
+      if taps:
+        next_pre, next_v = (dpre_1C,) + next_pre, (dv_1C,) + next_v
+        dpre_1C = sum(w * d for w, d in zip(taps[1], next_pre))
+        dv_1C = sum(w * d for w, d in zip(taps[2], next_v))
+        dw = tuple(dw[j] + next_pre[0] * raw[1][halo + i - j] for j in range(num_taps)) + tuple(
+            dw[num_taps + j] + next_v[0] * raw[2][halo + i - j] for j in range(num_taps))
+        next_pre, next_v = next_pre[:halo], next_v[:halo]
+      dpre_ref[pl.ds(base + i, 1), :] = dpre_1C.astype(dpre_ref.dtype)
+      dv_ref[pl.ds(base + i, 1), :] = dv_1C.astype(dv_ref.dtype)
+    return a_NC, next_pre, next_v, dw
 
-  _walk((post_ref, pre_ref, v_ref, dout_ref), chunk, segment_chunks, True, process,
-        a0_ref[...], taps and taps + (None,))
+  a_NC = a0_ref[...]
+  refs = (post_ref, pre_ref, v_ref, dout_ref)
+  next_pre, next_v = (), ()
+  if taps:
+    rows, _ = _rows_around(refs, taps + (None,), end_row, halo)
+    for i in reversed(range(halo)):
+      post_1C, pre_1C, v_1C, dout_1C = (ref_rows[i] for ref_rows in rows)
+      a_NC, du_1C = adjoint_row(a_NC, post_1C, dout_1C)
+      next_pre, next_v = (du_1C * v_1C,) + next_pre, (du_1C * pre_1C,) + next_v
+  zeros_1C = jnp.zeros_like(dskip_1C)
+  _, _, _, dw = _walk(refs, chunk, segment_chunks, True, process,
+                      (a_NC, next_pre, next_v, (zeros_1C,) * (2 * num_taps)),
+                      taps and taps + (None,), with_raw=bool(taps))
+  if taps:
+    _store_tap_grads(dw_refs[0], 0, dw[:num_taps])
+    _store_tap_grads(dw_refs[0], _next_pow2(num_taps), dw[num_taps:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,10 +624,12 @@ def _fwd_impl(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret, w
 
 def _bwd_impl(bs, interpret, post, pre, v, log_poles_CN, residues_CN, dskip_C, s0, z0, dout,
               w_feat_S3=None, with_output=False):
-  """Gradients of the (post, pre, v) inputs of the kernels (featurized streams when
-  w_feat_S3 is given: the featurizer's own backward is the caller's), log poles, residues, dskip,
-  then (with_output) the forward's output [B, Lp, C]. s0 = z0 = None: the segment-start
-  states are recomputed here (the state pass and chain of the forward)."""
+  """Gradients of the kernels' (post, pre, v) inputs, then with w_feat_S3 (the inputs are the
+  featurizer's) the (post, pre, v) tap gradients [C, J], then log poles, residues, dskip, then
+  (with_output) the forward's output [B, Lp, C]. The featurizer's transpose and tap gradients
+  are computed by the two backward walks themselves (no df stream reaches memory).
+  s0 = z0 = None: the segment-start states are recomputed here (the forward's state pass and
+  chain)."""
   batch, length, channels = v.shape
   order = log_poles_CN.shape[1]
   padded_len = _padded_len(length, bs)
@@ -514,24 +644,43 @@ def _bwd_impl(bs, interpret, post, pre, v, log_poles_CN, residues_CN, dskip_C, s
   grid, segments, tile, param, skip, state, row = _specs(batch, padded_len, channels,
                                                          p_NC.shape[0], bs)
   state_shape = jax.ShapeDtypeStruct((batch, segments) + p_NC.shape, jnp.float32)
-  out_specs = (tile, state, state, row, state) + (tile,) * with_output
+
+  def tap_grads(streams: int):
+    rows = streams * _next_pow2(num_taps)
+    spec = pl.BlockSpec((None, None, rows, bs.block_c), lambda b, c, s: (b, s, 0, c))
+    return ((spec,), (jax.ShapeDtypeStruct((batch, segments, rows, channels), jnp.float32),)
+            ) if num_taps else ((), ())
+
+  fwd_tap_spec, fwd_tap_shape = tap_grads(1)
+  out_specs = (tile, state, state, row, state) + (tile,) * with_output + fwd_tap_spec
   out_shapes = ((jax.ShapeDtypeStruct(post_p.shape, post.dtype), state_shape, state_shape,
                  jax.ShapeDtypeStruct((batch, segments, 1, channels), jnp.float32), state_shape)
-                + (jax.ShapeDtypeStruct(v_p.shape, v.dtype),) * with_output)
-  dpost, dr, dz, ddskip, a_hat, *out = _call(
-      _bwd_forward_kernel, "modal_conv_bwd_forward", bs, grid,
-      [param, param, param, skip, state, state, tile, tile, tile, tile], out_specs, out_shapes,
-      interpret, num_taps, wf, lp_NC, p_NC, r_NC, dskip_1C, s0, z0, post_p, pre_p, v_p, dout_p)
+                + (jax.ShapeDtypeStruct(v_p.shape, v.dtype),) * with_output + fwd_tap_shape)
+  dpost, dr, dz, ddskip, a_hat, *rest = _call(
+      functools.partial(_bwd_forward_kernel, with_output=with_output), "modal_conv_bwd_forward",
+      bs, grid, [param, param, param, skip, state, state, tile, tile, tile, tile], out_specs,
+      out_shapes, interpret, num_taps, wf, lp_NC, p_NC, r_NC, dskip_1C, s0, z0, post_p, pre_p,
+      v_p, dout_p)
+  out, dw_post = rest[:int(with_output)], rest[int(with_output):]
   a0 = _chain_reverse(a_hat, p_seg[0])
-  dpre, dv = _call(
+  rev_tap_spec, rev_tap_shape = tap_grads(2)
+  dpre, dv, *dw_pre_v = _call(
       _bwd_reverse_kernel, "modal_conv_bwd_reverse", bs, grid,
-      [param, param, skip, state, tile, tile, tile, tile], (tile, tile),
-      (jax.ShapeDtypeStruct(pre_p.shape, pre.dtype), jax.ShapeDtypeStruct(v_p.shape, v.dtype)),
-      interpret, num_taps, wf, p_NC, r_NC, dskip_1C, a0, post_p, pre_p, v_p, dout_p)
+      [param, param, skip, state, tile, tile, tile, tile], (tile, tile) + rev_tap_spec,
+      (jax.ShapeDtypeStruct(pre_p.shape, pre.dtype), jax.ShapeDtypeStruct(v_p.shape, v.dtype))
+      + rev_tap_shape, interpret, num_taps, wf, p_NC, r_NC, dskip_1C, a0, post_p, pre_p, v_p,
+      dout_p)
+  taps = ()
+  if num_taps:
+    taps_pad = _next_pow2(num_taps)
+    dw_rows = jnp.concatenate([dw_post[0], dw_pre_v[0]], axis=2).sum((0, 1))  # [3 Jp, C]
+    taps = (tuple(dw_rows[k * taps_pad:k * taps_pad + num_taps].T.astype(w.dtype)
+                  for k, w in enumerate(w_feat_S3)),)
   dr_CN = dr.sum((0, 1)).T[:, :order]
   dlp_CN = (r_NC * dz.sum((0, 1))).T[:, :order]
-  return ((dpost, dpre, dv), dlp_CN.astype(log_poles_CN.dtype), dr_CN.astype(residues_CN.dtype),
-          ddskip.sum((0, 1, 2)).astype(dskip_C.dtype)) + tuple(out)
+  return ((dpost, dpre, dv),) + taps + (dlp_CN.astype(log_poles_CN.dtype),
+                                        dr_CN.astype(residues_CN.dtype),
+                                        ddskip.sum((0, 1, 2)).astype(dskip_C.dtype)) + tuple(out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -577,14 +726,10 @@ def _modal_fgcg_bwd_impl(bs, interpret, residuals, dout, with_output=False):
   """The nine input gradients, then (with_output) the forward's output [B, L, C]."""
   z_post, z_pre, z_v, w_post, w_pre, w_v, log_poles_CN, residues_CN, dskip_C, s0, z0 = residuals
   length = z_v.shape[1]
-  dfeat, dlp, dr, ddskip, *out = _bwd_impl(bs, interpret, z_post, z_pre, z_v, log_poles_CN,
-                                           residues_CN, dskip_C, s0, z0, dout,
-                                           (w_post, w_pre, w_v), with_output)
-  # The featurizer's backward, one Pallas pass per stream (dfeat's rows past L are zero: dout
-  # is zero there).
-  grads = [featurized_conv.featurizer_backward(df[:, :length], z, w, interpret=interpret)
-           for df, z, w in zip(dfeat, (z_post, z_pre, z_v), (w_post, w_pre, w_v))]
-  return (tuple(g[0] for g in grads) + tuple(g[1] for g in grads) + (dlp, dr, ddskip)
+  dz, dw, dlp, dr, ddskip, *out = _bwd_impl(bs, interpret, z_post, z_pre, z_v, log_poles_CN,
+                                            residues_CN, dskip_C, s0, z0, dout,
+                                            (w_post, w_pre, w_v), with_output)
+  return (tuple(d[:, :length] for d in dz) + dw + (dlp, dr, ddskip)
           + tuple(y[:, :length] for y in out))
 
 
@@ -614,8 +759,6 @@ def featurized_unsupported_reason(shape_BLC: tuple[int, ...], shape_CJ: tuple[in
     return f"featurizer taps {shape_CJ} must be [C, J] for C = {shape_BLC[2]} channels"
   if not 1 <= shape_CJ[1] <= MAX_FEATURIZER_TAPS:
     return f"featurizer of {shape_CJ[1]} taps: the kernels take 1 to {MAX_FEATURIZER_TAPS}"
-  if shape_BLC[2] % 16:
-    return f"channels {shape_BLC[2]} must be a multiple of 16 (the featurizer backward's tiles)"
   return None
 
 
@@ -630,7 +773,7 @@ def featurized_gate_conv_gate_pallas(z_post_BLC: jax.Array, z_pre_BLC: jax.Array
   with f(z)[t] = sum_j w[:, j] z[t - j] (causal, w[:, 0] on the current token), the featurizer
   computed inside the kernels from each chunk's rows and the J - 1 before them, so the
   featurized streams never reach memory. Gradients (custom_vjp) for all nine inputs; the
-  featurizer's own come from featurized_conv.featurizer_backward_pallas.
+  featurizer's transpose and tap gradients are computed inside the two backward walks.
 
   Args:
     z_post_BLC, z_pre_BLC, z_v_BLC: [B, L, C] featurizer inputs (the in-projection's streams).

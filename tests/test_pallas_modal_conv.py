@@ -273,6 +273,9 @@ FEATURIZED_CASES = [
     (2, 150, 32, 16, 3, jnp.float32, mc.BlockSizes(chunk=8, block_c=16, segment_chunks=4)),
     (1, 203, 64, 5, 6, jnp.float32, mc.BlockSizes(chunk=4, block_c=32, segment_chunks=16)),
     (2, 100, 32, 16, 2, jnp.bfloat16, mc.BlockSizes(chunk=8, block_c=32, segment_chunks=3)),
+    # segments shorter than the featurizer's reach (4 rows, 6 taps): the backward's transpose
+    # and shifted adjoint window span several segments
+    (1, 37, 16, 4, 6, jnp.float32, mc.BlockSizes(chunk=4, block_c=16, segment_chunks=1)),
 ]
 
 
@@ -286,7 +289,8 @@ def test_featurized_matches_float64_reference(batch, length, channels, order, nu
 
 
 @pytest.mark.parametrize("name,program", [("_states_kernel", (0, 1, 0)),  # the last segment's
-                                          ("_bwd_forward_kernel", (0, 1, 1))])  # state is unused
+                                          ("_bwd_forward_kernel", (0, 1, 1)),  # state is unused
+                                          ("_bwd_reverse_kernel", (0, 0, 1))])
 def test_featurized_unwritten_tile_is_caught(monkeypatch, name, program):
   monkeypatch.setattr(mc, name, helpers.skip_one_program(getattr(mc, name), mc, program))
   jax.clear_caches()
@@ -304,8 +308,10 @@ def test_featurized_unsupported_shapes_say_why():
   assert mc.featurized_unsupported_reason((1, 10, 32), (32, 3), (32, 16)) is None
   assert "[C, J]" in mc.featurized_unsupported_reason((1, 10, 32), (16, 3), (32, 16))
   assert "taps" in mc.featurized_unsupported_reason((1, 10, 32), (32, 9), (32, 16))
-  assert "multiple of 16" in mc.featurized_unsupported_reason((1, 10, 24), (24, 3), (24, 16),
-                                                              mc.BlockSizes(block_c=8))
+  assert mc.featurized_unsupported_reason((1, 10, 24), (24, 3), (24, 16),
+                                          mc.BlockSizes(block_c=8)) is None
+  assert "power of two" in mc.featurized_unsupported_reason((1, 10, 24), (24, 3), (24, 16),
+                                                            mc.BlockSizes(block_c=6))
   args, _ = _featurized_case(1, 1, 20, 32, 4, 3, jnp.float32)
   with pytest.raises(ValueError, match="taps"):
     mc.featurized_gate_conv_gate_pallas(*args[:3], *(w[:, :1].repeat(9, 1) for w in args[3:6]),
@@ -325,8 +331,9 @@ def test_featurized_lowers_for_cuda():
 
   text = _lower_for_cuda(fwd_bwd, x, x, x, taps, taps, taps, poles, poles, dskip, x)
   for name in ("modal_conv_states", "modal_conv_fwd", "modal_conv_bwd_forward",
-               "modal_conv_bwd_reverse", "featurizer_bwd"):
+               "modal_conv_bwd_reverse"):
     assert name in text
+  assert "featurizer_bwd" not in text  # the featurizer's backward is in the walks
 
 
 def test_module_with_fused_featurizer_equals_fft(monkeypatch):
