@@ -13,7 +13,8 @@ device time of every kernel, attributed through the optimized HLO to
 - a kind of kernel: GEMM (cuBLAS, cuDNN or Triton GEMM), Pallas kernels, cuDNN attention,
   other fusions (elementwise, norms, reductions, casts), copies and transposes, other.
 Also the device idle time just before each part's kernels (gaps in the timeline: launch cost,
-synchronisation) and, with `--top N`, the N costliest mixer kernels summed over layers.
+synchronisation) and, with `--top N`, the N costliest mixer kernels summed over layers
+(`--top-scope all`: the costliest kernels of every part).
 Writes a markdown table per model and length (ms per step, per layer, share) to
 experiments/results/train_profile_<device>.md. Command buffers are turned off so that every
 kernel is one trace event (steps run a little slower than in `sh2 bench train`).
@@ -299,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="model setting for both models, e.g. d_model=256 (repeatable)")
   parser.add_argument("--top", type=int, default=0,
                       help="also list the N costliest kernels of the mixers (summed over layers)")
+  parser.add_argument("--top-scope", default="mixers", choices=("mixers", "all"),
+                      help="which parts --top ranks: the mixers, or every part (MLP, norms, "
+                           "loss and update too)")
   parser.add_argument("--out", default=None,
                       help="markdown path (default experiments/results/train_profile_<device>.md)")
   args = parser.parse_args(argv)
@@ -323,9 +327,10 @@ def main(argv: list[str] | None = None) -> int:
       profiles[tag] = (prof.wall_ms, prof.times)
       table = markdown_table(name, model, length, prof.wall_ms, prof.times, prof.idle)
       if args.top:
-        mixers = {p for p, _, _ in prof.times if p.endswith("mixer")}
-        table += [f"Costliest {args.top} mixer kernels, {name}, L={length}:", ""] + top_kernels(
-            prof.totals_ns, prof.ops, tuple(model.layers), prof.steps, mixers, args.top)
+        ranked = {p for p, _, _ in prof.times if args.top_scope == "all" or p.endswith("mixer")}
+        scope = "" if args.top_scope == "all" else " mixer"
+        table += [f"Costliest {args.top}{scope} kernels, {name}, L={length}:", ""] + top_kernels(
+            prof.totals_ns, prof.ops, tuple(model.layers), prof.steps, ranked, args.top)
       print("\n".join(table), flush=True)
       lines += table
       jax.clear_caches()
