@@ -337,8 +337,10 @@ def _bwd_forward_kernel(wf_ref, lp_ref, p_ref, r_ref, dskip_ref, s0_ref, z0_ref,
     # rows before that start weigh 0 (see `live`). Exact rather than a long product of p.
     return jnp.exp(lp_NC * jnp.maximum(row - first_row - halo, 0).astype(jnp.float32))
 
-  def accumulate_adjoint(a_NC, pw_NC, g_1C, row):
-    if not halo:
+  def accumulate_adjoint(a_NC, pw_NC, g_1C, row, may_precede: bool = True):
+    # may_precede: whether `row` can lie before the window's start (statically false for a
+    # chunk's rows from the halo-th on): only those rows pay for the selects.
+    if not (halo and may_precede):
       return a_NC + pw_NC * g_1C, pw_NC * p_NC
     live = row - first_row >= halo
     return a_NC + jnp.where(live, pw_NC, 0.0) * g_1C, jnp.where(live, pw_NC * p_NC, pw_NC)
@@ -369,7 +371,7 @@ def _bwd_forward_kernel(wf_ref, lp_ref, p_ref, r_ref, dskip_ref, s0_ref, z0_ref,
       dr_NC = dr_NC + g_1C * s_NC
       dz_NC = dz_NC + g_1C * z_NC
       dd_1C = dd_1C + g_1C * u_1C
-      a_NC, pw_NC = accumulate_adjoint(a_NC, pw_NC, g_1C, base + i)
+      a_NC, pw_NC = accumulate_adjoint(a_NC, pw_NC, g_1C, base + i, may_precede=i < halo)
     return s_NC, z_NC, dr_NC, dz_NC, dd_1C, a_NC, history, dw
 
   zeros = jnp.zeros_like(p_NC)
