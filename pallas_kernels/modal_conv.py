@@ -38,9 +38,9 @@ the tap gradients, so no df stream reaches memory: the reverse walk keeps the la
 of dpre and dv and first steps back over the J - 1 rows past its segment (its adjoint window
 is shifted by J - 1 rows, and the forward walk's segment adjoint with it), the forward walk
 writes row t of dz_post once dpost[t + J - 1] is known and continues J - 1 rows past its
-segment from the exact state there. `featurized_gate_conv_gate_proj_pallas` also applies the output projection, its backward
-recomputing the segment-start states and taking the output for dW_out from the backward's
-forward walk (no forward kernel in a rematerialised block).
+segment from the exact state there. `featurized_gate_conv_gate_proj_pallas` also applies the
+output projection, its backward recomputing the segment-start states and taking the output
+for dW_out from the backward's forward walk (no forward kernel in a rematerialised block).
 This module depends on jax and pallas_kernels.output_projection only.
 """
 
@@ -240,15 +240,14 @@ def _featurize_rows(raw, taps, halo: int, count: int) -> tuple:
   return tuple(sum(w_1C * raw[halo + i - j] for j, w_1C in enumerate(taps)) for i in range(count))
 
 
-def _rows_around(refs, taps, row: int, halo: int):
-  """(featurized rows row ... row + halo - 1 of each ref, raw rows row - halo ... row + halo - 1
-  of each featurized ref), float32 and zero outside the array: the halo rows after a
-  segment's end that its backward reads (the featurizer's transpose looks J - 1 rows ahead)."""
+def _rows_after(refs, taps, row, halo: int) -> list:
+  """Rows row ... row + halo - 1 of each ref (featurized where it has taps, from the halo rows
+  before them), float32 and zero outside the array: the rows after a segment's end that its
+  backward reads (the featurizer's transpose looks J - 1 rows ahead)."""
   raw = [tuple(_row_in_range(ref, row + i) for i in range(-halo if ref_taps else 0, halo))
          for ref, ref_taps in zip(refs, taps)]
-  rows = [_featurize_rows(ref_raw, ref_taps, halo, halo) if ref_taps else ref_raw
+  return [_featurize_rows(ref_raw, ref_taps, halo, halo) if ref_taps else ref_raw
           for ref_raw, ref_taps in zip(raw, taps)]
-  return rows, raw
 
 
 def _store_row_from(ref, row, value_1C, first_row):
@@ -385,7 +384,7 @@ def _bwd_forward_kernel(wf_ref, lp_ref, p_ref, r_ref, dskip_ref, s0_ref, z0_ref,
   if taps:
     # Past the segment's end: dpost of its J - 1 next rows for the transpose, and their part
     # of the shifted adjoint window.
-    rows, _ = _rows_around(refs, taps + (None,), end_row, halo)
+    rows = _rows_after(refs, taps + (None,), end_row, halo)
     pw_NC = decay_from(end_row)
     for i, (post_1C, pre_1C, v_1C, dout_1C) in enumerate(zip(*rows)):
       u_1C = pre_1C * v_1C
@@ -451,7 +450,7 @@ def _bwd_reverse_kernel(wf_ref, p_ref, r_ref, dskip_ref, a0_ref, post_ref, pre_r
   refs = (post_ref, pre_ref, v_ref, dout_ref)
   next_pre, next_v = (), ()
   if taps:
-    rows, _ = _rows_around(refs, taps + (None,), end_row, halo)
+    rows = _rows_after(refs, taps + (None,), end_row, halo)
     for i in reversed(range(halo)):
       post_1C, pre_1C, v_1C, dout_1C = (ref_rows[i] for ref_rows in rows)
       a_NC, du_1C = adjoint_row(a_NC, post_1C, dout_1C)
