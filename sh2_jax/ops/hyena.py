@@ -322,11 +322,13 @@ def li_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
 
   With method "pallas_fused", and "auto" on GPU (where modal_conv.featurized_unsupported_reason
   allows; interpret mode off GPU) the three [D, D] products' streams go straight into the modal
-  kernels, which featurize them (modal_conv.featurized_gate_conv_gate_pallas): the featurized
-  streams never reach memory. H100, D = 4096, fwd+bwd: 3.34 vs 3.52 ms at 4K, 5.65 vs 5.83 at
-  8K, equal at 16K and 32K (experiments/results/ops_nvidia_h100_80gb_hbm3.md, seventh run), and
-  closer to float32 in bf16 (no rounding of the featurized streams). Otherwise
-  project_and_featurize + li_gate_conv_gate with `method`.
+  kernels, which featurize them (modal_conv.featurized_gate_conv_gate_pallas): neither the
+  featurized streams nor their gradients reach memory (the backward walks apply the featurizer's
+  transpose). H100, D = 4096, fwd+bwd: 3.34 vs 3.52 ms at 4K, 5.65 vs 5.83 at 8K, equal at 16K
+  and 32K (experiments/results/ops_nvidia_h100_80gb_hbm3.md, seventh run, before the transpose
+  moved into the walks: 1.2% faster again at the evo2-1b shape under remat, train results'
+  ninth measurement), and closer to float32 in bf16 (no rounding of the featurized streams).
+  Otherwise project_and_featurize + li_gate_conv_gate with `method`.
 
   Args:
     x_BLD: [B, L, D] normalised input in the compute dtype.
