@@ -113,6 +113,11 @@ class ModelConfig:
     offload_residuals: with remat, keep each block's input (the float32 residual stream,
       [B, L, D]) and the final norm's in pinned host memory from the forward to the backward
       pass instead of on the device: 4 * L * D bytes per block freed for one copy each way.
+    cast_weights_once: with remat, the train step casts the matrix weights (projections, qkv,
+      MLP; layers.params.COMPUTE_WEIGHTS) to `dtype` once, before the model, instead of each
+      block casting them inside its rematerialised forward, which the backward pass reruns:
+      one float32 read of those weights less per step, for a `dtype` copy of them held from
+      the forward to the backward pass (2 bytes a parameter).
     init_std: standard deviation of embedding and projection init.
   """
   vocab_size: int = 512
@@ -141,6 +146,7 @@ class ModelConfig:
   remat_policy: str = "full"
   mlp_slices: int = 1
   offload_residuals: bool = False
+  cast_weights_once: bool = True
   init_std: float = 0.02
 
   def __post_init__(self) -> None:

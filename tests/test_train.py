@@ -17,6 +17,7 @@ import optax
 import pytest
 
 from sh2_jax import config as config_lib
+from sh2_jax.layers import params as P
 from sh2_jax.parallel import mesh as mesh_lib
 from sh2_jax.train import optim, step as step_lib
 from sh2_jax.train.checkpoint import Checkpointer
@@ -216,6 +217,49 @@ def test_remat_gives_identical_loss_and_gradients():
   assert full > save_dots >= no_remat, dots
   assert full - save_dots > 2 * (save_dots - no_remat), dots
   assert offloaded == full, dots
+
+
+def _weight_casts(jaxpr, shapes: set) -> int:
+  """float32 -> bfloat16 converts of arrays with one of `shapes`, nested jaxprs included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    if (eqn.primitive.name == "convert_element_type" and eqn.params["new_dtype"] == jnp.bfloat16
+        and eqn.invars[0].aval.dtype == jnp.float32 and eqn.invars[0].aval.shape in shapes):
+      count += 1
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          count += _weight_casts(inner, shapes)
+  return count
+
+
+def test_cast_weights_once_gives_the_same_step_with_half_the_casts():
+  """A bf16 step under save_dots remat with the matrix weights cast before the model gives
+  bitwise the same parameters and metrics as casting them inside each block, and its program
+  casts each compute weight once (inside the blocks: twice, the forward and its recompute)."""
+  config = small_config()
+  mesh = mesh_lib.make_mesh(config.mesh)
+  tx = optim.make_optimizer(config.train)
+  rng = np.random.default_rng()
+  window = jnp.asarray(rng.integers(0, 256, (4, config.data.seq_len + 1)), jnp.int32)
+  seed = int(rng.integers(1 << 16))
+  results, casts = [], []
+  for once in (True, False):
+    model_cfg = dataclasses.replace(config.model, dtype="bfloat16", remat=True,
+                                    remat_policy="save_dots", cast_weights_once=once)
+    state, shardings = create_train_state(model_cfg, tx, mesh, seed=seed)
+    weights = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)
+               if {k.key for k in path if isinstance(k, jax.tree_util.DictKey)} & P.COMPUTE_WEIGHTS]
+    step = step_lib.make_train_step(model_cfg, config.train, tx, mesh, shardings)
+    casts.append((len(weights), _weight_casts(jax.make_jaxpr(step)(state, window).jaxpr,
+                                              {w.shape for w in weights})))
+    new_state, metrics = step(state, window)
+    results.append((jax.device_get(new_state.params), jax.device_get(metrics)))
+  assert_trees_equal(results[0][0], results[1][0])
+  assert_trees_equal(results[0][1], results[1][1])
+  (weights, once), (_, inside) = casts
+  assert weights >= 8 and once == weights and inside == 2 * weights, casts
 
 
 MESH_SCRIPT = r"""

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 Initializer = Callable[..., jax.Array]
+
+# Parameters that the layers use only as matrix-product operands in the compute dtype.
+COMPUTE_WEIGHTS = frozenset({"in_proj", "out_proj", "qkv", "w1", "w2", "w3"})
+
+
+def cast_compute_weights(params: Any, dtype: jnp.dtype) -> Any:
+  """`params` (a module's parameter tree) with every COMPUTE_WEIGHTS leaf cast to `dtype`."""
+  def cast(path, leaf):
+    names = {key.key for key in path if isinstance(key, jax.tree_util.DictKey)}
+    if names & COMPUTE_WEIGHTS and jnp.issubdtype(leaf.dtype, jnp.floating):
+      return leaf.astype(dtype)
+    return leaf
+  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def declare(module: nn.Module, name: str, init: Initializer, shape: Sequence[int],

@@ -11,6 +11,7 @@ import optax
 from jax.sharding import Mesh
 
 from sh2_jax.config import MeshConfig, ModelConfig, TrainConfig
+from sh2_jax.layers import params as P
 from sh2_jax.model import StripedHyena2
 from sh2_jax.parallel import context_sharding
 from sh2_jax.parallel import mesh as mesh_lib
@@ -68,7 +69,13 @@ def make_train_step(model_config: ModelConfig, train_config: TrainConfig,
   accum = train_config.grad_accum
   schedule = learning_rate_schedule(train_config)
 
+  compute_dtype = jnp.dtype(model_config.dtype)
+  cast_once = (model_config.remat and model_config.cast_weights_once
+               and compute_dtype != jnp.dtype(model_config.param_dtype))
+
   def loss_fn(params, window):
+    if cast_once:  # outside the rematerialised blocks: not recomputed in the backward pass
+      params = P.cast_compute_weights(params, compute_dtype)
     return jnp.mean(next_token_nll(model, params, window))
 
   grad_fn = jax.value_and_grad(loss_fn)
