@@ -17,7 +17,7 @@ from sh2_jax.errors import UserError
 MIXER_TYPES = ("SE", "MR", "LI", "MHA")
 CONV_METHODS = ("auto", "direct", "fft", "blocked", "pallas", "pallas_fused", "pallas_unfused")
 LI_METHODS = ("auto", "fft", "chunked", "pallas", "pallas_fused")
-REMAT_POLICIES = ("full", "save_dots")
+REMAT_POLICIES = ("full", "save_dots", "save_dots_features")
 MLP_ACTIVATIONS = ("evo2", "gelu", "identity", "silu")
 DTYPES = ("float32", "bfloat16", "float16")
 CONTEXT_CONV = ("p2p", "a2a")
@@ -106,7 +106,9 @@ class ModelConfig:
     remat_policy: what a rematerialised block keeps from its forward pass: "full" (nothing but
       its input: least memory), "save_dots" (also the outputs of matrix products without batch
       dimensions, i.e. the projections and the MLP, so the backward recomputes only norms,
-      gates, convolutions and attention).
+      gates, convolutions and attention), "save_dots_features" (also the featurized streams of
+      the Hyena mixers that run the featurizer outside their kernels, MR on GPU: 3 L D values
+      of `dtype` per such block, so the backward does not rerun the featurizer).
     mlp_slices: run the MLP over this many token slices in turn, each rematerialised: its
       [L, mlp_dim] hidden values exist one slice at a time (long context; 1 = off; lengths
       that are not a multiple of it run in gcd(L, mlp_slices) slices).

@@ -184,17 +184,19 @@ def test_eval_run_reports_model_and_markov_baselines(tmp_path):
 
 
 def test_remat_gives_identical_loss_and_gradients():
-  """No remat, full remat, remat saving the projections' outputs and full remat with the block
-  inputs offloaded to host memory: the same loss and gradients; the policy is honoured (full
-  remat recomputes the block's matrix products in the backward, save_dots almost none; the
-  offloaded residuals are the block inputs and the final norm's, in host memory)."""
+  """No remat, full remat, remat saving the projections' outputs (and the featurized streams),
+  and full remat with the block inputs offloaded to host memory: the same loss and gradients;
+  the policy is honoured (full remat recomputes the block's matrix products in the backward,
+  save_dots almost none; save_dots_features also keeps each Hyena block's three featurized
+  streams; the offloaded residuals are the block inputs and the final norm's, in host memory)."""
   config = small_config()
   model_cfg = dataclasses.replace(config.model, dtype="float32")
   rng = np.random.default_rng(1)
   window = jnp.asarray(rng.integers(0, 256, (2, 33)), jnp.int32)
-  results, dots = [], []
+  results, dots, featurized = [], [], []
   for remat, policy, offload in ((False, "full", False), (True, "full", False),
-                                 (True, "save_dots", False), (True, "full", True)):
+                                 (True, "save_dots", False), (True, "full", True),
+                                 (True, "save_dots_features", False)):
     cfg = dataclasses.replace(model_cfg, remat=remat, remat_policy=policy,
                               offload_residuals=offload)
     model = step_lib.StripedHyena2(cfg)
@@ -207,14 +209,19 @@ def test_remat_gives_identical_loss_and_gradients():
     with contextlib.redirect_stdout(printed):
       jax.ad_checkpoint.print_saved_residuals(loss, params)
     on_host = [line.split()[0] for line in printed.getvalue().splitlines() if "<host>" in line]
+    featurized.append(printed.getvalue().count("'hyena_featurized'"))
     expected = cfg.num_layers + 1 if offload else 0
     assert on_host == [f"f32<host>[2,32,{cfg.d_model}]"] * expected, (offload, on_host)
   for other in results[1:]:
     assert float(results[0][0]) == pytest.approx(float(other[0]), rel=1e-6)
     for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(other[1])):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-  no_remat, full, save_dots, offloaded = dots
+  no_remat, full, save_dots, offloaded, save_features = dots
   assert full > save_dots >= no_remat, dots
+  assert save_features == save_dots, dots
+  hyena_blocks = sum(kind != "MHA" for kind in model_cfg.layout.split())
+  # (post, pre, v) per Hyena block, saved without remat and by save_dots_features only
+  assert featurized == [3 * hyena_blocks, 0, 0, 0, 3 * hyena_blocks], featurized
   assert full - save_dots > 2 * (save_dots - no_remat), dots
   assert offloaded == full, dots
 

@@ -16,6 +16,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels import blocked_conv, featurized_conv, featurized_short_conv, modal_conv
 from sh2_jax.ops import conv, filters
@@ -28,6 +29,10 @@ def split_interleaved(z_BL3D: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arra
   batch, length, width3 = z_BL3D.shape
   z = z_BL3D.reshape(batch, length, width3 // 3, 3)
   return z[..., 0], z[..., 1], z[..., 2]
+
+
+# Checkpoint name of project_and_featurize's outputs (remat policy "save_dots_features").
+FEATURIZED = "hyena_featurized"
 
 
 def project_and_featurize(x_BLD: jax.Array, w_in_D3D: jax.Array,
@@ -44,9 +49,11 @@ def project_and_featurize(x_BLD: jax.Array, w_in_D3D: jax.Array,
     x_BLD: [B, L, D] normalised input, in the compute dtype.
     w_in_D3D: [D, 3D] in-projection, columns interleaved (3i+0 post, 3i+1 pre, 3i+2 value).
     w_feat_3DK: [3D, K] featurizer taps in the same channel order, w[:, 0] on the current token.
+
+  The three outputs are named FEATURIZED for rematerialisation policies.
   """
-  return tuple(featurize(z, w) for z, w in zip(project_streams(x_BLD, w_in_D3D),
-                                                stream_taps(w_feat_3DK)))
+  return tuple(checkpoint_name(featurize(z, w), FEATURIZED)
+               for z, w in zip(project_streams(x_BLD, w_in_D3D), stream_taps(w_feat_3DK)))
 
 
 def project_streams(x_BLD: jax.Array, w_in_D3D: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
