@@ -108,7 +108,8 @@ class ModelConfig:
       dimensions, i.e. the projections and the MLP, so the backward recomputes only norms,
       gates, convolutions and attention), "save_dots_features" (also the featurized streams of
       the Hyena mixers that run the featurizer outside their kernels, MR on GPU: 3 L D values
-      of `dtype` per such block, so the backward does not rerun the featurizer).
+      of `dtype` per such block, so the backward does not rerun the featurizer; not yet timed
+      on a GPU).
     mlp_slices: run the MLP over this many token slices in turn, each rematerialised: its
       [L, mlp_dim] hidden values exist one slice at a time (long context; 1 = off; lengths
       that are not a multiple of it run in gcd(L, mlp_slices) slices).
