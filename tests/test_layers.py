@@ -524,7 +524,7 @@ def test_tiny_preset_builds_and_runs():
     ({"dtype": "float64"}, "choose one of"),
     ({"conv_method": "blocked", "mr_filter_len": 256, "conv_chunk": 128}, "conv_chunk=128"),
     ({"mlp_activation": "relu"}, "choose one of"),
-    ({"remat_policy": "dots"}, r"model.remat_policy='dots': choose one of \('full', 'save_dots'\)"),
+    ({"remat_policy": "dots"}, r"model.remat_policy='dots': choose one of \('full', 'save_dots', 'save_dots_features'\)"),
 ])
 def test_config_validation_errors(kwargs, match):
   with pytest.raises(C.ConfigError, match=match):
