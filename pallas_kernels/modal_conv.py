@@ -16,16 +16,16 @@ Layout: one program per (batch, tile of `block_c` channels, segment of the seque
 segment is walked row by row (a `fori_loop` over chunks of `chunk` rows, the rows of a chunk
 unrolled), the [N, block_c] float32 state in registers; every input byte is read once per
 pass and every output byte written once. Segments make the grid wide enough for the GPU: a
-first pass computes each segment's state from a zero start, XLA chains the [B, S, N, C]
-segment states (an associative scan over S), and the main pass starts every segment from its true
-state. All math is float32 and exact up to rounding (no p^-t scalings, any decay rate).
+first pass computes each segment's state from a zero start, a small kernel chains the
+[B, S, N, C] segment states (one program per channel tile walks the S segments), and the main
+pass starts every segment from its true state. All math is float32 and exact up to rounding (no p^-t scalings, any decay rate).
 
 Backward (custom_vjp), with g = dout * post:
   - a forward walk recomputes s and y and carries z_t = sum_(j<=t) (t - j) p^(t-j) u_j
     (z_t = p (z_(t-1) + s_(t-1))): dpost = dout * y, dR = sum_t g_t s_t,
     dlog_pole = R sum_t g_t z_t, ddskip = sum_t g_t u_t, and each segment's adjoint at its
     first row from a zero end, sum_tau p^tau g_tau;
-  - XLA chains the adjoints from the right;
+  - a chain kernel carries the adjoints from the right;
   - a reverse walk runs the adjoint a_t = p a_(t+1) + g_t: du = sum_n R_n a_t + dskip g,
     dpre = du v, dv = du pre.
 The forward saves the segment-start states of s and z ([B, S, N, C], small).
@@ -52,6 +52,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -72,6 +73,9 @@ MIN_SEGMENT_CHUNKS = 8  # segment heuristic: fewest chunks per program
 MAX_ORDER = 64  # modes per channel the kernels take (padded to a power of two)
 MAX_FEATURIZER_TAPS = 8  # featurizer taps the featurized kernels take (rows loaded before a chunk)
 PAD_LOG_POLE = -1.0  # log pole of the padding modes (residue 0): bounded, harmless
+# Checkpoint name of the segment-start states ([B, S, N, C] float32 s and z) that the forward
+# saves for the backward: a remat policy that saves it spares the backward the state pass.
+SEGMENT_STATES = "modal_conv_segment_states"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -526,58 +530,102 @@ def _segment_states(p_NC, pre, v, bs, interpret, with_z, wf, num_taps):
   return out if with_z else (out, None)
 
 
-def _chain_forward(s_hat_BSNC, z_hat_BSNC, p_seg_NC):
-  """Segment-start states from segment-local final ones: s0_(k+1) = P s0_k + s_hat_k,
-  z0_(k+1) = P z0_k + Ls P s0_k + z_hat_k (P = p^Ls, Ls rows per segment), s0_0 = z0_0 = 0.
+# Segments a chain kernel walks unrolled (all loads issued up front); more run in a fori_loop.
+MAX_UNROLLED_SEGMENTS = 64
 
-  Each segment is the affine map (s, z) -> ([[P, 0], [Ls P, P]] (s, z) + (s_hat, z_hat)); the
-  maps compose associatively, so the S segments chain in log2(S) parallel steps
-  (`associative_scan`) rather than a sequential loop of S steps, whose tiny kernels and
-  per-iteration loop overhead cost more than the kernels around them at S = 32.
+
+def _segment_loop(segments: int, reverse: bool, body, init):
+  """body(k, carry) -> carry over the segments k (last first if reverse): unrolled up to
+  MAX_UNROLLED_SEGMENTS, else a fori_loop."""
+  index = (lambda step: segments - 1 - step) if reverse else (lambda step: step)
+  if segments <= MAX_UNROLLED_SEGMENTS:
+    carry = init
+    for step in range(segments):
+      carry = body(index(step), carry)
+    return carry
+  return jax.lax.fori_loop(0, segments, lambda step, carry: body(index(step), carry), init)
+
+
+def _chain_forward_kernel(p_ref, lsp_ref, s_hat_ref, *refs, segments: int):
+  """Segment-start states of one channel tile from the segment-local final ones, in segment
+  order: refs are (z_hat, s0, z0) or (s0,); state refs are [S N, dc] (segment k's rows k N ...)."""
+  z_hat_ref, s0_ref, z0_ref = refs if len(refs) == 3 else (None, refs[0], None)
+  p_NC = p_ref[...]
+  lsp_NC = lsp_ref[...]
+  order = p_NC.shape[0]
+
+  def body(k, carry):
+    s_NC, z_NC = carry
+    rows = pl.ds(k * order, order)
+    s0_ref[rows, :] = s_NC
+    if z_hat_ref is not None:
+      z0_ref[rows, :] = z_NC
+      z_NC = p_NC * z_NC + lsp_NC * s_NC + z_hat_ref[rows, :]
+    return p_NC * s_NC + s_hat_ref[rows, :], z_NC
+
+  zeros = jnp.zeros_like(p_NC)
+  _segment_loop(segments, False, body, (zeros, zeros))
+
+
+def _chain_reverse_kernel(p_ref, a_hat_ref, c_ref, *, segments: int):
+  """Adjoint entering each segment of one channel tile from the right, last segment first."""
+  p_NC = p_ref[...]
+  order = p_NC.shape[0]
+
+  def body(k, c_NC):
+    rows = pl.ds(k * order, order)
+    c_ref[rows, :] = c_NC
+    return p_NC * c_NC + a_hat_ref[rows, :]
+
+  _segment_loop(segments, True, body, jnp.zeros_like(p_NC))
+
+
+def _chain_call(kernel, name: str, params: tuple, states: tuple, num_outputs: int, block_c: int,
+                interpret: bool) -> tuple:
+  """pallas_call of a chain kernel: one program per (batch, channel tile) walks the S segments.
+  params are [N, C]; states and outputs [B, S, N, C] float32 (passed as [B, S N, C])."""
+  batch, segments, order, channels = states[0].shape
+  param = pl.BlockSpec((order, block_c), lambda b, c: (0, c))
+  chain = pl.BlockSpec((None, segments * order, block_c), lambda b, c: (b, 0, c))
+  flat = jax.ShapeDtypeStruct((batch, segments * order, channels), jnp.float32)
+  outs = pl.pallas_call(
+      functools.partial(kernel, segments=segments),
+      grid=(batch, channels // block_c),
+      in_specs=[param] * len(params) + [chain] * len(states),
+      out_specs=[chain] * num_outputs,
+      out_shape=[flat] * num_outputs,
+      compiler_params=plgpu.CompilerParams(num_warps=DEFAULT_NUM_WARPS, num_stages=1),
+      interpret=interpret,
+      name=name,
+  )(*params, *(x.reshape(flat.shape) for x in states))
+  return tuple(out.reshape(states[0].shape) for out in outs)
+
+
+def _chain_forward(s_hat_BSNC, z_hat_BSNC, p_seg_NC, block_c: int, interpret: bool):
+  """Segment-start states from segment-local final ones: s0_(k+1) = P s0_k + s_hat_k,
+  z0_(k+1) = P z0_k + Ls P s0_k + z_hat_k (P = p^Ls, Ls rows per segment), s0_0 = z0_0 = 0;
+  z0 is None when z_hat is.
+
+  One small kernel walks the S segments per channel tile (unrolled up to
+  MAX_UNROLLED_SEGMENTS): an XLA associative scan over S = 32 [N, C] states launched a dozen
+  concatenates, slices and products, 0.38 ms a step over 7 LI layers at evo2-1b, L = 8K (H200
+  profile, 2026-12-06).
   """
   p_seg, ls_p = p_seg_NC
-  s_hat = jnp.moveaxis(s_hat_BSNC, 1, 0)
-  diag = jnp.broadcast_to(p_seg, s_hat.shape)
   if z_hat_BSNC is None:
-    def compose(first, second):
-      (a1, b1), (a2, b2) = first, second
-      return a2 * a1, a2 * b1 + b2
-
-    _, s_end = jax.lax.associative_scan(compose, (diag, s_hat))
-    return _shift_in_zero(s_end), None
-
-  def compose_with_z(first, second):
-    # (a, c, bs, bz): s -> a s + bs, z -> a z + c s + bz.
-    a1, c1, bs1, bz1 = first
-    a2, c2, bs2, bz2 = second
-    return a2 * a1, c2 * a1 + a2 * c1, a2 * bs1 + bs2, c2 * bs1 + a2 * bz1 + bz2
-
-  lower = jnp.broadcast_to(ls_p, s_hat.shape)
-  z_hat = jnp.moveaxis(z_hat_BSNC, 1, 0)
-  _, _, s_end, z_end = jax.lax.associative_scan(compose_with_z, (diag, lower, s_hat, z_hat))
-  return _shift_in_zero(s_end), _shift_in_zero(z_end)
+    (s0,) = _chain_call(_chain_forward_kernel, "modal_conv_chain", (p_seg, ls_p), (s_hat_BSNC,),
+                        1, block_c, interpret)
+    return s0, None
+  return _chain_call(_chain_forward_kernel, "modal_conv_chain", (p_seg, ls_p),
+                     (s_hat_BSNC, z_hat_BSNC), 2, block_c, interpret)
 
 
-def _shift_in_zero(x_SBNC):
-  """[S, B, N, C] states after each segment -> [B, S, N, C] states before it (zero first)."""
-  return jnp.moveaxis(jnp.concatenate([jnp.zeros_like(x_SBNC[:1]), x_SBNC[:-1]]), 0, 1)
-
-
-def _chain_reverse(a_hat_BSNC, p_seg_NC):
+def _chain_reverse(a_hat_BSNC, p_seg_NC, block_c: int, interpret: bool):
   """Adjoint entering each segment from the right: c_k = a_hat_(k+1) + P c_(k+1), c_last = 0
-  (an associative scan from the right, as in _chain_forward)."""
-
-  def compose(later, earlier):
-    # Reverse scans combine (element k+1's prefix, element k): c -> a c + b.
-    (a2, b2), (a1, b1) = later, earlier
-    return a1 * a2, a1 * b2 + b1
-
-  shifted = jnp.moveaxis(a_hat_BSNC[:, 1:], 1, 0)
-  if shifted.shape[0] == 0:
-    return jnp.zeros_like(a_hat_BSNC)
-  diag = jnp.broadcast_to(p_seg_NC, shifted.shape)
-  _, c = jax.lax.associative_scan(compose, (diag, shifted), reverse=True)
-  return jnp.moveaxis(jnp.concatenate([c, jnp.zeros_like(c[:1])]), 0, 1)
+  (one kernel, as in _chain_forward)."""
+  (c,) = _chain_call(_chain_reverse_kernel, "modal_conv_chain_reverse", (p_seg_NC,),
+                     (a_hat_BSNC,), 1, block_c, interpret)
+  return c
 
 
 def _prepare(log_poles_CN, residues_CN, dskip_C, bs, padded_len):
@@ -614,7 +662,7 @@ def _fwd_impl(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret, w
   wf, num_taps = _stack_taps(w_feat_S3, channels)
   _, p_NC, r_NC, dskip_1C, p_seg = _prepare(log_poles_CN, residues_CN, dskip_C, bs, padded_len)
   s_hat, z_hat = _segment_states(p_NC, pre_p, v_p, bs, interpret, with_z, wf, num_taps)
-  s0, z0 = _chain_forward(s_hat, z_hat, p_seg)
+  s0, z0 = _chain_forward(s_hat, z_hat, p_seg, bs.block_c, interpret)
   grid, _, tile, param, skip, state, _ = _specs(batch, padded_len, channels, p_NC.shape[0], bs)
   out = _call(_fwd_kernel, "modal_conv_fwd", bs, grid, [param, param, skip, state, tile, tile,
                                                           tile], tile,
@@ -628,9 +676,8 @@ def _bwd_impl(bs, interpret, post, pre, v, log_poles_CN, residues_CN, dskip_C, s
   """Gradients of the kernels' (post, pre, v) inputs, then with w_feat_S3 (the inputs are the
   featurizer's) the (post, pre, v) tap gradients [C, J], then log poles, residues, dskip, then
   (with_output) the forward's output [B, Lp, C]. The featurizer's transpose and tap gradients
-  are computed by the two backward walks themselves (no df stream reaches memory).
-  s0 = z0 = None: the segment-start states are recomputed here (the forward's state pass and
-  chain)."""
+  are computed by the two backward walks themselves (no df stream reaches memory). s0 and z0
+  are the forward's segment-start states [B, S, N', C]."""
   batch, length, channels = v.shape
   order = log_poles_CN.shape[1]
   padded_len = _padded_len(length, bs)
@@ -639,9 +686,6 @@ def _bwd_impl(bs, interpret, post, pre, v, log_poles_CN, residues_CN, dskip_C, s
   wf, num_taps = _stack_taps(w_feat_S3, channels)
   lp_NC, p_NC, r_NC, dskip_1C, p_seg = _prepare(log_poles_CN, residues_CN, dskip_C, bs,
                                                 padded_len)
-  if s0 is None:
-    s0, z0 = _chain_forward(*_segment_states(p_NC, pre_p, v_p, bs, interpret, True, wf, num_taps),
-                            p_seg)
   grid, segments, tile, param, skip, state, row = _specs(batch, padded_len, channels,
                                                          p_NC.shape[0], bs)
   state_shape = jax.ShapeDtypeStruct((batch, segments) + p_NC.shape, jnp.float32)
@@ -663,7 +707,7 @@ def _bwd_impl(bs, interpret, post, pre, v, log_poles_CN, residues_CN, dskip_C, s
       out_shapes, interpret, num_taps, wf, lp_NC, p_NC, r_NC, dskip_1C, s0, z0, post_p, pre_p,
       v_p, dout_p)
   out, dw_post = rest[:int(with_output)], rest[int(with_output):]
-  a0 = _chain_reverse(a_hat, p_seg[0])
+  a0 = _chain_reverse(a_hat, p_seg[0], bs.block_c, interpret)
   rev_tap_spec, rev_tap_shape = tap_grads(2)
   dpre, dv, *dw_pre_v = _call(
       _bwd_reverse_kernel, "modal_conv_bwd_reverse", bs, grid,
@@ -689,10 +733,14 @@ def _modal_gcg(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret):
   return _fwd_impl(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret, False)[0]
 
 
+def _named_states(s0, z0):
+  """The segment-start states a forward saves for its backward, named SEGMENT_STATES."""
+  return checkpoint_name(s0, SEGMENT_STATES), checkpoint_name(z0, SEGMENT_STATES)
+
+
 def _modal_gcg_fwd(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret):
-  out, (s0, z0) = _fwd_impl(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret,
-                            True)
-  return out, (post, pre, v, log_poles_CN, residues_CN, dskip_C, s0, z0)
+  out, states = _fwd_impl(post, pre, v, log_poles_CN, residues_CN, dskip_C, bs, interpret, True)
+  return out, (post, pre, v, log_poles_CN, residues_CN, dskip_C, *_named_states(*states))
 
 
 def _modal_gcg_bwd(bs, interpret, residuals, dout):
@@ -714,9 +762,10 @@ def _modal_fgcg(z_post, z_pre, z_v, w_post, w_pre, w_v, log_poles_CN, residues_C
 
 def _modal_fgcg_fwd(z_post, z_pre, z_v, w_post, w_pre, w_v, log_poles_CN, residues_CN, dskip_C,
                     bs, interpret):
-  out, (s0, z0) = _fwd_impl(z_post, z_pre, z_v, log_poles_CN, residues_CN, dskip_C, bs, interpret,
-                            True, (w_post, w_pre, w_v))
-  return out, (z_post, z_pre, z_v, w_post, w_pre, w_v, log_poles_CN, residues_CN, dskip_C, s0, z0)
+  out, states = _fwd_impl(z_post, z_pre, z_v, log_poles_CN, residues_CN, dskip_C, bs, interpret,
+                          True, (w_post, w_pre, w_v))
+  return out, (z_post, z_pre, z_v, w_post, w_pre, w_v, log_poles_CN, residues_CN, dskip_C,
+               *_named_states(*states))
 
 
 def _modal_fgcg_bwd(bs, interpret, residuals, dout):
@@ -738,13 +787,14 @@ _modal_fgcg.defvjp(_modal_fgcg_fwd, _modal_fgcg_bwd)
 
 
 def _modal_fgcg_projected_fwd(bs, interpret, operands):
-  return _modal_fgcg(*operands, bs, interpret), operands
+  return _modal_fgcg_fwd(*operands, bs, interpret)
 
 
-def _modal_fgcg_projected_bwd(bs, interpret, operands, dy):
-  # The segment-start states (None) are recomputed by the backward rather than saved by the
-  # forward: saved, a rematerialised block would rerun the whole forward to get them.
-  *grads, y = _modal_fgcg_bwd_impl(bs, interpret, (*operands, None, None), dy, with_output=True)
+def _modal_fgcg_projected_bwd(bs, interpret, residuals, dy):
+  # A rematerialised block whose policy saves SEGMENT_STATES reruns none of the forward's
+  # kernels (the output for dW_out comes from the backward's forward walk); one that does not
+  # reruns the state pass and its chain to get them.
+  *grads, y = _modal_fgcg_bwd_impl(bs, interpret, residuals, dy, with_output=True)
   return y, tuple(grads)
 
 

@@ -106,7 +106,9 @@ class ModelConfig:
     remat_policy: what a rematerialised block keeps from its forward pass: "full" (nothing but
       its input: least memory), "save_dots" (also the outputs of matrix products without batch
       dimensions, i.e. the projections and the MLP, so the backward recomputes only norms,
-      gates, convolutions and attention), "save_dots_features" (also the featurized streams of
+      gates, convolutions and attention, and the LI kernels' segment-start states: 2 S N
+      float32 values a channel per LI block, S the sequence segments of the kernels, so
+      the backward skips their state pass), "save_dots_features" (also the featurized streams of
       the Hyena mixers that run the featurizer outside their kernels, MR on GPU: 3 L D values
       of `dtype` per such block, so the backward does not rerun the featurizer; not yet timed
       on a GPU).

@@ -18,10 +18,13 @@ from sh2_jax.parallel.context_sharding import ContextSharding
 
 REMAT_POLICIES = {  # model.remat_policy -> what jax.checkpoint keeps of a block's forward
     "full": None,
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(hyena_ops.SEGMENT_STATES)),
     "save_dots_features": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(hyena_ops.FEATURIZED)),
+        jax.checkpoint_policies.save_only_these_names(hyena_ops.SEGMENT_STATES,
+                                                      hyena_ops.FEATURIZED)),
 }
 RESIDUAL = "residual_stream"  # checkpoint name of each block's input (model.offload_residuals)
 OFFLOAD_RESIDUALS = jax.checkpoint_policies.save_and_offload_only_these_names(

@@ -123,14 +123,14 @@ class _PallasWithFixedProgramIds:
     return getattr(self._pallas, name)
 
 
-def skip_one_program(kernel: Callable, kernel_module, skipped: tuple[int, int, int]) -> Callable:
-  """Wraps a Pallas kernel of `kernel_module` so that the program with ids `skipped` (a 3-D
-  grid) writes nothing: interpret mode fills outputs with NaN, so a reference comparison of
-  the result must then fail. Used to prove that the kernel tests catch unwritten tiles."""
+def skip_one_program(kernel: Callable, kernel_module, skipped: tuple[int, ...]) -> Callable:
+  """Wraps a Pallas kernel of `kernel_module` so that the program with ids `skipped` (one per
+  grid axis) writes nothing: interpret mode fills outputs with NaN, so a reference comparison
+  of the result must then fail. Used to prove that the kernel tests catch unwritten tiles."""
   from jax.experimental import pallas as pl
 
   def wrapped(*refs, **kwargs):
-    program_ids = [pl.program_id(axis) for axis in range(3)]
+    program_ids = [pl.program_id(axis) for axis in range(len(skipped))]
     skip = functools.reduce(jnp.logical_and, [i == s for i, s in zip(program_ids, skipped)])
 
     @pl.when(jnp.logical_not(skip))

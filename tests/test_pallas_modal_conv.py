@@ -110,10 +110,13 @@ def test_reference_and_no_dskip():
   assert _rel_err(got, want) < TOLERANCE[jnp.float32]
 
 
-@pytest.mark.parametrize("name", ["_fwd_kernel", "_bwd_reverse_kernel"])
-def test_unwritten_tile_is_caught(monkeypatch, name):
+@pytest.mark.parametrize("name,program", [("_fwd_kernel", (0, 1, 1)),
+                                          ("_bwd_reverse_kernel", (0, 1, 1)),
+                                          ("_chain_forward_kernel", (0, 1)),
+                                          ("_chain_reverse_kernel", (0, 0))])
+def test_unwritten_tile_is_caught(monkeypatch, name, program):
   """A kernel that leaves one program's rows unwritten must fail the reference comparison."""
-  monkeypatch.setattr(mc, name, helpers.skip_one_program(getattr(mc, name), mc, (0, 1, 1)))
+  monkeypatch.setattr(mc, name, helpers.skip_one_program(getattr(mc, name), mc, program))
   jax.clear_caches()  # no trace of the intact kernel may be reused, and none of this kept
   try:
     args, ct = _inputs(3, 1, 64, 32, 4, jnp.float32)
@@ -173,29 +176,32 @@ def _lower_for_cuda(fn, *shapes):
     (jnp.float32, mc.BlockSizes(chunk=8, block_c=64, segment_chunks=5, num_warps=2)),
 ])
 def test_lowers_for_cuda(dtype, block_sizes):
-  """The Triton lowering (power-of-two shapes etc.) runs for all four kernels on a CPU."""
+  """The Triton lowering (power-of-two shapes etc.) runs for all six kernels on a CPU (the
+  second case's 75 segments take the chain kernels' fori_loop walk)."""
   batch, length, channels, order = 2, 3000, 256, 16
   x = jax.ShapeDtypeStruct((batch, length, channels), dtype)
   poles = jax.ShapeDtypeStruct((channels, order), jnp.float32)
   dskip = jax.ShapeDtypeStruct((channels,), jnp.float32)
   kernel = functools.partial(mc.gate_conv_gate_pallas, block_sizes=block_sizes)
   fwd_text = _lower_for_cuda(kernel, x, x, x, poles, poles, dskip)
-  assert fwd_text.count("__gpu$xla.gpu.triton") == 2
-  assert "modal_conv_states" in fwd_text and "modal_conv_fwd" in fwd_text
+  assert fwd_text.count("__gpu$xla.gpu.triton") == 3
+  for name in ("modal_conv_states", "modal_conv_chain", "modal_conv_fwd"):
+    assert name in fwd_text
 
   def fwd_bwd(post, pre, v, lp, r, dskip, ct):
     out, vjp = jax.vjp(kernel, post, pre, v, lp, r, dskip)
     return out, vjp(ct)
 
   text = _lower_for_cuda(fwd_bwd, x, x, x, poles, poles, dskip, x)
-  for name in ("modal_conv_states", "modal_conv_fwd", "modal_conv_bwd_forward",
-               "modal_conv_bwd_reverse"):
+  for name in ("modal_conv_states", "modal_conv_chain", "modal_conv_fwd", "modal_conv_bwd_forward",
+               "modal_conv_chain_reverse", "modal_conv_bwd_reverse"):
     assert name in text
 
 
 @pytest.mark.parametrize("segments", [1, 2, 37])
-def test_segment_chains_match_sequential_float64(segments):
-  """The associative-scan chains equal the segment recurrences run one step at a time:
+def test_segment_chains_match_sequential_float64(monkeypatch, segments):
+  """The chain kernels (interpret mode; 37 segments: the fori_loop walk, fewer: unrolled) equal
+  the segment recurrences run one step at a time in float64:
   s0_(k+1) = P s0_k + s_hat_k, z0_(k+1) = P z0_k + Ls P s0_k + z_hat_k (zero start) and
   c_k = a_hat_(k+1) + P c_(k+1) (c_last = 0)."""
   rng = np.random.default_rng(segments)
@@ -210,9 +216,11 @@ def test_segment_chains_match_sequential_float64(segments):
   for k in range(segments - 2, -1, -1):
     c[:, k] = a_hat[:, k + 1] + p_seg * c[:, k + 1]
   f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-  got_s, got_z = mc._chain_forward(f32(s_hat), f32(z_hat), (f32(p_seg), f32(seg_len * p_seg)))
-  got_s_only, none = mc._chain_forward(f32(s_hat), None, (f32(p_seg), f32(seg_len * p_seg)))
-  got_c = mc._chain_reverse(f32(a_hat), f32(p_seg))
+  monkeypatch.setattr(mc, "MAX_UNROLLED_SEGMENTS", 32)
+  p_seg_NC = (f32(p_seg), f32(seg_len * p_seg))
+  got_s, got_z = mc._chain_forward(f32(s_hat), f32(z_hat), p_seg_NC, block_c=4, interpret=True)
+  got_s_only, none = mc._chain_forward(f32(s_hat), None, p_seg_NC, block_c=4, interpret=True)
+  got_c = mc._chain_reverse(f32(a_hat), f32(p_seg), block_c=4, interpret=True)
   assert none is None
   for got, want in ((got_s, s0), (got_z, z0), (got_s_only, s0), (got_c, c)):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
@@ -330,8 +338,8 @@ def test_featurized_lowers_for_cuda():
     return out, vjp(ct)
 
   text = _lower_for_cuda(fwd_bwd, x, x, x, taps, taps, taps, poles, poles, dskip, x)
-  for name in ("modal_conv_states", "modal_conv_fwd", "modal_conv_bwd_forward",
-               "modal_conv_bwd_reverse"):
+  for name in ("modal_conv_states", "modal_conv_chain", "modal_conv_fwd", "modal_conv_bwd_forward",
+               "modal_conv_chain_reverse", "modal_conv_bwd_reverse"):
     assert name in text
   assert "featurizer_bwd" not in text  # the featurizer's backward is in the walks
 
@@ -390,3 +398,38 @@ def test_li_mixer_auto_fuses_the_featurizer_on_gpu(monkeypatch):
   got = hyena.li_mixer(*args, method="auto")
   assert calls == [(1, length, width)]
   assert _rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("in_op", [False, True])
+def test_remat_policy_save_dots_keeps_the_segment_states(in_op):
+  """Under jax.checkpoint with the model's "save_dots" policy, the featurized LI kernels'
+  forward (with the output projection in the op or after it) saves its two segment-start state
+  arrays (s, z: float32 [B, S, N, C], named SEGMENT_STATES) for the backward, which then needs
+  no state pass; plain dots_saveable saves neither. Both give the same gradients."""
+  import contextlib  # noqa: PLC0415
+  import io  # noqa: PLC0415
+
+  from sh2_jax import model as model_lib  # noqa: PLC0415
+  from sh2_jax.layers.hyena import HyenaLI  # noqa: PLC0415
+
+  config = ModelConfig(d_model=32, num_heads=2, layout="LI", dtype="float32",
+                       li_method="pallas_fused", remat=in_op, out_proj_in_kernel_bwd=True)
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 70, 32), jnp.float32)
+  params = HyenaLI(config).init(jax.random.PRNGKey(4), x)
+  module = HyenaLI(config)
+  loss = lambda p, xx: jnp.sum(jnp.sin(module.apply(p, xx)))  # noqa: E731
+  saved, grads = [], []
+  for policy in (jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                 model_lib.REMAT_POLICIES["save_dots"]):
+    fn = jax.checkpoint(loss, policy=policy)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+      jax.ad_checkpoint.print_saved_residuals(fn, params, x)
+    saved.append(printed.getvalue().splitlines())
+    grads.append(jax.grad(fn, argnums=(0, 1))(params, x))
+  extra = [line for line in saved[1] if line not in saved[0]]
+  assert len(saved[1]) == len(saved[0]) + 2, extra
+  kernel = "featurized_gate_conv_gate_proj_pallas" if in_op else "featurized_gate_conv_gate_pallas"
+  assert all(line.startswith("f32[2,2,16,32]") and f"'{kernel}'" in line for line in extra), extra
+  for got, want in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

@@ -33,6 +33,8 @@ def split_interleaved(z_BL3D: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arra
 
 # Checkpoint name of project_and_featurize's outputs (remat policy "save_dots_features").
 FEATURIZED = "hyena_featurized"
+# Checkpoint name of the LI kernels' segment-start states (remat policies "save_dots*").
+SEGMENT_STATES = modal_conv.SEGMENT_STATES
 
 
 def project_and_featurize(x_BLD: jax.Array, w_in_D3D: jax.Array,
