@@ -11,7 +11,11 @@ of 12 L^2 D) + the tied unembedding 6 x L x D x V. Hyena filter FLOPs are not co
 are small next to the projections), so Hyena MFU is slightly understated.
 
   python -m sh2_jax.cli bench train [--lengths 8192,32768] [--preset evo2-1b] [--models sh2,mha]
-      [--set li_method=pallas_fused ...] [--rounds 5]
+      [--set li_method=pallas_fused ...] [--rounds 5] [--compare remat_policy=save_dots_features ...]
+
+--compare times a third model, SH2 with the given settings, in the same run (in the alternating
+windows with --rounds), and reports its tokens/s over SH2's per round: an A/B of a setting that
+shares the device's drift with its baseline, unlike two separate runs.
 """
 
 from __future__ import annotations
@@ -139,6 +143,20 @@ def variants(preset: str, remat: str = "full", overrides: dict[str, str] | None 
           (f"{preset} shape, all MHA", all_mha)]
 
 
+def with_settings(preset: str, model: config_lib.ModelConfig, settings: dict[str, str]
+                  ) -> config_lib.ModelConfig:
+  """`model` with model settings applied (keys "name" or "model.name"), validated as --set's."""
+  config = dataclasses.replace(config_lib.get_preset(preset), model=model)
+  return config_lib.apply_overrides(
+      config, {k if k.startswith("model.") else f"model.{k}": v for k, v in settings.items()}).model
+
+
+def _per_round(label: str, ratios: list[float], ranges: list[tuple[float, float]], names: str) -> str:
+  return (f"\n{label} per round " + ", ".join(f"{x:.3f}" for x in ratios)
+          + f" (median {statistics.median(ratios):.3f}); step-ms windows "
+          + ", ".join(f"{lo:.1f}-{hi:.1f}" for lo, hi in ranges) + f" ({names})")
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="sh2 bench train", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="with both models: alternate R timing windows of --iters steps per model "
                            "(both stay in memory) and report the median window and the median of "
                            "the per-round ratios (default 1: one model after the other)")
+  parser.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
+                      help="also time SH2 with this model setting (repeatable: one variant with "
+                           "all of them), e.g. remat_policy=save_dots_features; needs sh2 in --models")
   parser.add_argument("--out", default=None, help="markdown path (default experiments/results/train_<device>.md)")
   args = parser.parse_args(argv)
   if args.rounds < 1:
@@ -163,25 +184,37 @@ def main(argv: list[str] | None = None) -> int:
   wanted = {m.strip() for m in args.models.split(",") if m.strip()}
   if not wanted or wanted - {"sh2", "mha"}:
     parser.error(f"--models {args.models!r}: choose sh2, mha or sh2,mha")
+  if args.compare and "sh2" not in wanted:
+    parser.error(f"--compare needs SH2, its baseline, in --models (got {args.models!r})")
   overrides = config_lib.parse_set_args(args.set)
+  compare = config_lib.parse_set_args(args.compare)
   device = jax.devices()[0]
   peak = peak_tflops(device.device_kind)
   rows: list[dict[str, Any]] = []
-  round_ratios: dict[int, list[float]] = {}
+  round_ratios: dict[int, list[float]] = {}  # SH2 / all-MHA tokens/s per round
+  compare_ratios: dict[int, list[float]] = {}  # SH2 with --compare / SH2 tokens/s per round
   for length in [int(x) for x in args.lengths.split(",") if x.strip()]:
-    chosen = [(name, model) for (name, model), tag in
-              zip(variants(args.preset, args.remat, overrides), ("sh2", "mha")) if tag in wanted]
-    interleaved = args.rounds > 1 and len(chosen) == 2
+    pair = variants(args.preset, args.remat, overrides)
+    chosen = [(tag, name, model) for (name, model), tag in zip(pair, ("sh2", "mha")) if tag in wanted]
+    if compare:
+      chosen.append(("compare", ", ".join([pair[0][0]] + args.compare),
+                     with_settings(args.preset, pair[0][1], compare)))
+    tags = [tag for tag, _, _ in chosen]
+    interleaved = args.rounds > 1 and len(chosen) >= 2
     timings: list[Any] = [None] * len(chosen)
     if interleaved:
       try:
-        timings = time_steps_interleaved([m for _, m in chosen], length, args.batch, args.iters,
+        timings = time_steps_interleaved([m for _, _, m in chosen], length, args.batch, args.iters,
                                          args.rounds)
-        round_ratios[length] = [b / a for a, b in zip(timings[0][0], timings[1][0])]
+        windows_of = dict(zip(tags, (t[0] for t in timings)))
+        if "mha" in windows_of:
+          round_ratios[length] = [b / a for a, b in zip(windows_of["sh2"], windows_of["mha"])]
+        if "compare" in windows_of:
+          compare_ratios[length] = [a / b for a, b in zip(windows_of["sh2"], windows_of["compare"])]
       except Exception as error:  # noqa: BLE001 - OOM/compile failures are reported in the table
         timings = [error] * len(chosen)
-    for k, (name, model) in enumerate(chosen):
-      row = {"model": ", ".join([name] + args.set), "L": length}
+    for k, (tag, name, model) in enumerate(chosen):
+      row = {"model": ", ".join([name] + args.set), "L": length, "tag": tag}
       try:
         if isinstance(timings[k], Exception):
           raise timings[k]
@@ -209,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
            f"- B={args.batch}, bf16 compute, float32 params + AdamW, remat {args.remat}, 2 warm-up "
            f"steps; step ms: {args.iters} steps dispatched back to back, one wait at the end (as "
            f"`sh2 train` runs)" + (f", the median of {args.rounds} such windows alternating "
-                                   "between the two models" if args.rounds > 1 else "")
+                                   "between the models" if args.rounds > 1 else "")
            + f"; synchronised: median of {args.iters} steps each waited for; "
            "tokens/s and MFU from the first", "",
            "| model | L | step ms | synchronised step ms | tokens/s | MFU |", "|---|---|---|---|---|---|"]
@@ -222,18 +255,30 @@ def main(argv: list[str] | None = None) -> int:
                    f"{r['tokens_per_s']:.0f} | {mfu} |")
   lines += ["", "| L | SH2 tokens/s / all-MHA tokens/s | synchronised steps | target |", "|---|---|---|---|"]
   for length in sorted({r["L"] for r in rows}):
-    pair = [r for r in rows if r["L"] == length and "tokens_per_s" in r]
+    pair = [r for tag in ("sh2", "mha") for r in rows
+            if r["L"] == length and r["tag"] == tag and "tokens_per_s" in r]
     if len(pair) == 2:
       target = ">= 1.3" if length <= 8192 else ">= 2"
       ratio = (statistics.median(round_ratios[length]) if length in round_ratios
                else pair[0]["tokens_per_s"] / pair[1]["tokens_per_s"])
       lines.append(f"| {length} | {ratio:.2f} | "
                    f"{pair[1]['synced_ms'] / pair[0]['synced_ms']:.2f} | {target} |")
+  def ranges(length: int, tags: tuple[str, ...]) -> list[tuple[float, float]]:
+    return [r["window_range"] for tag in tags for r in rows
+            if r["L"] == length and r["tag"] == tag and "window_range" in r]
+
   for length, ratios_L in sorted(round_ratios.items()):
-    ranges = [r["window_range"] for r in rows if r["L"] == length and "window_range" in r]
-    lines.append(f"\nL={length}: SH2 / all-MHA per round " + ", ".join(f"{x:.3f}" for x in ratios_L)
-                 + f" (median {statistics.median(ratios_L):.3f}); step-ms windows "
-                 + ", ".join(f"{lo:.1f}-{hi:.1f}" for lo, hi in ranges) + " (SH2, all-MHA)")
+    lines.append(_per_round(f"L={length}: SH2 / all-MHA", ratios_L, ranges(length, ("sh2", "mha")),
+                            "SH2, all-MHA"))
+  for length in sorted({r["L"] for r in rows if r["tag"] == "compare"}):
+    timed = {r["tag"]: r for r in rows if r["L"] == length and "tokens_per_s" in r}
+    label = f"L={length}: SH2 with {', '.join(args.compare)} / SH2 tokens/s"
+    if length in compare_ratios:
+      lines.append(_per_round(label, compare_ratios[length], ranges(length, ("sh2", "compare")),
+                              "SH2, SH2 with the settings"))
+    elif {"sh2", "compare"} <= timed.keys():
+      lines.append(f"\n{label}: "
+                   f"{timed['compare']['tokens_per_s'] / timed['sh2']['tokens_per_s']:.3f} (one window each)")
   text = "\n".join(lines) + "\n"
   path = args.out or os.path.join(RESULTS, f"train_{device.device_kind.lower().replace(' ', '_')}.md")
   os.makedirs(os.path.dirname(path), exist_ok=True)

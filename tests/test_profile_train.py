@@ -192,3 +192,32 @@ def test_bench_train_rounds_alternate_and_report_the_median_ratio(tmp_path, monk
   assert "the median of 3 such windows alternating" in text
   with pytest.raises(SystemExit):
     bench_train.main(["--preset", "tiny", "--rounds", "0"])
+
+
+def test_bench_train_compare_times_a_variant_in_the_same_rounds(tmp_path, monkeypatch):
+  """--compare KEY=VALUE: a third model, SH2 with the setting, built once and timed in the same
+  alternating windows; its row is named with the setting and its tokens/s over SH2's is listed
+  per round (median of the rounds), within the windows' spread; without sh2 it is refused."""
+  built = []
+  real_build = bench_train.build_step
+  monkeypatch.setattr(bench_train, "build_step", lambda *a: built.append(a[0]) or real_build(*a))
+  out = tmp_path / "train.md"
+  assert bench_train.main(["--preset", "tiny", "--lengths", "64", "--iters", "2", "--rounds", "2",
+                           "--models", "sh2", "--compare", "li_method=fft",
+                           "--compare", "remat_policy=full", "--out", str(out)]) == 0
+  assert [(m.li_method, m.remat_policy) for m in built] == [("auto", "save_dots"), ("fft", "full")]
+  text = out.read_text()
+  rows = re.findall(r"^\| (tiny[^|]*) \| 64 \| ([\d.]+) \|", text, re.M)
+  assert [r[0] for r in rows] == ["tiny (SH2: 1 MHA of 4)",
+                                  "tiny (SH2: 1 MHA of 4), li_method=fft, remat_policy=full"]
+  line = re.search(r"^L=64: SH2 with li_method=fft, remat_policy=full / SH2 tokens/s per round "
+                   r"([\d., ]+) \(median ([\d.]+)\); step-ms windows ([\d.]+)-([\d.]+), "
+                   r"([\d.]+)-([\d.]+) \(SH2, SH2 with the settings\)", text, re.M)
+  ratios = [float(x) for x in line.group(1).split(", ")]
+  assert len(ratios) == 2 and abs(float(line.group(2)) - sum(ratios) / 2) < 1e-3
+  sh2_lo, sh2_hi, var_lo, var_hi = (float(x) for x in line.group(3, 4, 5, 6))
+  # windows are printed to 0.1 ms: 1% slack on the bounds
+  assert 0.99 * sh2_lo / var_hi <= min(ratios) <= max(ratios) <= 1.01 * sh2_hi / var_lo
+  assert not re.search(r"^\| 64 \| [\d.]+ \|", text, re.M)  # no SH2 / all-MHA row without MHA
+  with pytest.raises(SystemExit):
+    bench_train.main(["--preset", "tiny", "--models", "mha", "--compare", "li_method=fft"])
