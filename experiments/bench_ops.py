@@ -33,6 +33,7 @@ from sh2_jax import config as config_lib
 from sh2_jax.config import ModelConfig
 from sh2_jax.layers.attention import MHA
 from sh2_jax.layers.hyena import HyenaLI, HyenaMR, HyenaSE
+from sh2_jax.model import REMAT_POLICIES
 from sh2_jax.ops import hyena as hyena_ops
 
 logger = logging.getLogger(__name__)
@@ -159,14 +160,15 @@ REMAT = ("none", "save_dots")  # --remat: how fwd+bwd differentiates each operat
 def _module_fns(variant: Variant, config: ModelConfig, x_BLD: jax.Array, key: jax.Array,
                 remat: str = "none"):
   """(forward, forward+backward) thunks of a module variant; remat "save_dots" differentiates
-  it inside jax.checkpoint with the save-the-products policy, as a training step runs a block."""
+  it inside jax.checkpoint with the model's save_dots policy (the products and the LI kernels'
+  segment states), as a training step runs a block."""
   module = variant.module(dataclasses.replace(config, **variant.overrides))
   params = nn.meta.unbox(jax.jit(module.init)(key, x_BLD[:, :128])["params"])
   fwd = jax.jit(module.apply)
   cotangent = random_cotangent(x_BLD, key)
   apply = lambda p, x: module.apply({"params": p}, x)  # noqa: E731
   if remat == "save_dots":
-    apply = jax.checkpoint(apply, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    apply = jax.checkpoint(apply, policy=REMAT_POLICIES["save_dots"])
 
   def loss_vjp(p, x, ct):  # the output too: unreturned, its projection would be dead code
     out, pullback = jax.vjp(apply, p, x)

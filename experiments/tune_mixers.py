@@ -18,12 +18,13 @@ mixer. Prints a markdown table per mixer (resolved tiles, ms) and the best candi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -70,19 +71,28 @@ def _resolved(mixer: str, candidate: Any, config: config_lib.ModelConfig, length
   return ", ".join(f"{f.name}={getattr(resolved, f.name)}" for f in dataclasses.fields(resolved))
 
 
+@contextlib.contextmanager
+def default_block_sizes(sizes_cls: type, candidate: Any) -> Iterator[None]:
+  """Within the block, `sizes_cls.get_default()` (which every None field resolves from) is
+  `candidate`; the kernels' jit caches are cleared on the way in, as they hold traces made
+  with the previous default."""
+  original = sizes_cls.__dict__["get_default"]
+  sizes_cls.get_default = classmethod(lambda cls: candidate)
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    sizes_cls.get_default = original
+
+
 def time_candidate(mixer: str, candidate: Any, config: config_lib.ModelConfig, x_BLD: jax.Array,
                    iters: int) -> float:
   """fwd+bwd ms of the mixer module under save_dots remat with `candidate` as the default."""
   module, sizes_cls, _ = MIXERS[mixer]
-  original = sizes_cls.__dict__["get_default"]
-  sizes_cls.get_default = classmethod(lambda cls: candidate)
-  jax.clear_caches()  # the kernels' jit caches hold traces made with the previous default
-  try:
+  with default_block_sizes(sizes_cls, candidate):
     _, fwdbwd = _module_fns(Variant(mixer, module, {}), config, x_BLD, jax.random.key(0),
                             remat="save_dots")
     return median_ms(fwdbwd, iters=iters, warmup=3)
-  finally:
-    sizes_cls.get_default = original
 
 
 def sweep(mixer: str, config: config_lib.ModelConfig, x_BLD: jax.Array, budget_s: float,

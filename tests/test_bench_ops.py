@@ -115,8 +115,9 @@ def test_bench_ops_remat_and_settings(tmp_path):
 
 
 def test_remat_fwd_bwd_runs_under_checkpoint(monkeypatch):
-  """_module_fns with remat "save_dots" differentiates inside jax.checkpoint with the
-  save-the-products policy (and only then); both return the same output and gradients."""
+  """_module_fns with remat "save_dots" differentiates inside jax.checkpoint with the model's
+  save_dots policy (and only then); both return the same output and gradients."""
+  from sh2_jax.model import REMAT_POLICIES  # noqa: PLC0415
   from sh2_jax.config import ModelConfig  # noqa: PLC0415
   from sh2_jax.layers.attention import MHA  # noqa: PLC0415
 
@@ -129,7 +130,6 @@ def test_remat_fwd_bwd_runs_under_checkpoint(monkeypatch):
   results = []
   for remat in ("none", "save_dots"):
     results.append(bench_ops._module_fns(variant, config, x, jax.random.key(4), remat)[1]())
-    assert policies == ([] if remat == "none" else
-                        [jax.checkpoint_policies.dots_with_no_batch_dims_saveable])
+    assert policies == ([] if remat == "none" else [REMAT_POLICIES["save_dots"]])
   for got, want in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[0])):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)

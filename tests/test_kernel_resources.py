@@ -1,0 +1,68 @@
+"""experiments/kernel_resources.py: the occupancy arithmetic, the resource-usage parser and the
+capture of the Hyena kernels' Triton IR when lowering for CUDA on a CPU (the compile step needs
+the triton wheel and is not run here)."""
+
+import dataclasses
+
+import pytest
+
+from experiments import kernel_resources as kr
+from pallas_kernels import blocked_conv as bc
+from sh2_jax.config import ModelConfig
+
+
+@pytest.mark.parametrize("registers,shared,warps,want", [
+    (255, 83072, 4, (2, "registers+shared")),  # 8192 registers a warp: 2 blocks; 82 KiB: 2
+    (90, 58496, 4, (3, "shared")),  # 96 x 32 = 3072 a warp: 5 blocks by registers
+    (255, 0, 1, (8, "registers")),
+    (32, 0, 1, (32, "blocks")),  # 1024 a warp: 64 by registers, capped at 32 blocks
+    (64, 0, 32, (1, "registers")),  # 2048 a warp x 32 warps: the whole register file
+])
+def test_occupancy_against_hand_counts(registers, shared, warps, want):
+  assert kr.occupancy(registers, shared, warps) == want
+
+
+def test_parse_resource_usage_reads_the_first_function():
+  text = ("Resource usage:\n Common:\n  GLOBAL:0\n Function kernel:\n  REG:255 STACK:16 SHARED:0 "
+          "LOCAL:0 CONSTANT[0]:564 TEXTURE:0 SURFACE:0 SAMPLER:0\n")
+  assert kr.parse_resource_usage(text) == {"registers": 255, "stack": 16, "shared": 0}
+  with pytest.raises(ValueError, match="no REG: field"):
+    kr.parse_resource_usage("Resource usage:\n")
+
+
+def test_mixer_kernels_capture_every_kernel_with_its_launch():
+  """SE and LI at a small shape: the kernels of forward + backward under save_dots remat, in
+  lowering order, with grids and warps/stages as the BlockSizes resolve them; a candidate's
+  fields reach the launch."""
+  config = ModelConfig(d_model=64, num_heads=2, se_groups=4, layout="SE LI", dtype="bfloat16",
+                       remat=True)
+  se = kr.mixer_kernels("se", config, 256)
+  assert [k.name for k in se] == ["featurized_gate_conv_gate_fwd", "featurized_gate_conv_gate_bwd",
+                                  "featurizer_bwd"]
+  assert all(k.ttir.startswith("module") and "tt.func" in k.ttir for k in se)
+  resolved = kr.MIXERS["se"][1]()
+  fwd, bwd = se[0], se[1]
+  assert (fwd.num_warps, fwd.num_stages) == (4, 4) and (bwd.num_warps, bwd.num_stages) == (4, 3)
+  assert fwd.grid[1] == 64 // 16 and bwd.grid[1] == 64 // 16, (fwd.grid, bwd.grid, resolved)
+  li = kr.mixer_kernels("li", config, 256)
+  assert [k.name for k in li] == ["modal_conv_states", "modal_conv_chain", "modal_conv_fwd",
+                                  "modal_conv_bwd_forward", "modal_conv_chain_reverse",
+                                  "modal_conv_bwd_reverse"]
+  mixer, candidate = kr.parse_candidate("se:num_stages_bwd=2,num_warps_bwd=8")
+  assert mixer == "se" and candidate == bc.BlockSizes(num_stages_bwd=2, num_warps_bwd=8)
+  bwd = kr.mixer_kernels("se", config, 256, candidate)[1]
+  assert (bwd.num_warps, bwd.num_stages) == (8, 2)
+  with pytest.raises(ValueError, match="FIELD=VALUE"):
+    kr.parse_candidate("se:chunks=2")
+  with pytest.raises(ValueError, match="MIXER:FIELD=VALUE"):
+    kr.parse_candidate("xx:chunk=2")
+
+
+def test_table_rows_count_waves_from_the_grid():
+  kernel = kr.Kernel("k", (1, 120, 4), 4, 3, "module {}")
+  rows = kr.table_rows("se", "defaults", [kernel],
+                       resources=lambda k: {"registers": 255, "stack": 16, "shared": 83072})
+  assert rows == ["| se | defaults | k | 480 | 4 | 3 | 255 | 16 | 81.1 | 2 (registers+shared) | 1.82 |"]
+  limits = dataclasses.replace(kr.H100, sms=240)
+  assert kr.table_rows("se", "d", [kernel], lambda k: {"registers": 255, "stack": 0, "shared": 0},
+                       limits)[0].endswith("| 2 (registers) | 1.00 |")
