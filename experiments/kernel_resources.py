@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
   lines = [f"# Triton kernel resources of the Hyena mixers ({args.preset}, L={args.length})", "",
            f"- jax {jax.__version__}, triton wheel {_triton_version()}, compiled for sm_90 on a CPU; "
            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-           "- command: `PYTHONPATH=. python3 experiments/kernel_resources.py "
-           f"{' '.join(argv if argv is not None else sys.argv[1:])}`".replace(" `", "`"),
+           "- command: `" + " ".join(["PYTHONPATH=. python3 experiments/kernel_resources.py",
+                                       *(argv if argv is not None else sys.argv[1:])]) + "`",
            f"- B=1, D={config.d_model}, bf16, forward + backward under save_dots remat; programs "
            f"per SM from an H100's {H100.registers} registers, {H100.shared_bytes // 1024} KiB "
            f"shared memory and {H100.max_warps} warps; waves = programs / (per SM x {H100.sms})",
