@@ -11,7 +11,8 @@ of 12 L^2 D) + the tied unembedding 6 x L x D x V. Hyena filter FLOPs are not co
 are small next to the projections), so Hyena MFU is slightly understated.
 
   python -m sh2_jax.cli bench train [--lengths 8192,32768] [--preset evo2-1b] [--models sh2,mha]
-      [--set li_method=pallas_fused ...] [--rounds 5] [--compare remat_policy=save_dots_features ...]
+      [--set li_method=pallas_fused ...] [--rounds 5]
+      [--compare remat_policy=save_dots_features ...]
 
 --compare times a third model, SH2 with the given settings, in the same run (in the alternating
 windows with --rounds), and reports its tokens/s over SH2's per round: an A/B of a setting that

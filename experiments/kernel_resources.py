@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--mixers", default="se,mr,li")
   parser.add_argument("--candidate", action="append", default=[],
                       metavar="MIXER:FIELD=VALUE[,FIELD=VALUE]",
-                      help="also compile that mixer with these default BlockSizes fields (repeatable)")
+                      help="also compile that mixer with these default BlockSizes fields "
+                           "(repeatable)")
   parser.add_argument("--out", default=None, help="markdown file (default: print only)")
   args = parser.parse_args(argv)
   mixers = args.mixers.split(",")
@@ -247,15 +248,17 @@ def main(argv: list[str] | None = None) -> int:
   config = dataclasses.replace(config_lib.get_preset(args.preset).model, dtype="bfloat16",
                                remat=True)
   lines = [f"# Triton kernel resources of the Hyena mixers ({args.preset}, L={args.length})", "",
-           f"- jax {jax.__version__}, triton wheel {_triton_version()}, compiled for sm_90 on a CPU; "
+           f"- jax {jax.__version__}, triton wheel {_triton_version()}, compiled for sm_90 on a "
+           "CPU; "
            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
            "- command: `" + " ".join(["PYTHONPATH=. python3 experiments/kernel_resources.py",
                                        *(argv if argv is not None else sys.argv[1:])]) + "`",
            f"- B=1, D={config.d_model}, bf16, forward + backward under save_dots remat; programs "
            f"per SM from an H100's {H100.registers} registers, {H100.shared_bytes // 1024} KiB "
            f"shared memory and {H100.max_warps} warps; waves = programs / (per SM x {H100.sms})",
-           "", "| mixer | candidate | kernel | programs | warps | stages | registers | spill stack B "
-           "| shared KiB | programs/SM (limit) | waves |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "", "| mixer | candidate | kernel | programs | warps | stages | registers | spill stack "
+           "B | shared KiB | programs/SM (limit) | waves |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   runs = [(mixer, None) for mixer in mixers] + candidates
   for mixer, candidate in runs:
     label = "defaults" if candidate is None else ", ".join(

@@ -18,7 +18,8 @@ unrolled), the [N, block_c] float32 state in registers; every input byte is read
 pass and every output byte written once. Segments make the grid wide enough for the GPU: a
 first pass computes each segment's state from a zero start, a small kernel chains the
 [B, S, N, C] segment states (one program per channel tile walks the S segments), and the main
-pass starts every segment from its true state. All math is float32 and exact up to rounding (no p^-t scalings, any decay rate).
+pass starts every segment from its true state. All math is float32 and exact up to rounding
+(no p^-t scalings, any decay rate).
 
 Backward (custom_vjp), with g = dout * post:
   - a forward walk recomputes s and y and carries z_t = sum_(j<=t) (t - j) p^(t-j) u_j
@@ -28,7 +29,8 @@ Backward (custom_vjp), with g = dout * post:
   - a chain kernel carries the adjoints from the right;
   - a reverse walk runs the adjoint a_t = p a_(t+1) + g_t: du = sum_n R_n a_t + dskip g,
     dpre = du v, dv = du pre.
-The forward saves the segment-start states of s and z ([B, S, N, C], small).
+The forward saves the segment-start states of s and z ([B, S, N, C], small), under the
+checkpoint name SEGMENT_STATES, which the model's save_dots remat policies keep.
 
 `gate_conv_gate_auto` picks the kernel on GPU and the plain-JAX reference (`gate_conv_gate`,
 a chunked scan) elsewhere or for unsupported shapes. `featurized_gate_conv_gate_pallas` takes
