@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import report
 from experiments.compare import max_rel_diff
 from experiments.timing import median_ms
 from sh2_jax.parallel import context as cp, context_attention as ca
@@ -86,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
       finally:
         ca.KERNEL = "auto"
       print(lines[-1], flush=True)
-  text = "\n".join(lines) + "\n"
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text)
+  report.emit(lines, args.out)
   return 0
 
 

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import report  # noqa: E402
 from experiments.tune_mixers import MIXERS, default_block_sizes  # noqa: E402
 from sh2_jax import config as config_lib  # noqa: E402
 from sh2_jax.model import REMAT_POLICIES  # noqa: E402
@@ -267,11 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = table_rows(mixer, label, mixer_kernels(mixer, config, args.length, candidate))
     print("\n".join(rows), flush=True)
     lines += rows
-  text = "\n".join(lines) + "\n"
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text)
+  report.emit(lines, args.out)
   return 0
 
 

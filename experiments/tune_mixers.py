@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import report  # noqa: E402
 from experiments.bench_ops import Variant, _module_fns  # noqa: E402
 from experiments.timing import median_ms  # noqa: E402
 from pallas_kernels import blocked_conv as bc  # noqa: E402
@@ -174,11 +175,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({best_ms / default_ms:.3f}x): {best}", "",
               "| candidate | resolved at this shape | fwd+bwd ms |", "|---|---|---|",
               *[f"| {a} | {b} | {c} |" for a, b, c in rows]]
-  text = "\n".join(lines) + "\n"
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text)
+  report.emit(lines, args.out)
   return 0
 
 
