@@ -156,19 +156,6 @@ def test_bench_train_table_has_both_timings_and_ratios(tmp_path):
   assert abs(float(synced) - float(rows[1][2]) / float(rows[0][2])) < 0.02
 
 
-def test_bench_train_one_model_with_a_setting(tmp_path):
-  """--models sh2 --set KEY=VALUE: one row, named with the setting, and no ratio row; a model
-  name outside the pair is refused."""
-  out = tmp_path / "train.md"
-  assert bench_train.main(["--preset", "tiny", "--lengths", "64", "--iters", "1", "--models", "sh2",
-                           "--set", "model.li_method=fft", "--out", str(out)]) == 0
-  text = out.read_text()
-  assert re.findall(r"^\| (tiny[^|]*) \| 64 \|", text, re.M) == ["tiny (SH2: 1 MHA of 4), model.li_method=fft"]
-  assert not re.search(r"^\| 64 \| [\d.]+ \|", text, re.M)
-  with pytest.raises(SystemExit):
-    bench_train.main(["--preset", "tiny", "--models", "gpt"])
-
-
 def test_bench_train_rounds_alternate_and_report_the_median_ratio(tmp_path, monkeypatch):
   """--rounds 3: both models timed in alternating windows (one build each), the step ms is the
   median window, the ratio row the median of the per-round ratios, listed under the table."""
@@ -195,21 +182,26 @@ def test_bench_train_rounds_alternate_and_report_the_median_ratio(tmp_path, monk
 
 
 def test_bench_train_compare_times_a_variant_in_the_same_rounds(tmp_path, monkeypatch):
-  """--compare KEY=VALUE: a third model, SH2 with the setting, built once and timed in the same
-  alternating windows; its row is named with the setting and its tokens/s over SH2's is listed
-  per round (median of the rounds), within the windows' spread; without sh2 it is refused."""
+  """--models sh2 --set KEY=VALUE --compare KEY=VALUE: SH2 and SH2 with the compared settings
+  (--set applies to both; rows named with the settings), each built once and timed in the same
+  alternating windows; the variant's tokens/s over SH2's is listed per round (median of the
+  rounds), within the windows' spread; no SH2 / all-MHA row without MHA; --compare without
+  sh2 and a model name outside the pair are refused."""
   built = []
   real_build = bench_train.build_step
   monkeypatch.setattr(bench_train, "build_step", lambda *a: built.append(a[0]) or real_build(*a))
   out = tmp_path / "train.md"
   assert bench_train.main(["--preset", "tiny", "--lengths", "64", "--iters", "2", "--rounds", "2",
-                           "--models", "sh2", "--compare", "li_method=fft",
-                           "--compare", "remat_policy=full", "--out", str(out)]) == 0
-  assert [(m.li_method, m.remat_policy) for m in built] == [("auto", "save_dots"), ("fft", "full")]
+                           "--models", "sh2", "--set", "model.mlp_slices=2",
+                           "--compare", "li_method=fft", "--compare", "remat_policy=full",
+                           "--out", str(out)]) == 0
+  assert [(m.li_method, m.remat_policy, m.mlp_slices) for m in built] == [
+      ("auto", "save_dots", 2), ("fft", "full", 2)]
   text = out.read_text()
   rows = re.findall(r"^\| (tiny[^|]*) \| 64 \| ([\d.]+) \|", text, re.M)
-  assert [r[0] for r in rows] == ["tiny (SH2: 1 MHA of 4)",
-                                  "tiny (SH2: 1 MHA of 4), li_method=fft, remat_policy=full"]
+  assert [r[0] for r in rows] == [
+      "tiny (SH2: 1 MHA of 4), model.mlp_slices=2",
+      "tiny (SH2: 1 MHA of 4), li_method=fft, remat_policy=full, model.mlp_slices=2"]
   line = re.search(r"^L=64: SH2 with li_method=fft, remat_policy=full / SH2 tokens/s per round "
                    r"([\d., ]+) \(median ([\d.]+)\); step-ms windows ([\d.]+)-([\d.]+), "
                    r"([\d.]+)-([\d.]+) \(SH2, SH2 with the settings\)", text, re.M)
@@ -221,3 +213,5 @@ def test_bench_train_compare_times_a_variant_in_the_same_rounds(tmp_path, monkey
   assert not re.search(r"^\| 64 \| [\d.]+ \|", text, re.M)  # no SH2 / all-MHA row without MHA
   with pytest.raises(SystemExit):
     bench_train.main(["--preset", "tiny", "--models", "mha", "--compare", "li_method=fft"])
+  with pytest.raises(SystemExit):
+    bench_train.main(["--preset", "tiny", "--models", "gpt"])
