@@ -158,10 +158,12 @@ REMAT = ("none", "save_dots")  # --remat: how fwd+bwd differentiates each operat
 
 
 def _module_fns(variant: Variant, config: ModelConfig, x_BLD: jax.Array, key: jax.Array,
-                remat: str = "none"):
+                remat: str = "none", compile_now: bool = False):
   """(forward, forward+backward) thunks of a module variant; remat "save_dots" differentiates
   it inside jax.checkpoint with the model's save_dots policy (the products and the LI kernels'
-  segment states), as a training step runs a block."""
+  segment states), as a training step runs a block. `compile_now`: both are compiled here
+  (ahead of time), so later changes to global defaults or jax.clear_caches() cannot retrace
+  them; otherwise they compile on their first call."""
   module = variant.module(dataclasses.replace(config, **variant.overrides))
   params = nn.meta.unbox(jax.jit(module.init)(key, x_BLD[:, :128])["params"])
   fwd = jax.jit(module.apply)
@@ -175,6 +177,9 @@ def _module_fns(variant: Variant, config: ModelConfig, x_BLD: jax.Array, key: ja
     return out, pullback(ct)
 
   grad = jax.jit(loss_vjp)
+  if compile_now:
+    fwd = fwd.lower({"params": params}, x_BLD).compile()
+    grad = grad.lower(params, x_BLD, cotangent).compile()
   return (lambda: fwd({"params": params}, x_BLD)), (lambda: grad(params, x_BLD, cotangent))
 
 

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import report  # noqa: E402
-from experiments.tune_mixers import MIXERS, default_block_sizes  # noqa: E402
+from experiments.tune_mixers import MIXERS, default_block_sizes, parse_candidate  # noqa: E402
 from sh2_jax import config as config_lib  # noqa: E402
 from sh2_jax.model import REMAT_POLICIES  # noqa: E402
 
@@ -207,24 +207,6 @@ def table_rows(mixer: str, label: str, kernels: list[Kernel],
                 f"{kernel.num_stages} | {found['registers']} | {found['stack']} | "
                 f"{found['shared'] / 1024:.1f} | {per_sm} ({limiter}) | {waves:.2f} |")
   return rows
-
-
-def parse_candidate(text: str) -> tuple[str, Any]:
-  """"se:num_stages_bwd=2,num_warps_bwd=8" -> ("se", that mixer's BlockSizes)."""
-  mixer, sep, fields = text.partition(":")
-  if not sep or mixer not in MIXERS:
-    raise ValueError(f"candidate {text!r} must look like MIXER:FIELD=VALUE with MIXER one of "
-                     f"{sorted(MIXERS)}")
-  sizes_cls = MIXERS[mixer][1]
-  names = {f.name for f in dataclasses.fields(sizes_cls)}
-  values = {}
-  for item in fields.split(","):
-    key, sep, value = item.partition("=")
-    if not sep or key not in names:
-      raise ValueError(f"candidate {text!r}: {item!r} must be FIELD=VALUE with FIELD one of "
-                       f"{sorted(names)}")
-    values[key] = value.lower() == "true" if value.lower() in ("true", "false") else int(value)
-  return mixer, sizes_cls(**values)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
   PYTHONPATH=. python experiments/tune_mixers.py [--preset evo2-1b] [--length 8192]
       [--mixers se,mr,li] [--budget 60] [--out FILE]
+      [--candidate li:chunk=4 --candidate se:num_stages_bwd=2 ... [--rounds 3]]
       (--dry-run: a tiny shape in interpret mode, to test the script on a CPU)
 
 The kernels' BlockSizes heuristics were tuned at D = 4096 (bench_blocked_conv.py,
@@ -13,6 +14,9 @@ default BlockSizes (`BlockSizes.get_default`, which every None field resolves fr
 candidate in turn: a greedy walk over one axis at a time from the current defaults, keeping
 a value only if it is faster by more than --keep (relative), until --budget seconds per
 mixer. Prints a markdown table per mixer (resolved tiles, ms) and the best candidate.
+
+With --candidate, no walk: the named candidates and their mixer's defaults are compiled
+first, then timed in --rounds alternating rounds (an A/B whose sides share the drift).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import contextlib
 import dataclasses
 import datetime
 import os
+import statistics
 import sys
 import time
 from typing import Any, Iterator
@@ -86,6 +91,30 @@ def default_block_sizes(sizes_cls: type, candidate: Any) -> Iterator[None]:
     sizes_cls.get_default = original
 
 
+def parse_candidate(text: str) -> tuple[str, Any]:
+  """"se:num_stages_bwd=2,num_warps_bwd=8" -> ("se", that mixer's BlockSizes)."""
+  mixer, sep, fields = text.partition(":")
+  if not sep or mixer not in MIXERS:
+    raise ValueError(f"candidate {text!r} must look like MIXER:FIELD=VALUE with MIXER one of "
+                     f"{sorted(MIXERS)}")
+  sizes_cls = MIXERS[mixer][1]
+  names = {f.name for f in dataclasses.fields(sizes_cls)}
+  values = {}
+  for item in fields.split(","):
+    key, sep, value = item.partition("=")
+    if not sep or key not in names:
+      raise ValueError(f"candidate {text!r}: {item!r} must be FIELD=VALUE with FIELD one of "
+                       f"{sorted(names)}")
+    values[key] = value.lower() == "true" if value.lower() in ("true", "false") else int(value)
+  return mixer, sizes_cls(**values)
+
+
+def _label(candidate: Any) -> str:
+  """The fields a candidate sets, "block_c=32, num_warps=2", or "defaults"."""
+  return ", ".join(f"{f.name}={getattr(candidate, f.name)}" for f in dataclasses.fields(candidate)
+                   if getattr(candidate, f.name) is not None) or "defaults"
+
+
 def time_candidate(mixer: str, candidate: Any, config: config_lib.ModelConfig, x_BLD: jax.Array,
                    iters: int) -> float:
   """fwd+bwd ms of the mixer module under save_dots remat with `candidate` as the default."""
@@ -94,6 +123,58 @@ def time_candidate(mixer: str, candidate: Any, config: config_lib.ModelConfig, x
     _, fwdbwd = _module_fns(Variant(mixer, module, {}), config, x_BLD, jax.random.key(0),
                             remat="save_dots")
     return median_ms(fwdbwd, iters=iters, warmup=3)
+
+
+def compare(mixer: str, candidates: list[Any], config: config_lib.ModelConfig, x_BLD: jax.Array,
+            rounds: int, iters: int) -> list[tuple[str, str, list[float] | str]]:
+  """The defaults and each candidate, compiled ahead of time, then timed in `rounds`
+  alternating rounds (median of `iters` runs each), so that the device's drift hits them alike.
+
+  Returns rows (label, resolved tiles, ms per round), the defaults first; a candidate the
+  kernels refuse or that fails to compile has its reason instead of times.
+  """
+  module, sizes_cls, _ = MIXERS[mixer]
+  rows: list[tuple[str, str, list[float] | str]] = []
+  thunks = []
+  for candidate in [sizes_cls(), *candidates]:
+    label, resolved = _label(candidate), _resolved(mixer, candidate, config, x_BLD.shape[1])
+    if resolved.startswith("unsupported"):
+      rows.append((label, resolved, resolved))
+      continue
+    try:
+      with default_block_sizes(sizes_cls, candidate):
+        _, fwdbwd = _module_fns(Variant(mixer, module, {}), config, x_BLD, jax.random.key(0),
+                                remat="save_dots", compile_now=True)
+    except Exception as error:  # noqa: BLE001 - a candidate that does not compile is a row
+      rows.append((label, resolved, str(error).splitlines()[0][:100]))
+      continue
+    rows.append((label, resolved, []))
+    thunks.append((len(rows) - 1, fwdbwd))
+  for round_index in range(rounds):
+    for row_index, fwdbwd in thunks:
+      ms = median_ms(fwdbwd, iters=iters, warmup=3 if round_index == 0 else 1)
+      rows[row_index][2].append(ms)
+      print(f"{mixer} | round {round_index + 1} | {rows[row_index][0]} | {ms:.3f}", flush=True)
+  return rows
+
+
+def compare_lines(mixer: str, rows: list[tuple[str, str, list[float] | str]]) -> list[str]:
+  """A markdown table of compare()'s rows: ms per round and the median per-round ratio to the
+  defaults (the first row)."""
+  rounds = max((len(t) for _, _, t in rows if isinstance(t, list)), default=0)
+  base = rows[0][2] if isinstance(rows[0][2], list) else None
+  lines = [f"## {mixer.upper()}", "",
+           "| candidate | resolved at this shape | " + " | ".join(
+               f"round {r + 1} ms" for r in range(rounds)) + " | / defaults |",
+           "|---|---|" + "---|" * rounds + "---|"]
+  for label, resolved, times in rows:
+    if isinstance(times, str):
+      lines.append(f"| {label} | {resolved} | " + " | ".join([times] + ["-"] * rounds) + " |")
+      continue
+    ratio = "-" if base is None else f"{statistics.median(t / b for t, b in zip(times, base)):.3f}"
+    lines.append(f"| {label} | {resolved} | " + " | ".join(f"{t:.3f}" for t in times)
+                 + f" | {ratio} |")
+  return lines
 
 
 def sweep(mixer: str, config: config_lib.ModelConfig, x_BLD: jax.Array, budget_s: float,
@@ -105,9 +186,7 @@ def sweep(mixer: str, config: config_lib.ModelConfig, x_BLD: jax.Array, budget_s
 
   def measure(candidate) -> float:
     resolved = _resolved(mixer, candidate, config, x_BLD.shape[1])
-    changed = {f.name: getattr(candidate, f.name) for f in dataclasses.fields(candidate)
-               if getattr(candidate, f.name) is not None}
-    label = ", ".join(f"{k}={v}" for k, v in changed.items()) or "defaults"
+    label = _label(candidate)
     if resolved.startswith("unsupported"):
       rows.append((label, resolved, "-"))
       return float("inf")
@@ -148,12 +227,23 @@ def main(argv: list[str] | None = None) -> int:
                       help="relative gain a value needs to replace the current best")
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--out", default=None, help="markdown file (default: print only)")
+  parser.add_argument("--candidate", action="append", default=[],
+                      metavar="MIXER:FIELD=VALUE[,FIELD=VALUE]",
+                      help="instead of the walk, time these candidates (repeatable) against their "
+                           "mixer's defaults in --rounds alternating rounds")
+  parser.add_argument("--rounds", type=int, default=3, help="rounds of a --candidate comparison")
   parser.add_argument("--dry-run", action="store_true", help="tiny shape, interpret mode (CPU)")
   args = parser.parse_args(argv)
   mixers = args.mixers.split(",")
   unknown = sorted(set(mixers) - set(MIXERS))
   if unknown:
     parser.error(f"--mixers {','.join(unknown)}: choose from {','.join(MIXERS)}")
+  try:
+    candidates = [parse_candidate(c) for c in args.candidate]
+  except ValueError as error:
+    parser.error(str(error))
+  if args.rounds < 1:
+    parser.error(f"--rounds {args.rounds}: must be at least 1")
   config = dataclasses.replace(config_lib.get_preset(args.preset).model, dtype="bfloat16",
                                remat=True)
   length = args.length
@@ -168,7 +258,16 @@ def main(argv: list[str] | None = None) -> int:
            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
            f"- command: `PYTHONPATH=. python3 experiments/tune_mixers.py {' '.join(argv or sys.argv[1:])}`",
            f"- B=1, D={config.d_model}, bf16; module fwd+bwd (projections included) under "
-           "save_dots remat, median of {} runs; greedy walk, keep > {:.0%}".format(args.iters, args.keep)]
+           "save_dots remat, median of {} runs; ".format(args.iters)
+           + ("candidates against the defaults in {} alternating rounds".format(args.rounds)
+              if candidates else "greedy walk, keep > {:.0%}".format(args.keep))]
+  if candidates:
+    for mixer in dict.fromkeys(m for m, _ in candidates):
+      rows = compare(mixer, [c for m, c in candidates if m == mixer], config, x, args.rounds,
+                     args.iters)
+      lines += ["", *compare_lines(mixer, rows)]
+    report.emit(lines, args.out)
+    return 0
   for mixer in mixers:
     rows, best, best_ms, default_ms = sweep(mixer, config, x, args.budget, args.keep, args.iters)
     lines += ["", f"## {mixer.upper()}: defaults {default_ms:.3f} ms, best {best_ms:.3f} ms "

@@ -53,3 +53,44 @@ def test_time_candidate_swaps_the_default_and_restores_it(monkeypatch):
     tune_mixers.time_candidate("mr", candidate, _tiny_config(), jnp.zeros((1, 8, 64)), iters=1)
   assert seen == [(candidate, "save_dots")]
   assert bc.BlockSizes.get_default() == bc.BlockSizes()
+
+
+def test_compare_alternates_compiled_candidates(monkeypatch, capsys):
+  """--candidate mode on a tiny shape in interpret mode: the defaults and each candidate are
+  compiled under their own default BlockSizes (checked through the resolved tiles each build
+  sees), timed once per round, and the table has one column per round and the ratio; a
+  candidate the kernels refuse is a row with its reason."""
+  built = []
+  real = tune_mixers._module_fns
+
+  def recording_module_fns(variant, config, x, key, remat, compile_now=False):
+    built.append((bc.BlockSizes.get_default(), compile_now))
+    return real(variant, config, x, key, remat, compile_now=compile_now)
+
+  monkeypatch.setattr(tune_mixers, "_module_fns", recording_module_fns)
+  timings = iter([2.0, 1.0, 4.0, 3.0])
+  monkeypatch.setattr(tune_mixers, "median_ms", lambda fn, iters, warmup: (fn(), next(timings))[1])
+  config = dataclasses.replace(_tiny_config(), d_model=32, se_groups=2)
+  x = jnp.ones((1, 32, 32), jnp.bfloat16)
+  candidates = [bc.BlockSizes(num_stages_bwd=2), bc.BlockSizes(block_c=64)]
+  rows = tune_mixers.compare("se", candidates, config, x, rounds=2, iters=1)
+  assert built == [(bc.BlockSizes(), True), (candidates[0], True)]
+  assert [label for label, _, _ in rows] == ["defaults", "num_stages_bwd=2", "block_c=64"]
+  assert rows[0][2] == [2.0, 4.0] and rows[1][2] == [1.0, 3.0]
+  assert rows[2][2].startswith("unsupported")
+  lines = tune_mixers.compare_lines("se", rows)
+  assert lines[2] == "| candidate | resolved at this shape | round 1 ms | round 2 ms | / defaults |"
+  assert lines[4].startswith("| defaults |") and lines[4].endswith("| 2.000 | 4.000 | 1.000 |")
+  assert lines[5].endswith("| 1.000 | 3.000 | 0.625 |")  # median of 0.5 and 0.75
+  assert "unsupported" in lines[6] and lines[6].endswith("| - | - |")
+  assert bc.BlockSizes.get_default() == bc.BlockSizes()
+  assert "round 2" in capsys.readouterr().out
+
+
+def test_parse_candidate():
+  mixer, candidate = tune_mixers.parse_candidate("li:chunk=4,num_warps=2")
+  assert mixer == "li" and candidate == tune_mixers.MIXERS["li"][1](chunk=4, num_warps=2)
+  with pytest.raises(ValueError, match="FIELD=VALUE"):
+    tune_mixers.parse_candidate("se:chunks=2")
+  with pytest.raises(ValueError, match="MIXER:FIELD=VALUE"):
+    tune_mixers.parse_candidate("xx:chunk=2")
