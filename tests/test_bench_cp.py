@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiments import bench_cp, xla_memory
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,8 +36,7 @@ def _table(text: str) -> dict[tuple[str, int], dict[str, str]]:
 
 def test_bench_cp_smoke(tmp_path):
   out = tmp_path / "cp.md"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT)
+  env = helpers.fake_devices_env(2, PYTHONPATH=ROOT)
   command = [sys.executable, "-m", "sh2_jax.cli", "bench", "cp", "--smoke", "--layout", "MR LI MHA",
              "--max-length", "512", "--no-refine", "--compare", "a2a", "--memory-gb", "0.022",
              "--out", str(out)]

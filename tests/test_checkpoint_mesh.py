@@ -25,6 +25,7 @@ from sh2_jax.train import optim
 from sh2_jax.train.checkpoint import CheckpointError, Checkpointer
 from sh2_jax.train.loop import read_metrics, train
 from sh2_jax.train.state import state_shardings
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,7 +77,7 @@ def _losses(run_dir: str) -> dict[int, float]:
 
 
 def test_checkpoint_resumes_on_other_mesh_shapes(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  env = helpers.fake_devices_env(4)
   process = subprocess.Popen([sys.executable, "-c", FOUR_DEVICE_SCRIPT, ROOT, str(tmp_path)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                              cwd=ROOT)

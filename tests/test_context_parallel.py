@@ -278,7 +278,7 @@ print(json.dumps(out))
 
 
 def _run_cp_script():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = helpers.fake_devices_env(8)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run([sys.executable, "-c", CP_SCRIPT, root, "8,2"], capture_output=True,
                           text=True, env=env, timeout=300, cwd=root)

@@ -24,6 +24,7 @@ from sh2_jax.train import optim
 from sh2_jax.train.checkpoint import Checkpointer
 from sh2_jax.train.loop import read_metrics, train
 from sh2_jax.train.state import state_shardings
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESS_TIMEOUT_S = 240
@@ -69,9 +70,8 @@ def _run_processes(run_dir: str, mesh: str, stop_at: int, meanwhile: Callable[[]
              "--mesh", mesh, "--stop-at", str(stop_at), *sets, *extra]
   processes = []
   for index in range(count):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-               JAX_NUM_PROCESSES=str(count), JAX_PROCESS_ID=str(index),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}")
+    env = helpers.fake_devices_env(devices_each, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                   JAX_NUM_PROCESSES=str(count), JAX_PROCESS_ID=str(index))
     processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
   deadline = time.monotonic() + PROCESS_TIMEOUT_S

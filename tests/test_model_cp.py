@@ -125,8 +125,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def model_cp_results(tmp_path_factory):
   def run():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+    env = helpers.fake_devices_env(8)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     runs = str(tmp_path_factory.mktemp("runs"))
     result = subprocess.run([sys.executable, "-c", MODEL_CP_SCRIPT, root, runs],

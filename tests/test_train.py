@@ -23,6 +23,7 @@ from sh2_jax.train import optim, step as step_lib
 from sh2_jax.train.checkpoint import Checkpointer
 from sh2_jax.train.loop import RunError, evaluate_run, read_metrics, train
 from sh2_jax.train.state import create_train_state, state_shardings
+from tests import helpers
 
 
 def small_config(**train_overrides) -> config_lib.Config:
@@ -84,7 +85,7 @@ def test_resume_gives_identical_parameters(tmp_path):
 def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path):
   """SIGKILL a `sh2 train` between checkpoints; `--resume` finishes with the parameters of
   an uninterrupted run."""
-  config = small_config(steps=48, checkpoint_every=4, keep_checkpoints=2)
+  config = small_config(steps=24, checkpoint_every=4, keep_checkpoints=2)
   sets = [f"--set=train.{k}={v}" for k, v in dataclasses.asdict(config.train).items()]
   sets += [f"--set=model.{k}={v}" for k, v in dataclasses.asdict(config.model).items() if v is not None]
   sets += [f"--set=data.{k}={v}" for k, v in dataclasses.asdict(config.data).items() if v is not None]
@@ -103,7 +104,8 @@ def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path):
   process.wait()
   resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  train(config, str(tmp_path / "straight"), progress=False)
+  straight = dataclasses.replace(config, train=dataclasses.replace(config.train, checkpoint_every=24))
+  train(straight, str(tmp_path / "straight"), progress=False)  # one checkpoint: the last step's
   assert_trees_equal(restore_params(str(run_dir), config).params,
                      restore_params(str(tmp_path / "straight"), config).params)
 
@@ -301,7 +303,7 @@ print(json.dumps(out))
 def test_train_step_on_a_device_mesh_matches_one_device(tmp_path):
   """Data, tensor and FSDP sharding from the logical-axis rules give the single-device step
   (4 fake CPU devices, in a fresh process so the device count can be set)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  env = helpers.fake_devices_env(4)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run([sys.executable, "-c", MESH_SCRIPT, root], capture_output=True, text=True,
                           env=env, timeout=300, cwd=root)
