@@ -8,12 +8,13 @@ by (shape, JAX op). Works on every backend, also when the program does not fit t
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 _PEAK_HEADER = re.compile(r"^\s*Live ranges at \d+ \(peak\):")
 _PEAK_LINE = re.compile(r"^\s*(\S+?)\{([\d,]*)\}: (\d+) bytes")
@@ -26,12 +27,32 @@ def compile_with_dump(lowered: Any, module: str = "jit_step") -> tuple[Any, list
   the buffers alive at its memory peak (`peak_buffers`). The dump is deleted afterwards."""
   dump = tempfile.mkdtemp(prefix="sh2_xla_dump_")
   try:
-    compiled = lowered.compile(compiler_options={
-        "xla_dump_to": dump, "xla_dump_hlo_as_text": True,
-        "xla_dump_hlo_module_re": re.escape(module)})
+    with _persistent_cache_off():
+      compiled = lowered.compile(compiler_options={
+          "xla_dump_to": dump, "xla_dump_hlo_as_text": True,
+          "xla_dump_hlo_module_re": re.escape(module)})
     return compiled, peak_buffers(dump, module)
   finally:
     shutil.rmtree(dump, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _persistent_cache_off() -> Iterator[None]:
+  """Compiles inside this context skip JAX's persistent compilation cache (jax_compilation_cache_dir): its
+  key ignores the dump options, so a program it already holds would load without being
+  compiled, and XLA would write no dump. JAX has no public per-call switch once the cache is
+  in use; without the private hook this is a no-op."""
+  try:
+    from jax._src import compilation_cache  # noqa: PLC0415
+    original = compilation_cache.is_cache_used
+  except (ImportError, AttributeError):
+    yield
+    return
+  compilation_cache.is_cache_used = lambda backend: False
+  try:
+    yield
+  finally:
+    compilation_cache.is_cache_used = original
 
 
 def _tuple_elements(shape: str) -> list[str]:

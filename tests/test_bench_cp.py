@@ -119,14 +119,17 @@ def _shape_bytes(shape: str) -> int:
 def test_peak_buffers_of_a_program_with_known_live_values(tmp_path):
   """Three f32[256, 1024] values (of x, sin, cos, tanh) are alive at the peak whatever XLA's
   schedule: they are listed under their JAX ops and shapes, and the groups add up to the peak
-  XLA's own breakdown reports."""
+  XLA's own breakdown reports; also when the persistent compilation cache holds the program."""
   def f(x):
     a, b, c = jnp.sin(x), jnp.cos(x), jnp.tanh(x)
     return (a * b).sum() + (b * c).sum() + (a * c).sum()
 
   lowered = jax.jit(f).lower(jax.ShapeDtypeStruct((256, 1024), jnp.float32))
-  lowered.compile(compiler_options={"xla_dump_to": str(tmp_path), "xla_dump_hlo_as_text": True,
-                                    "xla_dump_hlo_module_re": "jit_f"})
+  lowered.compile()  # into the test session's persistent cache (tests/conftest.py), which must
+  # not stop the compiles below from dumping
+  with xla_memory._persistent_cache_off():  # the test session's cache would skip the dump
+    lowered.compile(compiler_options={"xla_dump_to": str(tmp_path), "xla_dump_hlo_as_text": True,
+                                      "xla_dump_hlo_module_re": "jit_f"})
   peak = xla_memory.peak_buffers(str(tmp_path), "jit_f")
   assert peak, "no live-range dump parsed"
   for group in peak:
