@@ -38,10 +38,10 @@ def compile_with_dump(lowered: Any, module: str = "jit_step") -> tuple[Any, list
 
 @contextlib.contextmanager
 def _persistent_cache_off() -> Iterator[None]:
-  """Compiles inside this context skip JAX's persistent compilation cache (jax_compilation_cache_dir): its
-  key ignores the dump options, so a program it already holds would load without being
-  compiled, and XLA would write no dump. JAX has no public per-call switch once the cache is
-  in use; without the private hook this is a no-op."""
+  """Compiles inside this context skip JAX's persistent compilation cache
+  (jax_compilation_cache_dir): its key ignores the dump options, so a program it already holds
+  would load without being compiled, and XLA would write no dump. JAX has no public per-call
+  switch once the cache is in use; without the private hook this is a no-op."""
   try:
     from jax._src import compilation_cache  # noqa: PLC0415
     original = compilation_cache.is_cache_used
