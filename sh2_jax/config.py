@@ -108,10 +108,11 @@ class ModelConfig:
       dimensions, i.e. the projections and the MLP, so the backward recomputes only norms,
       gates, convolutions and attention, and the LI kernels' segment-start states: 2 S N
       float32 values a channel per LI block, S the sequence segments of the kernels, so
-      the backward skips their state pass), "save_dots_features" (also the featurized streams of
-      the Hyena mixers that run the featurizer outside their kernels, MR on GPU: 3 L D values
-      of `dtype` per such block, so the backward does not rerun the featurizer; not yet timed
-      on a GPU).
+      the backward skips their state pass; and the Hyena in-projection's reordered or sliced
+      weight, 3 D^2 values of `dtype` per Hyena block, so the backward does not rebuild it),
+      "save_dots_features" (also the featurized streams of the Hyena mixers that run the
+      featurizer outside their kernels, MR on GPU: 3 L D values of `dtype` per such block, so
+      the backward does not rerun the featurizer; no faster on an H100 at evo2-1b 8K).
     mlp_slices: run the MLP over this many token slices in turn, each rematerialised: its
       [L, mlp_dim] hidden values exist one slice at a time (long context; 1 = off; lengths
       that are not a multiple of it run in gcd(L, mlp_slices) slices).

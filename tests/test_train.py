@@ -189,13 +189,14 @@ def test_remat_gives_identical_loss_and_gradients():
   """No remat, full remat, remat saving the projections' outputs (and the featurized streams),
   and full remat with the block inputs offloaded to host memory: the same loss and gradients;
   the policy is honoured (full remat recomputes the block's matrix products in the backward,
-  save_dots almost none; save_dots_features also keeps each Hyena block's three featurized
-  streams; the offloaded residuals are the block inputs and the final norm's, in host memory)."""
+  save_dots almost none and keeps the in-projection's weight slices; save_dots_features also
+  keeps each Hyena block's three featurized streams; the offloaded residuals are the block
+  inputs and the final norm's, in host memory)."""
   config = small_config()
   model_cfg = dataclasses.replace(config.model, dtype="float32")
   rng = np.random.default_rng(1)
   window = jnp.asarray(rng.integers(0, 256, (2, 33)), jnp.int32)
-  results, dots, featurized = [], [], []
+  results, dots, featurized, weight_views = [], [], [], []
   for remat, policy, offload in ((False, "full", False), (True, "full", False),
                                  (True, "save_dots", False), (True, "full", True),
                                  (True, "save_dots_features", False)):
@@ -212,6 +213,7 @@ def test_remat_gives_identical_loss_and_gradients():
       jax.ad_checkpoint.print_saved_residuals(loss, params)
     on_host = [line.split()[0] for line in printed.getvalue().splitlines() if "<host>" in line]
     featurized.append(printed.getvalue().count("'hyena_featurized'"))
+    weight_views.append(printed.getvalue().count("'hyena_weight_views'"))
     expected = cfg.num_layers + 1 if offload else 0
     assert on_host == [f"f32<host>[2,32,{cfg.d_model}]"] * expected, (offload, on_host)
   for other in results[1:]:
@@ -224,6 +226,9 @@ def test_remat_gives_identical_loss_and_gradients():
   hyena_blocks = sum(kind != "MHA" for kind in model_cfg.layout.split())
   # (post, pre, v) per Hyena block, saved without remat and by save_dots_features only
   assert featurized == [3 * hyena_blocks, 0, 0, 0, 3 * hyena_blocks], featurized
+  # the in-projection's three stream slices per Hyena block (XLA path on CPU): kept by both
+  # save_dots policies (and, unnamed, by no remat), rebuilt by full remat
+  assert weight_views == [3 * hyena_blocks, 0, 3 * hyena_blocks, 0, 3 * hyena_blocks], weight_views
   assert full - save_dots > 2 * (save_dots - no_remat), dots
   assert offloaded == full, dots
 

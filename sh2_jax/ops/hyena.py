@@ -33,6 +33,10 @@ def split_interleaved(z_BL3D: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arra
 
 # Checkpoint name of project_and_featurize's outputs (remat policy "save_dots_features").
 FEATURIZED = "hyena_featurized"
+# Checkpoint name of the in-projection weight's per-call views (the blocked reorder, the three
+# stream slices): weight-sized, so remat policies keep them rather than rebuild them in the
+# backward (0.09-0.11 ms a step per mixer kind at evo2-1b on an H100).
+WEIGHT_VIEWS = "hyena_weight_views"
 # Checkpoint name of the LI kernels' segment-start states (remat policies "save_dots*").
 SEGMENT_STATES = modal_conv.SEGMENT_STATES
 
@@ -63,7 +67,7 @@ def project_streams(x_BLD: jax.Array, w_in_D3D: jax.Array) -> tuple[jax.Array, j
   the interleaved columns 3i+0, 3i+1, 3i+2 of w_in."""
   width = x_BLD.shape[-1]
   w_in_DCS = w_in_D3D.reshape(width, width, 3)
-  return tuple(x_BLD @ w_in_DCS[:, :, s] for s in range(3))
+  return tuple(x_BLD @ checkpoint_name(w_in_DCS[:, :, s], WEIGHT_VIEWS) for s in range(3))
 
 
 def stream_taps(w_feat_3DK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -251,7 +255,7 @@ def explicit_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
         z, w_feat = x_BLD @ w_in_D3D, w_feat_3DK
       else:
         w_in, w_feat = blocked_columns(w_in_D3D, w_feat_3DK)
-        z = x_BLD @ w_in
+        z = x_BLD @ checkpoint_name(w_in, WEIGHT_VIEWS)
       if direct:
         return project(featurized_short_conv.featurized_short_conv_pallas(
             z, w_feat, h_GK, dskip_D, interpret=interpret, layout=FUSED_Z_LAYOUT), w_out_DE)
