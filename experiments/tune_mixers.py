@@ -70,6 +70,9 @@ def _resolved(mixer: str, candidate: Any, config: config_lib.ModelConfig, length
     groups = config.se_groups if mixer == "se" else config.mr_groups
     taps = config.se_filter_len if mixer == "se" else config.mr_filter_len
     reason = bc.unsupported_reason((1, length, width), (groups, taps), candidate)
+    if mixer == "se" and not reason:  # the fused featurizer kernel, which the module runs
+      reason = fc.unsupported_reason((1, length, 3 * width), (3 * width, config.featurizer_len),
+                                     (groups, taps), candidate)
     if reason:
       return f"unsupported: {reason}"
     resolve = fc._resolve if mixer == "se" else bc._resolve

@@ -99,6 +99,11 @@ class BlockSizes:
     bwd_transpose_by_dot: the backward computes H^T g by a dot that contracts H's rows
       (one pair of Toeplitz tiles on chip) instead of gathering H0^T and H1^T (two pairs;
       float32 at T = 128 then overflows shared memory). None: True for T >= 128 or float32.
+    bwd_dh_in_kernel: the backward kernel accumulates the filter gradient's two T x T float32
+      partials itself (the default); False leaves them to XLA (two batched products of the
+      chunked g = dout * post and u = pre * v, `_dh_xla`), which frees the kernel of 2 T^2
+      float32 accumulators (at T = 128: 64 KiB of registers or shared memory each) for two
+      extra reads of the four streams. The blocked kernel only (MR); None: True.
   """
   chunk: int | None = None
   block_c: int | None = None
@@ -109,6 +114,7 @@ class BlockSizes:
   num_warps_bwd: int | None = None
   num_stages_bwd: int | None = None
   bwd_transpose_by_dot: bool | None = None
+  bwd_dh_in_kernel: bool | None = None
 
   @classmethod
   def get_default(cls) -> BlockSizes:
@@ -225,6 +231,7 @@ def _resolve(block_sizes: BlockSizes | None, shape_BLC: tuple[int, ...],
       num_warps_bwd=pick(block_sizes.num_warps_bwd, 8 if chunk >= 128 else 4),
       num_stages_bwd=pick(block_sizes.num_stages_bwd, 2 if wide else 3),
       bwd_transpose_by_dot=pick(block_sizes.bwd_transpose_by_dot, chunk >= 128 or wide),
+      bwd_dh_in_kernel=pick(block_sizes.bwd_dh_in_kernel, True),
   )
 
 
@@ -331,17 +338,21 @@ def _gcg_bwd_kernel(
     dpost_ref,  # [Lp, dc]
     dpre_ref,  # [Lp, dc]
     dv_ref,  # [Lp, dc]
-    dh_part_ref,  # [T, T] float32: tril(sum g_n u_n^T) + strict_triu(sum g_n u_(n-1)^T)
-    ddskip_part_ref,  # [dc] float32: sum_t g u
-    *out_ref,  # optional [Lp, dc]: the forward's output post * y (output_projection)
+    *part_and_out_refs,  # dh_part_ref (with_dh), ddskip_part_ref, optional out_ref:
+    # dh_part_ref [T, T] float32: tril(sum g_n u_n^T) + strict_triu(sum g_n u_(n-1)^T);
+    # ddskip_part_ref [dc] float32: sum_t g u; out_ref [Lp, dc]: the forward's output post * y
+    # (output_projection)
     chunk: int,
     segment_chunks: int,
     num_chunks: int,
     dot_dtype: jnp.dtype,
     precision: jax.lax.Precision | None,
     transpose_by_dot: bool,
+    with_dh: bool = True,
 ):
   f32 = jnp.float32
+  dh_part_ref, ddskip_part_ref, *out_ref = (part_and_out_refs if with_dh
+                                            else (None, *part_and_out_refs))
   block_c = dv_ref.shape[-1]
   h0_TT, h1_TT, dot, dot_general, h0t_dot, h1t_dot = _toeplitz_ops(
       hp_ref, chunk, dot_dtype, precision, backward=True, transpose_by_dot=transpose_by_dot)
@@ -372,8 +383,9 @@ def _gcg_bwd_kernel(
     du_TC = h0t_dot(g_dot_TC) + h1t_dot(g_next_TC) + dskip_1C * g_TC
     dpre_ref[rows, :] = (du_TC * v_TC.astype(f32)).astype(dpre_ref.dtype)
     dv_ref[rows, :] = (du_TC * pre_TC.astype(f32)).astype(dv_ref.dtype)
-    a0_TT = a0_TT + dot_general(g_dot_TC, u_dot_TC, ((1,), (1,)))
-    a1_TT = a1_TT + dot_general(g_dot_TC, u_prev_dot_TC, ((1,), (1,)))
+    if with_dh:
+      a0_TT = a0_TT + dot_general(g_dot_TC, u_dot_TC, ((1,), (1,)))
+      a1_TT = a1_TT + dot_general(g_dot_TC, u_prev_dot_TC, ((1,), (1,)))
     ddskip_TC = ddskip_TC + g_TC * u_TC
     return pre_prev_TC, v_prev_TC, g_dot_TC, a0_TT, a1_TT, ddskip_TC
 
@@ -382,13 +394,15 @@ def _gcg_bwd_kernel(
   rows_next = _chunk_rows(jnp.minimum(end, num_chunks - 1), chunk)
   g_next_TC = dout_ref[rows_next, :].astype(f32) * post_ref[rows_next, :].astype(f32)
   g_next_TC = jnp.where(end < num_chunks, g_next_TC, 0.0).astype(dot_dtype)
+  accumulator_shape = (chunk, chunk) if with_dh else (1, 1)  # unused 1 x 1 without dh
   init = (pre_ref[rows_last, :], v_ref[rows_last, :], g_next_TC,
-          jnp.zeros((chunk, chunk), f32), jnp.zeros((chunk, chunk), f32),
+          jnp.zeros(accumulator_shape, f32), jnp.zeros(accumulator_shape, f32),
           jnp.zeros((chunk, block_c), f32))
   _, _, _, a0_TT, a1_TT, ddskip_TC = jax.lax.fori_loop(0, segment_chunks, body, init)
-  rows_TT = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
-  cols_TT = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
-  dh_part_ref[...] = jnp.where(rows_TT >= cols_TT, a0_TT, a1_TT)
+  if with_dh:
+    rows_TT = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+    cols_TT = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    dh_part_ref[...] = jnp.where(rows_TT >= cols_TT, a0_TT, a1_TT)
   ddskip_part_ref[...] = jnp.sum(ddskip_TC, axis=0)
 
 
@@ -435,7 +449,8 @@ def _gcg_fwd_call(post_BLC, pre_BLC, v_BLC, hp_GX, dskip_C, *, block_sizes: Bloc
 
 def _gcg_bwd_call(post_BLC, pre_BLC, v_BLC, dout_BLC, hp_GX, dskip_C, *,
                   block_sizes: BlockSizes, interpret: bool, with_output: bool = False):
-  """(dpost, dpre, dv, dh partials, ddskip partials) and, with_output, the forward's output."""
+  """(dpost, dpre, dv, dh partials, ddskip partials) and, with_output, the forward's output;
+  without the dh partials when block_sizes.bwd_dh_in_kernel is False."""
   batch, padded_len, channels = v_BLC.shape
   chunk, block_c = block_sizes.chunk, block_sizes.block_c
   num_chunks = padded_len // chunk
@@ -447,7 +462,8 @@ def _gcg_bwd_call(post_BLC, pre_BLC, v_BLC, dout_BLC, hp_GX, dskip_C, *,
   kernel = functools.partial(_gcg_bwd_kernel, chunk=chunk,
                              segment_chunks=num_chunks // segments, num_chunks=num_chunks,
                              dot_dtype=dot_dtype, precision=precision,
-                             transpose_by_dot=block_sizes.bwd_transpose_by_dot)
+                             transpose_by_dot=block_sizes.bwd_transpose_by_dot,
+                             with_dh=block_sizes.bwd_dh_in_kernel)
   out_shape = (
       jax.ShapeDtypeStruct(post_BLC.shape, post_BLC.dtype),
       jax.ShapeDtypeStruct(pre_BLC.shape, pre_BLC.dtype),
@@ -460,6 +476,8 @@ def _gcg_bwd_call(post_BLC, pre_BLC, v_BLC, dout_BLC, hp_GX, dskip_C, *,
       pl.BlockSpec((None, None, None, chunk, chunk), lambda b, c, s: (b, c, s, 0, 0)),
       pl.BlockSpec((None, None, block_c), lambda b, c, s: (b, s, c)),
   )
+  if not block_sizes.bwd_dh_in_kernel:
+    out_shape, out_specs = out_shape[:3] + out_shape[4:], out_specs[:3] + out_specs[4:]
   if with_output:
     out_shape += (jax.ShapeDtypeStruct(v_BLC.shape, v_BLC.dtype),)
     out_specs += (tile,)
@@ -486,6 +504,27 @@ def _dh_from_partials(dh_part_BNSTT: jax.Array, groups: int, num_taps: int) -> j
   taps = jnp.arange(num_taps)[None, :]
   cols_GTK = jnp.broadcast_to((rows - taps) % chunk, (groups, chunk, num_taps))
   return jnp.take_along_axis(m_GTT, cols_GTK, axis=2).sum(1)
+
+
+def _dh_xla(post_BLC: jax.Array, pre_BLC: jax.Array, v_BLC: jax.Array, dout_BLC: jax.Array,
+            chunk: int, groups: int) -> jax.Array:
+  """The backward kernel's filter-gradient partials, by XLA: [1, G, 1, T, T] float32 (the
+  layout _dh_from_partials reads), tril(sum_n g_n u_n^T) + strict_triu(sum_n g_n u_(n-1)^T)
+  per group, g = dout * post and u = pre * v rounded to the kernel's dot dtype, over padded
+  [B, Lp, C] streams (Lp a multiple of T)."""
+  batch, padded_len, channels = v_BLC.shape
+  dot_dtype, precision = _dot_config(v_BLC.dtype)
+  f32 = jnp.float32
+  shape_BNTGC = (batch, padded_len // chunk, chunk, groups, channels // groups)
+  g = (dout_BLC.astype(f32) * post_BLC.astype(f32)).astype(dot_dtype).reshape(shape_BNTGC)
+  u = (pre_BLC.astype(f32) * v_BLC.astype(f32)).astype(dot_dtype).reshape(shape_BNTGC)
+  a0_GTT = jnp.einsum("bntgc,bnsgc->gts", g, u, precision=precision, preferred_element_type=f32)
+  # chunk n against chunk n - 1 (none before the first)
+  a1_GTT = jnp.einsum("bntgc,bnsgc->gts", g[:, 1:], u[:, :-1], precision=precision,
+                      preferred_element_type=f32)
+  rows = jnp.arange(chunk)[:, None]
+  cols = jnp.arange(chunk)[None, :]
+  return jnp.where(rows >= cols, a0_GTT, a1_GTT)[None, :, None]
 
 
 def _padded_len(length: int, chunk: int) -> int:
@@ -518,10 +557,15 @@ def _gcg_bwd_impl(block_sizes, interpret, residuals, dout_BLC, with_output=False
   length = v_BLC.shape[1]
   chunk = block_sizes.chunk
   pad = functools.partial(_pad_rows, padded_len=_padded_len(length, chunk))
-  dpost, dpre, dv, dh_part, ddskip_part, *out = _gcg_bwd_call(
-      pad(post_BLC), pad(pre_BLC), pad(v_BLC), pad(dout_BLC.astype(v_BLC.dtype)),
-      _padded_filter(h_GK, chunk), dskip_C.astype(jnp.float32), block_sizes=block_sizes,
-      interpret=interpret, with_output=with_output)
+  post, pre, v, dout = (pad(x) for x in (post_BLC, pre_BLC, v_BLC, dout_BLC.astype(v_BLC.dtype)))
+  dpost, dpre, dv, *parts_and_out = _gcg_bwd_call(
+      post, pre, v, dout, _padded_filter(h_GK, chunk), dskip_C.astype(jnp.float32),
+      block_sizes=block_sizes, interpret=interpret, with_output=with_output)
+  if block_sizes.bwd_dh_in_kernel:
+    dh_part, ddskip_part, *out = parts_and_out
+  else:
+    (ddskip_part, *out), dh_part = parts_and_out, _dh_xla(post, pre, v, dout, chunk,
+                                                           h_GK.shape[0])
   dh_GK = _dh_from_partials(dh_part, h_GK.shape[0], h_GK.shape[1]).astype(h_GK.dtype)
   ddskip_C = ddskip_part.sum((0, 1)).astype(dskip_C.dtype)
   return (dpost[:, :length], dpre[:, :length], dv[:, :length], dh_GK, ddskip_C) + tuple(

@@ -102,6 +102,9 @@ def unsupported_reason(shape_BL3C: tuple[int, ...], shape_3CJ: tuple[int, ...],
   resolved = bc._resolve(block_sizes, (batch, length, channels), shape_GK, jnp.bfloat16)
   if num_taps_f > resolved.chunk:
     return f"featurizer length {num_taps_f} must be <= chunk {resolved.chunk}"
+  if not resolved.bwd_dh_in_kernel:
+    return ("bwd_dh_in_kernel=False is a blocked-kernel (MR) option; the featurized kernel "
+            "accumulates the filter gradient itself: leave it None")
   return None
 
 

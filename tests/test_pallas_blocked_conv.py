@@ -95,6 +95,12 @@ CASES = [
     (2, 224, 32, 1, 32, jnp.float32, bc.BlockSizes(chunk=32, num_segments_fwd=7,
                                                     num_segments_bwd=7,
                                                     bwd_transpose_by_dot=True)),
+    # The filter gradient by XLA (bwd_dh_in_kernel=False): T = 128 with K = 7 and 128, one
+    # group and many, segments along L.
+    (2, 200, 64, 4, 7, jnp.bfloat16, bc.BlockSizes(chunk=128, bwd_dh_in_kernel=False)),
+    (1, 260, 32, 2, 128, jnp.float32, bc.BlockSizes(chunk=128, bwd_dh_in_kernel=False)),
+    (2, 224, 32, 1, 32, jnp.float32, bc.BlockSizes(chunk=32, num_segments_bwd=7,
+                                                    bwd_dh_in_kernel=False)),
 ]
 
 
@@ -103,6 +109,29 @@ def test_matches_float64_reference(batch, length, channels, groups, taps, dtype,
   seed = hash((batch, length, channels, groups, taps, str(dtype))) % 2**31
   args = _inputs(seed, batch, length, channels, groups, taps, dtype)
   _check_against_reference(args, block_sizes, dtype)
+
+
+@pytest.mark.parametrize("dh_in_kernel", [True, False])
+def test_projected_op_matches_float64_reference(dh_in_kernel):
+  """gate_conv_gate_proj_pallas (the backward kernel also writes the gate output for dW_out),
+  with the filter gradient in the kernel or by XLA: output and all six gradients against the
+  float64 reference, the projection applied in float64."""
+  post, pre, v, h, dskip, _ = _inputs(11, 2, 150, 32, 2, 16, jnp.float32)
+  rng = np.random.default_rng(12)
+  w_out = jnp.asarray(rng.standard_normal((32, 24)) / np.sqrt(32), jnp.float32)
+  ct_E = jnp.asarray(rng.standard_normal((2, 150, 24)), jnp.float32)
+  kernel = functools.partial(bc.gate_conv_gate_proj_pallas, interpret=True,
+                             block_sizes=bc.BlockSizes(chunk=32, bwd_dh_in_kernel=dh_in_kernel))
+  out, vjp = jax.vjp(kernel, post, pre, v, h, dskip, w_out)
+  grads = vjp(ct_E)
+  w64 = np.asarray(w_out, np.float64)
+  ct_C = np.asarray(ct_E, np.float64) @ w64.T
+  gate_out, want_grads = _reference_f64(post, pre, v, h, dskip, ct_C)
+  want_dw = np.einsum("blc,ble->ce", gate_out, np.asarray(ct_E, np.float64))
+  errs = {"out": _rel_err(out, gate_out @ w64), "dw_out": _rel_err(grads[5], want_dw)}
+  errs.update({n: _rel_err(g, w) for n, g, w in zip(["dpost", "dpre", "dv", "dh", "ddskip"],
+                                                      grads[:5], want_grads)})
+  assert max(errs.values()) < TOLERANCE[jnp.float32], errs
 
 
 def test_without_dskip():
@@ -133,6 +162,7 @@ def _lower_for_cuda(fn, *shapes):
     (jnp.bfloat16, 128, None),
     (jnp.float32, 128, None),
     (jnp.bfloat16, 128, bc.BlockSizes(bwd_transpose_by_dot=False)),
+    (jnp.bfloat16, 128, bc.BlockSizes(bwd_dh_in_kernel=False)),
     (jnp.bfloat16, 3, bc.BlockSizes(chunk=32, block_c=32, num_segments_fwd=5)),
 ])
 def test_lowers_for_cuda(dtype, taps, block_sizes):

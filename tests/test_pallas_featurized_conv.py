@@ -153,6 +153,8 @@ def test_unsupported_shapes_say_why():
   assert "featurizer length 5" in fc.unsupported_reason((1, 64, 96), (96, 5), (1, 7))
   assert "3 C" in fc.unsupported_reason((1, 64, 95), (95, 3), (1, 7))
   assert fc.unsupported_reason((1, 64, 96), (96, 3), (2, 7)) is None
+  assert "blocked-kernel (MR) option" in fc.unsupported_reason(
+      (1, 64, 96), (96, 3), (2, 7), bc.BlockSizes(bwd_dh_in_kernel=False))
   with pytest.raises(ValueError, match="featurizer length"):
     fc.featurized_gate_conv_gate_pallas(jnp.zeros((1, 64, 96)), jnp.zeros((96, 5)),
                                         jnp.zeros((1, 7)), interpret=True)
