@@ -251,7 +251,8 @@ def _weight_casts(jaxpr, shapes: set) -> int:
 def test_cast_weights_once_gives_the_same_step_with_half_the_casts():
   """A bf16 step under save_dots remat with the matrix weights cast before the model gives
   bitwise the same parameters and metrics as casting them inside each block, and its program
-  casts each compute weight once (inside the blocks: twice, the forward and its recompute)."""
+  casts each compute weight once (inside the blocks: twice, the forward and its recompute,
+  except the Hyena in-projections, whose views save_dots keeps)."""
   config = small_config()
   mesh = mesh_lib.make_mesh(config.mesh)
   tx = optim.make_optimizer(config.train)
@@ -273,7 +274,8 @@ def test_cast_weights_once_gives_the_same_step_with_half_the_casts():
   assert_trees_equal(results[0][0], results[1][0])
   assert_trees_equal(results[0][1], results[1][1])
   (weights, once), (_, inside) = casts
-  assert weights >= 8 and once == weights and inside == 2 * weights, casts
+  hyena_blocks = sum(kind != "MHA" for kind in config.model.layout.split())
+  assert weights >= 8 and once == weights and inside == 2 * weights - hyena_blocks, casts
 
 
 MESH_SCRIPT = r"""
