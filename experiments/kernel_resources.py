@@ -38,7 +38,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import report  # noqa: E402
-from experiments.tune_mixers import MIXERS, default_block_sizes, parse_candidate  # noqa: E402
+from experiments.tune_mixers import (MIXERS, default_block_sizes,  # noqa: E402
+                                     mixers_and_candidates)
 from sh2_jax import config as config_lib  # noqa: E402
 from sh2_jax.model import REMAT_POLICIES  # noqa: E402
 
@@ -220,14 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                            "(repeatable)")
   parser.add_argument("--out", default=None, help="markdown file (default: print only)")
   args = parser.parse_args(argv)
-  mixers = args.mixers.split(",")
-  unknown = sorted(set(mixers) - set(MIXERS))
-  if unknown:
-    parser.error(f"--mixers {','.join(unknown)}: choose from {','.join(MIXERS)}")
-  try:
-    candidates = [parse_candidate(c) for c in args.candidate]
-  except ValueError as error:
-    parser.error(str(error))
+  mixers, candidates = mixers_and_candidates(parser, args.mixers, args.candidate)
   config = dataclasses.replace(config_lib.get_preset(args.preset).model, dtype="bfloat16",
                                remat=True)
   lines = [f"# Triton kernel resources of the Hyena mixers ({args.preset}, L={args.length})", "",

@@ -112,6 +112,21 @@ def parse_candidate(text: str) -> tuple[str, Any]:
   return mixer, sizes_cls(**values)
 
 
+def mixers_and_candidates(parser: argparse.ArgumentParser, mixers_arg: str,
+                          candidate_args: list[str]) -> tuple[list[str], list[tuple[str, Any]]]:
+  """--mixers (comma-separated) and the --candidate values, validated: a bad one exits through
+  parser.error with the choices."""
+  mixers = mixers_arg.split(",")
+  unknown = sorted(set(mixers) - set(MIXERS))
+  if unknown:
+    parser.error(f"--mixers {','.join(unknown)}: choose from {','.join(MIXERS)}")
+  try:
+    return mixers, [parse_candidate(c) for c in candidate_args]
+  except ValueError as error:
+    parser.error(str(error))
+    raise  # parser.error exits
+
+
 def _label(candidate: Any) -> str:
   """The fields a candidate sets, "block_c=32, num_warps=2", or "defaults"."""
   return ", ".join(f"{f.name}={getattr(candidate, f.name)}" for f in dataclasses.fields(candidate)
@@ -237,14 +252,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--rounds", type=int, default=3, help="rounds of a --candidate comparison")
   parser.add_argument("--dry-run", action="store_true", help="tiny shape, interpret mode (CPU)")
   args = parser.parse_args(argv)
-  mixers = args.mixers.split(",")
-  unknown = sorted(set(mixers) - set(MIXERS))
-  if unknown:
-    parser.error(f"--mixers {','.join(unknown)}: choose from {','.join(MIXERS)}")
-  try:
-    candidates = [parse_candidate(c) for c in args.candidate]
-  except ValueError as error:
-    parser.error(str(error))
+  mixers, candidates = mixers_and_candidates(parser, args.mixers, args.candidate)
   if args.rounds < 1:
     parser.error(f"--rounds {args.rounds}: must be at least 1")
   config = dataclasses.replace(config_lib.get_preset(args.preset).model, dtype="bfloat16",
