@@ -49,7 +49,6 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -67,9 +66,6 @@ TARGET_PROGRAMS_SEGMENTS = 512  # segment heuristic: split L until the grid has 
 # on an SM and a second wave cost more than it hid on an H100).
 MIN_SEGMENT_CHUNKS_FWD = 8  # segment heuristic: fewest chunks per forward program.
 MIN_SEGMENT_CHUNKS_BWD = 32  # ... per backward program (each writes a T x T partial).
-# Checkpoint name of the conv output y that the forward saves for the backward
-# (BlockSizes.residual_y): a remat policy must keep it, or the forward kernel reruns.
-CONV_OUTPUT = "hyena_conv_output"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -108,12 +104,6 @@ class BlockSizes:
       chunked g = dout * post and u = pre * v, `_dh_xla`), which frees the kernel of 2 T^2
       float32 accumulators (at T = 128: 64 KiB of registers or shared memory each) for two
       extra reads of the four streams. The blocked kernel only (MR); None: True.
-    residual_y: the forward also writes y = conv(u, h) + dskip * u (before the post gate, in
-      the I/O dtype) as a residual named CONV_OUTPUT, and the backward reads it instead of
-      recomputing it (two T x T products per chunk fewer, one [B, L, C] write and read more;
-      y rounded to the I/O dtype in dpost and the gate output for dW_out). Under
-      jax.checkpoint the policy must save CONV_OUTPUT (the model's save_dots does), else the
-      backward reruns the forward kernel. None: False.
   """
   chunk: int | None = None
   block_c: int | None = None
@@ -125,7 +115,6 @@ class BlockSizes:
   num_stages_bwd: int | None = None
   bwd_transpose_by_dot: bool | None = None
   bwd_dh_in_kernel: bool | None = None
-  residual_y: bool | None = None
 
   @classmethod
   def get_default(cls) -> BlockSizes:
@@ -243,7 +232,6 @@ def _resolve(block_sizes: BlockSizes | None, shape_BLC: tuple[int, ...],
       num_stages_bwd=pick(block_sizes.num_stages_bwd, 2 if wide else 3),
       bwd_transpose_by_dot=pick(block_sizes.bwd_transpose_by_dot, chunk >= 128 or wide),
       bwd_dh_in_kernel=pick(block_sizes.bwd_dh_in_kernel, True),
-      residual_y=pick(block_sizes.residual_y, False),
   )
 
 
@@ -312,7 +300,7 @@ def _gcg_fwd_kernel(
     v_ref,  # [Lp, dc]
     # Outputs
     out_ref,  # [Lp, dc]; this program writes its segment's rows
-    *y_refs,  # optional [Lp, dc]: y = conv + skip before the post gate (residual_y)
+    *,
     chunk: int,
     segment_chunks: int,
     dot_dtype: jnp.dtype,
@@ -329,8 +317,6 @@ def _gcg_fwd_kernel(
     u_dot_TC = u_TC.astype(dot_dtype)
     y_TC = dot(h0_TT, u_dot_TC) + dot(h1_TT, u_prev_TC) + dskip_1C * u_TC
     out_ref[rows, :] = (post_ref[rows, :].astype(f32) * y_TC).astype(out_ref.dtype)
-    for ref in y_refs:
-      ref[rows, :] = y_TC.astype(ref.dtype)
     return u_dot_TC
 
   # The chunk before the segment (zero before the sequence start).
@@ -348,8 +334,11 @@ def _gcg_bwd_kernel(
     pre_ref,  # [Lp, dc]
     v_ref,  # [Lp, dc]
     dout_ref,  # [Lp, dc] cotangent of the output
-    *refs,  # y_ref [Lp, dc] (input, y_saved: the forward's y), then the outputs dpost_ref,
-    # dpre_ref, dv_ref [Lp, dc], dh_part_ref (with_dh), ddskip_part_ref, optional out_ref:
+    # Outputs
+    dpost_ref,  # [Lp, dc]
+    dpre_ref,  # [Lp, dc]
+    dv_ref,  # [Lp, dc]
+    *part_and_out_refs,  # dh_part_ref (with_dh), ddskip_part_ref, optional out_ref:
     # dh_part_ref [T, T] float32: tril(sum g_n u_n^T) + strict_triu(sum g_n u_(n-1)^T);
     # ddskip_part_ref [dc] float32: sum_t g u; out_ref [Lp, dc]: the forward's output post * y
     # (output_projection)
@@ -360,11 +349,8 @@ def _gcg_bwd_kernel(
     precision: jax.lax.Precision | None,
     transpose_by_dot: bool,
     with_dh: bool = True,
-    y_saved: bool = False,
 ):
   f32 = jnp.float32
-  y_ref, refs = (refs[0], refs[1:]) if y_saved else (None, refs)
-  dpost_ref, dpre_ref, dv_ref, *part_and_out_refs = refs
   dh_part_ref, ddskip_part_ref, *out_ref = (part_and_out_refs if with_dh
                                             else (None, *part_and_out_refs))
   block_c = dv_ref.shape[-1]
@@ -386,10 +372,8 @@ def _gcg_bwd_kernel(
     u_dot_TC = u_TC.astype(dot_dtype)
     u_prev_dot_TC = (pre_prev_TC.astype(f32) * v_prev_TC.astype(f32)).astype(dot_dtype)
     dout_TC = dout_ref[rows, :].astype(f32)
-    if y_saved:
-      y_TC = y_ref[rows, :].astype(f32)
-    else:  # one T x T product pair instead of an HBM round trip
-      y_TC = dot(h0_TT, u_dot_TC) + dot(h1_TT, u_prev_dot_TC) + dskip_1C * u_TC
+    # Recompute y rather than store it: one T x T product pair instead of an HBM round trip.
+    y_TC = dot(h0_TT, u_dot_TC) + dot(h1_TT, u_prev_dot_TC) + dskip_1C * u_TC
     dpost_ref[rows, :] = (dout_TC * y_TC).astype(dpost_ref.dtype)
     post_TC = post_ref[rows, :].astype(f32)
     for ref in out_ref:
@@ -439,8 +423,7 @@ def _specs(batch: int, padded_len: int, channels: int, groups: int, block_c: int
 
 
 def _gcg_fwd_call(post_BLC, pre_BLC, v_BLC, hp_GX, dskip_C, *, block_sizes: BlockSizes,
-                  interpret: bool, with_y: bool = False) -> jax.Array | tuple[jax.Array, ...]:
-  """The gate output [B, Lp, C]; with_y, also y (conv + skip before the post gate)."""
+                  interpret: bool) -> jax.Array:
   batch, padded_len, channels = v_BLC.shape
   chunk, block_c = block_sizes.chunk, block_sizes.block_c
   num_chunks = padded_len // chunk
@@ -455,9 +438,8 @@ def _gcg_fwd_call(post_BLC, pre_BLC, v_BLC, hp_GX, dskip_C, *, block_sizes: Bloc
       kernel,
       grid=grid,
       in_specs=[filter_row, skip, tile, tile, tile],
-      out_specs=(tile, tile) if with_y else tile,
-      out_shape=((jax.ShapeDtypeStruct(v_BLC.shape, v_BLC.dtype),) * 2 if with_y
-                 else jax.ShapeDtypeStruct(v_BLC.shape, v_BLC.dtype)),
+      out_specs=tile,
+      out_shape=jax.ShapeDtypeStruct(v_BLC.shape, v_BLC.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps_fwd,
                                            num_stages=block_sizes.num_stages_fwd),
       interpret=interpret,
@@ -466,11 +448,9 @@ def _gcg_fwd_call(post_BLC, pre_BLC, v_BLC, hp_GX, dskip_C, *, block_sizes: Bloc
 
 
 def _gcg_bwd_call(post_BLC, pre_BLC, v_BLC, dout_BLC, hp_GX, dskip_C, *,
-                  block_sizes: BlockSizes, interpret: bool, with_output: bool = False,
-                  y_BLC: jax.Array | None = None):
+                  block_sizes: BlockSizes, interpret: bool, with_output: bool = False):
   """(dpost, dpre, dv, dh partials, ddskip partials) and, with_output, the forward's output;
-  without the dh partials when block_sizes.bwd_dh_in_kernel is False. y_BLC: the forward's
-  saved y [B, Lp, C] (residual_y), read instead of recomputed."""
+  without the dh partials when block_sizes.bwd_dh_in_kernel is False."""
   batch, padded_len, channels = v_BLC.shape
   chunk, block_c = block_sizes.chunk, block_sizes.block_c
   num_chunks = padded_len // chunk
@@ -483,7 +463,7 @@ def _gcg_bwd_call(post_BLC, pre_BLC, v_BLC, dout_BLC, hp_GX, dskip_C, *,
                              segment_chunks=num_chunks // segments, num_chunks=num_chunks,
                              dot_dtype=dot_dtype, precision=precision,
                              transpose_by_dot=block_sizes.bwd_transpose_by_dot,
-                             with_dh=block_sizes.bwd_dh_in_kernel, y_saved=y_BLC is not None)
+                             with_dh=block_sizes.bwd_dh_in_kernel)
   out_shape = (
       jax.ShapeDtypeStruct(post_BLC.shape, post_BLC.dtype),
       jax.ShapeDtypeStruct(pre_BLC.shape, pre_BLC.dtype),
@@ -504,14 +484,14 @@ def _gcg_bwd_call(post_BLC, pre_BLC, v_BLC, dout_BLC, hp_GX, dskip_C, *,
   return pl.pallas_call(
       kernel,
       grid=grid,
-      in_specs=[filter_row, skip] + [tile] * (4 if y_BLC is None else 5),
+      in_specs=[filter_row, skip, tile, tile, tile, tile],
       out_specs=out_specs,
       out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=block_sizes.num_warps_bwd,
                                            num_stages=block_sizes.num_stages_bwd),
       interpret=interpret,
       name="gate_conv_gate_bwd",
-  )(hp_GX, dskip_C, post_BLC, pre_BLC, v_BLC, dout_BLC, *([] if y_BLC is None else [y_BLC]))
+  )(hp_GX, dskip_C, post_BLC, pre_BLC, v_BLC, dout_BLC)
 
 
 def _dh_from_partials(dh_part_BNSTT: jax.Array, groups: int, num_taps: int) -> jax.Array:
@@ -551,42 +531,36 @@ def _padded_len(length: int, chunk: int) -> int:
   return -(-length // chunk) * chunk
 
 
-def _gcg_fwd_impl(post_BLC, pre_BLC, v_BLC, h_GK, dskip_C, block_sizes, interpret,
-                  with_y=False):
-  """(gate output [B, L, C], y [B, Lp, C] named CONV_OUTPUT, or None unless with_y)."""
+def _gcg_fwd_impl(post_BLC, pre_BLC, v_BLC, h_GK, dskip_C, block_sizes, interpret):
   length = v_BLC.shape[1]
   chunk = block_sizes.chunk
   pad = functools.partial(_pad_rows, padded_len=_padded_len(length, chunk))
-  outs = _gcg_fwd_call(pad(post_BLC), pad(pre_BLC), pad(v_BLC), _padded_filter(h_GK, chunk),
-                       dskip_C.astype(jnp.float32), block_sizes=block_sizes,
-                       interpret=interpret, with_y=with_y)
-  if not with_y:
-    return outs[:, :length], None
-  out, y = outs
-  return out[:, :length], checkpoint_name(y, CONV_OUTPUT)
+  out = _gcg_fwd_call(pad(post_BLC), pad(pre_BLC), pad(v_BLC), _padded_filter(h_GK, chunk),
+                      dskip_C.astype(jnp.float32), block_sizes=block_sizes,
+                      interpret=interpret)
+  return out[:, :length]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _gcg(post_BLC, pre_BLC, v_BLC, h_GK, dskip_C, block_sizes, interpret):
-  return _gcg_fwd_impl(post_BLC, pre_BLC, v_BLC, h_GK, dskip_C, block_sizes, interpret)[0]
+  return _gcg_fwd_impl(post_BLC, pre_BLC, v_BLC, h_GK, dskip_C, block_sizes, interpret)
 
 
 def _gcg_fwd(post_BLC, pre_BLC, v_BLC, h_GK, dskip_C, block_sizes, interpret):
-  out, y = _gcg_fwd_impl(post_BLC, pre_BLC, v_BLC, h_GK, dskip_C, block_sizes, interpret,
-                         with_y=block_sizes.residual_y)
-  return out, (post_BLC, pre_BLC, v_BLC, h_GK, dskip_C, y)
+  out = _gcg_fwd_impl(post_BLC, pre_BLC, v_BLC, h_GK, dskip_C, block_sizes, interpret)
+  return out, (post_BLC, pre_BLC, v_BLC, h_GK, dskip_C)
 
 
 def _gcg_bwd_impl(block_sizes, interpret, residuals, dout_BLC, with_output=False):
   """The five input gradients, then (with_output) the forward's output [B, L, C]."""
-  post_BLC, pre_BLC, v_BLC, h_GK, dskip_C, y_BLC = residuals
+  post_BLC, pre_BLC, v_BLC, h_GK, dskip_C = residuals
   length = v_BLC.shape[1]
   chunk = block_sizes.chunk
   pad = functools.partial(_pad_rows, padded_len=_padded_len(length, chunk))
   post, pre, v, dout = (pad(x) for x in (post_BLC, pre_BLC, v_BLC, dout_BLC.astype(v_BLC.dtype)))
   dpost, dpre, dv, *parts_and_out = _gcg_bwd_call(
       post, pre, v, dout, _padded_filter(h_GK, chunk), dskip_C.astype(jnp.float32),
-      block_sizes=block_sizes, interpret=interpret, with_output=with_output, y_BLC=y_BLC)
+      block_sizes=block_sizes, interpret=interpret, with_output=with_output)
   if block_sizes.bwd_dh_in_kernel:
     dh_part, ddskip_part, *out = parts_and_out
   else:
@@ -606,8 +580,7 @@ _gcg.defvjp(_gcg_fwd, _gcg_bwd)
 
 
 def _gcg_projected_fwd(block_sizes, interpret, operands):
-  out, y = _gcg_fwd_impl(*operands, block_sizes, interpret, with_y=block_sizes.residual_y)
-  return out, (*operands, y)
+  return _gcg_fwd_impl(*operands, block_sizes, interpret), operands
 
 
 def _gcg_projected_bwd(block_sizes, interpret, residuals, dy_BLC):

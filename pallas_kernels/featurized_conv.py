@@ -105,9 +105,6 @@ def unsupported_reason(shape_BL3C: tuple[int, ...], shape_3CJ: tuple[int, ...],
   if not resolved.bwd_dh_in_kernel:
     return ("bwd_dh_in_kernel=False is a blocked-kernel (MR) option; the featurized kernel "
             "accumulates the filter gradient itself: leave it None")
-  if resolved.residual_y:
-    return ("residual_y=True is a blocked-kernel (MR) option; the featurized kernel "
-            "recomputes y in its backward: leave it None")
   return None
 
 

@@ -124,27 +124,6 @@ def test_remat_runs_the_forward_kernel_once(kind, fwd_name, bwd_name):
   assert counts == {True: (1, 1), False: (2, 1)}
 
 
-@pytest.mark.parametrize("policy_name,fwd_launches", [("save_dots", 1), ("full", 2)])
-def test_residual_y_saved_by_the_model_policy(policy_name, fwd_launches):
-  """With BlockSizes.residual_y the blocked forward kernel writes y for the backward: the
-  model's save_dots policy keeps it (named CONV_OUTPUT: the forward kernel runs once), full
-  remat reruns the forward kernel to rebuild it."""
-  from sh2_jax import model as model_lib  # noqa: PLC0415
-
-  post, pre, v, h, dskip, _ = blocked_tests._inputs(4, 1, 512, 64, 4, 128, jnp.bfloat16)
-  w_out = jnp.ones((64, 32), jnp.bfloat16)
-  op = functools.partial(bc.gate_conv_gate_proj_pallas,
-                         block_sizes=bc.BlockSizes(residual_y=True))
-  policy = model_lib.REMAT_POLICIES[policy_name]
-  block = jax.checkpoint(lambda ops, w: op(*ops, w), policy=policy)
-  loss = lambda ops, w: jnp.sum(block(ops, w).astype(jnp.float32) ** 2)  # noqa: E731
-  operands = (post, pre, v, h, dskip)
-  text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(operands, w_out).lower(
-      lowering_platforms=("cuda",)).as_text()
-  assert _kernel_launches(text, "gate_conv_gate_fwd") == fwd_launches
-  assert _kernel_launches(text, "gate_conv_gate_bwd") == 1
-
-
 @pytest.mark.parametrize("layout,setting", [("SE", {"conv_method": "pallas"}),
                                             ("MR", {"conv_method": "pallas"}),
                                             ("LI", {"li_method": "pallas_fused"})])

@@ -101,12 +101,6 @@ CASES = [
     (1, 260, 32, 2, 128, jnp.float32, bc.BlockSizes(chunk=128, bwd_dh_in_kernel=False)),
     (2, 224, 32, 1, 32, jnp.float32, bc.BlockSizes(chunk=32, num_segments_bwd=7,
                                                     bwd_dh_in_kernel=False)),
-    # y saved by the forward (residual_y): T = 128 with K = 7 and 128, segments, padded L.
-    (2, 200, 64, 4, 7, jnp.bfloat16, bc.BlockSizes(chunk=128, residual_y=True)),
-    (1, 260, 32, 2, 128, jnp.float32, bc.BlockSizes(chunk=128, residual_y=True)),
-    (2, 224, 32, 1, 32, jnp.float32, bc.BlockSizes(chunk=32, num_segments_fwd=7,
-                                                    num_segments_bwd=7, residual_y=True,
-                                                    bwd_dh_in_kernel=False)),
 ]
 
 
@@ -117,9 +111,8 @@ def test_matches_float64_reference(batch, length, channels, groups, taps, dtype,
   _check_against_reference(args, block_sizes, dtype)
 
 
-@pytest.mark.parametrize("dh_in_kernel,residual_y", [(True, False), (False, False),
-                                                     (True, True)])
-def test_projected_op_matches_float64_reference(dh_in_kernel, residual_y):
+@pytest.mark.parametrize("dh_in_kernel", [True, False])
+def test_projected_op_matches_float64_reference(dh_in_kernel):
   """gate_conv_gate_proj_pallas (the backward kernel also writes the gate output for dW_out),
   with the filter gradient in the kernel or by XLA: output and all six gradients against the
   float64 reference, the projection applied in float64."""
@@ -128,8 +121,7 @@ def test_projected_op_matches_float64_reference(dh_in_kernel, residual_y):
   w_out = jnp.asarray(rng.standard_normal((32, 24)) / np.sqrt(32), jnp.float32)
   ct_E = jnp.asarray(rng.standard_normal((2, 150, 24)), jnp.float32)
   kernel = functools.partial(bc.gate_conv_gate_proj_pallas, interpret=True,
-                             block_sizes=bc.BlockSizes(chunk=32, bwd_dh_in_kernel=dh_in_kernel,
-                                                       residual_y=residual_y))
+                             block_sizes=bc.BlockSizes(chunk=32, bwd_dh_in_kernel=dh_in_kernel))
   out, vjp = jax.vjp(kernel, post, pre, v, h, dskip, w_out)
   grads = vjp(ct_E)
   w64 = np.asarray(w_out, np.float64)
@@ -171,7 +163,6 @@ def _lower_for_cuda(fn, *shapes):
     (jnp.float32, 128, None),
     (jnp.bfloat16, 128, bc.BlockSizes(bwd_transpose_by_dot=False)),
     (jnp.bfloat16, 128, bc.BlockSizes(bwd_dh_in_kernel=False)),
-    (jnp.bfloat16, 128, bc.BlockSizes(residual_y=True)),
     (jnp.bfloat16, 3, bc.BlockSizes(chunk=32, block_c=32, num_segments_fwd=5)),
 ])
 def test_lowers_for_cuda(dtype, taps, block_sizes):

@@ -39,9 +39,6 @@ FEATURIZED = "hyena_featurized"
 WEIGHT_VIEWS = "hyena_weight_views"
 # Checkpoint name of the LI kernels' segment-start states (remat policies "save_dots*").
 SEGMENT_STATES = modal_conv.SEGMENT_STATES
-# Checkpoint name of the gate kernels' conv output y, saved by their forward where
-# BlockSizes.residual_y is on (remat policies "save_dots*").
-CONV_OUTPUT = blocked_conv.CONV_OUTPUT
 
 
 def project_and_featurize(x_BLD: jax.Array, w_in_D3D: jax.Array,
