@@ -1,0 +1,192 @@
+"""Bandwidth of the gate kernels' memory access pattern, without their arithmetic (Pallas GPU).
+
+  PYTHONPATH=. python experiments/probe_tile_bandwidth.py [--length 8192] [--channels 4096]
+      [--out FILE]   (--dry-run: tiny shapes in interpret mode, to test the script on a CPU)
+
+The blocked gate kernels (pallas_kernels/blocked_conv.py, featurized_conv.py) stream [T, dc]
+tiles of row-major [B, L, C] arrays: at dc = 16 channels (the group width of 256 groups at
+D = 4096, the tile the heuristics pick at evo2-1b too) each tile row is 32 bytes. On an H100
+they move their bytes at about 0.8-1.2 TB/s. This probe asks whether the access pattern alone
+sets that: streaming kernels with the kernels' loop structure (one program per channel tile
+and sequence segment, chunks of T rows in a fori_loop, Triton software pipelining) and their
+stream counts (the MR backward: 4 streams in, 4 out; the forward: 3 in, 1 out), but only an
+elementwise sum between load and store, over
+  - row-major [L, C] streams read as [T, dc] tiles (the kernels' layout), dc = 16, 32, 64;
+  - channel-major [C, L] streams read as [dc, T] tiles (rows of T contiguous elements),
+each against one XLA fusion that moves the same bytes. Prints (and with --out writes) one
+markdown table: ms and GB/s per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import report  # noqa: E402
+from experiments.timing import median_ms  # noqa: E402
+
+TARGET_PROGRAMS = 512  # segments along L are doubled until the grid has this many programs
+MIN_SEGMENT_CHUNKS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One streaming kernel: `streams_in` arrays in, `streams_out` out, [T, dc] or [dc, T]
+  tiles, Triton launch parameters."""
+  streams_in: int
+  streams_out: int
+  block_c: int
+  chunk: int
+  channel_major: bool
+  num_warps: int
+  num_stages: int
+
+  @property
+  def label(self) -> str:
+    layout = "[C, L], [dc, T] tiles" if self.channel_major else "[L, C], [T, dc] tiles"
+    return (f"{self.streams_in} in / {self.streams_out} out, {layout}, dc={self.block_c}, "
+            f"T={self.chunk}, warps {self.num_warps}, stages {self.num_stages}")
+
+
+def _combine(tiles: list[jax.Array], streams_out: int, dtype: jnp.dtype) -> list[jax.Array]:
+  """out_k = 2 in_k + sum_j in_j (in float32): every output depends on every input."""
+  total = sum(t.astype(jnp.float32) for t in tiles)
+  return [(2 * tiles[k % len(tiles)].astype(jnp.float32) + total).astype(dtype)
+          for k in range(streams_out)]
+
+
+def _stream_kernel(*refs, streams_in: int, chunk: int, segment_chunks: int,
+                   channel_major: bool):
+  in_refs, out_refs = refs[:streams_in], refs[streams_in:]
+  first = pl.program_id(1) * segment_chunks
+
+  def body(step, carry):
+    rows = pl.ds(pl.multiple_of((first + step) * chunk, chunk), chunk)
+    tiles = [ref[:, rows] if channel_major else ref[rows, :] for ref in in_refs]
+    for ref, value in zip(out_refs, _combine(tiles, len(out_refs), out_refs[0].dtype)):
+      if channel_major:
+        ref[:, rows] = value
+      else:
+        ref[rows, :] = value
+    return carry
+
+  jax.lax.fori_loop(0, segment_chunks, body, 0)
+
+
+def segments_for(case: Case, length: int, channels: int) -> int:
+  """Programs along L: doubled while the grid is under TARGET_PROGRAMS and each segment keeps
+  at least MIN_SEGMENT_CHUNKS chunks (the gate kernels' heuristic)."""
+  tiles, num_chunks, segments = channels // case.block_c, length // case.chunk, 1
+  while (tiles * segments < TARGET_PROGRAMS and num_chunks % (2 * segments) == 0
+         and num_chunks // (2 * segments) >= MIN_SEGMENT_CHUNKS):
+    segments *= 2
+  return segments
+
+
+def stream(case: Case, arrays: list[jax.Array], interpret: bool = False) -> list[jax.Array]:
+  """The Pallas streaming kernel over `arrays` ([L, C], or [C, L] when channel_major)."""
+  length, channels = arrays[0].shape[::-1] if case.channel_major else arrays[0].shape
+  if length % case.chunk or channels % case.block_c:
+    raise ValueError(f"length {length} must be a multiple of T={case.chunk} and channels "
+                     f"{channels} of dc={case.block_c}")
+  segments = segments_for(case, length, channels)
+  if case.channel_major:
+    spec = pl.BlockSpec((case.block_c, length), lambda c, s: (c, 0))
+  else:
+    spec = pl.BlockSpec((length, case.block_c), lambda c, s: (0, c))
+  kernel = functools.partial(_stream_kernel, streams_in=case.streams_in, chunk=case.chunk,
+                             segment_chunks=length // case.chunk // segments,
+                             channel_major=case.channel_major)
+  out_shape = [jax.ShapeDtypeStruct(arrays[0].shape, arrays[0].dtype)] * case.streams_out
+  return pl.pallas_call(
+      kernel, grid=(channels // case.block_c, segments), in_specs=[spec] * case.streams_in,
+      out_specs=[spec] * case.streams_out, out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=case.num_warps,
+                                           num_stages=case.num_stages),
+      interpret=interpret, name="probe_stream")(*arrays)
+
+
+def xla_stream(arrays: list[jax.Array], streams_out: int) -> list[jax.Array]:
+  """The same outputs by XLA (one fusion)."""
+  return _combine(arrays, streams_out, arrays[0].dtype)
+
+
+def cases(block_cs: tuple[int, ...] = (16, 32, 64), chunk: int = 128) -> list[Case]:
+  """The MR backward's and forward's stream counts in both layouts and each tile width."""
+  out = []
+  for streams_in, streams_out, warps, stages in ((4, 4, 8, 3), (3, 1, 4, 4)):
+    for channel_major in (False, True):
+      for block_c in block_cs:
+        out.append(Case(streams_in, streams_out, block_c, chunk, channel_major, warps, stages))
+  return out
+
+
+def run(length: int, channels: int, dtype: jnp.dtype = jnp.bfloat16, iters: int = 20,
+        interpret: bool = False, block_cs: tuple[int, ...] = (16, 32, 64),
+        chunk: int = 128) -> list[tuple[str, int, float, float]]:
+  """Rows (case label, programs, ms, GB/s), each kernel checked against xla_stream first;
+  the XLA rows (label "XLA fusion, ...") per stream count."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  row_major = [jax.random.normal(k, (length, channels), jnp.float32).astype(dtype) for k in keys]
+  col_major = [a.T for a in row_major]
+  itemsize = jnp.dtype(dtype).itemsize
+  rows = []
+  for streams_in, streams_out in ((4, 4), (3, 1)):
+    fn = jax.jit(functools.partial(xla_stream, streams_out=streams_out))
+    ms = median_ms(fn, row_major[:streams_in], iters=iters)
+    gb = (streams_in + streams_out) * length * channels * itemsize / 1e9
+    rows.append((f"XLA fusion, {streams_in} in / {streams_out} out, [L, C]", 0, ms, gb / ms * 1e3))
+  for case in cases(block_cs, chunk):
+    arrays = (col_major if case.channel_major else row_major)[:case.streams_in]
+    fn = jax.jit(functools.partial(stream, case, interpret=interpret))
+    got, want = fn(arrays), xla_stream(arrays, case.streams_out)
+    for g, w in zip(got, want):
+      if not bool(jnp.array_equal(g, w)):
+        raise AssertionError(f"{case.label}: the kernel's output differs from XLA's")
+    ms = median_ms(fn, arrays, iters=iters)
+    gb = (case.streams_in + case.streams_out) * length * channels * itemsize / 1e9
+    programs = channels // case.block_c * segments_for(case, length, channels)
+    rows.append((case.label, programs, ms, gb / ms * 1e3))
+  return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--length", type=int, default=8192)
+  parser.add_argument("--channels", type=int, default=4096)
+  parser.add_argument("--iters", type=int, default=20)
+  parser.add_argument("--out", help="markdown file (default: print only)")
+  parser.add_argument("--dry-run", action="store_true", help="tiny shapes, interpret mode (CPU)")
+  args = parser.parse_args(argv)
+  if args.dry_run:
+    length, channels, dtype, iters = 64, 64, jnp.float32, 1
+    rows = run(length, channels, dtype, iters=iters, interpret=True, block_cs=(16, 32), chunk=16)
+  else:
+    length, channels, dtype, iters = args.length, args.channels, jnp.bfloat16, args.iters
+    rows = run(length, channels, dtype, iters=iters)
+  device = jax.devices()[0].device_kind
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+  lines = [f"# Streaming bandwidth of the gate kernels' tile pattern (L={length}, C={channels})",
+           "", f"- device: {device}, jax {jax.__version__}, {stamp}",
+           "- command: `PYTHONPATH=. python3 experiments/probe_tile_bandwidth.py "
+           + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
+           f"- {jnp.dtype(dtype).name} streams; each kernel's outputs checked equal to the XLA "
+           f"fusion's; median of {iters} runs; GB/s = bytes read + written / time", "",
+           "| case | programs | ms | GB/s |", "|---|---|---|---|"]
+  lines += [f"| {label} | {programs or '-'} | {ms:.3f} | {gbs:.0f} |"
+            for label, programs, ms, gbs in rows]
+  report.emit(lines, args.out)
+
+
+if __name__ == "__main__":
+  main()
