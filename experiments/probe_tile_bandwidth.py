@@ -1,7 +1,7 @@
 """Bandwidth of the gate kernels' memory access pattern, without their arithmetic (Pallas GPU).
 
   PYTHONPATH=. python experiments/probe_tile_bandwidth.py [--length 8192] [--channels 4096]
-      [--out FILE]   (--dry-run: tiny shapes in interpret mode, to test the script on a CPU)
+      [--chunk 128] [--out FILE]   (--dry-run: tiny shapes in interpret mode, to test the script on a CPU)
 
 The blocked gate kernels (pallas_kernels/blocked_conv.py, featurized_conv.py) stream [T, dc]
 tiles of row-major [B, L, C] arrays: at dc = 16 channels (the group width of 256 groups at
@@ -13,8 +13,10 @@ stream counts (the MR backward: 4 streams in, 4 out; the forward: 3 in, 1 out), 
 elementwise sum between load and store, over
   - row-major [L, C] streams read as [T, dc] tiles (the kernels' layout), dc = 16, 32, 64;
   - channel-major [C, L] streams read as [dc, T] tiles (rows of T contiguous elements),
-each against one XLA fusion that moves the same bytes. Prints (and with --out writes) one
-markdown table: ms and GB/s per case.
+each against XLA computing the same outputs. Prints (and with --out writes) one markdown
+table: wall ms per call (median, synchronised: includes the launch), device ms per call (the
+kernels' summed time in a profiler trace) and the GB/s that device time gives for one pass
+over the streams (XLA may need several kernels: their count is listed).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import datetime
 import functools
 import os
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import report  # noqa: E402
+from experiments import profile_trace, report  # noqa: E402
 from experiments.timing import median_ms  # noqa: E402
 
 TARGET_PROGRAMS = 512  # segments along L are doubled until the grid has this many programs
@@ -131,21 +134,39 @@ def cases(block_cs: tuple[int, ...] = (16, 32, 64), chunk: int = 128) -> list[Ca
   return out
 
 
+def device_ms(fn, arrays: list[jax.Array], iters: int) -> tuple[float, float]:
+  """(device ms per call, kernels per call) of fn(arrays) from a profiler trace of `iters`
+  calls after one warm-up."""
+  jax.block_until_ready(fn(arrays))
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for _ in range(iters):
+        jax.block_until_ready(fn(arrays))
+    events, _ = profile_trace.kernel_events(trace_dir)
+  return sum(duration for _, duration, _ in events) / iters / 1e6, len(events) / iters
+
+
 def run(length: int, channels: int, dtype: jnp.dtype = jnp.bfloat16, iters: int = 20,
         interpret: bool = False, block_cs: tuple[int, ...] = (16, 32, 64),
-        chunk: int = 128) -> list[tuple[str, int, float, float]]:
-  """Rows (case label, programs, ms, GB/s), each kernel checked against xla_stream first;
-  the XLA rows (label "XLA fusion, ...") per stream count."""
+        chunk: int = 128) -> list[tuple[str, int, float, float, float, float]]:
+  """Rows (case label, programs, wall ms, device ms, kernels per call, GB/s by device time),
+  each kernel checked against xla_stream first; the XLA rows ("XLA, ...") per stream count."""
   keys = jax.random.split(jax.random.key(0), 4)
   row_major = [jax.random.normal(k, (length, channels), jnp.float32).astype(dtype) for k in keys]
   col_major = [a.T for a in row_major]
   itemsize = jnp.dtype(dtype).itemsize
   rows = []
+
+  def row(label: str, programs: int, fn, arrays: list[jax.Array], streams: int):
+    wall = median_ms(fn, arrays, iters=iters)
+    device, kernels = device_ms(fn, arrays, iters)
+    gb = streams * length * channels * itemsize / 1e9
+    rows.append((label, programs, wall, device, kernels, gb / device * 1e3 if device else 0.0))
+
   for streams_in, streams_out in ((4, 4), (3, 1)):
     fn = jax.jit(functools.partial(xla_stream, streams_out=streams_out))
-    ms = median_ms(fn, row_major[:streams_in], iters=iters)
-    gb = (streams_in + streams_out) * length * channels * itemsize / 1e9
-    rows.append((f"XLA fusion, {streams_in} in / {streams_out} out, [L, C]", 0, ms, gb / ms * 1e3))
+    row(f"XLA, {streams_in} in / {streams_out} out, [L, C]", 0, fn, row_major[:streams_in],
+        streams_in + streams_out)
   for case in cases(block_cs, chunk):
     arrays = (col_major if case.channel_major else row_major)[:case.streams_in]
     fn = jax.jit(functools.partial(stream, case, interpret=interpret))
@@ -153,10 +174,8 @@ def run(length: int, channels: int, dtype: jnp.dtype = jnp.bfloat16, iters: int 
     for g, w in zip(got, want):
       if not bool(jnp.array_equal(g, w)):
         raise AssertionError(f"{case.label}: the kernel's output differs from XLA's")
-    ms = median_ms(fn, arrays, iters=iters)
-    gb = (case.streams_in + case.streams_out) * length * channels * itemsize / 1e9
     programs = channels // case.block_c * segments_for(case, length, channels)
-    rows.append((case.label, programs, ms, gb / ms * 1e3))
+    row(case.label, programs, fn, arrays, case.streams_in + case.streams_out)
   return rows
 
 
@@ -164,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--length", type=int, default=8192)
   parser.add_argument("--channels", type=int, default=4096)
+  parser.add_argument("--chunk", type=int, default=128, help="T, rows per loop step (MR 128, SE 64)")
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--out", help="markdown file (default: print only)")
   parser.add_argument("--dry-run", action="store_true", help="tiny shapes, interpret mode (CPU)")
@@ -173,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(length, channels, dtype, iters=iters, interpret=True, block_cs=(16, 32), chunk=16)
   else:
     length, channels, dtype, iters = args.length, args.channels, jnp.bfloat16, args.iters
-    rows = run(length, channels, dtype, iters=iters)
+    rows = run(length, channels, dtype, iters=iters, chunk=args.chunk)
   device = jax.devices()[0].device_kind
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   lines = [f"# Streaming bandwidth of the gate kernels' tile pattern (L={length}, C={channels})",
@@ -181,10 +201,11 @@ def main(argv: list[str] | None = None) -> None:
            "- command: `PYTHONPATH=. python3 experiments/probe_tile_bandwidth.py "
            + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
            f"- {jnp.dtype(dtype).name} streams; each kernel's outputs checked equal to the XLA "
-           f"fusion's; median of {iters} runs; GB/s = bytes read + written / time", "",
-           "| case | programs | ms | GB/s |", "|---|---|---|---|"]
-  lines += [f"| {label} | {programs or '-'} | {ms:.3f} | {gbs:.0f} |"
-            for label, programs, ms, gbs in rows]
+           f"outputs; {iters} runs; GB/s = bytes of one pass (read + written) / device time", "",
+           "| case | programs | wall ms | device ms | kernels | GB/s |",
+           "|---|---|---|---|---|---|"]
+  lines += [f"| {label} | {programs or '-'} | {wall:.3f} | {device:.3f} | {kernels:g} | {gbs:.0f} |"
+            for label, programs, wall, device, kernels, gbs in rows]
   report.emit(lines, args.out)
 
 
