@@ -1,7 +1,8 @@
 """Bandwidth of the gate kernels' memory access pattern, without their arithmetic (Pallas GPU).
 
   PYTHONPATH=. python experiments/probe_tile_bandwidth.py [--length 8192] [--channels 4096]
-      [--chunk 128] [--out FILE]   (--dry-run: tiny shapes in interpret mode, to test the script on a CPU)
+      [--chunk 128] [--gates --groups 256 [--candidate mr:num_stages_bwd=2 ...]] [--out FILE]
+      (--dry-run: tiny shapes in interpret mode, to test the script on a CPU)
 
 The blocked gate kernels (pallas_kernels/blocked_conv.py, featurized_conv.py) stream [T, dc]
 tiles of row-major [B, L, C] arrays: at dc = 16 channels (the group width of 256 groups at
@@ -17,6 +18,12 @@ each against XLA computing the same outputs. Prints (and with --out writes) one 
 table: wall ms per call (median, synchronised: includes the launch), device ms per call (the
 kernels' summed time in a profiler trace) and the GB/s that device time gives for one pass
 over the streams (XLA may need several kernels: their count is listed).
+
+With --gates, a second table times the gate kernels themselves at the same shape, as a
+rematerialised training step runs them: the MR (blocked, K = 128) and SE (featurized, K = 7,
+featurizer of 3 taps) forward kernels, and their backward calls with the gate output for
+dW_out (SE's includes its featurizer-backward kernel), for the default BlockSizes and each
+--candidate (tune_mixers syntax, se/mr only): device ms per call and each kernel's share.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from jax.experimental.pallas import triton as plgpu
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import profile_trace, report  # noqa: E402
 from experiments.timing import median_ms  # noqa: E402
+from pallas_kernels import blocked_conv as bc  # noqa: E402
+from pallas_kernels import featurized_conv as fc  # noqa: E402
 
 TARGET_PROGRAMS = 512  # segments along L are doubled until the grid has this many programs
 MIN_SEGMENT_CHUNKS = 8
@@ -134,16 +143,72 @@ def cases(block_cs: tuple[int, ...] = (16, 32, 64), chunk: int = 128) -> list[Ca
   return out
 
 
-def device_ms(fn, arrays: list[jax.Array], iters: int) -> tuple[float, float]:
-  """(device ms per call, kernels per call) of fn(arrays) from a profiler trace of `iters`
-  calls after one warm-up."""
+def kernel_ms(fn, arrays, iters: int) -> list[float]:
+  """Device ms per call of each kernel fn(arrays) launches, in launch order, from a profiler
+  trace of `iters` calls after one warm-up."""
   jax.block_until_ready(fn(arrays))
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
       for _ in range(iters):
         jax.block_until_ready(fn(arrays))
     events, _ = profile_trace.kernel_events(trace_dir)
-  return sum(duration for _, duration, _ in events) / iters / 1e6, len(events) / iters
+  events.sort()
+  per_call = max(len(events) // iters, 1)
+  return [sum(events[call * per_call + k][1] for call in range(iters)) / iters / 1e6
+          for k in range(per_call) if len(events) >= per_call * iters]
+
+
+def device_ms(fn, arrays: list[jax.Array], iters: int) -> tuple[float, float]:
+  """(device ms per call, kernels per call) of fn(arrays) (see kernel_ms)."""
+  kernels = kernel_ms(fn, arrays, iters)
+  return sum(kernels), len(kernels)
+
+
+def gate_calls(mixer: str, block_sizes: bc.BlockSizes | None, length: int, channels: int,
+               groups: int, dtype: jnp.dtype, interpret: bool = False):
+  """(forward fn, backward fn, args of each) of one gate kernel pair as a rematerialised
+  step runs it: the forward kernel alone, then the backward call that also writes the gate
+  output for dW_out (output_projection), from the forward's residuals."""
+  keys = jax.random.split(jax.random.key(1), 6)
+  normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)  # noqa: E731
+  dout = normal(keys[0], (1, length, channels))
+  dskip = jax.random.normal(keys[1], (channels,), jnp.float32)
+  if mixer == "mr":
+    h = jax.random.normal(keys[2], (groups, 128), jnp.float32) / 11.0
+    streams = tuple(normal(k, (1, length, channels)) for k in keys[3:6])
+    _, resolved = bc._checked(*streams, h, dskip, block_sizes)
+    operands = (*streams, h, dskip)
+    fwd = jax.jit(lambda ops: bc._gcg_fwd_impl(*ops, resolved, interpret))
+    bwd = jax.jit(lambda ops: bc._gcg_bwd_impl(resolved, interpret, ops[:-1], ops[-1],
+                                               with_output=True))
+    return fwd, bwd, operands, operands + (dout,)
+  z = normal(keys[2], (1, length, 3 * channels))
+  w_feat = jax.random.normal(keys[3], (3 * channels, 3), jnp.float32) / 2.0
+  h = jax.random.normal(keys[4], (groups, 7), jnp.float32) / 3.0
+  _, resolved = fc._checked(z, w_feat, h, dskip, block_sizes, "xla", "blocked")
+  operands = (z, w_feat, h, dskip)
+  fwd = jax.jit(lambda ops: fc._fwd_impl(*ops, resolved, interpret, "blocked"))
+  bwd = jax.jit(lambda ops: fc._fgcg_bwd_impl(resolved, interpret, "xla", "blocked", ops[:-1],
+                                              ops[-1], with_output=True))
+  return fwd, bwd, operands, operands + (dout,)
+
+
+def gate_rows(length: int, channels: int, groups: int, candidates: list[tuple[str, object]],
+              dtype: jnp.dtype = jnp.bfloat16, iters: int = 20,
+              interpret: bool = False) -> list[tuple[str, str, float, list[float]]]:
+  """Rows (mixer, candidate label, device ms per call, each kernel's ms) for the MR and SE
+  gate kernels' forward and backward, the defaults first, then each (mixer, BlockSizes)."""
+  rows = []
+  for mixer, block_sizes in [("mr", None), ("se", None), *candidates]:
+    label = "defaults" if block_sizes is None else ", ".join(
+        f"{f.name}={getattr(block_sizes, f.name)}" for f in dataclasses.fields(block_sizes)
+        if getattr(block_sizes, f.name) is not None)
+    fwd, bwd, fwd_args, bwd_args = gate_calls(mixer, block_sizes, length, channels, groups,
+                                              dtype, interpret)
+    for name, fn, args in (("forward", fwd, fwd_args), ("backward", bwd, bwd_args)):
+      kernels = kernel_ms(fn, args, iters)
+      rows.append((f"{mixer.upper()} {name}", label, sum(kernels), kernels))
+  return rows
 
 
 def run(length: int, channels: int, dtype: jnp.dtype = jnp.bfloat16, iters: int = 20,
@@ -179,21 +244,42 @@ def run(length: int, channels: int, dtype: jnp.dtype = jnp.bfloat16, iters: int 
   return rows
 
 
+def _kernel_list(kernels: list[float], most: int = 6) -> str:
+  """"0.210 + 0.071 + 0.004" in launch order, or the `most` largest of many (interpret mode)."""
+  if len(kernels) <= most:
+    return " + ".join(f"{k:.3f}" for k in kernels)
+  largest = sorted(kernels, reverse=True)[:most]
+  return f"largest {most} of {len(kernels)}: " + ", ".join(f"{k:.3f}" for k in largest)
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--length", type=int, default=8192)
   parser.add_argument("--channels", type=int, default=4096)
   parser.add_argument("--chunk", type=int, default=128, help="T, rows per loop step (MR 128, SE 64)")
   parser.add_argument("--iters", type=int, default=20)
+  parser.add_argument("--gates", action="store_true",
+                      help="also time the MR and SE gate kernels at this shape")
+  parser.add_argument("--groups", type=int, default=256, help="filter groups of --gates")
+  parser.add_argument("--candidate", action="append", default=[],
+                      metavar="MIXER:FIELD=VALUE[,FIELD=VALUE]",
+                      help="with --gates, also these BlockSizes (se or mr; repeatable)")
   parser.add_argument("--out", help="markdown file (default: print only)")
   parser.add_argument("--dry-run", action="store_true", help="tiny shapes, interpret mode (CPU)")
   args = parser.parse_args(argv)
+  from experiments.tune_mixers import mixers_and_candidates  # noqa: PLC0415
+  _, candidates = mixers_and_candidates(parser, "se,mr", args.candidate)
+  if any(mixer == "li" for mixer, _ in candidates):
+    parser.error("--candidate: the gate kernels are se and mr")
   if args.dry_run:
-    length, channels, dtype, iters = 64, 64, jnp.float32, 1
+    length, channels, groups, dtype, iters = 256, 64, 4, jnp.float32, 1
     rows = run(length, channels, dtype, iters=iters, interpret=True, block_cs=(16, 32), chunk=16)
   else:
-    length, channels, dtype, iters = args.length, args.channels, jnp.bfloat16, args.iters
+    length, channels, groups, dtype, iters = (args.length, args.channels, args.groups,
+                                              jnp.bfloat16, args.iters)
     rows = run(length, channels, dtype, iters=iters, chunk=args.chunk)
+  gates = (gate_rows(length, channels, groups, candidates, dtype, iters, interpret=args.dry_run)
+           if args.gates else [])
   device = jax.devices()[0].device_kind
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   lines = [f"# Streaming bandwidth of the gate kernels' tile pattern (L={length}, C={channels})",
@@ -206,6 +292,12 @@ def main(argv: list[str] | None = None) -> None:
            "|---|---|---|---|---|---|"]
   lines += [f"| {label} | {programs or '-'} | {wall:.3f} | {device:.3f} | {kernels:g} | {gbs:.0f} |"
             for label, programs, wall, device, kernels, gbs in rows]
+  if gates:
+    lines += ["", f"Gate kernels at this shape ({groups} filter groups; MR K = 128, SE K = 7 with a "
+              "3-tap featurizer; backward with the gate output for dW_out):", "",
+              "| kernel | BlockSizes | device ms | per kernel (ms, launch order) |", "|---|---|---|---|"]
+    lines += [f"| {name} | {label} | {total:.3f} | {_kernel_list(kernels)} |"
+              for name, label, total, kernels in gates]
   report.emit(lines, args.out)
 
 

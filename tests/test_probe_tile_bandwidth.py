@@ -48,3 +48,18 @@ def test_rejects_untiled_shapes():
   case = probe.Case(3, 1, 16, 32, False, 4, 2)
   with pytest.raises(ValueError, match="multiple of T=32"):
     probe.stream(case, [jnp.zeros((40, 32))] * 3, interpret=True)
+
+
+def test_dry_run_times_the_gate_kernels(tmp_path):
+  """--gates: the MR and SE forward and backward calls run (interpret mode) for the defaults
+  and each candidate; a candidate for another mixer is refused."""
+  out = tmp_path / "gates.md"
+  probe.main(["--dry-run", "--gates", "--candidate", "mr:num_stages_bwd=2", "--out", str(out)])
+  gate_lines = [line for line in out.read_text().splitlines()
+                if line.startswith(("| MR ", "| SE "))]
+  assert [line.split(" | ")[:2] for line in gate_lines] == [
+      ["| MR forward", "defaults"], ["| MR backward", "defaults"], ["| SE forward", "defaults"],
+      ["| SE backward", "defaults"], ["| MR forward", "num_stages_bwd=2"],
+      ["| MR backward", "num_stages_bwd=2"]]
+  with pytest.raises(SystemExit):
+    probe.main(["--dry-run", "--gates", "--candidate", "li:chunk=4"])
