@@ -10,21 +10,38 @@ import pytest
 from experiments import probe_tile_bandwidth as probe
 
 
-@pytest.mark.parametrize("channel_major", [False, True])
+def _reference(arrays, streams_out, windows, dots, chunk):
+  """float64: total = sum_i sum_{j < J} a_i[t - j] (0 before row 0), then `dots` times
+  acc = M @ acc + total per chunk (M lower-triangular ones / T); out_k = 2 a_k + acc."""
+  arrays = [np.asarray(a, np.float64) for a in arrays]
+  total = sum(np.concatenate([np.zeros((j, a.shape[1])), a[:a.shape[0] - j]])
+              for a in arrays for j in range(windows))
+  matrix = np.tril(np.ones((chunk, chunk))) / chunk
+  acc = total
+  for _ in range(dots):
+    acc = np.concatenate([matrix @ acc[i:i + chunk] for i in range(0, len(acc), chunk)]) + total
+  return [2 * arrays[k % len(arrays)] + acc for k in range(streams_out)]
+
+
+@pytest.mark.parametrize("channel_major,windows,dots", [(False, 1, 0), (True, 1, 0),
+                                                        (False, 3, 0), (False, 1, 2),
+                                                        (False, 3, 2)])
 @pytest.mark.parametrize("streams_in,streams_out", [(4, 4), (3, 1)])
-def test_stream_matches_numpy(channel_major, streams_in, streams_out):
-  rng = np.random.default_rng(streams_in + 10 * channel_major)
-  length, channels = 128, 64
+def test_stream_matches_numpy(channel_major, windows, dots, streams_in, streams_out):
+  """Fresh random float32 inputs, L = 128 over T = 16 chunks (8 of them: the windows cross
+  chunk and segment boundaries and start before row 0)."""
+  rng = np.random.default_rng(streams_in + 10 * channel_major + 100 * windows + 1000 * dots)
+  length, channels, chunk = 128, 64, 16
   arrays = [rng.standard_normal((length, channels)).astype(np.float32) for _ in range(streams_in)]
-  case = probe.Case(streams_in, streams_out, 16, 16, channel_major, 4, 2)
+  case = probe.Case(streams_in, streams_out, 16, chunk, channel_major, 4, 2, windows, dots)
   inputs = [jnp.asarray(a.T if channel_major else a) for a in arrays]
-  got = probe.stream(case, inputs, interpret=True)
-  total = sum(np.asarray(a, np.float64) for a in arrays)
+  with jax.default_matmul_precision("highest"):
+    got = probe.stream(case, inputs, interpret=True)
+  want = _reference(arrays, streams_out, windows, dots, chunk)
   assert len(got) == streams_out
-  for k, out in enumerate(got):
-    want = 2 * np.asarray(arrays[k % streams_in], np.float64) + total
-    np.testing.assert_allclose(np.asarray(out).T if channel_major else np.asarray(out), want,
-                               rtol=1e-6, atol=1e-5)
+  for out, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(out).T if channel_major else np.asarray(out), w,
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_lowers_for_cuda_at_the_gpu_shape():
@@ -48,6 +65,9 @@ def test_rejects_untiled_shapes():
   case = probe.Case(3, 1, 16, 32, False, 4, 2)
   with pytest.raises(ValueError, match="multiple of T=32"):
     probe.stream(case, [jnp.zeros((40, 32))] * 3, interpret=True)
+  with pytest.raises(ValueError, match="row-major layout only"):
+    probe.stream(probe.Case(3, 1, 16, 32, True, 4, 2, windows=3), [jnp.zeros((32, 64))] * 3,
+                 interpret=True)
 
 
 def test_dry_run_times_the_gate_kernels(tmp_path):
