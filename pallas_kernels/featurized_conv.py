@@ -53,6 +53,11 @@ MAX_FEATURIZER_TAPS = 4
 LAYOUTS = ("blocked", "interleaved")  # column order of z: [post | pre | v] or triples 3i+s
 TAP_GRADS = ("kernel", "xla")  # where the featurizer-tap gradient is reduced (see _fgcg_bwd)
 FUSED_BWD_STAGES_LONG_CHUNK = 1
+# Forward pipelining depth for 16-bit I/O and T < 128 (the blocked kernel's 4 costs this one,
+# whose loads are 3 J shifted windows a stream, 1.2-1.6x): H100, L = 8K, K = 7, J = 3, forward
+# kernel alone, 3 / 2 / 4 stages: 0.222 / 0.232 / 0.351 ms at C = 4096 (256 groups), 0.116 /
+# 0.123 / 0.140 at C = 1920 (experiments/results/probe_tile_bandwidth_nvidia_h100_80gb_hbm3.md).
+FUSED_FWD_STAGES = 3
 _STREAMS = 3  # post, pre, v
 _STREAMS_PADDED = 4  # Triton block dims are powers of two
 
@@ -110,12 +115,17 @@ def unsupported_reason(shape_BL3C: tuple[int, ...], shape_3CJ: tuple[int, ...],
 
 def _resolve(block_sizes: bc.BlockSizes | None, shape_BLC: tuple[int, ...],
              shape_GK: tuple[int, ...], dtype: jnp.dtype) -> bc.BlockSizes:
-  """blocked_conv's heuristics, except the backward's pipelining depth: the fused backward
-  loads 5 J shifted tiles per chunk, so with T >= 128 it gets FUSED_BWD_STAGES_LONG_CHUNK
-  (more stages overflow the H100's shared memory)."""
+  """blocked_conv's heuristics, except the pipelining depths: the fused backward loads 5 J
+  shifted tiles per chunk, so with T >= 128 it gets FUSED_BWD_STAGES_LONG_CHUNK (more stages
+  overflow the H100's shared memory); the forward with 16-bit I/O and T < 128 gets
+  FUSED_FWD_STAGES."""
   resolved = bc._resolve(block_sizes, shape_BLC, shape_GK, dtype)
   if (block_sizes is None or block_sizes.num_stages_bwd is None) and resolved.chunk >= 128:
     resolved = dataclasses.replace(resolved, num_stages_bwd=FUSED_BWD_STAGES_LONG_CHUNK)
+  sixteen_bit = jnp.dtype(bc._dot_config(dtype)[0]).itemsize <= 2
+  if ((block_sizes is None or block_sizes.num_stages_fwd is None) and resolved.chunk < 128
+      and sixteen_bit):
+    resolved = dataclasses.replace(resolved, num_stages_fwd=FUSED_FWD_STAGES)
   return resolved
 
 

@@ -433,3 +433,19 @@ def test_featurizer_backward_reason():
   assert "multiple of 16" in hyena.featurizer_backward_reason((1, 100, 24), (24, 3))
   assert "one filter per channel" in hyena.featurizer_backward_reason((1, 100, 32), (4, 3))
   assert "taps" in hyena.featurizer_backward_reason((1, 100, 32), (32, 40))
+
+
+def test_resolve_pipelining_depths():
+  """The fused kernels' own stage defaults: 3 forward stages for 16-bit I/O at T < 128 (the
+  shifted-window loads), the blocked kernel's otherwise; 1 backward stage at T >= 128; an
+  explicit value always wins."""
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  se = fc._resolve(None, (1, 8192, 1920), (15, 7), bf16)
+  assert (se.chunk, se.num_stages_fwd, se.num_stages_bwd) == (64, fc.FUSED_FWD_STAGES, 3)
+  assert fc._resolve(None, (1, 8192, 1920), (15, 7), f32).num_stages_fwd == 2
+  long = fc._resolve(None, (1, 8192, 1920), (15, 128), bf16)
+  assert (long.chunk, long.num_stages_fwd, long.num_stages_bwd) == (
+      128, 4, fc.FUSED_BWD_STAGES_LONG_CHUNK)
+  asked = fc._resolve(bc.BlockSizes(num_stages_fwd=4, num_stages_bwd=2), (1, 8192, 1920),
+                      (15, 128), bf16)
+  assert (asked.num_stages_fwd, asked.num_stages_bwd) == (4, 2)
