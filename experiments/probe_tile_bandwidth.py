@@ -1,7 +1,8 @@
 """Bandwidth of the gate kernels' memory access pattern, without their arithmetic (Pallas GPU).
 
   PYTHONPATH=. python experiments/probe_tile_bandwidth.py [--length 8192] [--channels 4096]
-      [--chunk 128] [--gates --groups 256 [--candidate mr:num_stages_bwd=2 ...]] [--out FILE]
+      [--chunk 128] [--gates | --gates-only] [--groups 256] [--candidate mr:num_stages_bwd=2 ...]
+      [--out FILE]
       (--dry-run: tiny shapes in interpret mode, to test the script on a CPU)
 
 The blocked gate kernels (pallas_kernels/blocked_conv.py, featurized_conv.py) stream [T, dc]
@@ -23,10 +24,12 @@ kernels' summed time in a profiler trace) and the GB/s that device time gives fo
 over the streams (XLA may need several kernels: their count is listed).
 
 With --gates, a second table times the gate kernels themselves at the same shape, as a
-rematerialised training step runs them: the MR (blocked, K = 128) and SE (featurized, K = 7,
-featurizer of 3 taps) forward kernels, and their backward calls with the gate output for
-dW_out (SE's includes its featurizer-backward kernel), for the default BlockSizes and each
---candidate (tune_mixers syntax, se/mr only): device ms per call and each kernel's share.
+rematerialised training step runs them: the MR (blocked, K = 128), SE (featurized, K = 7,
+featurizer of 3 taps) and LI (featurized modal kernels, 16 poles, 3 taps) forward calls, and
+their backward calls with the gate output for dW_out (SE's includes its featurizer-backward
+kernel; LI's forward its state pass and chain, whose states the backward reads), for the
+default BlockSizes and each --candidate (tune_mixers syntax): device ms per call and each
+kernel's share.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from experiments import profile_trace, report  # noqa: E402
 from experiments.timing import median_ms  # noqa: E402
 from pallas_kernels import blocked_conv as bc  # noqa: E402
 from pallas_kernels import featurized_conv as fc  # noqa: E402
+from pallas_kernels import modal_conv as mc  # noqa: E402
 
 TARGET_PROGRAMS = 512  # segments along L are doubled until the grid has this many programs
 MIN_SEGMENT_CHUNKS = 8
@@ -218,15 +222,30 @@ def device_ms(fn, arrays: list[jax.Array], iters: int) -> tuple[float, float]:
   return sum(kernels), len(kernels)
 
 
-def gate_calls(mixer: str, block_sizes: bc.BlockSizes | None, length: int, channels: int,
-               groups: int, dtype: jnp.dtype, interpret: bool = False):
+def gate_calls(mixer: str, block_sizes, length: int, channels: int, groups: int,
+               dtype: jnp.dtype, interpret: bool = False):
   """(forward fn, backward fn, args of each) of one gate kernel pair as a rematerialised
-  step runs it: the forward kernel alone, then the backward call that also writes the gate
-  output for dW_out (output_projection), from the forward's residuals."""
+  step runs it: the forward kernels, then the backward call that also writes the gate output
+  for dW_out (output_projection), from the forward's residuals; the backward's args are the
+  residuals then the output's cotangent."""
   keys = jax.random.split(jax.random.key(1), 6)
   normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)  # noqa: E731
   dout = normal(keys[0], (1, length, channels))
   dskip = jax.random.normal(keys[1], (channels,), jnp.float32)
+  if mixer == "li":
+    streams = tuple(normal(k, (1, length, channels)) for k in keys[2:5])
+    taps = tuple(jax.random.uniform(jax.random.fold_in(keys[5], s), (channels, 3), jnp.float32,
+                                    -1.0, 1.0) for s in range(3))
+    log_poles = -jnp.exp(jax.random.uniform(jax.random.fold_in(keys[5], 3), (channels, 16),
+                                            jnp.float32, jnp.log(1e-3), jnp.log(6.0)))
+    residues = 0.3 * jax.random.normal(jax.random.fold_in(keys[5], 4), (channels, 16))
+    operands = (*streams, *taps, log_poles, residues, dskip)
+    resolved = mc._featurized_checked(*operands[:7], dskip, block_sizes)
+    fwd = jax.jit(lambda ops: mc._modal_fgcg_fwd(*ops, resolved, interpret))
+    residuals = fwd(operands)[1]
+    bwd = jax.jit(lambda ops: mc._modal_fgcg_bwd_impl(resolved, interpret, ops[:-1], ops[-1],
+                                                      with_output=True))
+    return fwd, bwd, operands, (*residuals, dout)
   if mixer == "mr":
     h = jax.random.normal(keys[2], (groups, 128), jnp.float32) / 11.0
     streams = tuple(normal(k, (1, length, channels)) for k in keys[3:6])
@@ -250,10 +269,10 @@ def gate_calls(mixer: str, block_sizes: bc.BlockSizes | None, length: int, chann
 def gate_rows(length: int, channels: int, groups: int, candidates: list[tuple[str, object]],
               dtype: jnp.dtype = jnp.bfloat16, iters: int = 20,
               interpret: bool = False) -> list[tuple[str, str, float, list[float]]]:
-  """Rows (mixer, candidate label, device ms per call, each kernel's ms) for the MR and SE
+  """Rows (mixer, candidate label, device ms per call, each kernel's ms) for the MR, SE and LI
   gate kernels' forward and backward, the defaults first, then each (mixer, BlockSizes)."""
   rows = []
-  for mixer, block_sizes in [("mr", None), ("se", None), *candidates]:
+  for mixer, block_sizes in [("mr", None), ("se", None), ("li", None), *candidates]:
     label = "defaults" if block_sizes is None else ", ".join(
         f"{f.name}={getattr(block_sizes, f.name)}" for f in dataclasses.fields(block_sizes)
         if getattr(block_sizes, f.name) is not None)
@@ -317,27 +336,28 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--chunk", type=int, default=128, help="T, rows per loop step (MR 128, SE 64)")
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--gates", action="store_true",
-                      help="also time the MR and SE gate kernels at this shape")
+                      help="also time the MR, SE and LI gate kernels at this shape")
+  parser.add_argument("--gates-only", action="store_true",
+                      help="--gates without the streaming table")
   parser.add_argument("--groups", type=int, default=256, help="filter groups of --gates")
   parser.add_argument("--candidate", action="append", default=[],
                       metavar="MIXER:FIELD=VALUE[,FIELD=VALUE]",
-                      help="with --gates, also these BlockSizes (se or mr; repeatable)")
+                      help="with --gates, also these BlockSizes (se, mr or li; repeatable)")
   parser.add_argument("--out", help="markdown file (default: print only)")
   parser.add_argument("--dry-run", action="store_true", help="tiny shapes, interpret mode (CPU)")
   args = parser.parse_args(argv)
   from experiments.tune_mixers import mixers_and_candidates  # noqa: PLC0415
-  _, candidates = mixers_and_candidates(parser, "se,mr", args.candidate)
-  if any(mixer == "li" for mixer, _ in candidates):
-    parser.error("--candidate: the gate kernels are se and mr")
+  _, candidates = mixers_and_candidates(parser, "se,mr,li", args.candidate)
   if args.dry_run:
     length, channels, groups, dtype, iters = 256, 64, 4, jnp.float32, 1
-    rows = run(length, channels, dtype, iters=iters, interpret=True, block_cs=(16, 32), chunk=16)
+    rows = [] if args.gates_only else run(length, channels, dtype, iters=iters, interpret=True,
+                                          block_cs=(16, 32), chunk=16)
   else:
     length, channels, groups, dtype, iters = (args.length, args.channels, args.groups,
                                               jnp.bfloat16, args.iters)
-    rows = run(length, channels, dtype, iters=iters, chunk=args.chunk)
+    rows = [] if args.gates_only else run(length, channels, dtype, iters=iters, chunk=args.chunk)
   gates = (gate_rows(length, channels, groups, candidates, dtype, iters, interpret=args.dry_run)
-           if args.gates else [])
+           if args.gates or args.gates_only else [])
   device = jax.devices()[0].device_kind
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   lines = [f"# Streaming bandwidth of the gate kernels' tile pattern (L={length}, C={channels})",
@@ -345,14 +365,16 @@ def main(argv: list[str] | None = None) -> None:
            "- command: `PYTHONPATH=. python3 experiments/probe_tile_bandwidth.py "
            + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
            f"- {jnp.dtype(dtype).name} streams; each kernel's outputs checked equal to the XLA "
-           f"outputs; {iters} runs; GB/s = bytes of one pass (read + written) / device time", "",
-           "| case | programs | wall ms | device ms | kernels | GB/s |",
-           "|---|---|---|---|---|---|"]
-  lines += [f"| {label} | {programs or '-'} | {wall:.3f} | {device:.3f} | {kernels:g} | {gbs:.0f} |"
-            for label, programs, wall, device, kernels, gbs in rows]
+           f"outputs; {iters} runs; GB/s = bytes of one pass (read + written) / device time"]
+  if rows:
+    lines += ["", "| case | programs | wall ms | device ms | kernels | GB/s |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {programs or '-'} | {wall:.3f} | {device:.3f} | {kernels:g} | "
+              f"{gbs:.0f} |" for label, programs, wall, device, kernels, gbs in rows]
   if gates:
     lines += ["", f"Gate kernels at this shape ({groups} filter groups; MR K = 128, SE K = 7 with a "
-              "3-tap featurizer; backward with the gate output for dW_out):", "",
+              "3-tap featurizer, LI 16 poles with a 3-tap featurizer; backward with the gate "
+              "output for dW_out):", "",
               "| kernel | BlockSizes | device ms | per kernel (ms, launch order) |", "|---|---|---|---|"]
     lines += [f"| {name} | {label} | {total:.3f} | {_kernel_list(kernels)} |"
               for name, label, total, kernels in gates]

@@ -2,12 +2,15 @@
 mode, both layouts, fresh random inputs), lower for CUDA at the probe's GPU shape, and the
 dry run writes its table."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from experiments import probe_tile_bandwidth as probe
+from pallas_kernels import modal_conv as mc
 
 
 def _reference(arrays, streams_out, windows, dots, chunk):
@@ -71,15 +74,33 @@ def test_rejects_untiled_shapes():
 
 
 def test_dry_run_times_the_gate_kernels(tmp_path):
-  """--gates: the MR and SE forward and backward calls run (interpret mode) for the defaults
-  and each candidate; a candidate for another mixer is refused."""
+  """--gates: the MR, SE and LI forward and backward calls run (interpret mode) for the
+  defaults and each candidate; an unknown mixer is refused."""
   out = tmp_path / "gates.md"
-  probe.main(["--dry-run", "--gates", "--candidate", "mr:num_stages_bwd=2", "--out", str(out)])
+  probe.main(["--dry-run", "--gates-only", "--candidate", "li:chunk=4", "--out", str(out)])
   gate_lines = [line for line in out.read_text().splitlines()
-                if line.startswith(("| MR ", "| SE "))]
+                if line.startswith(("| MR ", "| SE ", "| LI "))]
   assert [line.split(" | ")[:2] for line in gate_lines] == [
       ["| MR forward", "defaults"], ["| MR backward", "defaults"], ["| SE forward", "defaults"],
-      ["| SE backward", "defaults"], ["| MR forward", "num_stages_bwd=2"],
-      ["| MR backward", "num_stages_bwd=2"]]
+      ["| SE backward", "defaults"], ["| LI forward", "defaults"], ["| LI backward", "defaults"],
+      ["| LI forward", "chunk=4"], ["| LI backward", "chunk=4"]]
+  assert "| case |" not in out.read_text()  # --gates-only: no streaming table
   with pytest.raises(SystemExit):
-    probe.main(["--dry-run", "--gates", "--candidate", "li:chunk=4"])
+    probe.main(["--dry-run", "--gates", "--candidate", "xx:chunk=4"])
+
+
+def test_li_gate_calls_compute_the_operator():
+  """The LI rows time the real operator: its backward call's gradients equal jax.vjp of the
+  featurized kernel at the same inputs (interpret mode, float32)."""
+  fwd, bwd, operands, bwd_args = probe.gate_calls("li", None, 64, 32, 2, jnp.float32,
+                                                  interpret=True)
+  out, residuals = fwd(operands)
+  grads = bwd(bwd_args)
+  dout = bwd_args[-1]
+  kernel = functools.partial(mc.featurized_gate_conv_gate_pallas, interpret=True)
+  want_out, vjp = jax.vjp(kernel, *operands)
+  want = vjp(dout)
+  np.testing.assert_allclose(out, want_out, rtol=1e-6, atol=1e-6)
+  for got, expected in zip(grads[:len(want)], want):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grads[-1], want_out, rtol=1e-6, atol=1e-6)  # the gate output
