@@ -1,4 +1,4 @@
-"""Bandwidth of the gate kernels' memory access pattern, without their arithmetic (Pallas GPU).
+"""Where the gate kernels' time goes: their tiles streamed alone, an ablation, the kernels (GPU).
 
   PYTHONPATH=. python experiments/probe_tile_bandwidth.py [--length 8192] [--channels 4096]
       [--chunk 128] [--gates | --gates-only] [--groups 256] [--candidate mr:num_stages_bwd=2 ...]
@@ -41,6 +41,7 @@ import functools
 import os
 import sys
 import tempfile
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +97,7 @@ def _outputs(unshifted: list[jax.Array], total: jax.Array, streams_out: int,
 
 
 def _stream_kernel(*refs, streams_in: int, chunk: int, segment_chunks: int,
-                   channel_major: bool, windows: int, dots: int, interpret: bool):
+                   channel_major: bool, windows: int, dots: int, interpret: bool) -> None:
   in_refs, out_refs = refs[:streams_in], refs[streams_in:]
   io_dtype = out_refs[0].dtype
   first = pl.program_id(1) * segment_chunks
@@ -201,7 +202,7 @@ def cases(block_cs: tuple[int, ...] = (16, 32, 64), chunk: int = 128) -> list[Ca
   return out
 
 
-def kernel_ms(fn, arrays, iters: int) -> list[float]:
+def kernel_ms(fn: Callable[[Any], Any], arrays: Any, iters: int) -> list[float]:
   """Device ms per call of each kernel fn(arrays) launches, in launch order, from a profiler
   trace of `iters` calls after one warm-up."""
   jax.block_until_ready(fn(arrays))
@@ -216,14 +217,16 @@ def kernel_ms(fn, arrays, iters: int) -> list[float]:
           for k in range(per_call) if len(events) >= per_call * iters]
 
 
-def device_ms(fn, arrays: list[jax.Array], iters: int) -> tuple[float, float]:
+def device_ms(fn: Callable[[Any], Any], arrays: list[jax.Array], iters: int
+              ) -> tuple[float, float]:
   """(device ms per call, kernels per call) of fn(arrays) (see kernel_ms)."""
   kernels = kernel_ms(fn, arrays, iters)
   return sum(kernels), len(kernels)
 
 
-def gate_calls(mixer: str, block_sizes, length: int, channels: int, groups: int,
-               dtype: jnp.dtype, interpret: bool = False):
+def gate_calls(mixer: str, block_sizes: bc.BlockSizes | mc.BlockSizes | None, length: int,
+               channels: int, groups: int, dtype: jnp.dtype, interpret: bool = False
+               ) -> tuple[Callable[[tuple], Any], Callable[[tuple], Any], tuple, tuple]:
   """(forward fn, backward fn, args of each) of one gate kernel pair as a rematerialised
   step runs it: the forward kernels, then the backward call that also writes the gate output
   for dW_out (output_projection), from the forward's residuals; the backward's args are the
@@ -266,7 +269,7 @@ def gate_calls(mixer: str, block_sizes, length: int, channels: int, groups: int,
   return fwd, bwd, operands, operands + (dout,)
 
 
-def gate_rows(length: int, channels: int, groups: int, candidates: list[tuple[str, object]],
+def gate_rows(length: int, channels: int, groups: int, candidates: list[tuple[str, Any]],
               dtype: jnp.dtype = jnp.bfloat16, iters: int = 20,
               interpret: bool = False) -> list[tuple[str, str, float, list[float]]]:
   """Rows (mixer, candidate label, device ms per call, each kernel's ms) for the MR, SE and LI
@@ -295,7 +298,8 @@ def run(length: int, channels: int, dtype: jnp.dtype = jnp.bfloat16, iters: int 
   itemsize = jnp.dtype(dtype).itemsize
   rows = []
 
-  def row(label: str, programs: int, fn, arrays: list[jax.Array], streams: int):
+  def row(label: str, programs: int, fn: Callable[[Any], Any], arrays: list[jax.Array],
+          streams: int) -> None:
     wall = median_ms(fn, arrays, iters=iters)
     device, kernels = device_ms(fn, arrays, iters)
     gb = streams * length * channels * itemsize / 1e9
