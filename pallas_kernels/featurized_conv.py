@@ -118,13 +118,13 @@ def _resolve(block_sizes: bc.BlockSizes | None, shape_BLC: tuple[int, ...],
   """blocked_conv's heuristics, except the pipelining depths: the fused backward loads 5 J
   shifted tiles per chunk, so with T >= 128 it gets FUSED_BWD_STAGES_LONG_CHUNK (more stages
   overflow the H100's shared memory); the forward with 16-bit I/O and T < 128 gets
-  FUSED_FWD_STAGES."""
-  resolved = bc._resolve(block_sizes, shape_BLC, shape_GK, dtype)
-  if (block_sizes is None or block_sizes.num_stages_bwd is None) and resolved.chunk >= 128:
+  FUSED_FWD_STAGES. A depth set in block_sizes, or else in BlockSizes.get_default(), wins."""
+  requested = block_sizes or bc.BlockSizes.get_default()
+  resolved = bc._resolve(requested, shape_BLC, shape_GK, dtype)
+  if requested.num_stages_bwd is None and resolved.chunk >= 128:
     resolved = dataclasses.replace(resolved, num_stages_bwd=FUSED_BWD_STAGES_LONG_CHUNK)
   sixteen_bit = jnp.dtype(bc._dot_config(dtype)[0]).itemsize <= 2
-  if ((block_sizes is None or block_sizes.num_stages_fwd is None) and resolved.chunk < 128
-      and sixteen_bit):
+  if requested.num_stages_fwd is None and resolved.chunk < 128 and sixteen_bit:
     resolved = dataclasses.replace(resolved, num_stages_fwd=FUSED_FWD_STAGES)
   return resolved
 

@@ -449,3 +449,13 @@ def test_resolve_pipelining_depths():
   asked = fc._resolve(bc.BlockSizes(num_stages_fwd=4, num_stages_bwd=2), (1, 8192, 1920),
                       (15, 128), bf16)
   assert (asked.num_stages_fwd, asked.num_stages_bwd) == (4, 2)
+
+
+def test_resolve_honours_a_patched_default(monkeypatch):
+  """Depths set in BlockSizes.get_default() (how tune_mixers and kernel_resources time a
+  candidate through the modules) win over the fused kernels' own defaults, as block_sizes do."""
+  monkeypatch.setattr(bc.BlockSizes, "get_default",
+                      classmethod(lambda cls: bc.BlockSizes(num_stages_fwd=4, num_stages_bwd=2)))
+  short = fc._resolve(None, (1, 8192, 1920), (15, 7), jnp.bfloat16)
+  long = fc._resolve(None, (1, 8192, 1920), (15, 128), jnp.bfloat16)
+  assert (short.num_stages_fwd, long.num_stages_bwd) == (4, 2)
