@@ -51,6 +51,7 @@ from jax.experimental.pallas import triton as plgpu
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import profile_trace, report  # noqa: E402
 from experiments.timing import median_ms  # noqa: E402
+from experiments.tune_mixers import candidate_label, mixers_and_candidates  # noqa: E402
 from pallas_kernels import blocked_conv as bc  # noqa: E402
 from pallas_kernels import featurized_conv as fc  # noqa: E402
 from pallas_kernels import modal_conv as mc  # noqa: E402
@@ -103,22 +104,14 @@ def _stream_kernel(*refs, streams_in: int, chunk: int, segment_chunks: int,
   first = pl.program_id(1) * segment_chunks
   matrix = _chain_matrix(chunk, io_dtype) if dots else None
 
-  def load_windows(ref, n) -> list[jax.Array]:
-    out = []
-    for j in range(1, windows):
-      starts = n * chunk - j + jax.lax.iota(jnp.int32, chunk)
-      valid = (starts >= 0)[:, None]
-      if interpret:  # interpret-mode loads cannot start before row 0
-        out.append(jnp.where(valid, ref[jnp.maximum(starts, 0), :], 0))
-      else:
-        out.append(plgpu.load(ref.at[pl.ds(n * chunk - j, chunk), :], mask=valid, other=0.0))
-    return out
-
   def body(step, carry):
     n = first + step
     rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
-    tiles = [ref[:, rows] if channel_major else ref[rows, :] for ref in in_refs]
-    shifted = [w for ref in in_refs for w in load_windows(ref, n)]
+    if channel_major:
+      tiles, shifted = [ref[:, rows] for ref in in_refs], []
+    else:  # the fused kernel's own loads: row t, then masked windows at t - j
+      loads = [fc._shifted_rows(ref, n, chunk, windows, not interpret) for ref in in_refs]
+      tiles, shifted = [load[0] for load in loads], [w for load in loads for w in load[1:]]
     total = sum(t.astype(jnp.float32) for t in tiles + shifted)
     acc = total
     for _ in range(dots):
@@ -276,9 +269,7 @@ def gate_rows(length: int, channels: int, groups: int, candidates: list[tuple[st
   gate kernels' forward and backward, the defaults first, then each (mixer, BlockSizes)."""
   rows = []
   for mixer, block_sizes in [("mr", None), ("se", None), ("li", None), *candidates]:
-    label = "defaults" if block_sizes is None else ", ".join(
-        f"{f.name}={getattr(block_sizes, f.name)}" for f in dataclasses.fields(block_sizes)
-        if getattr(block_sizes, f.name) is not None)
+    label = "defaults" if block_sizes is None else candidate_label(block_sizes)
     fwd, bwd, fwd_args, bwd_args = gate_calls(mixer, block_sizes, length, channels, groups,
                                               dtype, interpret)
     for name, fn, args in (("forward", fwd, fwd_args), ("backward", bwd, bwd_args)):
@@ -337,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--length", type=int, default=8192)
   parser.add_argument("--channels", type=int, default=4096)
-  parser.add_argument("--chunk", type=int, default=128, help="T, rows per loop step (MR 128, SE 64)")
+  parser.add_argument("--chunk", type=int, default=128,
+                      help="T, rows per loop step (MR 128, SE 64)")
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--gates", action="store_true",
                       help="also time the MR, SE and LI gate kernels at this shape")
@@ -350,7 +342,6 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--out", help="markdown file (default: print only)")
   parser.add_argument("--dry-run", action="store_true", help="tiny shapes, interpret mode (CPU)")
   args = parser.parse_args(argv)
-  from experiments.tune_mixers import mixers_and_candidates  # noqa: PLC0415
   _, candidates = mixers_and_candidates(parser, "se,mr,li", args.candidate)
   if args.dry_run:
     length, channels, groups, dtype, iters = 256, 64, 4, jnp.float32, 1
@@ -376,10 +367,11 @@ def main(argv: list[str] | None = None) -> None:
     lines += [f"| {label} | {programs or '-'} | {wall:.3f} | {device:.3f} | {kernels:g} | "
               f"{gbs:.0f} |" for label, programs, wall, device, kernels, gbs in rows]
   if gates:
-    lines += ["", f"Gate kernels at this shape ({groups} filter groups; MR K = 128, SE K = 7 with a "
-              "3-tap featurizer, LI 16 poles with a 3-tap featurizer; backward with the gate "
-              "output for dW_out):", "",
-              "| kernel | BlockSizes | device ms | per kernel (ms, launch order) |", "|---|---|---|---|"]
+    lines += ["", f"Gate kernels at this shape ({groups} filter groups; MR K = 128, SE K = 7 "
+              "with a 3-tap featurizer, LI 16 poles with a 3-tap featurizer; backward with the "
+              "gate output for dW_out):", "",
+              "| kernel | BlockSizes | device ms | per kernel (ms, launch order) |",
+              "|---|---|---|---|"]
     lines += [f"| {name} | {label} | {total:.3f} | {_kernel_list(kernels)} |"
               for name, label, total, kernels in gates]
   report.emit(lines, args.out)

@@ -127,7 +127,7 @@ def mixers_and_candidates(parser: argparse.ArgumentParser, mixers_arg: str,
     raise  # parser.error exits
 
 
-def _label(candidate: Any) -> str:
+def candidate_label(candidate: Any) -> str:
   """The fields a candidate sets, "block_c=32, num_warps=2", or "defaults"."""
   return ", ".join(f"{f.name}={getattr(candidate, f.name)}" for f in dataclasses.fields(candidate)
                    if getattr(candidate, f.name) is not None) or "defaults"
@@ -155,7 +155,8 @@ def compare(mixer: str, candidates: list[Any], config: config_lib.ModelConfig, x
   rows: list[tuple[str, str, list[float] | str]] = []
   thunks = []
   for candidate in [sizes_cls(), *candidates]:
-    label, resolved = _label(candidate), _resolved(mixer, candidate, config, x_BLD.shape[1])
+    label = candidate_label(candidate)
+    resolved = _resolved(mixer, candidate, config, x_BLD.shape[1])
     if resolved.startswith("unsupported"):
       rows.append((label, resolved, resolved))
       continue
@@ -204,7 +205,7 @@ def sweep(mixer: str, config: config_lib.ModelConfig, x_BLD: jax.Array, budget_s
 
   def measure(candidate) -> float:
     resolved = _resolved(mixer, candidate, config, x_BLD.shape[1])
-    label = _label(candidate)
+    label = candidate_label(candidate)
     if resolved.startswith("unsupported"):
       rows.append((label, resolved, "-"))
       return float("inf")
