@@ -67,6 +67,10 @@ logger = logging.getLogger(__name__)
 # one warp beat 2 and 4 (9x and 15x slower; measured, not profiled), 1024 programs beat
 # 2048/4096/8192 (the sweep stopped at its edge: fewer programs or chunk 4 are untried).
 DEFAULT_CHUNK = 8  # rows unrolled per loop iteration
+# The backward's forward walk (modal_conv_bwd_forward) with 4-row chunks: 0.279 -> 0.250 ms on an
+# H100 at C = 1920, L = 8K, where 4-row chunks slow the other kernels (bwd_reverse 0.136 ->
+# 0.156; experiments/results/probe_tile_bandwidth_nvidia_h100_80gb_hbm3.md).
+DEFAULT_CHUNK_BWD_FORWARD = 4
 DEFAULT_BLOCK_C = 32
 DEFAULT_NUM_WARPS = 1
 DEFAULT_NUM_STAGES = 3
@@ -96,12 +100,17 @@ class BlockSizes:
       keeps >= MIN_SEGMENT_CHUNKS chunks.
     num_warps: Triton warps per program (all kernels). None: DEFAULT_NUM_WARPS.
     num_stages: software-pipelining depth of the chunk loops. None: DEFAULT_NUM_STAGES.
+    chunk_bwd_forward: rows per loop iteration of the backward's forward walk
+      (`modal_conv_bwd_forward`), a power of two dividing the segment's chunk * segment_chunks
+      rows (the segments stay those of the other kernels). None: min(chunk,
+      DEFAULT_CHUNK_BWD_FORWARD).
   """
   chunk: int | None = None
   block_c: int | None = None
   segment_chunks: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
+  chunk_bwd_forward: int | None = None
 
   @classmethod
   def get_default(cls) -> BlockSizes:
@@ -144,6 +153,13 @@ def unsupported_reason(shape_BLC: tuple[int, ...], shape_CN: tuple[int, ...],
             "use the reference")
   if block_sizes.segment_chunks is not None and block_sizes.segment_chunks < 1:
     return f"segment_chunks {block_sizes.segment_chunks} must be >= 1"
+  walk_chunk = block_sizes.chunk_bwd_forward
+  if walk_chunk is not None:
+    resolved = _resolve(block_sizes, tuple(shape_BLC))
+    segment_rows = resolved.chunk * resolved.segment_chunks
+    if not _is_pow2(walk_chunk) or segment_rows % walk_chunk:
+      return (f"chunk_bwd_forward {walk_chunk} must be a power of two dividing the segment's "
+              f"{segment_rows} rows (chunk * segment_chunks); leave it None for the default")
   return None
 
 
@@ -173,7 +189,17 @@ def _resolve(block_sizes: BlockSizes | None, shape_BLC: tuple[int, ...]) -> Bloc
   segment_chunks = min(segment_chunks, num_chunks)
   return BlockSizes(chunk=chunk, block_c=block_c, segment_chunks=segment_chunks,
                     num_warps=block_sizes.num_warps or DEFAULT_NUM_WARPS,
-                    num_stages=block_sizes.num_stages or DEFAULT_NUM_STAGES)
+                    num_stages=block_sizes.num_stages or DEFAULT_NUM_STAGES,
+                    chunk_bwd_forward=(block_sizes.chunk_bwd_forward
+                                       or min(chunk, DEFAULT_CHUNK_BWD_FORWARD)))
+
+
+def _walk_sizes(bs: BlockSizes) -> BlockSizes:
+  """bs with the backward's forward walk's chunk: the same segments, cut into
+  chunk_bwd_forward-row chunks."""
+  segment_rows = bs.chunk * bs.segment_chunks
+  return dataclasses.replace(bs, chunk=bs.chunk_bwd_forward,
+                             segment_chunks=segment_rows // bs.chunk_bwd_forward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,9 +731,9 @@ def _bwd_impl(bs, interpret, post, pre, v, log_poles_CN, residues_CN, dskip_C, s
                 + (jax.ShapeDtypeStruct(v_p.shape, v.dtype),) * with_output + fwd_tap_shape)
   dpost, dr, dz, ddskip, a_hat, *rest = _call(
       functools.partial(_bwd_forward_kernel, with_output=with_output), "modal_conv_bwd_forward",
-      bs, grid, [param, param, param, skip, state, state, tile, tile, tile, tile], out_specs,
-      out_shapes, interpret, num_taps, wf, lp_NC, p_NC, r_NC, dskip_1C, s0, z0, post_p, pre_p,
-      v_p, dout_p)
+      _walk_sizes(bs), grid, [param, param, param, skip, state, state, tile, tile, tile, tile],
+      out_specs, out_shapes, interpret, num_taps, wf, lp_NC, p_NC, r_NC, dskip_1C, s0, z0,
+      post_p, pre_p, v_p, dout_p)
   out, dw_post = rest[:int(with_output)], rest[int(with_output):]
   a0 = _chain_reverse(a_hat, p_seg[0], bs.block_c, interpret)
   rev_tap_spec, rev_tap_shape = tap_grads(2)

@@ -83,10 +83,13 @@ def _check(op, args, ct, tol):
 CASES = [
     # (batch, length, channels, order, dtype, block sizes): L not a multiple of the chunk or
     # of the segment; B > 1; several segments chained (forward states, reverse adjoints);
-    # an order that is not a power of two (padded modes).
+    # an order that is not a power of two (padded modes); the backward's forward walk in
+    # chunks of 4 (the default under chunk 8), 2 and 8 rows.
     (2, 150, 32, 16, jnp.float32, mc.BlockSizes(chunk=8, block_c=16, segment_chunks=4)),
-    (1, 203, 64, 5, jnp.float32, mc.BlockSizes(chunk=4, block_c=32, segment_chunks=16)),
-    (2, 100, 32, 16, jnp.bfloat16, mc.BlockSizes(chunk=8, block_c=32, segment_chunks=3)),
+    (1, 203, 64, 5, jnp.float32, mc.BlockSizes(chunk=4, block_c=32, segment_chunks=16,
+                                               chunk_bwd_forward=2)),
+    (2, 100, 32, 16, jnp.bfloat16, mc.BlockSizes(chunk=8, block_c=32, segment_chunks=3,
+                                                 chunk_bwd_forward=8)),
 ]  # default block sizes: test_hyena_pallas_method_equals_fft
 
 
@@ -150,6 +153,10 @@ def test_unsupported_shapes_and_auto_fallback():
   assert "divid" in mc.unsupported_reason((1, 10, 48), (48, 16), mc.BlockSizes(block_c=32))
   assert "order" in mc.unsupported_reason((1, 10, 32), (32, 100))
   assert "power of two" in mc.unsupported_reason((1, 10, 32), (32, 16), mc.BlockSizes(chunk=12))
+  for walk_chunk in (3, 16):  # not a power of two; does not divide the segment's 24 rows
+    reason = mc.unsupported_reason((1, 100, 32), (32, 16), mc.BlockSizes(
+        chunk=8, segment_chunks=3, chunk_bwd_forward=walk_chunk))
+    assert f"chunk_bwd_forward {walk_chunk} must be a power of two dividing" in reason
   assert mc.unsupported_reason((1, 10, 48), (48, 16)) is None  # block_c halves to 16
   args, _ = _inputs(6, 1, 40, 32, 16, jnp.float32)
   with pytest.raises(ValueError, match="power of two"):
@@ -279,7 +286,8 @@ FEATURIZED_CASES = [
     # (the taps reach across chunk and segment starts), L not a multiple of anything, B > 1,
     # more taps than the chunk has rows.
     (2, 150, 32, 16, 3, jnp.float32, mc.BlockSizes(chunk=8, block_c=16, segment_chunks=4)),
-    (1, 203, 64, 5, 6, jnp.float32, mc.BlockSizes(chunk=4, block_c=32, segment_chunks=16)),
+    (1, 203, 64, 5, 6, jnp.float32, mc.BlockSizes(chunk=4, block_c=32, segment_chunks=16,
+                                                  chunk_bwd_forward=1)),
     (2, 100, 32, 16, 2, jnp.bfloat16, mc.BlockSizes(chunk=8, block_c=32, segment_chunks=3)),
     # segments shorter than the featurizer's reach (4 rows, 6 taps): the backward's transpose
     # and shifted adjoint window span several segments
