@@ -65,7 +65,8 @@ logger = logging.getLogger(__name__)
 # Defaults tuned on an H100 (bf16, B=1, C=4096, L=8K fwd+bwd; experiments/results/
 # modal_conv_nvidia_h100_80gb_hbm3.md): chunk 8 beat 16 and 32, block_c 32 beat 16/64/128,
 # one warp beat 2 and 4 (9x and 15x slower; measured, not profiled), 1024 programs beat
-# 2048/4096/8192 (the sweep stopped at its edge: fewer programs or chunk 4 are untried).
+# 2048/4096/8192 (the sweep stopped at its edge: fewer programs are untried; chunk 4 is within
+# noise for the module, faster for the backward's forward walk alone: DEFAULT_CHUNK_BWD_FORWARD).
 DEFAULT_CHUNK = 8  # rows unrolled per loop iteration
 # The backward's forward walk (modal_conv_bwd_forward) with 4-row chunks: 0.279 -> 0.250 ms on an
 # H100 at C = 1920, L = 8K, where 4-row chunks slow the other kernels (bwd_reverse 0.136 ->
