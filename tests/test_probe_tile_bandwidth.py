@@ -103,4 +103,6 @@ def test_li_gate_calls_compute_the_operator():
   np.testing.assert_allclose(out, want_out, rtol=1e-6, atol=1e-6)
   for got, expected in zip(grads[:len(want)], want):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(grads[-1], want_out, rtol=1e-6, atol=1e-6)  # the gate output
+  # the gate output, recomputed by the backward's forward walk in its own chunks (4 rows, the
+  # forward's 8): float32 sums in another order
+  np.testing.assert_allclose(grads[-1], want_out, rtol=1e-5, atol=1e-5)
