@@ -255,30 +255,119 @@ def _fmt(value: float | None) -> str:
   return "—" if value is None else (f"{value:.2f}" if value < 100 else f"{value:.0f}")
 
 
+# Issue 3's targets per ratio: {L: bound} (None: every length); a ratio without one is shown
+# for reading only.
+TARGETS: dict[str, dict[int | None, float]] = {
+    "SE / GEMM floor (fwd+bwd)": {None: 1.2},
+    "MR / SE (fwd+bwd)": {None: 1.3},
+    "GEMM floor bwd / fwd (for MR's)": {},
+    "MR bwd / MR fwd": {None: 1.5},
+    "LI (best) / MHA (fwd+bwd)": {8192: 0.8, 32768: 0.5},
+    "SE / MHA (fwd+bwd)": {4096: 0.75, 16384: 0.5},
+}
+# A Hyena operator is linear in L when its fwd+bwd time per token at every length from its
+# cheapest (per token) up is within this factor of that cheapest time: shorter lengths, which
+# pay fixed costs over fewer tokens, do not count against it.
+LINEAR_GROWTH = 1.25
+LI_VARIANTS = ("LI (pallas)", "LI (pallas, fused featurizer)", "LI (XLA fft)", "LI (XLA chunked)")
+
+
+def target_text(name: str) -> str:
+  """"<= 1.2", "<= 0.8 at 8K, <= 0.5 at 32K", or "none (2 by FLOPs)"."""
+  bounds = TARGETS[name]
+  if not bounds:
+    return "none: 2 by FLOPs"
+  return ", ".join(f"<= {bound}" + ("" if L is None else f" at {_len(L)}")
+                   for L, bound in bounds.items())
+
+
+def target_status(name: str, length: int, value: float | None) -> str | None:
+  """"met" / "missed" where the ratio has a target at this length, else None."""
+  bounds = TARGETS[name]
+  bound = bounds.get(length, bounds.get(None))
+  if bound is None or value is None:
+    return None
+  return "met" if value <= bound else "missed"
+
+
 def ratios(rows: list[dict[str, Any]], kernels: bool) -> list[tuple[str, int, float | None, str]]:
   """The acceptance ratios of issue 3 per length: (name, L, value, target)."""
   fast = "pallas" if kernels else "blocked"
   get = {(r["op"], r["L"]): r for r in rows}
   mha = "MHA (cuDNN)" if any(r["op"] == "MHA (cuDNN)" for r in rows) else "MHA (XLA)"
-  best_li = lambda L: min((get[(n, L)]["fwdbwd_ms"] for n in ("LI (pallas)", "LI (pallas, fused featurizer)", "LI (XLA fft)", "LI (XLA chunked)")
-                           if "fwdbwd_ms" in get.get((n, L), {})), default=None)
   out = []
   for length in sorted({r["L"] for r in rows}):
     def val(op, field="fwdbwd_ms"):
       return get.get((op, length), {}).get(field)
+
+    def div(a, b):
+      return None if a is None or b is None else a / b
+
+    def bwd_over_fwd(op):
+      both, fwd = val(op), val(op, "fwd_ms")
+      return div(None if both is None or fwd is None else both - fwd, fwd)
+
     se, mr, floor, attn = val(f"SE ({fast})"), val(f"MR ({fast})"), val("GEMM floor"), val(mha)
-    li = best_li(length)
-    div = lambda a, b: None if a is None or b is None else a / b
-    out += [("SE / GEMM floor (fwd+bwd)", length, div(se, floor), "<= 1.2"),
-            ("MR / SE (fwd+bwd)", length, div(mr, se), "<= 1.3"),
-            ("GEMM floor bwd / fwd (for MR's)", length,
-             div(None if floor is None else floor - val("GEMM floor", "fwd_ms"), val("GEMM floor", "fwd_ms")),
-             "none: 2 by FLOPs"),
-            ("MR bwd / MR fwd", length, div(None if mr is None else mr - val(f"MR ({fast})", "fwd_ms"),
-                                             val(f"MR ({fast})", "fwd_ms")), "<= 1.5"),
-            ("LI (best) / MHA (fwd+bwd)", length, div(li, attn), "<= 0.8 at 8K, <= 0.5 at 32K"),
-            ("SE / MHA (fwd+bwd)", length, div(se, attn), "<= 0.75 at 4K, <= 0.5 at 16K")]
+    li = min((v for v in map(val, LI_VARIANTS) if v is not None), default=None)
+    values = {"SE / GEMM floor (fwd+bwd)": div(se, floor), "MR / SE (fwd+bwd)": div(mr, se),
+              "GEMM floor bwd / fwd (for MR's)": bwd_over_fwd("GEMM floor"),
+              "MR bwd / MR fwd": bwd_over_fwd(f"MR ({fast})"),
+              "LI (best) / MHA (fwd+bwd)": div(li, attn), "SE / MHA (fwd+bwd)": div(se, attn)}
+    out += [(name, length, values[name], target_text(name)) for name in TARGETS]
   return out
+
+
+def per_token_us(rows: list[dict[str, Any]], op: str) -> dict[int, float]:
+  """{L: fwd+bwd microseconds per token} of one operator's timed rows."""
+  return {r["L"]: 1000.0 * r["fwdbwd_ms"] / r["L"] for r in rows
+          if r["op"] == op and "fwdbwd_ms" in r}
+
+
+def linearity(rows: list[dict[str, Any]], kernels: bool) -> list[tuple[str, dict[int, float], str]]:
+  """(operator, {L: us per token}, verdict) for the floor and each family's default Hyena path
+  timed at two or more lengths; verdict "linear to <largest L>" or "grows x<g> by <L>"."""
+  out = []
+  for op in headline_names(kernels)[:4]:
+    per_token = per_token_us(rows, op)
+    if len(per_token) < 2:
+      continue
+    cheapest_len = min(per_token, key=per_token.get)
+    longer = [L for L in per_token if L >= cheapest_len]
+    worst = max(longer, key=per_token.get)
+    growth = per_token[worst] / per_token[cheapest_len]
+    verdict = (f"linear to {_len(max(per_token))}" if growth <= LINEAR_GROWTH
+               else f"grows x{growth:.2f} by {_len(worst)}")
+    out.append((op, per_token, verdict))
+  return out
+
+
+def ratio_lines(rows: list[dict[str, Any]], kernels: bool) -> list[str]:
+  """The ratios as one markdown table, a column per length ("value (met/missed)" where a
+  target applies there), then the per-token table that judges linearity."""
+  computed = ratios(rows, kernels)
+  lengths = sorted({L for _, L, value, _ in computed if value is not None})
+  lines = ["| ratio | " + " | ".join(_len(L) for L in lengths) + " | target |",
+           "|---|" + "---|" * len(lengths) + "---|"]
+  for name in TARGETS:
+    cells = {L: value for n, L, value, _ in computed if n == name and value is not None}
+    if not cells:
+      continue
+    shown = []
+    for L in lengths:
+      value, status = cells.get(L), target_status(name, L, cells.get(L))
+      shown.append("" if value is None else f"{value:.2f}" + (f" ({status})" if status else ""))
+    lines.append(f"| {name} | " + " | ".join(shown) + f" | {target_text(name)} |")
+  table = linearity(rows, kernels)
+  if table:
+    token_lengths = sorted({L for _, per_token, _ in table for L in per_token})
+    lines += ["", "| fwd+bwd per token (us) | " + " | ".join(_len(L) for L in token_lengths)
+              + f" | linear in L (from the cheapest length up, within {LINEAR_GROWTH}x of it) |",
+              "|---|" + "---|" * len(token_lengths) + "---|"]
+    for op, per_token, verdict in table:
+      lines.append(f"| {op} | " + " | ".join(
+          "" if L not in per_token else f"{per_token[L]:.3f}" for L in token_lengths)
+          + f" | {verdict} |")
+  return lines
 
 
 def write_markdown(rows: list[dict[str, Any]], kernels: bool, path: str, command: str,
@@ -306,9 +395,7 @@ def write_markdown(rows: list[dict[str, Any]], kernels: bool, path: str, command
       else:
         cells += [_fmt(r["fwd_ms"]), _fmt(r["fwdbwd_ms"])]
     lines.append(f"| {op} | " + " | ".join(cells) + " |")
-  lines += ["", "| ratio | L | value | target |", "|---|---|---|---|"]
-  for name, L, value, target in ratios(rows, kernels):
-    lines.append(f"| {name} | {_len(L)} | {'—' if value is None else f'{value:.2f}'} | {target} |")
+  lines += [""] + ratio_lines(rows, kernels)
   text = "\n".join(lines) + "\n"
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:

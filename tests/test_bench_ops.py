@@ -59,7 +59,11 @@ def test_bench_ops_tiny_table(tmp_path):
   text = out.read_text()
   floor = [line for line in text.splitlines() if line.startswith("| GEMM floor |")]
   assert len(floor) == 1 and all(float(c) > 0 for c in floor[0].strip("| ").split(" | ")[1:])
-  assert "| SE / GEMM floor (fwd+bwd) | 128 | — | <= 1.2 |" in text
+  # the floor alone gives one ratio (its own backward / forward); the others have no value
+  ratio_rows = [line for line in text.splitlines()
+                if line.startswith("| ") and " / " in line.split(" | ")[0]]
+  assert len(ratio_rows) == 1 and ratio_rows[0].startswith("| GEMM floor bwd / fwd (for MR's) | ")
+  assert ratio_rows[0].endswith(" | none: 2 by FLOPs |")
   assert "- command: `sh2 bench ops --lengths 128" in text
 
 
@@ -75,6 +79,49 @@ def test_ratios_from_rows():
   assert got["GEMM floor bwd / fwd (for MR's)"] == pytest.approx(1.0)
   assert got["SE / MHA (fwd+bwd)"] == pytest.approx(0.75)
   assert got["LI (best) / MHA (fwd+bwd)"] is None
+
+
+def _rows(per_length: dict[int, dict[str, float]]) -> list[dict]:
+  """Rows {op, L, fwd_ms, fwdbwd_ms} with fwd = fwd+bwd / 3 (for MR: / 2.2)."""
+  return [{"op": op, "L": L, "fwd_ms": ms / (2.2 if op.startswith("MR") else 3.0), "fwdbwd_ms": ms}
+          for L, ops in per_length.items() for op, ms in ops.items()]
+
+
+def test_ratio_table_marks_each_target_where_it_applies():
+  """One column per length; a ratio with a target at that length says met / missed, one
+  without (LI / MHA at 4K) shows the value alone; a ratio no row can give is left out."""
+  rows = _rows({4096: {"GEMM floor": 2.0, "SE (pallas)": 3.0, "MR (pallas)": 3.3,
+                       "LI (pallas)": 3.6, "MHA (cuDNN)": 4.0},
+                8192: {"GEMM floor": 4.0, "SE (pallas)": 4.6, "MR (pallas)": 5.0,
+                       "LI (pallas)": 6.0, "MHA (cuDNN)": 9.0}})
+  lines = bench_ops.ratio_lines(rows, kernels=True)
+  assert lines[0] == "| ratio | 4K | 8K | target |"
+  table = {line.split(" | ")[0][2:]: line for line in lines[2:] if line.startswith("| ")}
+  assert table["SE / GEMM floor (fwd+bwd)"] == (
+      "| SE / GEMM floor (fwd+bwd) | 1.50 (missed) | 1.15 (met) | <= 1.2 |")
+  assert table["LI (best) / MHA (fwd+bwd)"] == (
+      "| LI (best) / MHA (fwd+bwd) | 0.90 | 0.67 (met) | <= 0.8 at 8K, <= 0.5 at 32K |")
+  assert table["SE / MHA (fwd+bwd)"].startswith("| SE / MHA (fwd+bwd) | 0.75 (met) | 0.51 | ")
+  assert table["MR bwd / MR fwd"].startswith("| MR bwd / MR fwd | 1.20 (met) | 1.20 (met) |")
+  only_floor = bench_ops.ratio_lines(_rows({4096: {"GEMM floor": 2.0}}), kernels=True)
+  assert [line.split(" | ")[0] for line in only_floor[2:]] == ["| GEMM floor bwd / fwd (for MR's)"]
+
+
+def test_linearity_judges_growth_per_token_against_the_cheapest_length():
+  """us per token from fwd+bwd; SE flat past a costlier short length is linear, MR doubling
+  per token by 32K is not, LI timed at one length and MHA (not Hyena) are left out."""
+  rows = _rows({4096: {"GEMM floor": 2.4, "SE (pallas)": 4.096, "MR (pallas)": 2.048,
+                       "LI (pallas)": 4.0, "MHA (cuDNN)": 4.0},
+                8192: {"GEMM floor": 4.8, "SE (pallas)": 5.7344, "MR (pallas)": 4.096},
+                32768: {"GEMM floor": 19.2, "SE (pallas)": 22.9376, "MR (pallas)": 32.768}})
+  got = {op: (per_token, verdict) for op, per_token, verdict in bench_ops.linearity(rows, True)}
+  assert list(got) == ["GEMM floor", "SE (pallas)", "MR (pallas)"]
+  assert got["SE (pallas)"][0] == pytest.approx({4096: 1.0, 8192: 0.7, 32768: 0.7})
+  assert got["SE (pallas)"][1] == "linear to 32K"  # 4K is 1.43x the cheapest: fixed costs
+  assert got["MR (pallas)"][1] == "grows x2.00 by 32K"
+  assert got["GEMM floor"][1] == "linear to 32K"
+  lines = bench_ops.ratio_lines(rows, kernels=True)
+  assert "| SE (pallas) | 1.000 | 0.700 | 0.700 | linear to 32K |" in lines
 
 
 def test_bench_ops_rejects_unknown_family(capsys):
