@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.cli_args import parse_lengths
 from experiments.timing import median_ms
 from pallas_kernels import flash_attention as fa
 from sh2_jax.config import ConfigError
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--sweep", action="store_true", help="time block sizes at the last length")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
+  lengths = parse_lengths(parser, "--lengths", args.lengths)
   if jax.default_backend() != "gpu":
     raise ConfigError(f"sh2 bench attention times cuDNN and the Pallas kernels on a GPU; the "
                       f"backend here is {jax.default_backend()!r}")
@@ -93,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
 
   for line in lines:
     print(line)
-  lengths = [int(x) for x in args.lengths.split(",")]
   for length in lengths:
     q, k, v, dout = _qkv(length, length, args.heads, args.head_dim)
     pos = jnp.arange(length, dtype=jnp.int32)

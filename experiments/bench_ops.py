@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from experiments.cli_args import parse_lengths
 from experiments.timing import median_ms, random_cotangent
 from sh2_jax import config as config_lib
 from sh2_jax.config import ModelConfig
@@ -407,8 +408,10 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="sh2 bench ops", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--lengths", default="4096,8192,16384,32768",
-                      help="sequence lengths for every operator (comma-separated)")
-  parser.add_argument("--long", default="", help="extra lengths for the Hyena operators only, e.g. 131072,1048576")
+                      help="sequence lengths for every operator (comma-separated token counts: "
+                           "4096, 8K, 1M)")
+  parser.add_argument("--long", default="",
+                      help="extra lengths for the Hyena operators only, e.g. 128K,1M")
   parser.add_argument("--d-model", type=int, default=4096)
   parser.add_argument("--groups", type=int, default=256)
   parser.add_argument("--heads", type=int, default=32)
@@ -426,7 +429,6 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", default=None, help="markdown path (default experiments/results/ops_<device>.md)")
   args = parser.parse_args(argv)
   overrides = config_lib.parse_set_args(args.set)
-  parse = lambda s: [int(x) for x in s.split(",") if x.strip()]
   kernels = jax.default_backend() == "gpu"
   device = jax.devices()[0].device_kind.lower().replace(" ", "_")
   path = args.out or os.path.join(RESULTS, f"ops_{device}.md")
@@ -437,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     select_variants(default_variants(kernels), families)
   except ValueError as error:
     parser.error(str(error))
-  rows = run(parse(args.lengths), parse(args.long), args.d_model, args.groups, args.heads, kernels,
+  lengths = parse_lengths(parser, "--lengths", args.lengths)
+  long_lengths = parse_lengths(parser, "--long", args.long, allow_empty=True)
+  rows = run(lengths, long_lengths, args.d_model, args.groups, args.heads, kernels,
              args.iters, on_row=rewrite, families=families, xla=not args.no_xla,
              headline_only=args.headline, remat=args.remat, overrides=overrides)
   print(rewrite(rows))

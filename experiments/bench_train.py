@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.cli_args import parse_lengths
 from sh2_jax import config as config_lib
 from sh2_jax.model import abstract_params, count_params
 from sh2_jax.parallel import mesh as mesh_lib
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
   rows: list[dict[str, Any]] = []
   round_ratios: dict[int, list[float]] = {}  # SH2 / all-MHA tokens/s per round
   compare_ratios: dict[int, list[float]] = {}  # SH2 with --compare / SH2 tokens/s per round
-  for length in [int(x) for x in args.lengths.split(",") if x.strip()]:
+  for length in parse_lengths(parser, "--lengths", args.lengths):
     pair = variants(args.preset, args.remat, overrides)
     chosen = [(tag, name, model) for (name, model), tag in zip(pair, ("sh2", "mha")) if tag in wanted]
     if compare:

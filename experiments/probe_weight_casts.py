@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import profile_trace  # noqa: E402  (sets XLA_FLAGS: one trace event per kernel)
+from experiments.cli_args import parse_lengths  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--out", default=None, help="markdown file (default: print only)")
   parser.add_argument("--dry-run", action="store_true", help="tiny shapes (CPU)")
   args = parser.parse_args(argv)
-  lengths = [64] if args.dry_run else [int(n) for n in args.lengths.split(",")]
+  lengths = [64] if args.dry_run else parse_lengths(parser, "--lengths", args.lengths)
   d = 32 if args.dry_run else args.d_model
   dtype = jnp.bfloat16
   device = jax.devices()[0].device_kind

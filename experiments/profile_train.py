@@ -41,6 +41,7 @@ import logging  # noqa: E402
 import jax  # noqa: E402
 
 from experiments import bench_train  # noqa: E402
+from experiments.cli_args import parse_lengths  # noqa: E402
 from experiments.profile_trace import event_totals, kernel_events  # noqa: E402
 from sh2_jax import config as config_lib  # noqa: E402
 
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
            f"- B={args.batch}, remat {args.remat}, {args.iters} profiled steps after 2 warm-ups; ms per "
            "step of device time summed per kernel (command buffers off)", ""]
   pair = bench_train.variants(args.preset, args.remat, overrides)
-  for length in [int(x) for x in args.lengths.split(",") if x.strip()]:
+  for length in parse_lengths(parser, "--lengths", args.lengths):
     profiles = {}
     for (name, model), tag in zip(pair, ("sh2", "mha")):
       if tag not in wanted:
