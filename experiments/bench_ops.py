@@ -274,7 +274,7 @@ LI_VARIANTS = ("LI (pallas)", "LI (pallas, fused featurizer)", "LI (XLA fft)", "
 
 
 def target_text(name: str) -> str:
-  """"<= 1.2", "<= 0.8 at 8K, <= 0.5 at 32K", or "none (2 by FLOPs)"."""
+  """"<= 1.2", "<= 0.8 at 8K, <= 0.5 at 32K", or "none: 2 by FLOPs" (no target)."""
   bounds = TARGETS[name]
   if not bounds:
     return "none: 2 by FLOPs"
