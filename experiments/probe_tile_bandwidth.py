@@ -351,8 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     length, channels, groups, dtype, iters = (args.length, args.channels, args.groups,
                                               jnp.bfloat16, args.iters)
     rows = [] if args.gates_only else run(length, channels, dtype, iters=iters, chunk=args.chunk)
-  gates = (gate_rows(length, channels, groups, candidates, dtype, iters, interpret=args.dry_run)
-           if args.gates or args.gates_only else [])
+  gate_length = 128 if args.dry_run else length  # interpret mode walks the kernels row by row
+  gates = (gate_rows(gate_length, channels, groups, candidates, dtype, iters,
+                     interpret=args.dry_run) if args.gates or args.gates_only else [])
   device = jax.devices()[0].device_kind
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   lines = [f"# Streaming bandwidth of the gate kernels' tile pattern (L={length}, C={channels})",
@@ -367,9 +368,9 @@ def main(argv: list[str] | None = None) -> None:
     lines += [f"| {label} | {programs or '-'} | {wall:.3f} | {device:.3f} | {kernels:g} | "
               f"{gbs:.0f} |" for label, programs, wall, device, kernels, gbs in rows]
   if gates:
-    lines += ["", f"Gate kernels at this shape ({groups} filter groups; MR K = 128, SE K = 7 "
-              "with a 3-tap featurizer, LI 16 poles with a 3-tap featurizer; backward with the "
-              "gate output for dW_out):", "",
+    lines += ["", f"Gate kernels at L={gate_length}, C={channels} ({groups} filter groups; "
+              "MR K = 128, SE K = 7 with a 3-tap featurizer, LI 16 poles with a 3-tap "
+              "featurizer; backward with the gate output for dW_out):", "",
               "| kernel | BlockSizes | device ms | per kernel (ms, launch order) |",
               "|---|---|---|---|"]
     lines += [f"| {name} | {label} | {total:.3f} | {_kernel_list(kernels)} |"
