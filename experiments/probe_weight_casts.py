@@ -19,7 +19,6 @@ Every variant's (z, dx, dW) is checked against the bf16-weight variant's.
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime
 import os
 import sys
@@ -98,11 +97,8 @@ def kernels_per_call(fn: Callable[..., Any], args: tuple, iters: int) -> dict[st
     with jax.profiler.trace(trace_dir):
       for _ in range(iters):
         jax.block_until_ready(fn(*args))
-    events, _ = profile_trace.kernel_events(trace_dir)
-  totals: dict[str, float] = collections.defaultdict(float)
-  for _, duration, name in events:
-    totals[name] += duration / iters / 1e6
-  return dict(totals)
+    totals_ns, _ = profile_trace.kernel_times(trace_dir)
+  return {name: ns / iters / 1e6 for name, ns in totals_ns.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
