@@ -218,12 +218,13 @@ def device_ms(fn: Callable[[Any], Any], arrays: list[jax.Array], iters: int
 
 
 def gate_calls(mixer: str, block_sizes: bc.BlockSizes | mc.BlockSizes | None, length: int,
-               channels: int, groups: int, dtype: jnp.dtype, interpret: bool = False
+               channels: int, groups: int, dtype: jnp.dtype, interpret: bool = False,
+               tap_grads: str = "xla"
                ) -> tuple[Callable[[tuple], Any], Callable[[tuple], Any], tuple, tuple]:
   """(forward fn, backward fn, args of each) of one gate kernel pair as a rematerialised
   step runs it: the forward kernels, then the backward call that also writes the gate output
   for dW_out (output_projection), from the forward's residuals; the backward's args are the
-  residuals then the output's cotangent."""
+  residuals then the output's cotangent. tap_grads: SE's featurizer backward (featurized_conv)."""
   keys = jax.random.split(jax.random.key(1), 6)
   normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)  # noqa: E731
   dout = normal(keys[0], (1, length, channels))
@@ -254,19 +255,34 @@ def gate_calls(mixer: str, block_sizes: bc.BlockSizes | mc.BlockSizes | None, le
   z = normal(keys[2], (1, length, 3 * channels))
   w_feat = jax.random.normal(keys[3], (3 * channels, 3), jnp.float32) / 2.0
   h = jax.random.normal(keys[4], (groups, 7), jnp.float32) / 3.0
-  _, resolved = fc._checked(z, w_feat, h, dskip, block_sizes, "xla", "blocked")
+  _, resolved = fc._checked(z, w_feat, h, dskip, block_sizes, tap_grads, "blocked")
   operands = (z, w_feat, h, dskip)
   fwd = jax.jit(lambda ops: fc._fwd_impl(*ops, resolved, interpret, "blocked"))
-  bwd = jax.jit(lambda ops: fc._fgcg_bwd_impl(resolved, interpret, "xla", "blocked", ops[:-1],
-                                              ops[-1], with_output=True))
+  bwd = jax.jit(lambda ops: fc._fgcg_bwd_impl(resolved, interpret, tap_grads, "blocked",
+                                              ops[:-1], ops[-1], with_output=True))
   return fwd, bwd, operands, operands + (dout,)
 
 
+def relative_gap(got: tuple[jax.Array, ...], want: tuple[jax.Array, ...]) -> float:
+  """The largest ||got_i - want_i|| / ||want_i|| over paired outputs (float32 norms)."""
+  gaps = []
+  for g, w in zip(got, want, strict=True):
+    g, w = g.astype(jnp.float32), w.astype(jnp.float32)
+    gaps.append(float(jnp.linalg.norm(g - w) / jnp.maximum(jnp.linalg.norm(w), 1e-30)))
+  return max(gaps)
+
+
+SE_TAP_GRADS_TOLERANCE = 2e-2  # a tap_grads variant's SE gradients vs the default's (bf16 I/O)
+
+
 def gate_rows(length: int, channels: int, groups: int, candidates: list[tuple[str, Any]],
-              dtype: jnp.dtype = jnp.bfloat16, iters: int = 20,
-              interpret: bool = False) -> list[tuple[str, str, float, list[float]]]:
+              dtype: jnp.dtype = jnp.bfloat16, iters: int = 20, interpret: bool = False,
+              se_tap_grads: tuple[str, ...] = ()) -> list[tuple[str, str, float, list[float]]]:
   """Rows (mixer, candidate label, device ms per call, each kernel's ms) for the MR, SE and LI
-  gate kernels' forward and backward, the defaults first, then each (mixer, BlockSizes)."""
+  gate kernels' forward and backward, the defaults first, then each (mixer, BlockSizes), then
+  SE's backward with each featurizer-backward placement in `se_tap_grads`
+  (featurized_conv.TAP_GRADS), whose outputs must equal the default's within
+  SE_TAP_GRADS_TOLERANCE (AssertionError otherwise: e.g. a race in the kernel)."""
   rows = []
   for mixer, block_sizes in [("mr", None), ("se", None), ("li", None), *candidates]:
     label = "defaults" if block_sizes is None else candidate_label(block_sizes)
@@ -275,6 +291,19 @@ def gate_rows(length: int, channels: int, groups: int, candidates: list[tuple[st
     for name, fn, args in (("forward", fwd, fwd_args), ("backward", bwd, bwd_args)):
       kernels = kernel_ms(fn, args, iters)
       rows.append((f"{mixer.upper()} {name}", label, sum(kernels), kernels))
+  if se_tap_grads:
+    _, bwd, _, bwd_args = gate_calls("se", None, length, channels, groups, dtype, interpret)
+    want = bwd(bwd_args)
+  for tap_grads in se_tap_grads:
+    _, bwd, _, bwd_args = gate_calls("se", None, length, channels, groups, dtype, interpret,
+                                     tap_grads=tap_grads)
+    gap = relative_gap(bwd(bwd_args), want)
+    if not gap <= SE_TAP_GRADS_TOLERANCE:
+      raise AssertionError(f"SE backward with tap_grads={tap_grads}: outputs differ from the "
+                           f"default's by {gap:.2e} (relative), over {SE_TAP_GRADS_TOLERANCE}")
+    kernels = kernel_ms(bwd, bwd_args, iters)
+    rows.append(("SE backward", f"tap_grads={tap_grads} (outputs within {gap:.1e} of the "
+                 "defaults')", sum(kernels), kernels))
   return rows
 
 
@@ -339,10 +368,16 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--candidate", action="append", default=[],
                       metavar="MIXER:FIELD=VALUE[,FIELD=VALUE]",
                       help="with --gates, also these BlockSizes (se, mr or li; repeatable)")
+  parser.add_argument("--se-tap-grads", default="", metavar="fused[,kernel]",
+                      help="with --gates, also SE's backward with the featurizer backward here "
+                      f"(featurized_conv tap_grads: {', '.join(fc.TAP_GRADS)})")
   parser.add_argument("--out", help="markdown file (default: print only)")
   parser.add_argument("--dry-run", action="store_true", help="tiny shapes, interpret mode (CPU)")
   args = parser.parse_args(argv)
   _, candidates = mixers_and_candidates(parser, "se,mr,li", args.candidate)
+  se_tap_grads = tuple(t for t in args.se_tap_grads.split(",") if t)
+  if unknown := sorted(set(se_tap_grads) - set(fc.TAP_GRADS)):
+    parser.error(f"--se-tap-grads {','.join(unknown)}: choose from {','.join(fc.TAP_GRADS)}")
   if args.dry_run:
     length, channels, groups, dtype, iters = 256, 64, 4, jnp.float32, 1
     rows = [] if args.gates_only else run(length, channels, dtype, iters=iters, interpret=True,
@@ -353,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = [] if args.gates_only else run(length, channels, dtype, iters=iters, chunk=args.chunk)
   gate_length = 128 if args.dry_run else length  # interpret mode walks the kernels row by row
   gates = (gate_rows(gate_length, channels, groups, candidates, dtype, iters,
-                     interpret=args.dry_run) if args.gates or args.gates_only else [])
+                     interpret=args.dry_run, se_tap_grads=se_tap_grads)
+           if args.gates or args.gates_only else [])
   device = jax.devices()[0].device_kind
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
   lines = [f"# Streaming bandwidth of the gate kernels' tile pattern (L={length}, C={channels})",

@@ -77,16 +77,26 @@ def test_dry_run_times_the_gate_kernels(tmp_path):
   """--gates: the MR, SE and LI forward and backward calls run (interpret mode) for the
   defaults and each candidate; an unknown mixer is refused."""
   out = tmp_path / "gates.md"
-  probe.main(["--dry-run", "--gates-only", "--candidate", "li:chunk=4", "--out", str(out)])
+  probe.main(["--dry-run", "--gates-only", "--candidate", "li:chunk=4", "--se-tap-grads",
+              "fused", "--out", str(out)])
   gate_lines = [line for line in out.read_text().splitlines()
                 if line.startswith(("| MR ", "| SE ", "| LI "))]
-  assert [line.split(" | ")[:2] for line in gate_lines] == [
+  assert [line.split(" | ")[:2] for line in gate_lines[:-1]] == [
       ["| MR forward", "defaults"], ["| MR backward", "defaults"], ["| SE forward", "defaults"],
       ["| SE backward", "defaults"], ["| LI forward", "defaults"], ["| LI backward", "defaults"],
       ["| LI forward", "chunk=4"], ["| LI backward", "chunk=4"]]
+  assert gate_lines[-1].startswith("| SE backward | tap_grads=fused (outputs within ")
   assert "| case |" not in out.read_text()  # --gates-only: no streaming table
   with pytest.raises(SystemExit):
     probe.main(["--dry-run", "--gates", "--candidate", "xx:chunk=4"])
+  with pytest.raises(SystemExit):
+    probe.main(["--dry-run", "--gates", "--se-tap-grads", "fast"])
+
+
+def test_relative_gap_names_the_worst_output():
+  a = jnp.ones((4, 4))
+  assert probe.relative_gap((a, 2 * a), (a, 2 * a)) == 0.0
+  assert probe.relative_gap((a, 2.2 * a), (a, 2 * a)) == pytest.approx(0.1, rel=1e-5)
 
 
 def test_li_gate_calls_compute_the_operator():
