@@ -2,7 +2,7 @@
 
   PYTHONPATH=. python experiments/probe_tile_bandwidth.py [--length 8192] [--channels 4096]
       [--chunk 128] [--gates | --gates-only] [--groups 256] [--candidate mr:num_stages_bwd=2 ...]
-      [--out FILE]
+      [--gate-mixers mr,se,li] [--se-tap-grads fused] [--out FILE]
       (--dry-run: tiny shapes in interpret mode, to test the script on a CPU)
 
 The blocked gate kernels (pallas_kernels/blocked_conv.py, featurized_conv.py) stream [T, dc]
@@ -277,14 +277,16 @@ SE_TAP_GRADS_TOLERANCE = 2e-2  # a tap_grads variant's SE gradients vs the defau
 
 def gate_rows(length: int, channels: int, groups: int, candidates: list[tuple[str, Any]],
               dtype: jnp.dtype = jnp.bfloat16, iters: int = 20, interpret: bool = False,
-              se_tap_grads: tuple[str, ...] = ()) -> list[tuple[str, str, float, list[float]]]:
-  """Rows (mixer, candidate label, device ms per call, each kernel's ms) for the MR, SE and LI
+              se_tap_grads: tuple[str, ...] = (), mixers: tuple[str, ...] = ("mr", "se", "li")
+              ) -> list[tuple[str, str, float, list[float]]]:
+  """Rows (mixer, candidate label, device ms per call, each kernel's ms) for the `mixers`'
   gate kernels' forward and backward, the defaults first, then each (mixer, BlockSizes), then
   SE's backward with each featurizer-backward placement in `se_tap_grads`
-  (featurized_conv.TAP_GRADS), whose outputs must equal the default's within
+  (featurized_conv.TAP_GRADS; at the defaults and each SE candidate), whose outputs must
+  equal the default's within
   SE_TAP_GRADS_TOLERANCE (AssertionError otherwise: e.g. a race in the kernel)."""
   rows = []
-  for mixer, block_sizes in [("mr", None), ("se", None), ("li", None), *candidates]:
+  for mixer, block_sizes in [*((mixer, None) for mixer in mixers), *candidates]:
     label = "defaults" if block_sizes is None else candidate_label(block_sizes)
     fwd, bwd, fwd_args, bwd_args = gate_calls(mixer, block_sizes, length, channels, groups,
                                               dtype, interpret)
@@ -294,16 +296,20 @@ def gate_rows(length: int, channels: int, groups: int, candidates: list[tuple[st
   if se_tap_grads:
     _, bwd, _, bwd_args = gate_calls("se", None, length, channels, groups, dtype, interpret)
     want = bwd(bwd_args)
+  se_sizes = [None] + [sizes for mixer, sizes in candidates if mixer == "se"]
   for tap_grads in se_tap_grads:
-    _, bwd, _, bwd_args = gate_calls("se", None, length, channels, groups, dtype, interpret,
-                                     tap_grads=tap_grads)
-    gap = relative_gap(bwd(bwd_args), want)
-    if not gap <= SE_TAP_GRADS_TOLERANCE:
-      raise AssertionError(f"SE backward with tap_grads={tap_grads}: outputs differ from the "
-                           f"default's by {gap:.2e} (relative), over {SE_TAP_GRADS_TOLERANCE}")
-    kernels = kernel_ms(bwd, bwd_args, iters)
-    rows.append(("SE backward", f"tap_grads={tap_grads} (outputs within {gap:.1e} of the "
-                 "defaults')", sum(kernels), kernels))
+    for block_sizes in se_sizes:
+      _, bwd, _, bwd_args = gate_calls("se", block_sizes, length, channels, groups, dtype,
+                                       interpret, tap_grads=tap_grads)
+      label = f"tap_grads={tap_grads}" + (f", {candidate_label(block_sizes)}" if block_sizes
+                                          else "")
+      gap = relative_gap(bwd(bwd_args), want)
+      if not gap <= SE_TAP_GRADS_TOLERANCE:
+        raise AssertionError(f"SE backward with {label}: outputs differ from the defaults' by "
+                             f"{gap:.2e} (relative), over {SE_TAP_GRADS_TOLERANCE}")
+      kernels = kernel_ms(bwd, bwd_args, iters)
+      rows.append(("SE backward", f"{label} (outputs within {gap:.1e} of the defaults')",
+                   sum(kernels), kernels))
   return rows
 
 
@@ -368,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--candidate", action="append", default=[],
                       metavar="MIXER:FIELD=VALUE[,FIELD=VALUE]",
                       help="with --gates, also these BlockSizes (se, mr or li; repeatable)")
+  parser.add_argument("--gate-mixers", default="mr,se,li",
+                      help="with --gates, the mixers whose default kernels are timed")
   parser.add_argument("--se-tap-grads", default="", metavar="fused[,kernel]",
                       help="with --gates, also SE's backward with the featurizer backward here "
                       f"(featurized_conv tap_grads: {', '.join(fc.TAP_GRADS)})")
@@ -375,6 +383,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--dry-run", action="store_true", help="tiny shapes, interpret mode (CPU)")
   args = parser.parse_args(argv)
   _, candidates = mixers_and_candidates(parser, "se,mr,li", args.candidate)
+  gate_mixers, _ = mixers_and_candidates(parser, args.gate_mixers, [])
   se_tap_grads = tuple(t for t in args.se_tap_grads.split(",") if t)
   if unknown := sorted(set(se_tap_grads) - set(fc.TAP_GRADS)):
     parser.error(f"--se-tap-grads {','.join(unknown)}: choose from {','.join(fc.TAP_GRADS)}")
@@ -388,7 +397,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = [] if args.gates_only else run(length, channels, dtype, iters=iters, chunk=args.chunk)
   gate_length = 128 if args.dry_run else length  # interpret mode walks the kernels row by row
   gates = (gate_rows(gate_length, channels, groups, candidates, dtype, iters,
-                     interpret=args.dry_run, se_tap_grads=se_tap_grads)
+                     interpret=args.dry_run, se_tap_grads=se_tap_grads,
+                     mixers=tuple(gate_mixers))
            if args.gates or args.gates_only else [])
   device = jax.devices()[0].device_kind
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -91,6 +91,8 @@ def test_dry_run_times_the_gate_kernels(tmp_path):
     probe.main(["--dry-run", "--gates", "--candidate", "xx:chunk=4"])
   with pytest.raises(SystemExit):
     probe.main(["--dry-run", "--gates", "--se-tap-grads", "fast"])
+  with pytest.raises(SystemExit):
+    probe.main(["--dry-run", "--gates", "--gate-mixers", "se,xx"])
 
 
 def test_relative_gap_names_the_worst_output():
