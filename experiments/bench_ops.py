@@ -56,8 +56,6 @@ def default_variants(kernels: bool) -> list[Variant]:
   out = [
       Variant("GEMM floor", None, {}),
       Variant(f"SE ({fast})", HyenaSE, {"conv_method": fast}),
-      Variant("SE (pallas, featurizer bwd in gate kernel)", HyenaSE, {"conv_method": "pallas"},
-              switches=(("FUSED_TAP_GRADS", "fused"),)),
       Variant("SE (pallas, XLA featurizer)", HyenaSE, {"conv_method": "pallas_unfused"}),
       Variant("SE (pallas, interleaved z)", HyenaSE, {"conv_method": "pallas"},
               switches=(("FUSED_Z_LAYOUT", "interleaved"),)),

@@ -2,7 +2,7 @@
 
   PYTHONPATH=. python experiments/probe_tile_bandwidth.py [--length 8192] [--channels 4096]
       [--chunk 128] [--gates | --gates-only] [--groups 256] [--candidate mr:num_stages_bwd=2 ...]
-      [--gate-mixers mr,se,li] [--se-tap-grads fused] [--out FILE]
+      [--gate-mixers mr,se,li] [--se-tap-grads kernel] [--out FILE]
       (--dry-run: tiny shapes in interpret mode, to test the script on a CPU)
 
 The blocked gate kernels (pallas_kernels/blocked_conv.py, featurized_conv.py) stream [T, dc]
@@ -281,7 +281,7 @@ def gate_rows(length: int, channels: int, groups: int, candidates: list[tuple[st
               ) -> list[tuple[str, str, float, list[float]]]:
   """Rows (mixer, candidate label, device ms per call, each kernel's ms) for the `mixers`'
   gate kernels' forward and backward, the defaults first, then each (mixer, BlockSizes), then
-  SE's backward with each featurizer-backward placement in `se_tap_grads`
+  SE's backward with each featurizer-tap-gradient placement in `se_tap_grads`
   (featurized_conv.TAP_GRADS; at the defaults and each SE candidate), whose outputs must
   equal the default's within
   SE_TAP_GRADS_TOLERANCE (AssertionError otherwise: e.g. a race in the kernel)."""
@@ -376,9 +376,9 @@ def main(argv: list[str] | None = None) -> None:
                       help="with --gates, also these BlockSizes (se, mr or li; repeatable)")
   parser.add_argument("--gate-mixers", default="mr,se,li",
                       help="with --gates, the mixers whose default kernels are timed")
-  parser.add_argument("--se-tap-grads", default="", metavar="fused[,kernel]",
-                      help="with --gates, also SE's backward with the featurizer backward here "
-                      f"(featurized_conv tap_grads: {', '.join(fc.TAP_GRADS)})")
+  parser.add_argument("--se-tap-grads", default="", metavar="kernel",
+                      help="with --gates, also SE's backward with its featurizer-tap gradient "
+                      f"reduced there (featurized_conv tap_grads: {', '.join(fc.TAP_GRADS)})")
   parser.add_argument("--out", help="markdown file (default: print only)")
   parser.add_argument("--dry-run", action="store_true", help="tiny shapes, interpret mode (CPU)")
   args = parser.parse_args(argv)

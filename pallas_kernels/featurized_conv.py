@@ -51,10 +51,7 @@ logger = logging.getLogger(__name__)
 
 MAX_FEATURIZER_TAPS = 4
 LAYOUTS = ("blocked", "interleaved")  # column order of z: [post | pre | v] or triples 3i+s
-# Where the featurizer's backward runs (see featurized_gate_conv_gate_pallas): "xla" (its own
-# Pallas pass over df), "fused" (inside the gate backward kernel) or "kernel" (the tap gradient
-# in the gate kernel, dz by XLA).
-TAP_GRADS = ("kernel", "xla", "fused")
+TAP_GRADS = ("kernel", "xla")  # where the featurizer-tap gradient is reduced (see _fgcg_bwd)
 FUSED_BWD_STAGES_LONG_CHUNK = 1
 # Forward pipelining depth for 16-bit I/O and T < 128 (the blocked kernel's 4 costs this one,
 # whose loads are 3 J shifted windows a stream, 1.2-1.6x): H100, L = 8K, K = 7, J = 3, forward
@@ -237,14 +234,12 @@ def _fgcg_bwd_kernel(
     hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref,
     dout_ref,  # [Lp, dc] cotangent of the output
     # Outputs
-    df_ref,  # [Lp, 3C] gradient of the featurized streams in z's layout (tap_grads "fused":
-    # the gradient of z itself); this program writes its dc channels of each stream
-    # (columns s C + c dc + i, or 3 (c dc + i) + s interleaved)
+    df_ref,  # [Lp, 3C] gradient of the featurized streams in z's layout; this program writes
+    # its dc channels of each stream (columns s C + c dc + i, or 3 (c dc + i) + s interleaved)
     dh_part_ref,  # [T, T] float32, as in blocked_conv
     ddskip_part_ref,  # [dc] float32
     *extra_refs,  # with_output: [Lp, dc], the forward's output (output_projection); then with
-    # tap_grads "kernel" or "fused": [4, Jp, dc] float32, sum_t df_s[t] z_s[t - j]; then with
-    # "fused": [2 * 4 * 2T, dc] in z's dtype, the program's ring of df rows (see body_fused)
+    # tap_grads == "kernel": [4, Jp, dc] float32, sum_t df_s[t] z_s[t - j]
     chunk: int,
     segment_chunks: int,
     num_chunks: int,
@@ -258,7 +253,7 @@ def _fgcg_bwd_kernel(
     with_output: bool = False,
 ):
   f32 = jnp.float32
-  out_refs, tap_refs = extra_refs[:int(with_output)], extra_refs[int(with_output):]
+  out_refs, dwf_part_ref = extra_refs[:int(with_output)], extra_refs[int(with_output):]
   block_c = dskip_ref.shape[-1]
   channels = df_ref.shape[-1] // _STREAMS
   if interleaved:
@@ -277,29 +272,23 @@ def _fgcg_bwd_kernel(
 
   end = (pl.program_id(2) + 1) * segment_chunks
 
-  def chunk_grads(post_TC, pre_TC, v_TC, dout_TC, u_prev_dot_TC, g_next_TC):
-    """(y, g, g as dot operand, u, u as dot operand, [df_post, df_pre, df_v]) of one chunk,
-    float32 (g_next: g of the chunk after it, as dot operand)."""
+  def grads_of_chunk(n, post_TC, pre_TC, v_TC, u_prev_dot_TC, g_next_TC):
+    """Writes df of chunk n; returns (g, u, u_prev, df as stored) for the accumulators."""
+    rows = bc._chunk_rows(n, chunk)
     u_TC = pre_TC * v_TC
     u_dot_TC = u_TC.astype(dot_dtype)
+    dout_TC = dout_ref[rows, :].astype(f32)
     y_TC = dot(h0_TT, u_dot_TC) + dot(h1_TT, u_prev_dot_TC) + dskip_1C * u_TC
+    for ref in out_refs:
+      ref[rows, :] = (post_TC * y_TC).astype(ref.dtype)
     g_TC = dout_TC * post_TC
     g_dot_TC = g_TC.astype(dot_dtype)
     du_TC = h0t_dot(g_dot_TC) + h1t_dot(g_next_TC) + dskip_1C * g_TC
-    return y_TC, g_TC, g_dot_TC, u_TC, u_dot_TC, [dout_TC * y_TC, du_TC * v_TC, du_TC * pre_TC]
-
-  def grads_of_chunk(n, post_TC, pre_TC, v_TC, u_prev_dot_TC, g_next_TC, write_df=True):
-    """Writes chunk n's gate output (with_output) and, if write_df, its df; returns (g, u,
-    u_prev, df as stored) for the accumulators."""
-    rows = bc._chunk_rows(n, chunk)
-    y_TC, g_TC, g_dot_TC, u_TC, u_dot_TC, dfs = chunk_grads(
-        post_TC, pre_TC, v_TC, dout_ref[rows, :].astype(f32), u_prev_dot_TC, g_next_TC)
-    for ref in out_refs:
-      ref[rows, :] = (post_TC * y_TC).astype(ref.dtype)
-    stored = [df_TC.astype(df_ref.dtype) for df_TC in dfs]
-    if write_df:
-      for cols, df_stored in zip(df_cols, stored):
-        df_ref[rows, cols] = df_stored
+    stored = []
+    for cols, df_TC in zip(df_cols, (dout_TC * y_TC, du_TC * v_TC, du_TC * pre_TC)):
+      df_stored = df_TC.astype(df_ref.dtype)
+      df_ref[rows, cols] = df_stored
+      stored.append(df_stored)
     return g_TC, g_dot_TC, u_TC, u_dot_TC, stored
 
   def accumulate(a0_TT, a1_TT, ddskip_TC, g_TC, g_dot_TC, u_TC, u_dot_TC, u_prev_dot_TC):
@@ -307,17 +296,13 @@ def _fgcg_bwd_kernel(
     a1_TT = a1_TT + dot_general(g_dot_TC, u_prev_dot_TC, ((1,), (1,)))
     return a0_TT, a1_TT, ddskip_TC + g_TC * u_TC
 
-  def featurized_prev(n):
-    """Featurized pre and v of chunk n - 1 (zero for n = 0), float32."""
-    prev = jnp.maximum(n - 1, 0)
-    return (jnp.where(n > 0, feat(zpre_ref, stream=1, n=prev), 0.0),
-            jnp.where(n > 0, feat(zv_ref, stream=2, n=prev), 0.0))
-
   def body_xla_taps(step, carry):
     # pre and v of chunk n come from the previous step (featurized there as its chunk n - 1)
     g_next_TC, a0_TT, a1_TT, ddskip_TC, pre_TC, v_TC = carry
     n = end - 1 - step
-    pre_prev_TC, v_prev_TC = featurized_prev(n)
+    prev = jnp.maximum(n - 1, 0)
+    pre_prev_TC = jnp.where(n > 0, feat(zpre_ref, stream=1, n=prev), 0.0)
+    v_prev_TC = jnp.where(n > 0, feat(zv_ref, stream=2, n=prev), 0.0)
     u_prev_dot_TC = (pre_prev_TC * v_prev_TC).astype(dot_dtype)
     g_TC, g_dot_TC, u_TC, u_dot_TC, _ = grads_of_chunk(
         n, feat(zpost_ref, stream=0, n=n), pre_TC, v_TC, u_prev_dot_TC, g_next_TC)
@@ -325,62 +310,15 @@ def _fgcg_bwd_kernel(
                                          u_prev_dot_TC)
     return g_dot_TC, a0_TT, a1_TT, ddskip_TC, pre_prev_TC, v_prev_TC
 
-  # tap_grads "fused": dz[t] = sum_j w_j df[t + j] needs df J - 1 rows ahead, which the reverse
-  # walk computed one step earlier. A register tile cannot be shifted by rows, so each step
-  # writes its df (and the previous step's, whose first J - 1 rows follow it) to a per-program
-  # ring in global memory (L2-resident) and reads the J - 1 shifted windows back after a CTA
-  # barrier. Two slots alternate by step, so one barrier orders a step's writes after the reads
-  # of two steps before. The tap gradient, dw_j = sum_t df[t + j] z[t], takes the same windows
-  # against the unshifted z: a [dc, dc] product whose diagonal it keeps (exact products of
-  # I/O-dtype values, float32 sums).
-  taps_1C = [[wf_ref[s, j, :].astype(f32)[None, :] for j in range(num_taps_f)]
-             for s in range(_STREAMS)]
-  slot_rows = _STREAMS_PADDED * 2 * chunk
-
-  def ring_rows(slot, stream: int, offset: int):
-    return pl.ds(slot * slot_rows + stream * 2 * chunk + offset, chunk)
-
-  def body_fused(step, carry):
-    g_next_TC, a0_TT, a1_TT, ddskip_TC, pre_TC, v_TC, df_next, dwf = carry
-    ring_ref = tap_refs[1]
-    n = end - 1 - step
-    rows = bc._chunk_rows(n, chunk)
-    pre_prev_TC, v_prev_TC = featurized_prev(n)
-    u_prev_dot_TC = (pre_prev_TC * v_prev_TC).astype(dot_dtype)
-    g_TC, g_dot_TC, u_TC, u_dot_TC, stored = grads_of_chunk(
-        n, feat(zpost_ref, stream=0, n=n), pre_TC, v_TC, u_prev_dot_TC, g_next_TC,
-        write_df=False)
-    a0_TT, a1_TT, ddskip_TC = accumulate(a0_TT, a1_TT, ddskip_TC, g_TC, g_dot_TC, u_TC, u_dot_TC,
-                                         u_prev_dot_TC)
-    slot = jax.lax.rem(step, jnp.int32(2))
-    for s in range(_STREAMS):
-      ring_ref[ring_rows(slot, s, 0), :] = stored[s]
-      ring_ref[ring_rows(slot, s, chunk), :] = df_next[s]
-    if windows:
-      plgpu.debug_barrier()
-    new_dwf = []
-    for s in range(_STREAMS):
-      z_TC = z_refs[s][rows, z_cols[s]].astype(dot_dtype)
-      dz_TC = taps_1C[s][0] * stored[s].astype(f32)
-      new_dwf.append(dwf[s * num_taps_f] + dot_general(stored[s].astype(dot_dtype), z_TC,
-                                                       ((0,), (0,))))
-      for j in range(1, num_taps_f):
-        window_TC = ring_ref[ring_rows(slot, s, j), :]
-        dz_TC = dz_TC + taps_1C[s][j] * window_TC.astype(f32)
-        new_dwf.append(dwf[s * num_taps_f + j] + dot_general(window_TC.astype(dot_dtype), z_TC,
-                                                             ((0,), (0,))))
-      df_ref[rows, df_cols[s]] = dz_TC.astype(df_ref.dtype)
-    return (g_dot_TC, a0_TT, a1_TT, ddskip_TC, pre_prev_TC, v_prev_TC, tuple(stored),
-            tuple(new_dwf))
-
   def body(step, carry):
     g_next_TC, a0_TT, a1_TT, ddskip_TC, dwf = carry
     n = end - 1 - step
     shifted = [_shifted_rows(z_ref, n, chunk, num_taps_f, windows, cols)
                for z_ref, cols in zip(z_refs, z_cols)]
     post_TC, pre_TC, v_TC = (_featurize(wf_ref, s, shifted[s]) for s in range(_STREAMS))
-    pre_prev_TC, v_prev_TC = featurized_prev(n)
-    u_prev_dot_TC = (pre_prev_TC * v_prev_TC).astype(dot_dtype)
+    prev = jnp.maximum(n - 1, 0)
+    u_prev_TC = feat(zpre_ref, stream=1, n=prev) * feat(zv_ref, stream=2, n=prev)
+    u_prev_dot_TC = jnp.where(n > 0, u_prev_TC, 0.0).astype(dot_dtype)
     g_TC, g_dot_TC, u_TC, u_dot_TC, stored = grads_of_chunk(n, post_TC, pre_TC, v_TC,
                                                             u_prev_dot_TC, g_next_TC)
     # The tap gradient uses df as stored (rounded to the I/O dtype), like the unfused path.
@@ -390,48 +328,24 @@ def _fgcg_bwd_kernel(
                                          u_prev_dot_TC)
     return g_dot_TC, a0_TT, a1_TT, ddskip_TC, tuple(new_dwf)
 
-  # The chunk after the segment (zero past the sequence): its g enters the last chunk's du.
   n_next = jnp.minimum(end, num_chunks - 1)
-  post_next_TC = feat(zpost_ref, stream=0, n=n_next)
-  dout_next_TC = dout_ref[bc._chunk_rows(n_next, chunk), :].astype(f32)
-  g_next_TC = jnp.where(end < num_chunks, dout_next_TC * post_next_TC, 0.0).astype(dot_dtype)
+  g_next_TC = dout_ref[bc._chunk_rows(n_next, chunk), :].astype(f32) * feat(zpost_ref, stream=0, n=n_next)
+  g_next_TC = jnp.where(end < num_chunks, g_next_TC, 0.0).astype(dot_dtype)
   zeros_C = jnp.zeros((block_c,), f32)
   zeros_TC = jnp.zeros((chunk, block_c), f32)
   init = (g_next_TC, jnp.zeros((chunk, chunk), f32), jnp.zeros((chunk, chunk), f32), zeros_TC)
-  if tap_grads in ("xla", "fused"):
-    last = end - 1
-    pre_last_TC, v_last_TC = feat(zpre_ref, stream=1, n=last), feat(zv_ref, stream=2, n=last)
-    init += (pre_last_TC, v_last_TC)
   if tap_grads == "xla":
+    last = end - 1
+    init += (feat(zpre_ref, stream=1, n=last), feat(zv_ref, stream=2, n=last))
     _, a0_TT, a1_TT, ddskip_TC, _, _ = jax.lax.fori_loop(0, segment_chunks, body_xla_taps, init)
-  elif tap_grads == "fused":
-    # The df of the chunk after the segment (another program's), recomputed: its first J - 1
-    # rows enter dz of this segment's last rows.
-    n_after = jnp.minimum(end + 1, num_chunks - 1)
-    g_after_TC = (dout_ref[bc._chunk_rows(n_after, chunk), :].astype(f32)
-                  * feat(zpost_ref, stream=0, n=n_after))
-    g_after_TC = jnp.where(end + 1 < num_chunks, g_after_TC, 0.0).astype(dot_dtype)
-    *_, dfs_next = chunk_grads(post_next_TC, feat(zpre_ref, stream=1, n=n_next),
-                               feat(zv_ref, stream=2, n=n_next), dout_next_TC,
-                               (pre_last_TC * v_last_TC).astype(dot_dtype), g_after_TC)
-    df_next = tuple(jnp.where(end < num_chunks, df_TC, 0.0).astype(df_ref.dtype)
-                    for df_TC in dfs_next)
-    init += (df_next, (jnp.zeros((block_c, block_c), f32),) * (_STREAMS * num_taps_f))
-    _, a0_TT, a1_TT, ddskip_TC, _, _, _, dwf = jax.lax.fori_loop(0, segment_chunks, body_fused,
-                                                                 init)
-    diagonal_CC = (jax.lax.broadcasted_iota(jnp.int32, (block_c, block_c), 0)
-                   == jax.lax.broadcasted_iota(jnp.int32, (block_c, block_c), 1))
-    dwf = [jnp.sum(jnp.where(diagonal_CC, acc_CC, 0.0), axis=0) for acc_CC in dwf]
   else:
     init += ((zeros_TC,) * (_STREAMS * num_taps_f),)
     _, a0_TT, a1_TT, ddskip_TC, dwf = jax.lax.fori_loop(0, segment_chunks, body, init)
-    dwf = [jnp.sum(acc_TC, axis=0) for acc_TC in dwf]
-  if tap_grads != "xla":
-    dwf_ref = tap_refs[0]
+    (dwf_ref,) = dwf_part_ref
     for stream in range(_STREAMS_PADDED):
       for j in range(dwf_ref.shape[1]):
         real = stream < _STREAMS and j < num_taps_f
-        dwf_ref[stream, j, :] = dwf[stream * num_taps_f + j] if real else zeros_C
+        dwf_ref[stream, j, :] = jnp.sum(dwf[stream * num_taps_f + j], axis=0) if real else zeros_C
   rows_TT = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
   cols_TT = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
   dh_part_ref[...] = jnp.where(rows_TT >= cols_TT, a0_TT, a1_TT)
@@ -483,8 +397,7 @@ def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
               block_sizes: bc.BlockSizes, interpret: bool, tap_grads: str, layout: str,
               with_output: bool = False):
   """(df, dh partials, ddskip partials), then the forward's output if with_output, then the
-  tap-gradient partials if tap_grads is "kernel" or "fused", then (fused) the df rings; with
-  tap_grads "fused" the first output is dz instead of df."""
+  tap-gradient partials if tap_grads == "kernel"."""
   batch, padded_len, width3 = z_BL3C.shape
   channels = width3 // _STREAMS
   chunk, block_c = block_sizes.chunk, block_sizes.block_c
@@ -513,17 +426,11 @@ def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
   if with_output:
     out_shape += (jax.ShapeDtypeStruct((batch, padded_len, channels), z_BL3C.dtype),)
     out_specs += (tile,)
-  if tap_grads in ("kernel", "fused"):
+  if tap_grads == "kernel":
     out_shape += (jax.ShapeDtypeStruct((batch, segments, _STREAMS_PADDED, taps_pad, channels),
                                        jnp.float32),)
     out_specs += (pl.BlockSpec((None, None, _STREAMS_PADDED, taps_pad, block_c),
                                lambda b, c, s: (b, s, 0, 0, c)),)
-  if tap_grads == "fused":  # the programs' df rings (scratch, discarded)
-    ring_rows = 2 * _STREAMS_PADDED * 2 * chunk
-    out_shape += (jax.ShapeDtypeStruct((batch, channels // block_c, segments, ring_rows, block_c),
-                                       z_BL3C.dtype),)
-    out_specs += (pl.BlockSpec((None, None, None, ring_rows, block_c),
-                               lambda b, c, s: (b, c, s, 0, 0)),)
   return pl.pallas_call(
       kernel,
       grid=grid,
@@ -705,10 +612,9 @@ def _fgcg_bwd_impl(block_sizes, interpret, tap_grads, layout, residuals, dout_BL
       dskip_C.astype(jnp.float32), num_taps_f=num_taps_f, block_sizes=block_sizes,
       interpret=interpret, tap_grads=tap_grads, layout=layout, with_output=with_output)
   out, dwf_part = extra[:int(with_output)], extra[int(with_output):]
-  if tap_grads in ("kernel", "fused"):
+  if tap_grads == "kernel":
     df_BL3C = df_BL3C[:, :length]
-    dz_BL3C = (df_BL3C if tap_grads == "fused"
-               else featurizer_transpose(df_BL3C, w_feat_3CJ).astype(z_BL3C.dtype))
+    dz_BL3C = featurizer_transpose(df_BL3C, w_feat_3CJ).astype(z_BL3C.dtype)
     dw_SJC = dwf_part[0].sum((0, 1))[:_STREAMS, :num_taps_f]
     order = (2, 0, 1) if layout == "interleaved" else (0, 2, 1)
     dw_3CJ = jnp.transpose(dw_SJC, order).reshape(width3, num_taps_f)
@@ -756,12 +662,9 @@ def featurized_gate_conv_gate_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h
     interpret: Pallas interpret mode (CPU), for tests.
     tap_grads: "xla" (default): the backward kernel carries the featurized pre/v of the
       previous chunk, and featurizer_backward_pallas reduces the featurizer-tap gradient
-      (df * shifted z) while it writes dz; "fused": the backward kernel writes dz and the tap
-      gradient itself (df never reaches memory: each program recomputes the df of the chunk
-      after its segment and shifts df rows through a ring in L2); "kernel": the kernel
-      reduces the tap gradient on chip (three [T, dc] accumulators per tap and stream, 2.4x
-      slower fwd+bwd on an H100 at 8K: experiments/results/se_overhead_nvidia_h100_80gb_hbm3.md)
-      and XLA writes dz.
+      (df * shifted z) while it writes dz; "kernel":
+      the kernel reduces it on chip (three [T, dc] accumulators per tap and stream, 2.4x slower
+      fwd+bwd on an H100 at 8K: experiments/results/se_overhead_nvidia_h100_80gb_hbm3.md).
     layout: "blocked" or "interleaved" column order of z, the taps and dz. Interleaved lets the
       module feed x @ W_in with its parameter as stored (no per-call column reorder of the
       weight or of its gradient); the kernels then read and write every third column.

@@ -13,8 +13,7 @@ from experiments import bench_ops
 def test_select_variants_by_family_and_without_xla():
   variants = bench_ops.default_variants(kernels=True)
   names = [v.name for v in bench_ops.select_variants(variants, ["se", "floor"], xla=False)]
-  assert names == ["GEMM floor", "SE (pallas)", "SE (pallas, featurizer bwd in gate kernel)",
-                   "SE (pallas, XLA featurizer)",
+  assert names == ["GEMM floor", "SE (pallas)", "SE (pallas, XLA featurizer)",
                    "SE (pallas, interleaved z)", "SE (pallas direct FIR)",
                    "SE (pallas direct FIR, interleaved z)"]
   assert all(not v.switches for v in bench_ops.default_variants(kernels=False))

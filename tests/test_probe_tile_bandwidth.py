@@ -78,14 +78,14 @@ def test_dry_run_times_the_gate_kernels(tmp_path):
   defaults and each candidate; an unknown mixer is refused."""
   out = tmp_path / "gates.md"
   probe.main(["--dry-run", "--gates-only", "--candidate", "li:chunk=4", "--se-tap-grads",
-              "fused", "--out", str(out)])
+              "kernel", "--out", str(out)])
   gate_lines = [line for line in out.read_text().splitlines()
                 if line.startswith(("| MR ", "| SE ", "| LI "))]
   assert [line.split(" | ")[:2] for line in gate_lines[:-1]] == [
       ["| MR forward", "defaults"], ["| MR backward", "defaults"], ["| SE forward", "defaults"],
       ["| SE backward", "defaults"], ["| LI forward", "defaults"], ["| LI backward", "defaults"],
       ["| LI forward", "chunk=4"], ["| LI backward", "chunk=4"]]
-  assert gate_lines[-1].startswith("| SE backward | tap_grads=fused (outputs within ")
+  assert gate_lines[-1].startswith("| SE backward | tap_grads=kernel (outputs within ")
   assert "| case |" not in out.read_text()  # --gates-only: no streaming table
   with pytest.raises(SystemExit):
     probe.main(["--dry-run", "--gates", "--candidate", "xx:chunk=4"])

@@ -204,9 +204,6 @@ FUSED_Z_LAYOUT = "blocked"
 # (featurized_short_conv: the FIR on CUDA cores from shifted windows, 64-channel tiles across
 # groups; fwd+bwd within 2.5% of the Toeplitz kernel on an H100, ops results' fifth run).
 SHORT_FILTER_KERNEL = "toeplitz"
-# Where the Toeplitz fused kernel's backward runs the featurizer's backward (its tap_grads):
-# "xla" (a second Pallas pass over df and z) or "fused" (inside the gate backward kernel).
-FUSED_TAP_GRADS = "xla"
 
 
 def fuses_featurizer(method: str, num_taps: int) -> bool:
@@ -265,10 +262,9 @@ def explicit_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
       if w_out_DE is not None:
         return featurized_conv.featurized_gate_conv_gate_proj_pallas(
             z, w_feat, h_GK, dskip_D, w_out_DE.astype(z.dtype), interpret=interpret,
-            tap_grads=FUSED_TAP_GRADS, layout=FUSED_Z_LAYOUT)
+            layout=FUSED_Z_LAYOUT)
       return featurized_conv.featurized_gate_conv_gate_pallas(
-          z, w_feat, h_GK, dskip_D, interpret=interpret, tap_grads=FUSED_TAP_GRADS,
-          layout=FUSED_Z_LAYOUT)
+          z, w_feat, h_GK, dskip_D, interpret=interpret, layout=FUSED_Z_LAYOUT)
   post, pre, v = project_and_featurize(x_BLD, w_in_D3D, w_feat_3DK)
   return gate_conv_gate(post, pre, v, h_GK, dskip_D, method, chunk, w_out_DE)
 
