@@ -51,7 +51,12 @@ logger = logging.getLogger(__name__)
 
 MAX_FEATURIZER_TAPS = 4
 LAYOUTS = ("blocked", "interleaved")  # column order of z: [post | pre | v] or triples 3i+s
-TAP_GRADS = ("kernel", "xla")  # where the featurizer-tap gradient is reduced (see _fgcg_bwd)
+# Where the featurizer-tap gradient is reduced (see featurized_gate_conv_gate_pallas). Tried
+# and dropped: the whole featurizer backward inside the gate backward kernel (df rows shifted
+# through a per-program ring in L2 behind a CTA barrier): on an H100 that kernel took 2.3-3.7x
+# the two kernels it replaced, and Triton's pipelining issued the ring reads before the barrier
+# (wrong gradients at 2-3 stages): experiments/results/ops_nvidia_h100_80gb_hbm3.md, twelfth run.
+TAP_GRADS = ("kernel", "xla")
 FUSED_BWD_STAGES_LONG_CHUNK = 1
 # Forward pipelining depth for 16-bit I/O and T < 128 (the blocked kernel's 4 costs this one,
 # whose loads are 3 J shifted windows a stream, 1.2-1.6x): H100, L = 8K, K = 7, J = 3, forward
