@@ -224,7 +224,8 @@ def gate_calls(mixer: str, block_sizes: bc.BlockSizes | mc.BlockSizes | None, le
   """(forward fn, backward fn, args of each) of one gate kernel pair as a rematerialised
   step runs it: the forward kernels, then the backward call that also writes the gate output
   for dW_out (output_projection), from the forward's residuals; the backward's args are the
-  residuals then the output's cotangent. tap_grads: SE's featurizer backward (featurized_conv)."""
+  residuals then the output's cotangent. tap_grads: where SE's backward reduces the
+  featurizer-tap gradient (featurized_conv.TAP_GRADS)."""
   keys = jax.random.split(jax.random.key(1), 6)
   normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)  # noqa: E731
   dout = normal(keys[0], (1, length, channels))
@@ -282,9 +283,9 @@ def gate_rows(length: int, channels: int, groups: int, candidates: list[tuple[st
   """Rows (mixer, candidate label, device ms per call, each kernel's ms) for the `mixers`'
   gate kernels' forward and backward, the defaults first, then each (mixer, BlockSizes), then
   SE's backward with each featurizer-tap-gradient placement in `se_tap_grads`
-  (featurized_conv.TAP_GRADS; at the defaults and each SE candidate), whose outputs must
-  equal the default's within
-  SE_TAP_GRADS_TOLERANCE (AssertionError otherwise: e.g. a race in the kernel)."""
+  (featurized_conv.TAP_GRADS; at the defaults and each SE candidate), whose outputs must equal
+  the default's within SE_TAP_GRADS_TOLERANCE (AssertionError otherwise: e.g. a race in the
+  kernel)."""
   rows = []
   for mixer, block_sizes in [*((mixer, None) for mixer in mixers), *candidates]:
     label = "defaults" if block_sizes is None else candidate_label(block_sizes)

@@ -95,7 +95,7 @@ def test_dry_run_times_the_gate_kernels(tmp_path):
     probe.main(["--dry-run", "--gates", "--gate-mixers", "se,xx"])
 
 
-def test_relative_gap_names_the_worst_output():
+def test_relative_gap_is_the_worst_outputs():
   a = jnp.ones((4, 4))
   assert probe.relative_gap((a, 2 * a), (a, 2 * a)) == 0.0
   assert probe.relative_gap((a, 2.2 * a), (a, 2 * a)) == pytest.approx(0.1, rel=1e-5)
