@@ -468,7 +468,9 @@ def featurizer_tap_grads(df_BLC: jax.Array, z_BLC: jax.Array, num_taps_f: int) -
 
 FEAT_BWD_CHUNK = 32  # rows per step of the featurizer-backward kernel
 FEAT_BWD_BLOCK_C = 64  # columns per program (128-byte bf16 rows)
-FEAT_BWD_TARGET_PROGRAMS = 768
+FEAT_BWD_TARGET_PROGRAMS = 768  # sequence segments are doubled until the grid has this many
+FEAT_BWD_NUM_WARPS = 4
+FEAT_BWD_NUM_STAGES = 3
 
 
 def _rows_window(ref, start, chunk: int, padded_len: int, windows: bool,
@@ -514,8 +516,10 @@ def _featurizer_bwd_kernel(w_ref, df_ref, z_ref, dz_ref, dw_part_ref, *, chunk: 
 
 
 def featurizer_backward_pallas(df_BLX: jax.Array, z_BLX: jax.Array, w_XJ: jax.Array, *,
-                               chunk: int = FEAT_BWD_CHUNK,
-                               interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                               chunk: int = FEAT_BWD_CHUNK, interpret: bool = False,
+                               block_c: int | None = None, target_programs: int | None = None,
+                               num_warps: int | None = None, num_stages: int | None = None
+                               ) -> tuple[jax.Array, jax.Array]:
   """Both featurizer gradients in one pass over df and z (Pallas), for any channel count X.
 
   Args:
@@ -525,6 +529,10 @@ def featurizer_backward_pallas(df_BLX: jax.Array, z_BLX: jax.Array, w_XJ: jax.Ar
     w_XJ: [X, J] taps, w[:, 0] on the current token.
     chunk: rows per loop step, a power of two >= J.
     interpret: Pallas interpret mode (CPU).
+    block_c, target_programs, num_warps, num_stages: the launch (None: the FEAT_BWD_*
+      defaults). block_c, a power of two >= 16, is halved until it divides X; sequence
+      segments are doubled until the grid has target_programs programs (each keeps >= 8
+      chunks).
 
   Returns:
     dz [B, Lp, X] in z's dtype (dz[t] = sum_j w[:, j] df[t + j]) and dw [X, J] float32
@@ -532,15 +540,19 @@ def featurizer_backward_pallas(df_BLX: jax.Array, z_BLX: jax.Array, w_XJ: jax.Ar
   """
   batch, padded_len, width = df_BLX.shape
   num_taps_f = w_XJ.shape[1]
-  block_c = FEAT_BWD_BLOCK_C
+  block_c = FEAT_BWD_BLOCK_C if block_c is None else block_c
+  if not bc._is_pow2(block_c) or block_c < bc.MIN_DOT_DIM:
+    raise ValueError(f"featurizer backward: block_c {block_c} must be a power of two >= "
+                     f"{bc.MIN_DOT_DIM}")
   while width % block_c and block_c > bc.MIN_DOT_DIM:
     block_c //= 2
   if padded_len % chunk or width % block_c or not bc._is_pow2(chunk) or chunk < num_taps_f:
     raise ValueError(f"featurizer backward: rows {padded_len} must be a multiple of the chunk "
                      f"{chunk} (a power of two >= {num_taps_f} taps) and columns {width} of 16")
   num_chunks = padded_len // chunk
+  target_programs = FEAT_BWD_TARGET_PROGRAMS if target_programs is None else target_programs
   segments = 1
-  while (batch * (width // block_c) * segments < FEAT_BWD_TARGET_PROGRAMS
+  while (batch * (width // block_c) * segments < target_programs
          and num_chunks % (2 * segments) == 0 and num_chunks // (2 * segments) >= 8):
     segments *= 2
   taps_pad = _taps_pad(num_taps_f)
@@ -556,7 +568,9 @@ def featurizer_backward_pallas(df_BLX: jax.Array, z_BLX: jax.Array, w_XJ: jax.Ar
       out_specs=(tile, pl.BlockSpec((None, None, taps_pad, block_c), lambda b, c, s: (b, s, 0, c))),
       out_shape=(jax.ShapeDtypeStruct(z_BLX.shape, z_BLX.dtype),
                  jax.ShapeDtypeStruct((batch, segments, taps_pad, width), jnp.float32)),
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
+      compiler_params=plgpu.CompilerParams(
+          num_warps=FEAT_BWD_NUM_WARPS if num_warps is None else num_warps,
+          num_stages=FEAT_BWD_NUM_STAGES if num_stages is None else num_stages),
       interpret=interpret,
       name="featurizer_bwd",
   )(w_JX, df_BLX, z_BLX)

@@ -222,11 +222,15 @@ def test_lowers_for_cuda(dtype, taps, block_sizes, tap_grads, layout):
   assert ("featurizer_bwd" in text) == (tap_grads == "xla")
 
 
-@pytest.mark.parametrize("batch,padded_len,width,taps,chunk", [
-    (1, 256, 192, 3, 32), (2, 96, 48, 4, 16), (1, 64, 64, 1, 32), (1, 1024, 128, 2, 32)])
-def test_featurizer_backward_kernel_matches_float64(batch, padded_len, width, taps, chunk):
+@pytest.mark.parametrize("batch,padded_len,width,taps,chunk,launch", [
+    (1, 256, 192, 3, 32, {}), (2, 96, 48, 4, 16, {}), (1, 64, 64, 1, 32, {}),
+    (1, 1024, 128, 2, 32, {}),
+    (1, 512, 96, 3, 16, {"block_c": 128, "target_programs": 64, "num_warps": 2})])
+def test_featurizer_backward_kernel_matches_float64(batch, padded_len, width, taps, chunk,
+                                                    launch):
   """dz[t] = sum_j w_j df[t + j] and dw_j = sum_t df[t] z[t - j] against a numpy float64 loop;
-  outputs NaN-poisoned first (an unwritten tile is caught); 1024 rows take several segments."""
+  outputs NaN-poisoned first (an unwritten tile is caught); 1024 rows take several segments, as
+  does the explicit launch (block_c 128 halved to 32 for 96 columns, 4 segments)."""
   rng = np.random.default_rng(padded_len + width + taps)
   length = padded_len - 5
   df = rng.standard_normal((batch, padded_len, width))
@@ -242,8 +246,15 @@ def test_featurizer_backward_kernel_matches_float64(batch, padded_len, width, ta
       if t - j >= 0:
         want_dw[:, j] += np.sum(df[:, t] * z[:, t - j], axis=0)
   dz, dw = fc.featurizer_backward_pallas(jnp.asarray(df, jnp.float32), jnp.asarray(z, jnp.float32),
-                                         jnp.asarray(w, jnp.float32), chunk=chunk, interpret=True)
+                                         jnp.asarray(w, jnp.float32), chunk=chunk, interpret=True,
+                                         **launch)
   assert _rel_err(dz, want_dz) < 1e-6 and _rel_err(dw, want_dw) < 1e-5
+
+
+def test_featurizer_backward_refuses_a_bad_block_c():
+  with pytest.raises(ValueError, match="block_c 24 must be a power of two >= 16"):
+    fc.featurizer_backward_pallas(jnp.zeros((1, 64, 48)), jnp.zeros((1, 64, 48)),
+                                  jnp.ones((48, 3)), block_c=24, interpret=True)
 
 
 def test_featurizer_backward_unwritten_tile_is_caught(monkeypatch):
