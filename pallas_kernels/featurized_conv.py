@@ -468,7 +468,11 @@ def featurizer_tap_grads(df_BLC: jax.Array, z_BLC: jax.Array, num_taps_f: int) -
 
 FEAT_BWD_CHUNK = 32  # rows per step of the featurizer-backward kernel
 FEAT_BWD_BLOCK_C = 64  # columns per program (128-byte bf16 rows)
-FEAT_BWD_TARGET_PROGRAMS = 768  # sequence segments are doubled until the grid has this many
+# Sequence segments are doubled while the grid has fewer programs than this. H100, L = 4K / 8K,
+# kernel alone: 1536 programs 0.130 / 0.251 ms against 768 at 0.144 / 0.281 (X = 12288), and
+# 1440 programs 0.125 ms against 2880 at 0.130 (X = 5760, 8K): 1024 gives both their best
+# (experiments/results/tune_featurizer_bwd_nvidia_h100_80gb_hbm3.md).
+FEAT_BWD_TARGET_PROGRAMS = 1024
 FEAT_BWD_NUM_WARPS = 4
 FEAT_BWD_NUM_STAGES = 3
 
