@@ -30,10 +30,10 @@ from experiments.cli_args import parse_lengths  # noqa: E402
 from experiments.probe_tile_bandwidth import kernel_ms, relative_gap  # noqa: E402
 from pallas_kernels import featurized_conv as fc  # noqa: E402
 
-FIELDS = ("chunk", "block_c", "target_programs", "num_warps", "num_stages")
+FIELDS = ("chunk", "block_c", "max_programs", "num_warps", "num_stages")
 GRID = ({"block_c": 32}, {"block_c": 128}, {"chunk": 16}, {"chunk": 64}, {"num_warps": 2},
-        {"num_warps": 8}, {"num_stages": 2}, {"num_stages": 4}, {"target_programs": 384},
-        {"target_programs": 1536}, {"target_programs": 3072})
+        {"num_warps": 8}, {"num_stages": 2}, {"num_stages": 4}, {"max_programs": 768},
+        {"max_programs": 3072}, {"block_c": 128, "max_programs": 3072})
 TOLERANCE = 1e-4  # a candidate's dz and tap gradient vs the defaults' (float32 sums reordered)
 
 
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> None:
            "- command: `PYTHONPATH=. python3 experiments/tune_featurizer_bwd.py "
            + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
            f"- df, z [1, L, {width}] {jnp.dtype(dtype).name}, 3 taps; defaults: chunk "
-           f"{fc.FEAT_BWD_CHUNK}, block_c {fc.FEAT_BWD_BLOCK_C}, target_programs "
-           f"{fc.FEAT_BWD_TARGET_PROGRAMS}, num_warps {fc.FEAT_BWD_NUM_WARPS}, num_stages "
+           f"{fc.FEAT_BWD_CHUNK}, block_c {fc.FEAT_BWD_BLOCK_C}, max_programs "
+           f"{fc.FEAT_BWD_MAX_PROGRAMS}, num_warps {fc.FEAT_BWD_NUM_WARPS}, num_stages "
            f"{fc.FEAT_BWD_NUM_STAGES}; GB/s = (df + z read, dz written) / device time; each "
            "candidate's outputs checked against the defaults'"]
   for length in lengths:

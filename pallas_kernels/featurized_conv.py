@@ -468,11 +468,11 @@ def featurizer_tap_grads(df_BLC: jax.Array, z_BLC: jax.Array, num_taps_f: int) -
 
 FEAT_BWD_CHUNK = 32  # rows per step of the featurizer-backward kernel
 FEAT_BWD_BLOCK_C = 64  # columns per program (128-byte bf16 rows)
-# Sequence segments are doubled while the grid has fewer programs than this. H100, L = 4K / 8K,
-# kernel alone: 1536 programs 0.130 / 0.251 ms against 768 at 0.144 / 0.281 (X = 12288), and
-# 1440 programs 0.125 ms against 2880 at 0.130 (X = 5760, 8K): 1024 gives both their best
+# Sequence segments are doubled while the grid stays within this many programs. H100, L = 4K /
+# 8K, kernel alone: 1536 programs 0.130 / 0.251 ms against 768 at 0.144 / 0.281 (X = 12288);
+# 1440 programs 0.125 ms against 2880 at 0.130 (X = 5760, 8K)
 # (experiments/results/tune_featurizer_bwd_nvidia_h100_80gb_hbm3.md).
-FEAT_BWD_TARGET_PROGRAMS = 1024
+FEAT_BWD_MAX_PROGRAMS = 1536
 FEAT_BWD_NUM_WARPS = 4
 FEAT_BWD_NUM_STAGES = 3
 
@@ -521,7 +521,7 @@ def _featurizer_bwd_kernel(w_ref, df_ref, z_ref, dz_ref, dw_part_ref, *, chunk: 
 
 def featurizer_backward_pallas(df_BLX: jax.Array, z_BLX: jax.Array, w_XJ: jax.Array, *,
                                chunk: int = FEAT_BWD_CHUNK, interpret: bool = False,
-                               block_c: int | None = None, target_programs: int | None = None,
+                               block_c: int | None = None, max_programs: int | None = None,
                                num_warps: int | None = None, num_stages: int | None = None
                                ) -> tuple[jax.Array, jax.Array]:
   """Both featurizer gradients in one pass over df and z (Pallas), for any channel count X.
@@ -533,10 +533,10 @@ def featurizer_backward_pallas(df_BLX: jax.Array, z_BLX: jax.Array, w_XJ: jax.Ar
     w_XJ: [X, J] taps, w[:, 0] on the current token.
     chunk: rows per loop step, a power of two >= J.
     interpret: Pallas interpret mode (CPU).
-    block_c, target_programs, num_warps, num_stages: the launch (None: the FEAT_BWD_*
+    block_c, max_programs, num_warps, num_stages: the launch (None: the FEAT_BWD_*
       defaults). block_c, a power of two >= 16, is halved until it divides X; sequence
-      segments are doubled until the grid has target_programs programs (each keeps >= 8
-      chunks).
+      segments are doubled while the grid stays within max_programs programs and each
+      segment keeps >= 8 chunks.
 
   Returns:
     dz [B, Lp, X] in z's dtype (dz[t] = sum_j w[:, j] df[t + j]) and dw [X, J] float32
@@ -554,9 +554,9 @@ def featurizer_backward_pallas(df_BLX: jax.Array, z_BLX: jax.Array, w_XJ: jax.Ar
     raise ValueError(f"featurizer backward: rows {padded_len} must be a multiple of the chunk "
                      f"{chunk} (a power of two >= {num_taps_f} taps) and columns {width} of 16")
   num_chunks = padded_len // chunk
-  target_programs = FEAT_BWD_TARGET_PROGRAMS if target_programs is None else target_programs
+  max_programs = FEAT_BWD_MAX_PROGRAMS if max_programs is None else max_programs
   segments = 1
-  while (batch * (width // block_c) * segments < target_programs
+  while (batch * (width // block_c) * 2 * segments <= max_programs
          and num_chunks % (2 * segments) == 0 and num_chunks // (2 * segments) >= 8):
     segments *= 2
   taps_pad = _taps_pad(num_taps_f)

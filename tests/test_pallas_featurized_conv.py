@@ -225,7 +225,7 @@ def test_lowers_for_cuda(dtype, taps, block_sizes, tap_grads, layout):
 @pytest.mark.parametrize("batch,padded_len,width,taps,chunk,launch", [
     (1, 256, 192, 3, 32, {}), (2, 96, 48, 4, 16, {}), (1, 64, 64, 1, 32, {}),
     (1, 1024, 128, 2, 32, {}),
-    (1, 512, 96, 3, 16, {"block_c": 128, "target_programs": 64, "num_warps": 2})])
+    (1, 512, 96, 3, 16, {"block_c": 128, "max_programs": 64, "num_warps": 2})])
 def test_featurizer_backward_kernel_matches_float64(batch, padded_len, width, taps, chunk,
                                                     launch):
   """dz[t] = sum_j w_j df[t + j] and dw_j = sum_t df[t] z[t - j] against a numpy float64 loop;
