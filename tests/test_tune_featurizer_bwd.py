@@ -21,3 +21,18 @@ def test_candidates_parse_or_say_which_fields_exist():
     tune.parse_candidate("warps=4")
   with pytest.raises(SystemExit):
     tune.main(["--dry-run", "--candidate", "chunk=x"])
+
+
+def test_a_candidate_with_other_outputs_is_refused(monkeypatch):
+  """A launch whose dz differs from the defaults' (a race, an unwritten tile) stops the sweep."""
+  real = tune.fc.featurizer_backward_pallas
+
+  def off_by_a_percent(df, z, w, **kwargs):
+    dz, dw = real(df, z, w, **kwargs)
+    return (dz * 1.01, dw) if kwargs.get("num_warps") == 2 else (dz, dw)
+
+  monkeypatch.setattr(tune.fc, "featurizer_backward_pallas", off_by_a_percent)
+  with pytest.raises(AssertionError,
+                     match="num_warps=2: outputs differ from the defaults' by 1.00e-02"):
+    tune.sweep(64, 32, [{"num_stages": 2}, {"num_warps": 2}], tune.jnp.float32, iters=1,
+               interpret=True)
