@@ -273,6 +273,17 @@ def relative_gap(got: tuple[jax.Array, ...], want: tuple[jax.Array, ...]) -> flo
   return max(gaps)
 
 
+def checked_gap(got: tuple[jax.Array, ...], want: tuple[jax.Array, ...], tolerance: float,
+                what: str) -> float:
+  """relative_gap(got, want), or AssertionError naming `what` when it is over `tolerance` or
+  not finite (e.g. a race or an unwritten tile in the kernel that computed `got`)."""
+  gap = relative_gap(got, want)
+  if not gap <= tolerance:
+    raise AssertionError(f"{what}: outputs differ from the defaults' by {gap:.2e} (relative), "
+                         f"over {tolerance}")
+  return gap
+
+
 SE_TAP_GRADS_TOLERANCE = 2e-2  # a tap_grads variant's SE gradients vs the default's (bf16 I/O)
 
 
@@ -304,10 +315,7 @@ def gate_rows(length: int, channels: int, groups: int, candidates: list[tuple[st
                                        interpret, tap_grads=tap_grads)
       label = f"tap_grads={tap_grads}" + (f", {candidate_label(block_sizes)}" if block_sizes
                                           else "")
-      gap = relative_gap(bwd(bwd_args), want)
-      if not gap <= SE_TAP_GRADS_TOLERANCE:
-        raise AssertionError(f"SE backward with {label}: outputs differ from the defaults' by "
-                             f"{gap:.2e} (relative), over {SE_TAP_GRADS_TOLERANCE}")
+      gap = checked_gap(bwd(bwd_args), want, SE_TAP_GRADS_TOLERANCE, f"SE backward with {label}")
       kernels = kernel_ms(bwd, bwd_args, iters)
       rows.append(("SE backward", f"{label} (outputs within {gap:.1e} of the defaults')",
                    sum(kernels), kernels))

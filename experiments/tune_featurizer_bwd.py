@@ -19,15 +19,13 @@ import datetime
 import functools
 import os
 import sys
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import report  # noqa: E402
 from experiments.cli_args import parse_lengths  # noqa: E402
-from experiments.probe_tile_bandwidth import kernel_ms, relative_gap  # noqa: E402
+from experiments.probe_tile_bandwidth import checked_gap, kernel_ms  # noqa: E402
 from pallas_kernels import featurized_conv as fc  # noqa: E402
 
 FIELDS = ("chunk", "block_c", "max_programs", "num_warps", "num_stages")
@@ -74,10 +72,8 @@ def sweep(length: int, width: int, candidates: list[dict[str, int]], dtype: jnp.
   for candidate in [{}, *candidates]:
     fn = jax.jit(functools.partial(fc.featurizer_backward_pallas, interpret=interpret,
                                    **candidate))
-    gap = relative_gap(fn(df, z, w), want)
-    if gap > TOLERANCE:
-      raise AssertionError(f"featurizer backward with {label(candidate)}: outputs differ from "
-                           f"the defaults' by {gap:.2e} (relative), over {TOLERANCE}")
+    gap = checked_gap(fn(df, z, w), want, TOLERANCE,
+                      f"featurizer backward with {label(candidate)}")
     ms = sum(kernel_ms(lambda args: fn(*args), (df, z, w), iters))
     rows.append((label(candidate), ms, traffic_gb / ms * 1e3 if ms else 0.0, gap))
   return rows
@@ -94,8 +90,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--dry-run", action="store_true", help="tiny shapes, interpret mode (CPU)")
   args = parser.parse_args(argv)
   try:
-    candidates: list[dict[str, Any]] = ([parse_candidate(c) for c in args.candidate]
-                                        or [dict(c) for c in GRID])
+    candidates = [parse_candidate(c) for c in args.candidate] or list(GRID)
   except ValueError as error:
     parser.error(str(error))
   if args.dry_run:
