@@ -158,6 +158,21 @@ def gemm_floor_fns(x_BLD: jax.Array, key: jax.Array
 REMAT = ("none", "save_dots")  # --remat: how fwd+bwd differentiates each operator
 
 
+def bench_config(d_model: int = 4096, groups: int = 256, heads: int = 32, remat: str = "none",
+                 overrides: dict[str, str] | None = None) -> ModelConfig:
+  """The operators' settings: bf16 compute, float32 params, then `overrides` (model keys, with
+  or without the "model." prefix, e.g. {"param_dtype": "bfloat16"})."""
+  config = ModelConfig(d_model=d_model, num_heads=heads, se_groups=groups, mr_groups=groups,
+                       layout="SE MR LI MHA", dtype="bfloat16", param_dtype="float32",
+                       mr_filter_len=128, train_len=8192)
+  config = dataclasses.replace(config, remat=remat != "none")  # as the modules run in a model
+  if overrides:
+    config = config_lib.apply_overrides(
+        config_lib.Config(model=config),
+        {k if k.startswith("model.") else f"model.{k}": v for k, v in overrides.items()}).model
+  return config
+
+
 def _module_fns(variant: Variant, config: ModelConfig, x_BLD: jax.Array, key: jax.Array,
                 remat: str = "none", compile_now: bool = False):
   """(forward, forward+backward) thunks of a module variant; remat "save_dots" differentiates
@@ -203,14 +218,7 @@ def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups
   """
   if kernels is None:
     kernels = jax.default_backend() == "gpu"
-  config = ModelConfig(d_model=d_model, num_heads=heads, se_groups=groups, mr_groups=groups,
-                       layout="SE MR LI MHA", dtype="bfloat16", param_dtype="float32",
-                       mr_filter_len=128, train_len=8192)
-  config = dataclasses.replace(config, remat=remat != "none")  # as the modules run in a model
-  if overrides:
-    config = config_lib.apply_overrides(
-        config_lib.Config(model=config),
-        {k if k.startswith("model.") else f"model.{k}": v for k, v in overrides.items()}).model
+  config = bench_config(d_model, groups, heads, remat, overrides)
   rows = []
   key = jax.random.key(0)
   variants = select_variants(default_variants(kernels), families, xla,
@@ -372,7 +380,7 @@ def ratio_lines(rows: list[dict[str, Any]], kernels: bool) -> list[str]:
 
 
 def write_markdown(rows: list[dict[str, Any]], kernels: bool, path: str, command: str,
-                   d_model: int = 4096) -> str:
+                   d_model: int = 4096, param_dtype: str = "float32") -> str:
   device = jax.devices()[0]
   lengths = sorted({r["L"] for r in rows})
   ops = list(dict.fromkeys(r["op"] for r in rows))
@@ -381,7 +389,8 @@ def write_markdown(rows: list[dict[str, Any]], kernels: bool, path: str, command
            f"- device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}",
            f"- date: {datetime.date.today().isoformat()}",
            f"- command: `{command}`",
-           f"- B=1, D={d_model}, bf16 compute (float32 params), full operators with projections; "
+           f"- B=1, D={d_model}, bf16 compute ({param_dtype} params; the GEMM floor's weights bf16), "
+           "full operators with projections; "
            "median of synchronised runs after warm-up", "",
            "| operator | " + " | ".join(f"L={_len(L)} fwd | fwd+bwd" for L in lengths) + " |",
            "|---|" + "---|---|" * len(lengths)]
@@ -433,7 +442,13 @@ def main(argv: list[str] | None = None) -> int:
   device = jax.devices()[0].device_kind.lower().replace(" ", "_")
   path = args.out or os.path.join(RESULTS, f"ops_{device}.md")
   command = ("sh2 bench ops " + " ".join(argv or [])).strip()
-  rewrite = lambda rows: write_markdown(rows, kernels, path, command, args.d_model)
+  try:
+    param_dtype = bench_config(args.d_model, args.groups, args.heads, args.remat,
+                               overrides).param_dtype
+  except ValueError as error:
+    parser.error(str(error))
+  rewrite = lambda rows: write_markdown(rows, kernels, path, command, args.d_model,  # noqa: E731
+                                        param_dtype)
   families = None if args.ops is None else [f.strip() for f in args.ops.split(",") if f.strip()]
   try:
     select_variants(default_variants(kernels), families)

@@ -65,6 +65,7 @@ def test_bench_ops_tiny_table(tmp_path):
   assert len(ratio_rows) == 1 and ratio_rows[0].startswith("| GEMM floor bwd / fwd (for MR's) | ")
   assert ratio_rows[0].endswith(" | none: 2 by FLOPs |")
   assert "- command: `sh2 bench ops --lengths 128" in text
+  assert "bf16 compute (float32 params; the GEMM floor's weights bf16)" in text
 
 
 def test_ratios_from_rows():
@@ -146,17 +147,22 @@ def test_vjp_fn_uses_a_random_cotangent():
   np.testing.assert_allclose(np.asarray(dw), np.asarray(x, np.float64).T @ ct, rtol=1e-5, atol=1e-5)
 
 
-def test_bench_ops_remat_and_settings(tmp_path):
+def test_bench_ops_remat_and_settings(tmp_path, capsys):
   """--remat save_dots and --set reach the timed operators: the table names them in its command
   line, and a row is timed for each; an unknown setting is a one-line error."""
   out = tmp_path / "ops.md"
   bench_ops.main(["--lengths", "64", "--d-model", "32", "--groups", "2", "--heads", "2",
                   "--iters", "1", "--ops", "se", "--headline", "--remat", "save_dots",
-                  "--set", "out_proj_in_kernel_bwd=false", "--out", str(out)])
+                  "--set", "out_proj_in_kernel_bwd=false", "--set", "param_dtype=bfloat16",
+                  "--out", str(out)])
   text = out.read_text()
-  assert "--remat save_dots --set out_proj_in_kernel_bwd=false" in text
+  assert "--remat save_dots --set out_proj_in_kernel_bwd=false --set param_dtype=bfloat16" in text
+  assert "(bfloat16 params;" in text
   rows = [line for line in text.splitlines() if line.startswith("| SE (")]
   assert len(rows) == 1 and all(float(c) > 0 for c in rows[0].strip("| ").split(" | ")[1:])
+  with pytest.raises(SystemExit):
+    bench_ops.main(["--lengths", "64", "--ops", "se", "--set", "param_dtype=float64"])
+  assert "error: model.param_dtype='float64': choose one of" in capsys.readouterr().err
   with pytest.raises(Exception, match="unknown setting 'model.no_such'"):
     bench_ops.run([64], [], 32, 2, 2, kernels=False, iters=1, families=["se"], overrides={"no_such": "1"})
 
