@@ -13,7 +13,7 @@ from experiments import bench_ops
 def test_select_variants_by_family_and_without_xla():
   variants = bench_ops.default_variants(kernels=True)
   names = [v.name for v in bench_ops.select_variants(variants, ["se", "floor"], xla=False)]
-  assert names == ["GEMM floor", "SE (pallas)", "SE (pallas, XLA featurizer)",
+  assert names == ["GEMM floor", "SE (pallas)", "SE (pallas, bf16 params)", "SE (pallas, XLA featurizer)",
                    "SE (pallas, interleaved z)", "SE (pallas direct FIR)",
                    "SE (pallas direct FIR, interleaved z)"]
   assert all(not v.switches for v in bench_ops.default_variants(kernels=False))
@@ -23,7 +23,10 @@ def test_select_variants_by_family_and_without_xla():
     bench_ops.select_variants(variants, ["attention"])
   headline = [v.name for v in bench_ops.select_variants(variants, None, xla=True,
                                                          headline=bench_ops.headline_names(True))]
-  assert headline == ["GEMM floor", "SE (pallas)", "MR (pallas)", "LI (pallas)", "MHA (XLA)"]
+  assert headline == ["GEMM floor", "SE (pallas)", "SE (pallas, bf16 params)", "MR (pallas)",
+                      "LI (pallas)", "MHA (XLA)"]
+  bf16 = next(v for v in variants if v.name == "SE (pallas, bf16 params)")
+  assert bf16.overrides == {"conv_method": "pallas", "param_dtype": "bfloat16"}
 
 
 def test_gemm_floor_products_match_float64_and_count_every_flop():
@@ -75,6 +78,10 @@ def test_ratios_from_rows():
           {"op": "MHA (cuDNN)", "L": 4096, "fwd_ms": 1.5, "fwdbwd_ms": 4.0}]
   got = {name: value for name, _, value, _ in bench_ops.ratios(rows, kernels=True)}
   assert got["SE / GEMM floor (fwd+bwd)"] == pytest.approx(1.5)
+  assert got["SE (bf16 params) / GEMM floor (fwd+bwd)"] is None
+  rows.append({"op": "SE (pallas, bf16 params)", "L": 4096, "fwd_ms": 1.1, "fwdbwd_ms": 2.5})
+  got = {name: value for name, _, value, _ in bench_ops.ratios(rows, kernels=True)}
+  assert got["SE (bf16 params) / GEMM floor (fwd+bwd)"] == pytest.approx(1.25)
   assert got["MR / SE (fwd+bwd)"] == pytest.approx(1.1)
   assert got["MR bwd / MR fwd"] == pytest.approx(2.3)
   assert got["GEMM floor bwd / fwd (for MR's)"] == pytest.approx(1.0)
@@ -159,7 +166,9 @@ def test_bench_ops_remat_and_settings(tmp_path, capsys):
   assert "--remat save_dots --set out_proj_in_kernel_bwd=false --set param_dtype=bfloat16" in text
   assert "(bfloat16 params;" in text
   rows = [line for line in text.splitlines() if line.startswith("| SE (")]
-  assert len(rows) == 1 and all(float(c) > 0 for c in rows[0].strip("| ").split(" | ")[1:])
+  assert [row.split(" | ")[0] for row in rows] == ["| SE (blocked)", "| SE (blocked, bf16 params)"]
+  assert all(float(c) > 0 for row in rows for c in row.strip("| ").split(" | ")[1:])
+  assert "| ratio |" not in text  # no floor: no ratio to show
   with pytest.raises(SystemExit):
     bench_ops.main(["--lengths", "64", "--ops", "se", "--set", "param_dtype=float64"])
   assert "error: model.param_dtype='float64': choose one of" in capsys.readouterr().err
