@@ -12,7 +12,7 @@ and `--set` changes a model setting for every operator.
 
   python -m sh2_jax.cli bench ops [--lengths 4096,8192,16384,32768] [--long 131072,1048576]
       [--ops floor,se,mr,li,mha] [--headline] [--no-xla] [--remat save_dots]
-      [--set out_proj_in_kernel_bwd=false]
+      [--set out_proj_in_kernel_bwd=false] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import statistics
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -206,22 +207,49 @@ def _module_fns(variant: Variant, config: ModelConfig, x_BLD: jax.Array, key: ja
 CHUNKED_LI_MAX_LEN = 32768  # the XLA chunked LI scan is sequential over chunks: too slow beyond
 
 
+def _timed_fns(variant: Variant, config: ModelConfig, x_BLD: jax.Array, key: jax.Array,
+               remat: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
+  """(forward, forward+backward) thunks of a variant, compiled now under its switches (so a
+  later switch or the next variant's cannot change them)."""
+  if variant.module is None:
+    return gemm_floor_fns(x_BLD, key)
+  saved = {name: getattr(hyena_ops, name) for name, _ in variant.switches}
+  for name, value in variant.switches:
+    setattr(hyena_ops, name, value)
+  try:
+    return _module_fns(variant, config, x_BLD, key, remat, compile_now=True)
+  finally:
+    for name, value in saved.items():
+      setattr(hyena_ops, name, value)
+
+
+def _error_text(error: Exception) -> str:
+  message = str(error).splitlines()[0][:120]
+  return "OOM" if "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower() else message
+
+
 def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups: int = 256,
         heads: int = 32, kernels: bool | None = None, iters: int = 10,
         on_row: Callable[[list[dict[str, Any]]], None] | None = None,
         families: list[str] | None = None, xla: bool = True,
         headline_only: bool = False, remat: str = "none",
-        overrides: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        overrides: dict[str, str] | None = None, rounds: int = 1) -> list[dict[str, Any]]:
   """Times every variant at every length; returns rows {op, L, fwd_ms, fwdbwd_ms}.
 
   `families` (floor, se, mr, li, mha), `xla=False` and `headline_only` (the default path of
   each family, the rows the ratios read) restrict the variants; `remat` as in _module_fns;
   `overrides`: model settings for every operator, e.g. {"out_proj_in_kernel_bwd": "false"}.
+  `rounds` > 1: at each length every variant is compiled first, then timed in that many rounds
+  alternating between the variants (so a drift of the GPU's clock reaches all of them alike);
+  a row holds the median of its rounds and each round's value (fwd_rounds, fwdbwd_rounds).
+  With one round a variant is built, timed and dropped before the next (the least memory).
 
   `on_row(rows)` is called after each measurement (e.g. to rewrite the table as it grows).
   """
   if kernels is None:
     kernels = jax.default_backend() == "gpu"
+  if rounds < 1:
+    raise ValueError(f"rounds={rounds} must be >= 1")
   config = bench_config(d_model, groups, heads, remat, overrides)
   rows = []
   key = jax.random.key(0)
@@ -229,31 +257,33 @@ def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups
                              headline_names(kernels) if headline_only else None)
   for length in sorted(set(lengths) | set(long_lengths)):
     x = jax.random.normal(jax.random.fold_in(key, length), (1, length, d_model), jnp.bfloat16)
-    for variant in variants:
-      if length in long_lengths and length not in lengths and not variant.hyena:
-        continue
-      if variant.overrides.get("li_method") == "chunked" and length > CHUNKED_LI_MAX_LEN:
-        continue
-      row = {"op": variant.name, "L": length}
-      saved = {name: getattr(hyena_ops, name) for name, _ in variant.switches}
-      for name, value in variant.switches:
-        setattr(hyena_ops, name, value)
-      try:
-        if variant.module is None:
-          fwd, fwdbwd = gemm_floor_fns(x, key)
-        else:
-          fwd, fwdbwd = _module_fns(variant, config, x, key, remat)
-        row["fwd_ms"] = median_ms(fwd, iters=iters, max_seconds=20.0)
-        row["fwdbwd_ms"] = median_ms(fwdbwd, iters=iters, max_seconds=20.0)
-      except Exception as error:  # noqa: BLE001 - an OOM or a compile failure is a table entry
-        message = str(error).splitlines()[0][:120]
-        row["error"] = "OOM" if "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower() else message
-        logger.warning("%s at L=%d: %s", variant.name, length, message)
-      finally:
-        for name, value in saved.items():
-          setattr(hyena_ops, name, value)
-      rows.append(row)
-      logger.info("%s", row)
+    here = [v for v in variants
+            if not (length in long_lengths and length not in lengths and not v.hyena)
+            and not (v.overrides.get("li_method") == "chunked" and length > CHUNKED_LI_MAX_LEN)]
+    for batch in ([here] if rounds > 1 else [[v] for v in here]):
+      timed = []  # (row, fwd, fwdbwd)
+      for variant in batch:
+        row = {"op": variant.name, "L": length}
+        try:
+          timed.append((row, *_timed_fns(variant, config, x, key, remat)))
+        except Exception as error:  # noqa: BLE001 - an OOM or a compile failure is a table entry
+          row["error"] = _error_text(error)
+          logger.warning("%s at L=%d: %s", variant.name, length, row["error"])
+        rows.append(row)
+      for _ in range(rounds):
+        for row, fwd, fwdbwd in list(timed):
+          try:
+            row.setdefault("fwd_rounds", []).append(median_ms(fwd, iters=iters, max_seconds=20.0))
+            row.setdefault("fwdbwd_rounds", []).append(median_ms(fwdbwd, iters=iters, max_seconds=20.0))
+          except Exception as error:  # noqa: BLE001 - e.g. out of memory at run time
+            row["error"] = _error_text(error)
+            logger.warning("%s at L=%d: %s", row["op"], length, row["error"])
+            timed.remove((row, fwd, fwdbwd))
+      for row, _, _ in timed:
+        row["fwd_ms"] = statistics.median(row["fwd_rounds"])
+        row["fwdbwd_ms"] = statistics.median(row["fwdbwd_rounds"])
+        logger.info("%s", row)
+      del timed
       jax.clear_caches()
       if on_row is not None:
         on_row(rows)
@@ -418,6 +448,12 @@ def write_markdown(rows: list[dict[str, Any]], kernels: bool, path: str, command
       else:
         cells += [_fmt(r["fwd_ms"]), _fmt(r["fwdbwd_ms"])]
     lines.append(f"| {op} | " + " | ".join(cells) + " |")
+  round_counts = {len(r["fwdbwd_rounds"]) for r in rows if len(r.get("fwdbwd_rounds", ())) > 1}
+  if round_counts:
+    lines += ["", f"Rounds: {max(round_counts)} per length, alternating between the operators; each "
+              "entry is the median of its rounds. fwd+bwd per round:", ""]
+    lines += [f"- {r['op']} at {_len(r['L'])}: " + ", ".join(f"{v:.2f}" for v in r["fwdbwd_rounds"])
+              for r in rows if len(r.get("fwdbwd_rounds", ())) > 1 and "error" not in r]
   lines += [""] + ratio_lines(rows, kernels)
   text = "\n".join(lines) + "\n"
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -448,8 +484,13 @@ def main(argv: list[str] | None = None) -> int:
                            "save-the-products policy, as `sh2 train` runs a block (default none)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="model setting for every operator, e.g. out_proj_in_kernel_bwd=false")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="timing rounds per length, alternating between the operators (each "
+                           "compiled first; the median round is reported); default 1")
   parser.add_argument("--out", default=None, help="markdown path (default experiments/results/ops_<device>.md)")
   args = parser.parse_args(argv)
+  if args.rounds < 1:
+    parser.error(f"--rounds {args.rounds}: give 1 or more")
   overrides = config_lib.parse_set_args(args.set)
   kernels = jax.default_backend() == "gpu"
   device = jax.devices()[0].device_kind.lower().replace(" ", "_")
@@ -471,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
   long_lengths = parse_lengths(parser, "--long", args.long, allow_empty=True)
   rows = run(lengths, long_lengths, args.d_model, args.groups, args.heads, kernels,
              args.iters, on_row=rewrite, families=families, xla=not args.no_xla,
-             headline_only=args.headline, remat=args.remat, overrides=overrides)
+             headline_only=args.headline, remat=args.remat, overrides=overrides,
+             rounds=args.rounds)
   print(rewrite(rows))
   return 0

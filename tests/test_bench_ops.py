@@ -195,3 +195,26 @@ def test_remat_fwd_bwd_runs_under_checkpoint(monkeypatch):
     assert policies == ([] if remat == "none" else [REMAT_POLICIES["save_dots"]])
   for got, want in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[0])):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_rounds_alternate_between_operators_and_report_the_median(tmp_path, monkeypatch):
+  """--rounds 3: at each length every operator is timed once per round, in turn (floor, SE,
+  floor, SE, ...), and its row holds the median of its rounds; the table lists each round."""
+  calls = []
+
+  def fake_median_ms(fn, *, iters, max_seconds):
+    calls.append(fn)
+    return float(len(calls))
+
+  monkeypatch.setattr(bench_ops, "median_ms", fake_median_ms)
+  out = tmp_path / "ops.md"
+  bench_ops.main(["--lengths", "64", "--d-model", "32", "--groups", "2", "--heads", "2",
+                  "--ops", "floor,se", "--headline", "--rounds", "3", "--out", str(out)])
+  # 3 operators x (fwd, fwd+bwd) per round: 6 distinct thunks, called in the same order each round
+  assert len(calls) == 18 and len(set(calls[:6])) == 6 and calls[6:12] == calls[:6] == calls[12:]
+  text = out.read_text()
+  assert "| GEMM floor | 7.00 | 8.00 |" in text  # rounds 1 / 7 / 13 and 2 / 8 / 14
+  assert "| SE (blocked) | 9.00 | 10.00 |" in text
+  assert "- SE (blocked, bf16 params) at 64: 6.00, 12.00, 18.00" in text
+  with pytest.raises(ValueError, match="rounds=0 must be >= 1"):
+    bench_ops.run([64], [], 32, 2, 2, kernels=False, families=["floor"], rounds=0)
