@@ -7,6 +7,8 @@ The Hyena in-projection z = x @ W (W [D, 3D]) forward and backward (z, dx, dW fo
 cotangent), as device time per kernel from a profiler trace, for:
 
 - bf16 weight: W stored in bf16 (the GEMM floor of `sh2 bench ops`);
+- bf16, interleaved + reorder: W bf16 with interleaved columns, reordered into blocks per call
+  (SE's fused path with bf16 parameters: the "SE (pallas, bf16 params)" row of `sh2 bench ops`);
 - float32, interleaved + reorder: W float32 with interleaved columns, cast and reordered into
   [post | pre | v] blocks per call (SE's fused path today);
 - float32, blocked: W float32 already in blocked column order, cast per call;
@@ -72,12 +74,14 @@ def _vjp(view: Callable[[jax.Array], jax.Array] | None, custom: bool = False) ->
 
 
 def variants(dtype: jnp.dtype) -> dict[str, tuple[Projection, str]]:
-  """{name: (fn(x, w, dz) -> (z, dx, dW), weight storage)}; storage "bf16", "interleaved"
-  (float32, interleaved columns) or "blocked" (float32, blocked columns)."""
+  """{name: (fn(x, w, dz) -> (z, dx, dW), weight storage)}; storage "bf16" (blocked columns),
+  "bf16_interleaved", "interleaved" (float32, interleaved columns) or "blocked" (float32,
+  blocked columns)."""
   def interleaved_view(w):
     return hyena.blocked_columns(w.astype(dtype), jnp.zeros((w.shape[1], 1), w.dtype))[0]
   return {
       "bf16 weight (floor)": (_vjp(lambda w: w), "bf16"),
+      "bf16, interleaved + reorder": (_vjp(interleaved_view), "bf16_interleaved"),
       "float32, interleaved + reorder (today)": (_vjp(interleaved_view), "interleaved"),
       "float32, blocked": (_vjp(lambda w: w.astype(dtype)), "blocked"),
       "float32, blocked, float32 dW": (_vjp(None, custom=True), "blocked"),
@@ -128,12 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     dz = jax.random.normal(keys[1], (length, 3 * d), jnp.float32).astype(dtype)
     w_blocked = 0.02 * jax.random.normal(keys[2], (d, 3 * d), jnp.float32)
     weights = {"bf16": w_blocked.astype(dtype), "blocked": w_blocked,
-               "interleaved": _interleave(w_blocked)}
+               "interleaved": _interleave(w_blocked),
+               "bf16_interleaved": _interleave(w_blocked.astype(dtype))}
     reference = None
     floor_ms = None
     for name, (fn, storage) in variants(dtype).items():
       z, dx, dw = fn(x, weights[storage], dz)
-      if storage == "interleaved":
+      if storage in ("interleaved", "bf16_interleaved"):
         dw = hyena.blocked_columns(dw, jnp.zeros((3 * d, 1), dw.dtype))[0]
       got = [np.asarray(a, np.float32) for a in (z, dx, dw)]
       if reference is None:

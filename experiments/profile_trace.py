@@ -11,7 +11,7 @@ share of device time and the HLO op's first instruction; writes the optimized HL
 program (gzip) to --out for reading the fusions.
 
 Operators: floor (the projections' products alone), se / mr (conv_method auto: the GPU
-default), se_unfused / mr_unfused (XLA featurizer + gate kernel), se_fused / mr_fused
+default; se_bf16 with bf16 params, like the floor's weights), se_unfused / mr_unfused (XLA featurizer + gate kernel), se_fused / mr_fused
 (featurizer inside the kernel), se_fused_interleaved (the same kernel reading x @ W_in in the
 parameter's interleaved column order: no per-call weight reorder), se_direct[_interleaved]
 (featurized_short_conv: the FIR on CUDA cores), li (Pallas modal kernel),
@@ -50,6 +50,7 @@ from sh2_jax.ops import hyena  # noqa: E402
 OPERATORS: dict[str, tuple[type[nn.Module] | None, dict[str, Any]]] = {
     "floor": (None, {}),
     "se": (HyenaSE, {"conv_method": "auto"}),
+    "se_bf16": (HyenaSE, {"conv_method": "auto", "param_dtype": "bfloat16"}),  # like the floor
     "se_unfused": (HyenaSE, {"conv_method": "pallas_unfused"}),
     "se_fused": (HyenaSE, {"conv_method": "pallas_fused"}),
     "se_fused_interleaved": (HyenaSE, {"conv_method": "pallas_fused"}),  # z as W_in stores it

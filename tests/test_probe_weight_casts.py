@@ -24,15 +24,17 @@ def test_variant_matches_float64(name):
   w_blocked = rng.standard_normal((d, 3 * d)).astype(np.float32)
   fn, storage = probe.variants(jnp.bfloat16)[name]
   weight = {"bf16": jnp.asarray(w_blocked).astype(jnp.bfloat16), "blocked": jnp.asarray(w_blocked),
-            "interleaved": probe._interleave(jnp.asarray(w_blocked))}[storage]
+            "interleaved": probe._interleave(jnp.asarray(w_blocked)),
+            "bf16_interleaved": probe._interleave(jnp.asarray(w_blocked).astype(jnp.bfloat16))
+            }[storage]
   z, dx, dw = fn(jnp.asarray(x).astype(jnp.bfloat16), weight, jnp.asarray(dz).astype(jnp.bfloat16))
-  if storage == "interleaved":
+  if storage in ("interleaved", "bf16_interleaved"):
     dw = hyena.blocked_columns(dw, jnp.zeros((3 * d, 1), dw.dtype))[0]
   xr, wr, dzr = _bf16(x), _bf16(w_blocked), _bf16(dz)
   for got, want in ((z, xr @ wr), (dx, dzr @ wr.T), (dw, xr.T @ dzr)):
     got = np.asarray(got, np.float64)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
-  expected_dw_dtype = jnp.bfloat16 if storage == "bf16" else jnp.float32
+  expected_dw_dtype = jnp.bfloat16 if storage.startswith("bf16") else jnp.float32
   assert dw.dtype == expected_dw_dtype
 
 
