@@ -61,12 +61,8 @@ def default_variants(kernels: bool) -> list[Variant]:
       # to cast forward and back per call
       Variant(f"SE ({fast}, bf16 params)", HyenaSE, {"conv_method": fast, "param_dtype": "bfloat16"}),
       Variant("SE (pallas, XLA featurizer)", HyenaSE, {"conv_method": "pallas_unfused"}),
-      Variant("SE (pallas, interleaved z)", HyenaSE, {"conv_method": "pallas"},
-              switches=(("FUSED_Z_LAYOUT", "interleaved"),)),
       Variant("SE (pallas direct FIR)", HyenaSE, {"conv_method": "pallas"},
               switches=(("SHORT_FILTER_KERNEL", "direct"),)),
-      Variant("SE (pallas direct FIR, interleaved z)", HyenaSE, {"conv_method": "pallas"},
-              switches=(("SHORT_FILTER_KERNEL", "direct"), ("FUSED_Z_LAYOUT", "interleaved"))),
       Variant("SE (XLA direct)", HyenaSE, {"conv_method": "direct"}),
       Variant(f"MR ({fast})", HyenaMR, {"conv_method": fast}),
       Variant("MR (pallas, fused featurizer)", HyenaMR, {"conv_method": "pallas_fused"}),

@@ -8,10 +8,11 @@ cotangent), as device time per kernel from a profiler trace, for:
 
 - bf16 weight: W stored in bf16 (the GEMM floor of `sh2 bench ops`);
 - bf16, interleaved + reorder: W bf16 with interleaved columns, reordered into blocks per call
-  (SE's fused path with bf16 parameters: the "SE (pallas, bf16 params)" row of `sh2 bench ops`);
+  (SE's fused path with bf16 parameters while in_proj was stored interleaved, [D, 3D]);
 - float32, interleaved + reorder: W float32 with interleaved columns, cast and reordered into
-  [post | pre | v] blocks per call (SE's fused path today);
-- float32, blocked: W float32 already in blocked column order, cast per call;
+  [post | pre | v] blocks per call (SE's fused path while in_proj was stored interleaved);
+- float32, blocked: W float32 in blocked column order, cast per call (SE's fused path since
+  in_proj is stored [D, 3, D]: its reshape to [D, 3D] is blocked);
 - float32, blocked, float32 dW: as above, with the weight gradient written by the GEMM in
   float32 (`jax.custom_vjp`, preferred_element_type) instead of a bf16 GEMM plus a cast.
 
@@ -35,7 +36,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sh2_jax.ops import hyena  # noqa: E402
 
 Projection = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 
@@ -78,20 +78,26 @@ def variants(dtype: jnp.dtype) -> dict[str, tuple[Projection, str]]:
   "bf16_interleaved", "interleaved" (float32, interleaved columns) or "blocked" (float32,
   blocked columns)."""
   def interleaved_view(w):
-    return hyena.blocked_columns(w.astype(dtype), jnp.zeros((w.shape[1], 1), w.dtype))[0]
+    return _blocked(w.astype(dtype))
   return {
       "bf16 weight (floor)": (_vjp(lambda w: w), "bf16"),
       "bf16, interleaved + reorder": (_vjp(interleaved_view), "bf16_interleaved"),
-      "float32, interleaved + reorder (today)": (_vjp(interleaved_view), "interleaved"),
-      "float32, blocked": (_vjp(lambda w: w.astype(dtype)), "blocked"),
+      "float32, interleaved + reorder": (_vjp(interleaved_view), "interleaved"),
+      "float32, blocked (today)": (_vjp(lambda w: w.astype(dtype)), "blocked"),
       "float32, blocked, float32 dW": (_vjp(None, custom=True), "blocked"),
   }
 
 
 def _interleave(w_blocked_DE: jax.Array) -> jax.Array:
-  """Blocked columns [post | pre | v] -> interleaved (3i + s), the inverse of blocked_columns."""
+  """Blocked columns [post | pre | v] -> interleaved (3i + s), the inverse of `_blocked`."""
   d = w_blocked_DE.shape[0]
   return jnp.swapaxes(w_blocked_DE.reshape(d, 3, d), 1, 2).reshape(d, 3 * d)
+
+
+def _blocked(w_interleaved_DE: jax.Array) -> jax.Array:
+  """Interleaved columns (3i + s) -> blocks [post | pre | v] (the per-call reorder measured)."""
+  d = w_interleaved_DE.shape[0]
+  return jnp.swapaxes(w_interleaved_DE.reshape(d, d, 3), 1, 2).reshape(d, 3 * d)
 
 
 def kernels_per_call(fn: Callable[..., Any], args: tuple, iters: int) -> dict[str, float]:
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, (fn, storage) in variants(dtype).items():
       z, dx, dw = fn(x, weights[storage], dz)
       if storage in ("interleaved", "bf16_interleaved"):
-        dw = hyena.blocked_columns(dw, jnp.zeros((3 * d, 1), dw.dtype))[0]
+        dw = _blocked(dw)
       got = [np.asarray(a, np.float32) for a in (z, dx, dw)]
       if reference is None:
         reference = got

@@ -49,7 +49,6 @@ def main() -> None:
   w_in = (jax.random.normal(key, (d, 3 * d)) * 0.02).astype(dt)
   w_out = (jax.random.normal(key, (d, d)) * 0.02).astype(dt)
   w_feat = jax.random.normal(key, (3 * d, 3)) * 0.5
-  w_feat_blk = hyena.blocked_columns(w_in, w_feat)[1]
   h = jax.random.normal(key, (args.groups, 7)) * 0.3
 
   def gemm_slices(x, w_in, w_out, w_feat, h):
@@ -89,8 +88,8 @@ def main() -> None:
     for name, taps, dskip in (("SE", 7, None), ("MR", 128, jnp.ones((d,)))):
       hk = jax.random.normal(key, (args.groups, taps)) * 0.1
       fn = lambda z, w, hk: featurized_conv.featurized_gate_conv_gate_pallas(z, w, hk, dskip)
-      fwd = median_ms(jax.jit(fn), z, w_feat_blk, hk)
-      both = median_ms(vjp_fn(fn), z, w_feat_blk, hk)
+      fwd = median_ms(jax.jit(fn), z, w_feat, hk)
+      both = median_ms(vjp_fn(fn), z, w_feat, hk)
       print(f"| fused {name} kernel fwd / fwd+bwd / bwd/fwd | {length} | {fwd:.2f} / {both:.2f} / "
             f"{(both - fwd) / fwd:.2f} |", flush=True)
     for pdt in ("float32", "bfloat16"):

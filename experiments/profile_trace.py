@@ -11,11 +11,9 @@ share of device time and the HLO op's first instruction; writes the optimized HL
 program (gzip) to --out for reading the fusions.
 
 Operators: floor (the projections' products alone), se / mr (conv_method auto: the GPU
-default; se_bf16 with bf16 params, like the floor's weights), se_unfused / mr_unfused (XLA featurizer + gate kernel), se_fused / mr_fused
-(featurizer inside the kernel), se_fused_interleaved (the same kernel reading x @ W_in in the
-parameter's interleaved column order: no per-call weight reorder), se_direct[_interleaved]
-(featurized_short_conv: the FIR on CUDA cores), li (Pallas modal kernel),
-mha (cuDNN).
+default), se_bf16 (bf16 params, like the floor's weights), se_unfused / mr_unfused (XLA
+featurizer + gate kernel), se_fused / mr_fused (featurizer inside the kernel), se_direct
+(featurized_short_conv: the FIR on CUDA cores), li (Pallas modal kernel), mha (cuDNN).
 """
 
 from __future__ import annotations
@@ -53,9 +51,7 @@ OPERATORS: dict[str, tuple[type[nn.Module] | None, dict[str, Any]]] = {
     "se_bf16": (HyenaSE, {"conv_method": "auto", "param_dtype": "bfloat16"}),  # like the floor
     "se_unfused": (HyenaSE, {"conv_method": "pallas_unfused"}),
     "se_fused": (HyenaSE, {"conv_method": "pallas_fused"}),
-    "se_fused_interleaved": (HyenaSE, {"conv_method": "pallas_fused"}),  # z as W_in stores it
     "se_direct": (HyenaSE, {"conv_method": "pallas_fused"}),  # featurized_short_conv
-    "se_direct_interleaved": (HyenaSE, {"conv_method": "pallas_fused"}),
     "mr": (HyenaMR, {"conv_method": "auto"}),
     "mr_unfused": (HyenaMR, {"conv_method": "pallas_unfused"}),
     "mr_fused": (HyenaMR, {"conv_method": "pallas_fused"}),
@@ -137,13 +133,12 @@ def profile(name: str, length: int, config: ModelConfig, iters: int, top: int,
   key = jax.random.key(0)
   x = jax.random.normal(jax.random.fold_in(key, length), (1, length, config.d_model), jnp.bfloat16)
   fn, args = fwd_bwd_fn(name, config, x, key)
-  layout, short_kernel = hyena.FUSED_Z_LAYOUT, hyena.SHORT_FILTER_KERNEL
-  hyena.FUSED_Z_LAYOUT = "interleaved" if name.endswith("_interleaved") else layout
+  short_kernel = hyena.SHORT_FILTER_KERNEL
   hyena.SHORT_FILTER_KERNEL = "direct" if name.startswith("se_direct") else short_kernel
   try:
     compiled = fn.lower(*args).compile()
   finally:
-    hyena.FUSED_Z_LAYOUT, hyena.SHORT_FILTER_KERNEL = layout, short_kernel
+    hyena.SHORT_FILTER_KERNEL = short_kernel
   fn = compiled
   hlo = compiled.as_text()
   if out_dir:

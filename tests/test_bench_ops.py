@@ -14,8 +14,7 @@ def test_select_variants_by_family_and_without_xla():
   variants = bench_ops.default_variants(kernels=True)
   names = [v.name for v in bench_ops.select_variants(variants, ["se", "floor"], xla=False)]
   assert names == ["GEMM floor", "SE (pallas)", "SE (pallas, bf16 params)", "SE (pallas, XLA featurizer)",
-                   "SE (pallas, interleaved z)", "SE (pallas direct FIR)",
-                   "SE (pallas direct FIR, interleaved z)"]
+                   "SE (pallas direct FIR)"]
   assert all(not v.switches for v in bench_ops.default_variants(kernels=False))
   assert [v.name for v in bench_ops.select_variants(variants, ["li"])] == [
       "LI (pallas)", "LI (pallas, fused featurizer)", "LI (XLA fft)", "LI (XLA chunked)"]

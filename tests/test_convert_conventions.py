@@ -49,13 +49,16 @@ def converted():
 
 def test_projection_interleave_post_pre_value(converted):
   """projections.weight row 3i+0 feeds the output gate (post), 3i+1 the input gate (pre), 3i+2
-  v; x @ W.T: our in_proj column j is vortex row j."""
+  v (x @ W.T); our in_proj [D, 3, D] holds stream s of channel i at [:, s, i]."""
   state, params = converted
   w = state["blocks.0.projections.weight"]  # [3D, D]
-  ours = params["block_0"]["mixer"]["in_proj"]  # [D, 3D]
-  np.testing.assert_array_equal(ours, w.T)
+  ours = params["block_0"]["mixer"]["in_proj"]  # [D, 3, D]
+  assert ours.shape == (D, 3, D)
+  for i in range(D):
+    for s in range(3):
+      np.testing.assert_array_equal(ours[:, s, i], w[3 * i + s])
   x = np.eye(D, dtype=np.float32)[None]  # unit inputs: z[c] = W[c, :] . e
-  post, pre, v = hyena.split_interleaved(jnp.asarray(x @ ours))
+  post, pre, v = hyena.project_streams(jnp.asarray(x), jnp.asarray(ours))
   np.testing.assert_array_equal(np.asarray(post)[0], w[0::3].T)
   np.testing.assert_array_equal(np.asarray(pre)[0], w[1::3].T)
   np.testing.assert_array_equal(np.asarray(v)[0], w[2::3].T)
@@ -73,9 +76,10 @@ def test_featurizer_and_se_are_cross_correlations(converted):
   """vortex conv1d: z'[t] = w[0] z[t-2] + w[1] z[t-1] + w[2] z[t]: an impulse at 0 reads w[2],
   then w[1], w[0]. Same for SE with 7 taps (last tap on the current sample)."""
   state, params = converted
-  w = state["blocks.0.filter.short_filter_weight"][:, 0]  # [3D, 3]
-  np.testing.assert_array_equal(impulse_response(params["block_0"]["mixer"]["featurizer"], 3),
-                                w[:, ::-1].T)
+  w = state["blocks.0.filter.short_filter_weight"][:, 0]  # [3D, 3], rows 3i + s
+  for s in range(3):
+    np.testing.assert_array_equal(
+        impulse_response(params["block_0"]["mixer"]["featurizer"][s], 3), w[s::3, ::-1].T)
   h = state["blocks.0.filter.h"][:, 0]  # [G, 7]
   response = impulse_response(params["block_0"]["mixer"]["filter"], 7)  # [7, G]
   np.testing.assert_array_equal(response, h[:, ::-1].T)

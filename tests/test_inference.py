@@ -326,3 +326,28 @@ def test_prefill_out_of_memory_retries_in_chunks(small_model, monkeypatch, caplo
   with pytest.raises(jax.errors.JaxRuntimeError):  # explicit one pass: no retry
     inf.prefill(params, config, jnp.asarray(tokens), 30, retry_chunked=False)
   assert calls == [24]
+
+
+def test_checkpoint_of_the_interleaved_in_proj_layout_is_refused_in_one_line(tmp_path):
+  """A model directory whose Hyena in_proj is [D, 3D] (the layout before [D, 3, D]) stops with
+  a ModelDirError naming the parameter, both shapes and how to migrate; a shape change from
+  another config says so."""
+  from sh2_jax.inference import checkpoint as ckpt_lib
+
+  config = ModelConfig(d_model=16, num_heads=2, layout="SE MHA", se_groups=2)
+  params = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), nn.meta.unbox(abstract_params(config)))
+  params["block_0"]["mixer"]["in_proj"] = np.zeros((16, 48), np.float32)
+  ckpt_lib.save_model(str(tmp_path / "old"), config, params)
+  with pytest.raises(ckpt_lib.ModelDirError) as info:
+    ckpt_lib.load_model(str(tmp_path / "old"))
+  message = str(info.value)
+  assert "\n" not in message
+  assert "block_0.mixer.in_proj is (16, 48) in the checkpoint but (16, 3, 16)" in message
+  assert "sh2 convert" in message
+  params["block_0"]["mixer"]["in_proj"] = np.zeros((16, 3, 16), np.float32)
+  params["block_0"]["mixer"]["filter"] = np.zeros((4, 7), np.float32)
+  ckpt_lib.save_model(str(tmp_path / "other"), config, params)
+  with pytest.raises(ckpt_lib.ModelDirError, match=r"block_0.mixer.filter is \(4, 7\) in the "
+                     r"checkpoint but \(2, 7\) for this config: the checkpoint was written with "
+                     r"another model config"):
+    ckpt_lib.load_model(str(tmp_path / "other"))

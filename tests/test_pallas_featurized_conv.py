@@ -270,22 +270,23 @@ def test_featurizer_backward_unwritten_tile_is_caught(monkeypatch):
     jax.clear_caches()
 
 
-def test_blocked_columns_feed_the_kernel_like_the_module_layout():
-  """x @ blocked_columns(w_in) through the fused kernel == project_and_featurize + gate-conv-gate
-  on the module's interleaved layout (float32)."""
+def test_module_layout_reshaped_feeds_the_kernel():
+  """x @ w_in.reshape(D, 3D) (the module's [D, 3, D] in-projection: z's columns in blocks
+  [post | pre | v]) through the fused kernel == project_and_featurize + gate-conv-gate
+  (float32), outputs and every gradient."""
   from sh2_jax.ops import hyena
 
   rng = np.random.default_rng(21)
   batch, length, width, groups = 2, 80, 32, 2
   x = jnp.asarray(rng.standard_normal((batch, length, width)), jnp.float32)
-  w_in = jnp.asarray(rng.standard_normal((width, 3 * width)) / np.sqrt(width), jnp.float32)
-  w_feat = jnp.asarray(rng.standard_normal((3 * width, 3)), jnp.float32)
+  w_in = jnp.asarray(rng.standard_normal((width, 3, width)) / np.sqrt(width), jnp.float32)
+  w_feat = jnp.asarray(rng.standard_normal((3, width, 3)), jnp.float32)
   h = jnp.asarray(rng.standard_normal((groups, 7)), jnp.float32)
   dskip = jnp.asarray(rng.standard_normal(width), jnp.float32)
 
   def fused(x, w_in, w_feat, h, dskip):
-    w_blk, wf_blk = hyena.blocked_columns(w_in, w_feat)
-    return fc.featurized_gate_conv_gate_pallas(x @ w_blk, wf_blk, h, dskip,
+    z = x @ w_in.reshape(width, 3 * width)
+    return fc.featurized_gate_conv_gate_pallas(z, w_feat.reshape(3 * width, 3), h, dskip,
                                                block_sizes=bc.BlockSizes(chunk=16),
                                                interpret=True)
 
@@ -401,17 +402,6 @@ def test_interleaved_unwritten_tile_is_caught(monkeypatch, which):
     return out if which == "_fgcg_fwd_kernel" else vjp(ct)[0]
 
   check_unwritten_tile_caught(monkeypatch, fc, which, run)
-
-
-def test_module_with_interleaved_fused_kernel_equals_direct(monkeypatch):
-  """The module feeding x @ W_in (weights as stored) to the interleaved kernel == direct."""
-  from sh2_jax.config import ModelConfig
-  from sh2_jax.layers.hyena import HyenaSE
-  from sh2_jax.ops import hyena
-
-  monkeypatch.setattr(hyena, "FUSED_Z_LAYOUT", "interleaved")
-  config = ModelConfig(d_model=32, num_heads=2, se_groups=2, layout="SE", dtype="float32")
-  helpers.assert_module_matches_direct(HyenaSE, config, "pallas_fused", (1, 40, 32), seed=9)
 
 
 @pytest.mark.parametrize("batch,length,channels,taps,dtype", [

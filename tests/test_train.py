@@ -318,3 +318,19 @@ def test_train_step_on_a_device_mesh_matches_one_device(tmp_path):
   out = json.loads(result.stdout.strip().splitlines()[-1])
   for name in ("data2_tensor2", "fsdp4"):
     np.testing.assert_allclose(out[name], out["single"], rtol=2e-5, err_msg=name)
+
+
+def test_restore_refuses_a_state_of_another_layout_in_one_line(tmp_path):
+  """Checkpointer.restore of a state whose in_proj is [D, 3D] (before [D, 3, D]) raises a
+  one-line CheckpointError naming the parameter and both shapes, before Orbax reads arrays."""
+  from sh2_jax.train.checkpoint import CheckpointError
+
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+  ckpt.save(2, {"params": {"block_0": {"mixer": {"in_proj": np.zeros((4, 12), np.float32)}}}})
+  ckpt.manager.wait_until_finished()
+  abstract = {"params": {"block_0": {"mixer": {"in_proj": jax.ShapeDtypeStruct((4, 3, 4), jnp.float32)}}}}
+  with pytest.raises(CheckpointError) as info:
+    ckpt.restore(2, abstract)
+  ckpt.close()
+  assert "\n" not in str(info.value)
+  assert "params.block_0.mixer.in_proj is (4, 12) in the checkpoint but (4, 3, 4)" in str(info.value)

@@ -2,7 +2,9 @@
 
 Conventions bridged here (see ../shared/golden/README.md, read from vortex at cb229ae):
 - `projections.weight` [3D, D] is `x @ W.T`; output channels interleaved (3i+0 post-gate,
-  3i+1 pre-gate, 3i+2 value), which is our `in_proj` [D, 3D] column order: transpose only.
+  3i+1 pre-gate, 3i+2 value). Our `in_proj` [D, 3, D] puts the stream on the middle axis:
+  in_proj[:, s, i] = W[3i + s, :] (`in_proj_from_vortex`); the featurizer's rows likewise,
+  [3, D, K].
 - featurizer `short_filter_weight` [3D, 1, 3] and SE `filter.h` [G, 1, 7] are cross-correlations
   (last tap on the current token): flipped. MR `filter.h` [G, 1, 128] already has h[0] on the
   current token and stores the effective (decayed) taps: used as is with `mr_decay=False`.
@@ -26,6 +28,31 @@ QKV_LAYOUTS = ("checkpoint", "memory")
 
 class ConversionError(UserError, ValueError):
   """A state dict does not match the config: names the keys and shapes involved."""
+
+
+def in_proj_from_vortex(weight_3DD: np.ndarray) -> np.ndarray:
+  """`projections.weight` [3D, D] (rows interleaved 3i + s) -> our in_proj [D, 3, D]."""
+  width = weight_3DD.shape[1]
+  return weight_3DD.reshape(width, 3, width).transpose(2, 1, 0)
+
+
+def in_proj_to_vortex(w_in_DSC: np.ndarray) -> np.ndarray:
+  """Inverse of `in_proj_from_vortex`: [D, 3, D] -> [3D, D] with rows 3i + s."""
+  width = w_in_DSC.shape[0]
+  return w_in_DSC.transpose(2, 1, 0).reshape(3 * width, width)
+
+
+def featurizer_from_vortex(weight_3D1K: np.ndarray) -> np.ndarray:
+  """`short_filter_weight` [3D, 1, K] (rows 3i + s, cross-correlation order) -> our featurizer
+  [3, D, K] (streams first, w[..., 0] on the current token)."""
+  rows, _, taps = weight_3D1K.shape
+  return weight_3D1K[:, 0, ::-1].reshape(rows // 3, 3, taps).transpose(1, 0, 2)
+
+
+def featurizer_to_vortex(w_feat_SCK: np.ndarray) -> np.ndarray:
+  """Inverse of `featurizer_from_vortex`: [3, D, K] -> [3D, 1, K]."""
+  streams, width, taps = w_feat_SCK.shape
+  return w_feat_SCK.transpose(1, 0, 2).reshape(streams * width, 1, taps)[..., ::-1]
 
 
 def config_from_vortex(vortex: Mapping[str, Any], **overrides: Any) -> ModelConfig:
@@ -124,9 +151,9 @@ def vortex_to_params(state: Mapping[str, Any], config: ModelConfig,
       }
     else:
       mixer = {
-          "in_proj": _expect(state, pre + "projections.weight", (3 * d, d), used).T,
-          "featurizer": _expect(state, pre + "filter.short_filter_weight",
-                                (3 * d, 1, config.featurizer_len), used)[:, 0, ::-1],
+          "in_proj": in_proj_from_vortex(_expect(state, pre + "projections.weight", (3 * d, d), used)),
+          "featurizer": featurizer_from_vortex(_expect(state, pre + "filter.short_filter_weight",
+                                                       (3 * d, 1, config.featurizer_len), used)),
           "out_proj": _expect(state, pre + "out_filter_dense.weight", (d, d), used).T,
           "out_bias": _expect(state, pre + "out_filter_dense.bias", (d,), used),
       }
@@ -182,8 +209,8 @@ def params_to_vortex(params: Mapping[str, Any], config: ModelConfig,
       state[mha + "rotary_emb.inv_freq"] = (
           1.0 / config.rope_base ** (np.arange(0, head, 2, dtype=np.float64) / head)).astype(np.float32)
       continue
-    state[pre + "projections.weight"] = mixer["in_proj"].T
-    state[pre + "filter.short_filter_weight"] = mixer["featurizer"][:, None, ::-1]
+    state[pre + "projections.weight"] = in_proj_to_vortex(mixer["in_proj"])
+    state[pre + "filter.short_filter_weight"] = featurizer_to_vortex(mixer["featurizer"])
     state[pre + "out_filter_dense.weight"] = mixer["out_proj"].T
     state[pre + "out_filter_dense.bias"] = mixer["out_bias"]
     if kind == "SE":

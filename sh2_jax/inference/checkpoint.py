@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from sh2_jax.config import Config, ModelConfig
 from sh2_jax.errors import UserError
+from sh2_jax.layers.params import stored_shape_mismatch
 from sh2_jax.model import abstract_params
 
 logger = logging.getLogger(__name__)
@@ -73,8 +74,10 @@ def load_model(directory: str, step: int | None = None) -> tuple[ModelConfig, di
   abstract = _abstract(model)
   converted = os.path.join(os.path.abspath(directory), PARAMS_DIR)
   if os.path.isdir(converted):
-    params = ocp.StandardCheckpointer().restore(converted, abstract)
-    return model, params, None
+    checkpointer = ocp.StandardCheckpointer()
+    _check_shapes(getattr(checkpointer.metadata(converted), "item_metadata", None), abstract,
+                  directory)
+    return model, checkpointer.restore(converted, abstract), None
   ckpt_dir = os.path.join(os.path.abspath(directory), "checkpoints")
   manager = ocp.CheckpointManager(ckpt_dir) if os.path.isdir(ckpt_dir) else None
   steps = list(manager.all_steps()) if manager else []
@@ -84,6 +87,8 @@ def load_model(directory: str, step: int | None = None) -> tuple[ModelConfig, di
   step = max(steps) if step is None else step
   if step not in steps:
     raise ModelDirError(f"no checkpoint at step {step} in {directory!r}; available: {sorted(steps)}")
+  stored = manager.item_metadata(step)
+  _check_shapes((stored.get("state") or {}).get("params") if stored else None, abstract, directory)
   restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=x.sharding),
                               abstract)
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -91,6 +96,13 @@ def load_model(directory: str, step: int | None = None) -> tuple[ModelConfig, di
   manager.close()
   logger.info("restored params of step %d from %s", step, directory)
   return model, restored["state"]["params"], step
+
+
+def _check_shapes(stored: Any, abstract: Any, directory: str) -> None:
+  """Raises ModelDirError when the stored parameters' shapes differ from the config's."""
+  reason = stored_shape_mismatch(stored, abstract) if stored is not None else None
+  if reason:
+    raise ModelDirError(f"{directory!r}: {reason}")
 
 
 def with_dtype(model: ModelConfig, dtype: str | None) -> ModelConfig:

@@ -52,17 +52,17 @@ def project(x: jax.Array, w: jax.Array, out_dtype: jnp.dtype | None = None) -> j
 def hyena_extend(p: dict, config: ModelConfig, kind: str, x_BTD: jax.Array, cache: HyenaCache,
                  fresh: bool) -> tuple[jax.Array, HyenaCache]:
   """Hyena SE/MR/LI mixer over T new rows; returns ([B, T, D] in the compute dtype, cache)."""
-  dt, d, length = jnp.dtype(config.dtype), config.d_model, x_BTD.shape[1]
-  w_in_DCS = p["in_proj"].astype(dt).reshape(d, d, 3)
-  w_feat_CSK = p["featurizer"].reshape(d, 3, config.featurizer_len)
+  dt, length = jnp.dtype(config.dtype), x_BTD.shape[1]
+  w_in_DSC = p["in_proj"].astype(dt)
+  w_feat_SCK = p["featurizer"]
   x = x_BTD.astype(dt)
   streams, feats = [], []
   for s in range(3):
-    z_BTD = project(x, w_in_DCS[:, :, s])
+    z_BTD = project(x, w_in_DSC[:, s])
     if fresh:
-      streams.append(hyena.featurize(z_BTD, w_feat_CSK[:, s]))
+      streams.append(hyena.featurize(z_BTD, w_feat_SCK[s]))
     else:
-      streams.append(recurrent.fir_extend(z_BTD, cache.feat[s], w_feat_CSK[:, s], "direct"))
+      streams.append(recurrent.fir_extend(z_BTD, cache.feat[s], w_feat_SCK[s], "direct"))
     feats.append(recurrent.last_rows(z_BTD, cache.feat[s]))
   post, pre, v = streams
   u_BTD = pre.astype(jnp.float32) * v.astype(jnp.float32)  # as in ops.hyena.gated

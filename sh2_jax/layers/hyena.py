@@ -1,8 +1,10 @@
 """Hyena-SE, Hyena-MR and Hyena-LI mixers: projections, featurizer and the inner filter.
 
 Parameter layout (our convention, converted from Evo 2 checkpoints by sh2_jax.convert):
-  in_proj      [D, 3D]  columns interleaved: 3i+0 post-gate, 3i+1 pre-gate, 3i+2 value
-  featurizer   [3D, K]  w[:, 0] on the current token (checkpoints store the reverse)
+  in_proj      [D, 3, D]  streams post-gate, pre-gate, value on the middle axis (Evo 2
+                          checkpoints interleave them: column 3i + s of [D, 3D])
+  featurizer   [3, D, K]  the streams' taps, w[..., 0] on the current token (checkpoints store
+                          the reverse)
   SE filter    [G, 7]   h[:, 0] on the current token (checkpoints store the reverse)
   MR filter    [G, 128] hhat, h[:, 0] on the current token, times the fixed decay if mr_decay
   LI p, gamma  [D, N]   log_pole = -exp(p + gamma); residues [D, N]
@@ -48,9 +50,10 @@ class HyenaBase(nn.Module):
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     cfg = self.config
     d, pdt, dt = cfg.d_model, jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-    w_in = P.declare(self, "in_proj", P.normal(cfg.init_std), (d, 3 * d), ("embed", "channels"), pdt)
+    w_in = P.declare(self, "in_proj", P.normal(cfg.init_std), (d, 3, d),
+                     ("embed", "streams", "channels"), pdt)
     w_feat = P.declare(self, "featurizer", P.uniform_symmetric(1 / math.sqrt(cfg.featurizer_len)),
-                       (3 * d, cfg.featurizer_len), ("channels", "taps"), pdt)
+                       (3, d, cfg.featurizer_len), ("streams", "channels", "taps"), pdt)
     w_out = P.declare(self, "out_proj", P.normal(P.output_std(cfg.init_std, cfg.num_layers)),
                       (d, d), ("channels", "embed"), pdt)
     b_out = P.declare(self, "out_bias", P.constant(0.0), (d,), ("embed",), pdt)

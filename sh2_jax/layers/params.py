@@ -16,6 +16,46 @@ Initializer = Callable[..., jax.Array]
 COMPUTE_WEIGHTS = frozenset({"in_proj", "out_proj", "qkv", "w1", "w2", "w3"})
 
 
+# Parameters whose layout changed, with what a checkpoint of the old layout needs.
+LAYOUT_CHANGES = {
+    "in_proj": "Hyena in_proj is stored [D, 3, D] (streams on the middle axis) since sh2-jax "
+               "0.2; a checkpoint with [D, 3D] predates it: export it with the older release "
+               "(`params_to_vortex`) and import it again with `sh2 convert`",
+    "featurizer": "the Hyena featurizer is stored [3, D, K] since sh2-jax 0.2; a checkpoint with "
+                  "[3D, K] predates it: export it with the older release (`params_to_vortex`) and "
+                  "import it again with `sh2 convert`",
+}
+
+
+def _path_name(path: tuple) -> str:
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+  return ".".join(parts)
+
+
+def stored_shape_mismatch(stored: Any, expected: Any) -> str | None:
+  """A one-line reason when a checkpoint's arrays (`stored`: a tree of anything with .shape,
+  e.g. Orbax array metadata) differ in shape from `expected` at the same path, else None."""
+  expected_shapes = {_path_name(path): tuple(leaf.shape)
+                     for path, leaf in jax.tree_util.tree_leaves_with_path(expected)
+                     if hasattr(leaf, "shape")}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(stored):
+    name = _path_name(path)
+    shape = getattr(leaf, "shape", None)
+    want = expected_shapes.get(name)
+    if shape is None or want is None or tuple(shape) == want:
+      continue
+    hint = LAYOUT_CHANGES.get(name.rsplit(".", 1)[-1])
+    return (f"{name} is {tuple(shape)} in the checkpoint but {want} for this config: "
+            + (hint if hint and len(shape) != len(want) else
+               "the checkpoint was written with another model config"))
+  return None
+
+
 def cast_compute_weights(params: Any, dtype: jnp.dtype) -> Any:
   """`params` (a module's parameter tree) with every COMPUTE_WEIGHTS leaf cast to `dtype`."""
   def cast(path, leaf):

@@ -1,7 +1,7 @@
 """The Hyena mixer core shared by SE, MR and LI, given its filters (SPEC.md section 2).
 
-    z = featurizer(x @ W_in)              # [B, L, 3D], causal depthwise conv of 3 taps
-    post, pre, v = z[..., 0::3], z[..., 1::3], z[..., 2::3]   # interleaved triples
+    post, pre, v = (featurizer(x @ W_in[:, s]) for s in 0, 1, 2)  # W_in [D, 3, D]; causal
+                                                                # depthwise conv of 3 taps
     u = pre * v
     out = post * (conv(u, h) + dskip * u)  # dskip absent for SE
 
@@ -24,57 +24,38 @@ from sh2_jax.ops import conv, filters
 LI_CHUNKED_MIN_LEN = 1 << 16
 
 
-def split_interleaved(z_BL3D: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Splits interleaved projection channels 3i+0, 3i+1, 3i+2 into (post_gate, pre_gate, v)."""
-  batch, length, width3 = z_BL3D.shape
-  z = z_BL3D.reshape(batch, length, width3 // 3, 3)
-  return z[..., 0], z[..., 1], z[..., 2]
-
-
 # Checkpoint name of project_and_featurize's outputs (remat policy "save_dots_features").
 FEATURIZED = "hyena_featurized"
-# Checkpoint name of the in-projection weight's per-call views (the blocked reorder, the three
-# stream slices): weight-sized, so remat policies keep them rather than rebuild them in the
-# backward (0.09-0.11 ms a step per mixer kind at evo2-1b on an H100).
+# Checkpoint name of the in-projection weight's per-stream slices [D, D] (the unfused and LI
+# paths): weight-sized, so remat policies keep them rather than rebuild them in the backward
+# (0.09-0.11 ms a step per mixer kind at evo2-1b on an H100).
 WEIGHT_VIEWS = "hyena_weight_views"
 # Checkpoint name of the LI kernels' segment-start states (remat policies "save_dots*").
 SEGMENT_STATES = modal_conv.SEGMENT_STATES
 
 
-def project_and_featurize(x_BLD: jax.Array, w_in_D3D: jax.Array,
-                          w_feat_3DK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def project_and_featurize(x_BLD: jax.Array, w_in_DSC: jax.Array,
+                          w_feat_SCK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """In-projection and featurizer, returning contiguous (post_gate, pre_gate, v) [B, L, D].
 
-  Equal to split_interleaved(featurize(x @ w_in, w_feat)), but the interleave is undone on the
-  weights (a [D, 3D] gather) rather than on the activations: three [D, D] products write the
-  three streams contiguously, and the depthwise featurizer runs on each with its channels'
-  taps. A strided split of [B, L, 3D] activations costs more than the products at long L
-  (its backward, fused with the featurizer's, measured 21 ms at 32K on an H100).
+  Three [D, D] products write the three streams contiguously, and the depthwise featurizer
+  runs on each with its channels' taps.
 
   Args:
     x_BLD: [B, L, D] normalised input, in the compute dtype.
-    w_in_D3D: [D, 3D] in-projection, columns interleaved (3i+0 post, 3i+1 pre, 3i+2 value).
-    w_feat_3DK: [3D, K] featurizer taps in the same channel order, w[:, 0] on the current token.
+    w_in_DSC: [D, 3, D] in-projection, streams (post, pre, v) on the middle axis.
+    w_feat_SCK: [3, D, K] featurizer taps of the three streams, w[..., 0] on the current token.
 
   The three outputs are named FEATURIZED for rematerialisation policies.
   """
   return tuple(checkpoint_name(featurize(z, w), FEATURIZED)
-               for z, w in zip(project_streams(x_BLD, w_in_D3D), stream_taps(w_feat_3DK)))
+               for z, w in zip(project_streams(x_BLD, w_in_DSC), w_feat_SCK))
 
 
-def project_streams(x_BLD: jax.Array, w_in_D3D: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The featurizer's inputs (post, pre, v) [B, L, D], contiguous: three [D, D] products with
-  the interleaved columns 3i+0, 3i+1, 3i+2 of w_in."""
-  width = x_BLD.shape[-1]
-  w_in_DCS = w_in_D3D.reshape(width, width, 3)
-  return tuple(x_BLD @ checkpoint_name(w_in_DCS[:, :, s], WEIGHT_VIEWS) for s in range(3))
-
-
-def stream_taps(w_feat_3DK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The featurizer taps [D, K] of (post, pre, v) from the interleaved [3D, K] parameter."""
-  width = w_feat_3DK.shape[0] // 3
-  w_feat_CSK = w_feat_3DK.reshape(width, 3, w_feat_3DK.shape[-1])
-  return tuple(w_feat_CSK[:, s] for s in range(3))
+def project_streams(x_BLD: jax.Array, w_in_DSC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The featurizer's inputs (post, pre, v) [B, L, D], contiguous: x @ w_in[:, s] for the
+  three streams s (the weight slices named WEIGHT_VIEWS)."""
+  return tuple(x_BLD @ checkpoint_name(w_in_DSC[:, s], WEIGHT_VIEWS) for s in range(3))
 
 
 def featurize(z_BLC: jax.Array, w_CK: jax.Array) -> jax.Array:
@@ -179,27 +160,10 @@ def gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array, h_
                        lambda u: conv.causal_conv(u, h, method=method, chunk=chunk)), w_out_DE)
 
 
-def blocked_columns(w_in_D3D: jax.Array, w_feat_3DK: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Interleaved projection columns (3i+0, 3i+1, 3i+2) -> three blocks [post | pre | v].
-
-  Returns the in-projection [D, 3D] and featurizer taps [3D, K] with the same column order,
-  so that x @ w gives the three streams as contiguous column blocks.
-  """
-  width = w_in_D3D.shape[0]
-  w_in = jnp.swapaxes(w_in_D3D.reshape(width, width, 3), 1, 2).reshape(width, 3 * width)
-  num_taps = w_feat_3DK.shape[-1]
-  w_feat = jnp.swapaxes(w_feat_3DK.reshape(width, 3, num_taps), 0, 1).reshape(3 * width, num_taps)
-  return w_in, w_feat
-
-
 # "pallas"/"auto" fuse the featurizer for filters up to this many taps. H100, D = 4096, fwd+bwd:
 # SE (7 taps) 3.08 vs 3.58 ms at 4K, 21.5 vs 22.2 at 32K; MR (128 taps) fused was slower (the
 # T = 128 backward kernel): experiments/results/ops_nvidia_h100_80gb_hbm3.md.
 FUSED_FEATURIZER_MAX_TAPS = 64
-# Column order the fused kernel reads z in: "blocked" (x @ blocked_columns(W_in)) or
-# "interleaved" (x @ W_in as stored, no per-call reorder of the weight and its gradient; the
-# kernels read every third column: 1.33-1.49x slower fwd+bwd on an H100, ops results' fifth run).
-FUSED_Z_LAYOUT = "blocked"
 # Kernel of the fused path for short filters: "toeplitz" (featurized_conv) or "direct"
 # (featurized_short_conv: the FIR on CUDA cores from shifted windows, 64-channel tiles across
 # groups; fwd+bwd within 2.5% of the Toeplitz kernel on an H100, ops results' fifth run).
@@ -219,7 +183,7 @@ def fuses_featurizer(method: str, num_taps: int) -> bool:
   return False
 
 
-def explicit_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array, h_GK: jax.Array,
+def explicit_mixer(x_BLD: jax.Array, w_in_DSC: jax.Array, w_feat_SCK: jax.Array, h_GK: jax.Array,
                    dskip_D: jax.Array | None, method: str = "auto",
                    chunk: int = blocked_conv.DEFAULT_CHUNK,
                    w_out_DE: jax.Array | None = None) -> jax.Array:
@@ -227,15 +191,16 @@ def explicit_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
 
   Where `fuses_featurizer(method, K)` and a fused kernel takes the shapes (and z stays under
   4 GiB: featurized_conv.size_reason), one [D, 3D]
-  product writes z (columns in FUSED_Z_LAYOUT: blocked [post | pre | v] after a weight
-  reorder, or interleaved as stored) and one kernel featurizes and gates it:
+  product writes z (its columns the blocks [post | pre | v]: w_in reshaped, no copy) and one
+  kernel featurizes and gates it:
   pallas_kernels/featurized_conv.py (Toeplitz tiles), or featurized_short_conv.py (direct FIR)
   when SHORT_FILTER_KERNEL is "direct"; interpret mode off GPU. Otherwise
   project_and_featurize + gate_conv_gate with `method`.
 
   Args:
     x_BLD: [B, L, D] normalised input in the compute dtype.
-    w_in_D3D, w_feat_3DK: interleaved in-projection and featurizer taps (module layout).
+    w_in_DSC, w_feat_SCK: in-projection [D, 3, D] and featurizer taps [3, D, K] (module layout,
+      streams post, pre, v).
     h_GK, dskip_D, method, chunk: as in gate_conv_gate.
     w_out_DE: [D, E] output projection or None, as in gate_conv_gate (the Toeplitz fused
       kernel: featurized_conv.featurized_gate_conv_gate_proj_pallas).
@@ -243,29 +208,26 @@ def explicit_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
   Returns:
     [B, L, D] (or [B, L, E]) in x's dtype.
   """
-  shape_BL3D = (x_BLD.shape[0], x_BLD.shape[1], 3 * x_BLD.shape[2])
+  width = x_BLD.shape[2]
+  shape_BL3D = (x_BLD.shape[0], x_BLD.shape[1], 3 * width)
   if fuses_featurizer(method, h_GK.shape[-1]):
     interpret = jax.default_backend() != "gpu"
     itemsize = x_BLD.dtype.itemsize
+    w_feat = w_feat_SCK.reshape(3 * width, w_feat_SCK.shape[-1])
     direct = SHORT_FILTER_KERNEL == "direct" and featurized_short_conv.unsupported_reason(
-        shape_BL3D, w_feat_3DK.shape, h_GK.shape, itemsize) is None
-    if direct or featurized_conv.unsupported_reason(shape_BL3D, w_feat_3DK.shape, h_GK.shape,
+        shape_BL3D, w_feat.shape, h_GK.shape, itemsize) is None
+    if direct or featurized_conv.unsupported_reason(shape_BL3D, w_feat.shape, h_GK.shape,
                                                     itemsize=itemsize) is None:
-      if FUSED_Z_LAYOUT == "interleaved":
-        z, w_feat = x_BLD @ w_in_D3D, w_feat_3DK
-      else:
-        w_in, w_feat = blocked_columns(w_in_D3D, w_feat_3DK)
-        z = x_BLD @ checkpoint_name(w_in, WEIGHT_VIEWS)
+      z = x_BLD @ w_in_DSC.reshape(width, 3 * width)
       if direct:
         return project(featurized_short_conv.featurized_short_conv_pallas(
-            z, w_feat, h_GK, dskip_D, interpret=interpret, layout=FUSED_Z_LAYOUT), w_out_DE)
+            z, w_feat, h_GK, dskip_D, interpret=interpret), w_out_DE)
       if w_out_DE is not None:
         return featurized_conv.featurized_gate_conv_gate_proj_pallas(
-            z, w_feat, h_GK, dskip_D, w_out_DE.astype(z.dtype), interpret=interpret,
-            layout=FUSED_Z_LAYOUT)
+            z, w_feat, h_GK, dskip_D, w_out_DE.astype(z.dtype), interpret=interpret)
       return featurized_conv.featurized_gate_conv_gate_pallas(
-          z, w_feat, h_GK, dskip_D, interpret=interpret, layout=FUSED_Z_LAYOUT)
-  post, pre, v = project_and_featurize(x_BLD, w_in_D3D, w_feat_3DK)
+          z, w_feat, h_GK, dskip_D, interpret=interpret)
+  post, pre, v = project_and_featurize(x_BLD, w_in_DSC, w_feat_SCK)
   return gate_conv_gate(post, pre, v, h_GK, dskip_D, method, chunk, w_out_DE)
 
 
@@ -328,7 +290,7 @@ def li_long_conv(u_BLD: jax.Array, log_poles_DN: jax.Array, residues_DN: jax.Arr
   return conv.fft_conv(u_BLD.astype(jnp.float32), h_DL)
 
 
-def li_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
+def li_mixer(x_BLD: jax.Array, w_in_DSC: jax.Array, w_feat_SCK: jax.Array,
              log_poles_DN: jax.Array, residues_DN: jax.Array, dskip_D: jax.Array,
              method: str = "auto", w_out_DE: jax.Array | None = None) -> jax.Array:
   """Hyena-LI between the projections: project, featurize, modal gate-conv-gate.
@@ -345,7 +307,7 @@ def li_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
 
   Args:
     x_BLD: [B, L, D] normalised input in the compute dtype.
-    w_in_D3D, w_feat_3DK: interleaved in-projection and featurizer taps (module layout).
+    w_in_DSC, w_feat_SCK: in-projection [D, 3, D] and featurizer taps [3, D, K] (module layout).
     log_poles_DN, residues_DN, dskip_D, method: as in li_gate_conv_gate.
     w_out_DE: [D, E] output projection, or None. Given, returns project(out, w_out); on the
       featurized kernels by modal_conv.featurized_gate_conv_gate_proj_pallas (dW_out from the
@@ -356,8 +318,8 @@ def li_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
   """
   fused = method == "pallas_fused" or (method == "auto" and jax.default_backend() == "gpu")
   if fused and modal_conv.featurized_unsupported_reason(
-      x_BLD.shape, (x_BLD.shape[-1], w_feat_3DK.shape[-1]), log_poles_DN.shape) is None:
-    operands = (*project_streams(x_BLD, w_in_D3D), *stream_taps(w_feat_3DK), log_poles_DN,
+      x_BLD.shape, (x_BLD.shape[-1], w_feat_SCK.shape[-1]), log_poles_DN.shape) is None:
+    operands = (*project_streams(x_BLD, w_in_DSC), *w_feat_SCK, log_poles_DN,
                 residues_DN, dskip_D)
     interpret = jax.default_backend() != "gpu"
     if w_out_DE is not None:
@@ -365,7 +327,7 @@ def li_mixer(x_BLD: jax.Array, w_in_D3D: jax.Array, w_feat_3DK: jax.Array,
           *operands, w_out_DE.astype(x_BLD.dtype), interpret=interpret).astype(x_BLD.dtype)
     return modal_conv.featurized_gate_conv_gate_pallas(
         *operands, interpret=interpret).astype(x_BLD.dtype)
-  post, pre, v = project_and_featurize(x_BLD, w_in_D3D, w_feat_3DK)
+  post, pre, v = project_and_featurize(x_BLD, w_in_DSC, w_feat_SCK)
   return project(li_gate_conv_gate(post, pre, v, log_poles_DN, residues_DN, dskip_D, method),
                  w_out_DE)
 

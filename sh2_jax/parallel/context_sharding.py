@@ -106,26 +106,24 @@ class ContextSharding:
 
   # ---- mixers ------------------------------------------------------------------------------
 
-  def project_and_featurize(self, x_BLD: jax.Array, w_in_D3D: jax.Array,
-                            w_feat_3DK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def project_and_featurize(self, x_BLD: jax.Array, w_in_DSC: jax.Array,
+                            w_feat_SCK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`hyena.project_and_featurize` with the featurizer's 2-row halo exchanged (p2p).
 
-    The three products run in GSPMD land (same weight-side de-interleave as the
-    single-device path); the depthwise featurizer runs in one shard_map on all three streams.
+    The three products run in GSPMD land (the single-device path's per-stream weight
+    slices); the depthwise featurizer runs in one shard_map on all three streams.
     """
-    width, taps = x_BLD.shape[-1], w_feat_3DK.shape[-1]
-    self.validate(x_BLD.shape[1], taps - 1)
-    w_feat_CSK = w_feat_3DK.reshape(width, 3, taps)
-    streams = tuple(self.constrain(z) for z in hyena.project_streams(x_BLD, w_in_D3D))
+    self.validate(x_BLD.shape[1], w_feat_SCK.shape[-1] - 1)
+    streams = tuple(self.constrain(z) for z in hyena.project_streams(x_BLD, w_in_DSC))
     zigzag = self.zigzag
 
-    def body(post, pre, v, w_CSK):
-      return tuple(cp.cp_causal_conv_p2p(z, w_CSK[:, s], AXIS, method="direct", zigzag=zigzag)
+    def body(post, pre, v, w_SCK):
+      return tuple(cp.cp_causal_conv_p2p(z, w_SCK[s], AXIS, method="direct", zigzag=zigzag)
                    for s, z in enumerate((post, pre, v)))
 
     spec = self.seq_spec(x_BLD.shape[0], 3)
     return jax.shard_map(body, mesh=self.mesh, in_specs=(spec,) * 3 + (P(),),
-                         out_specs=(spec,) * 3)(*streams, w_feat_CSK)
+                         out_specs=(spec,) * 3)(*streams, w_feat_SCK)
 
   def gate_conv_gate(self, post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array,
                      h_GK: jax.Array, dskip_D: jax.Array | None, method: str = "auto",

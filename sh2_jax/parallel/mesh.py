@@ -35,6 +35,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("groups", "tensor"),
     ("qkv", None),
+    ("streams", None),  # the Hyena in-projection's post / pre / value
     ("kv", None),
     ("taps", None),
     ("poles", None),
