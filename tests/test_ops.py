@@ -731,3 +731,13 @@ def test_modal_filter_gradient_never_holds_all_modes():
   memory = jax.jit(grads).lower(spec, spec, cot).compile().memory_analysis()
   all_modes_bytes = channels * poles * length * 4
   assert memory.temp_size_in_bytes < all_modes_bytes / 4, memory.temp_size_in_bytes
+
+
+def test_stream_weights_of_the_interleaved_layout_are_refused():
+  """A [D, 3D] in-projection or [3D, K] featurizer (Evo 2's interleaved layout) is a one-line
+  ValueError that names the converter, not a silently wrong product."""
+  x = jnp.zeros((1, 5, 4))
+  with pytest.raises(ValueError, match=r"in-projection \(4, 12\) must be \[D, 3, D\].*in_proj_from_vortex"):
+    hyena.project_and_featurize(x, jnp.zeros((4, 12)), jnp.zeros((3, 4, 3)))
+  with pytest.raises(ValueError, match=r"featurizer taps \(12, 3\) must be \[3, 4, K\].*featurizer_from_vortex"):
+    hyena.explicit_mixer(x, jnp.zeros((4, 3, 4)), jnp.zeros((12, 3)), jnp.zeros((2, 7)), None)

@@ -178,8 +178,8 @@ def test_z_over_the_window_limit_takes_the_unfused_path(monkeypatch):
     monkeypatch.setattr(module, name, lambda *a, **k: calls.append(name))
   keys = jax.random.split(jax.random.key(3), 4)
   x = jax.random.normal(keys[0], (1, 40, 32))
-  w_in = jax.random.normal(keys[1], (32, 96)) * 0.2
-  w_feat = jax.random.normal(keys[2], (96, 3))
+  w_in = jax.random.normal(keys[1], (32, 3, 32)) * 0.2
+  w_feat = jax.random.normal(keys[2], (3, 32, 3))
   h = jax.random.normal(keys[3], (2, 7))
   with jax.default_matmul_precision("highest"):
     for kernel in ("toeplitz", "direct"):

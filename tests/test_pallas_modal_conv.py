@@ -388,8 +388,8 @@ def test_li_mixer_auto_fuses_the_featurizer_on_gpu(monkeypatch):
   rng = np.random.default_rng(11)
   width, length = 32, 50
   x = jnp.asarray(rng.standard_normal((1, length, width)), jnp.float32)
-  w_in = jnp.asarray(rng.standard_normal((width, 3 * width)) / np.sqrt(width), jnp.float32)
-  w_feat = jnp.asarray(rng.standard_normal((3 * width, 3)) / np.sqrt(3), jnp.float32)
+  w_in = jnp.asarray(rng.standard_normal((width, 3, width)) / np.sqrt(width), jnp.float32)
+  w_feat = jnp.asarray(rng.standard_normal((3, width, 3)) / np.sqrt(3), jnp.float32)
   log_poles = jnp.log(jnp.asarray(rng.uniform(0.5, 0.95, (width, 4)), jnp.float32))
   residues = jnp.asarray(rng.standard_normal((width, 4)) * 0.2, jnp.float32)
   dskip = jnp.asarray(rng.standard_normal(width), jnp.float32)

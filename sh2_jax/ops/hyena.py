@@ -48,13 +48,27 @@ def project_and_featurize(x_BLD: jax.Array, w_in_DSC: jax.Array,
 
   The three outputs are named FEATURIZED for rematerialisation policies.
   """
+  check_stream_weights(w_in_DSC, w_feat_SCK)
   return tuple(checkpoint_name(featurize(z, w), FEATURIZED)
                for z, w in zip(project_streams(x_BLD, w_in_DSC), w_feat_SCK))
+
+
+def check_stream_weights(w_in_DSC: jax.Array, w_feat_SCK: jax.Array | None = None) -> None:
+  """Raises ValueError unless w_in is [D, 3, D'] and w_feat (if given) [3, D', K]."""
+  if w_in_DSC.ndim != 3 or w_in_DSC.shape[1] != 3:
+    raise ValueError(f"in-projection {tuple(w_in_DSC.shape)} must be [D, 3, D] (streams post, pre, "
+                     "v on the middle axis); an Evo 2 [D, 3D] interleaved weight goes through "
+                     "sh2_jax.convert.evo2.in_proj_from_vortex")
+  if w_feat_SCK is not None and (w_feat_SCK.ndim != 3 or w_feat_SCK.shape[:2] != (3, w_in_DSC.shape[2])):
+    raise ValueError(f"featurizer taps {tuple(w_feat_SCK.shape)} must be [3, {w_in_DSC.shape[2]}, K] "
+                     "(streams first); an Evo 2 [3D, 1, K] weight goes through "
+                     "sh2_jax.convert.evo2.featurizer_from_vortex")
 
 
 def project_streams(x_BLD: jax.Array, w_in_DSC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The featurizer's inputs (post, pre, v) [B, L, D], contiguous: x @ w_in[:, s] for the
   three streams s (the weight slices named WEIGHT_VIEWS)."""
+  check_stream_weights(w_in_DSC)
   return tuple(x_BLD @ checkpoint_name(w_in_DSC[:, s], WEIGHT_VIEWS) for s in range(3))
 
 
@@ -208,6 +222,7 @@ def explicit_mixer(x_BLD: jax.Array, w_in_DSC: jax.Array, w_feat_SCK: jax.Array,
   Returns:
     [B, L, D] (or [B, L, E]) in x's dtype.
   """
+  check_stream_weights(w_in_DSC, w_feat_SCK)
   width = x_BLD.shape[2]
   shape_BL3D = (x_BLD.shape[0], x_BLD.shape[1], 3 * width)
   if fuses_featurizer(method, h_GK.shape[-1]):
@@ -316,6 +331,7 @@ def li_mixer(x_BLD: jax.Array, w_in_DSC: jax.Array, w_feat_SCK: jax.Array,
   Returns:
     [B, L, D] (or [B, L, E]) in x's dtype.
   """
+  check_stream_weights(w_in_DSC, w_feat_SCK)
   fused = method == "pallas_fused" or (method == "auto" and jax.default_backend() == "gpu")
   if fused and modal_conv.featurized_unsupported_reason(
       x_BLD.shape, (x_BLD.shape[-1], w_feat_SCK.shape[-1]), log_poles_DN.shape) is None:
