@@ -741,3 +741,22 @@ def test_stream_weights_of_the_interleaved_layout_are_refused():
     hyena.project_and_featurize(x, jnp.zeros((4, 12)), jnp.zeros((3, 4, 3)))
   with pytest.raises(ValueError, match=r"featurizer taps \(12, 3\) must be \[3, 4, K\].*featurizer_from_vortex"):
     hyena.explicit_mixer(x, jnp.zeros((4, 3, 4)), jnp.zeros((12, 3)), jnp.zeros((2, 7)), None)
+
+
+@pytest.mark.parametrize("w_dtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_weight_in_own_dtype_matches_float64(w_dtype):
+  """x (bf16) @ w cast to bf16: output in bf16, dx in bf16 and dW in w's dtype, against numpy
+  float64 on the bf16-rounded operands (a float32 w's gradient is not rounded to bf16)."""
+  rng = _rng("matmul_cast", jnp.dtype(w_dtype).name)
+  x = jnp.asarray(rng.standard_normal((2, 24, 16)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((16, 40)), w_dtype)
+  dz = jnp.asarray(rng.standard_normal((2, 24, 40)), jnp.bfloat16)
+  out, pullback = jax.vjp(hyena.matmul_weight_in_own_dtype, x, w)
+  dx, dw = pullback(dz)
+  assert (out.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.dtype(w_dtype))
+  x64, dz64 = np.asarray(x, np.float64), np.asarray(dz, np.float64)
+  w64 = np.asarray(w.astype(jnp.bfloat16), np.float64)
+  want_dw = np.einsum("bld,ble->de", x64, dz64)
+  _assert_close(out, x64 @ w64, (1e-2, 1e-2))
+  _assert_close(dx, dz64 @ w64.T, (1e-2, 1e-2))
+  _assert_close(dw, want_dw, (1e-6, 1e-5) if w_dtype == jnp.float32 else (1e-2, 1e-2))

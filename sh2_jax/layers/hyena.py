@@ -64,7 +64,8 @@ class HyenaBase(nn.Module):
     in_op = self.parallel is None and cfg.out_proj_in_kernel_bwd and cfg.remat
     w_out_in_op = w_out.astype(dt) if in_op else None
     if explicit is not None:  # SE/MR on one device: fused kernel where it applies
-      y_BLD = hyena.explicit_mixer(x_BLD.astype(dt), w_in.astype(dt), w_feat, *explicit,
+      # w_in in the param dtype: the product casts it and writes its gradient in that dtype
+      y_BLD = hyena.explicit_mixer(x_BLD.astype(dt), w_in, w_feat, *explicit,
                                    cfg.conv_method, cfg.conv_chunk, w_out_in_op)
     elif modal is not None:  # LI on one device: the featurizer in the kernel (GPU auto)
       y_BLD = hyena.li_mixer(x_BLD.astype(dt), w_in.astype(dt), w_feat, *modal, cfg.li_method,

@@ -128,6 +128,40 @@ def gated(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array, dskip_D: ja
   return (post_BLD.astype(jnp.float32) * y).astype(v_BLD.dtype)
 
 
+def matmul_weight_in_own_dtype(x_BLD: jax.Array, w_DE: jax.Array) -> jax.Array:
+  """x @ w.astype(x.dtype) [B, L, E], whose weight gradient the GEMM writes in w's dtype.
+
+  With float32 master weights and bf16 compute, autodiff would write dW in bf16 and cast it to
+  float32 in a weight-sized pass (0.10 ms for a [4096, 12288] weight on an H100); here the
+  product accumulates and stores float32 itself (0.02 ms more:
+  experiments/results/probe_weight_casts_nvidia_h100_80gb_hbm3.md), and dW is not rounded to
+  bf16 on the way. Weights already in x's dtype take the plain product.
+  """
+  if w_DE.dtype == x_BLD.dtype:
+    return x_BLD @ w_DE
+  return _matmul_cast(x_BLD, w_DE, jnp.dtype(w_DE.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_cast(x_BLD: jax.Array, w_DE: jax.Array, w_dtype: jnp.dtype) -> jax.Array:
+  return x_BLD @ w_DE.astype(x_BLD.dtype)
+
+
+def _matmul_cast_fwd(x_BLD, w_DE, w_dtype):
+  w_view = w_DE.astype(x_BLD.dtype)
+  return x_BLD @ w_view, (x_BLD, w_view)
+
+
+def _matmul_cast_bwd(w_dtype, residuals, dz_BLE):
+  x_BLD, w_view = residuals
+  dx_BLD = dz_BLE @ w_view.T
+  dw_DE = jnp.einsum("bld,ble->de", x_BLD, dz_BLE, preferred_element_type=w_dtype)
+  return dx_BLD, dw_DE
+
+
+_matmul_cast.defvjp(_matmul_cast_fwd, _matmul_cast_bwd)
+
+
 def project(y_BLD: jax.Array, w_out_DE: jax.Array | None) -> jax.Array:
   """y @ w_out in y's dtype (the mixers' output projection, as the modules apply it); y when
   w_out is None."""
@@ -204,17 +238,18 @@ def explicit_mixer(x_BLD: jax.Array, w_in_DSC: jax.Array, w_feat_SCK: jax.Array,
   """Hyena-SE/MR between the projections: project, featurize, gate-conv-gate.
 
   Where `fuses_featurizer(method, K)` and a fused kernel takes the shapes (and z stays under
-  4 GiB: featurized_conv.size_reason), one [D, 3D]
-  product writes z (its columns the blocks [post | pre | v]: w_in reshaped, no copy) and one
-  kernel featurizes and gates it:
+  4 GiB: featurized_conv.size_reason), one [D, 3D] product writes z (its columns the blocks
+  [post | pre | v]: w_in reshaped, no copy; a w_in in another dtype than x is cast and gets its
+  gradient in its own dtype from the GEMM, `matmul_weight_in_own_dtype`) and one kernel
+  featurizes and gates it:
   pallas_kernels/featurized_conv.py (Toeplitz tiles), or featurized_short_conv.py (direct FIR)
   when SHORT_FILTER_KERNEL is "direct"; interpret mode off GPU. Otherwise
   project_and_featurize + gate_conv_gate with `method`.
 
   Args:
     x_BLD: [B, L, D] normalised input in the compute dtype.
-    w_in_DSC, w_feat_SCK: in-projection [D, 3, D] and featurizer taps [3, D, K] (module layout,
-      streams post, pre, v).
+    w_in_DSC, w_feat_SCK: in-projection [D, 3, D] (any float dtype: cast to x's) and
+      featurizer taps [3, D, K] (module layout, streams post, pre, v).
     h_GK, dskip_D, method, chunk: as in gate_conv_gate.
     w_out_DE: [D, E] output projection or None, as in gate_conv_gate (the Toeplitz fused
       kernel: featurized_conv.featurized_gate_conv_gate_proj_pallas).
@@ -233,7 +268,7 @@ def explicit_mixer(x_BLD: jax.Array, w_in_DSC: jax.Array, w_feat_SCK: jax.Array,
         shape_BL3D, w_feat.shape, h_GK.shape, itemsize) is None
     if direct or featurized_conv.unsupported_reason(shape_BL3D, w_feat.shape, h_GK.shape,
                                                     itemsize=itemsize) is None:
-      z = x_BLD @ w_in_DSC.reshape(width, 3 * width)
+      z = matmul_weight_in_own_dtype(x_BLD, w_in_DSC.reshape(width, 3 * width))
       if direct:
         return project(featurized_short_conv.featurized_short_conv_pallas(
             z, w_feat, h_GK, dskip_D, interpret=interpret), w_out_DE)
@@ -242,7 +277,7 @@ def explicit_mixer(x_BLD: jax.Array, w_in_DSC: jax.Array, w_feat_SCK: jax.Array,
             z, w_feat, h_GK, dskip_D, w_out_DE.astype(z.dtype), interpret=interpret)
       return featurized_conv.featurized_gate_conv_gate_pallas(
           z, w_feat, h_GK, dskip_D, interpret=interpret)
-  post, pre, v = project_and_featurize(x_BLD, w_in_DSC, w_feat_SCK)
+  post, pre, v = project_and_featurize(x_BLD, w_in_DSC.astype(x_BLD.dtype), w_feat_SCK)
   return gate_conv_gate(post, pre, v, h_GK, dskip_D, method, chunk, w_out_DE)
 
 
