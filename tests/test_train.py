@@ -327,8 +327,9 @@ def test_restore_refuses_a_state_of_another_layout_in_one_line(tmp_path):
 
   ckpt = Checkpointer(str(tmp_path / "checkpoints"))
   ckpt.save(2, {"params": {"block_0": {"mixer": {"in_proj": np.zeros((4, 12), np.float32)}}}})
-  ckpt.manager.wait_until_finished()
+  ckpt.close()
   abstract = {"params": {"block_0": {"mixer": {"in_proj": jax.ShapeDtypeStruct((4, 3, 4), jnp.float32)}}}}
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"))  # as a resumed run: a fresh manager
   with pytest.raises(CheckpointError) as info:
     ckpt.restore(2, abstract)
   ckpt.close()

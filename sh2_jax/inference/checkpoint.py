@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
 from sh2_jax.config import Config, ModelConfig
 from sh2_jax.errors import UserError
@@ -74,10 +75,8 @@ def load_model(directory: str, step: int | None = None) -> tuple[ModelConfig, di
   abstract = _abstract(model)
   converted = os.path.join(os.path.abspath(directory), PARAMS_DIR)
   if os.path.isdir(converted):
-    checkpointer = ocp.StandardCheckpointer()
-    _check_shapes(getattr(checkpointer.metadata(converted), "item_metadata", None), abstract,
-                  directory)
-    return model, checkpointer.restore(converted, abstract), None
+    _check_shapes(stored_array_metadata(converted), abstract, directory)
+    return model, ocp.StandardCheckpointer().restore(converted, abstract), None
   ckpt_dir = os.path.join(os.path.abspath(directory), "checkpoints")
   manager = ocp.CheckpointManager(ckpt_dir) if os.path.isdir(ckpt_dir) else None
   steps = list(manager.all_steps()) if manager else []
@@ -87,8 +86,8 @@ def load_model(directory: str, step: int | None = None) -> tuple[ModelConfig, di
   step = max(steps) if step is None else step
   if step not in steps:
     raise ModelDirError(f"no checkpoint at step {step} in {directory!r}; available: {sorted(steps)}")
-  stored = manager.item_metadata(step)
-  _check_shapes((stored.get("state") or {}).get("params") if stored else None, abstract, directory)
+  stored = stored_array_metadata(os.path.join(ckpt_dir, str(step), "state"))
+  _check_shapes(stored.get("params") if stored is not None else None, abstract, directory)
   restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=x.sharding),
                               abstract)
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -96,6 +95,16 @@ def load_model(directory: str, step: int | None = None) -> tuple[ModelConfig, di
   manager.close()
   logger.info("restored params of step %d from %s", step, directory)
   return model, restored["state"]["params"], step
+
+
+def stored_array_metadata(item_dir: str) -> Any | None:
+  """The array metadata tree (shapes, dtypes) of an Orbax item directory written by a standard
+  save (a model's params/ or a train checkpoint's <step>/state), or None if it has none that
+  this Orbax reads; nothing is loaded."""
+  try:
+    return ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir))
+  except (OSError, ValueError, KeyError):
+    return None
 
 
 def _check_shapes(stored: Any, abstract: Any, directory: str) -> None:

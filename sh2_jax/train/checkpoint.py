@@ -23,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from sh2_jax.errors import UserError
+from sh2_jax.inference.checkpoint import stored_array_metadata
 from sh2_jax.layers.params import stored_shape_mismatch
 from sh2_jax.train.state import TrainState
 
@@ -58,9 +59,8 @@ class Checkpointer:
               data_iterator: Any | None = None) -> TrainState:
     """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs), and the
     data iterator in place when given."""
-    stored = self.manager.item_metadata(step)
-    stored_state = stored.get("state") if stored is not None else None
-    reason = stored_shape_mismatch(stored_state, abstract_state) if stored_state is not None else None
+    stored = stored_array_metadata(os.path.join(self.directory, str(step), "state"))
+    reason = stored_shape_mismatch(stored, abstract_state) if stored is not None else None
     if reason:
       raise CheckpointError(f"checkpoint step {step} in {self.directory!r}: {reason}")
     items = {"state": ocp.args.StandardRestore(abstract_state)}
