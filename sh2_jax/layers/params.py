@@ -17,13 +17,13 @@ COMPUTE_WEIGHTS = frozenset({"in_proj", "out_proj", "qkv", "w1", "w2", "w3"})
 
 
 # Parameters whose layout changed, with what a checkpoint of the old layout needs.
+_MIGRATE = ("re-run `sh2 convert` on the original Evo 2 state dict, or export a trained model "
+            "with sh2-jax 0.1 (`sh2_jax.convert.evo2.params_to_vortex`) and `sh2 convert` that")
 LAYOUT_CHANGES = {
     "in_proj": "Hyena in_proj is stored [D, 3, D] (streams on the middle axis) since sh2-jax "
-               "0.2; a checkpoint with [D, 3D] predates it: export it with the older release "
-               "(`params_to_vortex`) and import it again with `sh2 convert`",
-    "featurizer": "the Hyena featurizer is stored [3, D, K] since sh2-jax 0.2; a checkpoint with "
-                  "[3D, K] predates it: export it with the older release (`params_to_vortex`) and "
-                  "import it again with `sh2 convert`",
+               f"0.2 and a [D, 3D] checkpoint predates it: {_MIGRATE}",
+    "featurizer": "the Hyena featurizer is stored [3, D, K] since sh2-jax 0.2 and a [3D, K] "
+                  f"checkpoint predates it: {_MIGRATE}",
 }
 
 
