@@ -1,14 +1,15 @@
 """Per-kernel GPU time of the mixer operators, from a JAX profiler trace.
 
   PYTHONPATH=. python experiments/profile_trace.py [--ops floor,se,se_unfused,mr] \
-      [--lengths 4096,32768] [--iters 5] [--top 25] [--out DIR]
+      [--lengths 4096,32768] [--iters 5] [--top 25] [--out DIR] [--command-buffers]
 
 For each operator (the Linen modules of `sh2 bench ops`, B=1, D=4096, bf16 compute, float32
 params) and length, runs forward+backward `iters` times under `jax.profiler.trace`, then sums
 the device time of every kernel the trace recorded, grouped by its HLO op (fusion, custom call,
 GEMM), per iteration. Prints one table per (operator, L): the top kernels with ms/iteration,
-share of device time and the HLO op's first instruction; writes the optimized HLO of each
-program (gzip) to --out for reading the fusions.
+share of device time, the device idle time just before it and the HLO op's first
+instruction, and the wall time per call synchronised and queued (all calls, one sync); writes
+the optimized HLO of each program (gzip) to --out for reading the fusions.
 
 Operators: floor (the projections' products alone), se / mr (conv_method auto: the GPU
 default), se_bf16 (bf16 params, like the floor's weights), se_unfused / mr_unfused (XLA
@@ -31,7 +32,9 @@ import time
 from typing import Any, Callable
 
 # One trace event per kernel: XLA's CUDA graphs (command buffers) would hide them in one event.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
+# --command-buffers keeps XLA's default (for the wall times a benchmark sees).
+if "--command-buffers" not in sys.argv:
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -113,6 +116,22 @@ def event_totals(events: list[tuple[int, int, str]]) -> dict[str, float]:
   return dict(totals)
 
 
+def idle_before(events: list[tuple[int, int, str]]) -> dict[str, float]:
+  """{kernel name: ns} of device idle time just before each kernel started, summed.
+
+  Events are (start ns, duration ns, name) on one device's timeline (any number of streams):
+  a kernel's gap is how long after the last running kernel ended it started, 0 if it overlaps.
+  Long gaps before a kind of kernel point at host-side launch cost or a synchronisation.
+  """
+  out: dict[str, float] = collections.defaultdict(float)
+  busy_until = None
+  for start, duration, name in sorted(events):
+    if busy_until is not None and start > busy_until:
+      out[name] += start - busy_until
+    busy_until = start + duration if busy_until is None else max(busy_until, start + duration)
+  return dict(out)
+
+
 def first_instruction(hlo_text: str, op_name: str) -> str:
   """The root instruction kind of a fusion / the op itself, from optimized HLO text."""
   match = re.search(rf"\b{re.escape(op_name)} = \S+ (\w[\w-]*)\(", hlo_text)
@@ -150,21 +169,32 @@ def profile(name: str, length: int, config: ModelConfig, iters: int, top: int,
   for _ in range(iters):
     jax.block_until_ready(fn(*args))
   wall_ms = (time.perf_counter() - start) * 1e3 / iters
-  trace_dir = tempfile.mkdtemp(prefix="sh2_trace_")
-  with jax.profiler.trace(trace_dir):
-    for _ in range(iters):
-      jax.block_until_ready(fn(*args))
-  totals, lines_seen = kernel_times(trace_dir)
+  start = time.perf_counter()
+  jax.block_until_ready([fn(*args) for _ in range(iters)])
+  queued_ms = (time.perf_counter() - start) * 1e3 / iters
+  with tempfile.TemporaryDirectory(prefix="sh2_trace_") as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for _ in range(iters):
+        jax.block_until_ready(fn(*args))
+    events, lines_seen = kernel_events(trace_dir)
+  totals = event_totals(events)
+  print(f"\n### {name}, L={length}: wall {wall_ms:.3f} ms/iter synchronised, {queued_ms:.3f} "
+        f"queued ({iters} calls, one sync)")
   if not totals:
-    print(f"{name} L={length}: no GPU kernel events; trace lines: {lines_seen[:20]}")
+    print(f"no GPU kernel events; trace lines: {lines_seen[:20]}")
     return
   device_ms = sum(totals.values()) / iters / 1e6
-  print(f"\n### {name}, L={length}: wall {wall_ms:.3f} ms/iter, device busy {device_ms:.3f} ms/iter, "
-        f"{len(totals)} distinct ops\n")
-  print("| op | ms/iter | share | HLO |\n|---|---|---|---|")
+  idle = idle_before(events)
+  print(f"device busy {device_ms:.3f} ms/iter, {len(totals)} distinct ops, "
+        f"{len(events) / iters:.0f} kernels/iter; device idle {sum(idle.values()) / iters / 1e6:.3f} "
+        f"ms/iter between kernels (the calls' boundaries included)\n")
+  print("| op | ms/iter | share | idle before, ms/iter | HLO |\n|---|---|---|---|---|")
   for op, ns in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
     ms = ns / iters / 1e6
-    print(f"| {op[:60]} | {ms:.3f} | {ms / device_ms:.1%} | {first_instruction(hlo, op)} |")
+    print(f"| {op[:60]} | {ms:.3f} | {ms / device_ms:.1%} | {idle.get(op, 0) / iters / 1e6:.3f} "
+          f"| {first_instruction(hlo, op)} |")
+  print("\nidle before (largest):", ", ".join(
+      f"{op[:40]} {ns / iters / 1e6:.3f}" for op, ns in sorted(idle.items(), key=lambda kv: -kv[1])[:8]))
   sys.stdout.flush()
   jax.clear_caches()
 
@@ -178,6 +208,9 @@ def main() -> None:
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--top", type=int, default=25)
   parser.add_argument("--out", default=None, help="directory for the optimized HLO (gzip)")
+  parser.add_argument("--command-buffers", action="store_true",
+                      help="keep XLA's CUDA graphs (wall times as benchmarks see them; the "
+                      "trace then shows graphs, not kernels)")
   args = parser.parse_args()
   unknown = [op for op in args.ops.split(",") if op not in OPERATORS]
   if unknown:

@@ -42,7 +42,7 @@ import jax  # noqa: E402
 
 from experiments import bench_train  # noqa: E402
 from experiments.cli_args import parse_lengths  # noqa: E402
-from experiments.profile_trace import event_totals, kernel_events  # noqa: E402
+from experiments.profile_trace import event_totals, idle_before, kernel_events  # noqa: E402
 from sh2_jax import config as config_lib  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -140,22 +140,6 @@ def attribute(totals_ns: dict[str, float], ops: dict[str, HloOp], layers: tuple[
   return dict(out)
 
 
-def idle_before(events: list[tuple[int, int, str]]) -> dict[str, float]:
-  """{kernel name: ns} of device idle time just before each kernel started, summed.
-
-  Events are (start ns, duration ns, name) on one device's timeline (any number of streams):
-  a kernel's gap is how long after the last running kernel ended it started, 0 if it overlaps.
-  Long gaps before a kind of kernel point at host-side launch cost or a synchronisation.
-  """
-  out: dict[str, float] = collections.defaultdict(float)
-  busy_until = None
-  for start, duration, name in sorted(events):
-    if busy_until is not None and start > busy_until:
-      out[name] += start - busy_until
-    busy_until = start + duration if busy_until is None else max(busy_until, start + duration)
-  return dict(out)
-
-
 def idle_by_part(idle_ns: dict[str, float], ops: dict[str, HloOp], layers: tuple[str, ...],
                  steps: int) -> dict[str, float]:
   """{part: ms per step of idle time before that part's kernels}."""
@@ -213,12 +197,12 @@ def profile_step(model: config_lib.ModelConfig, length: int, batch: int, iters: 
     state, metrics = step(state, windows[i % 2])
   jax.block_until_ready(metrics)
   wall_ms = (time.perf_counter() - start) * 1e3 / iters
-  trace_dir = tempfile.mkdtemp(prefix="sh2_train_trace_")
-  with jax.profiler.trace(trace_dir):
-    for i in range(iters):
-      state, metrics = step(state, windows[i % 2])
-    jax.block_until_ready(metrics)
-  events, _ = kernel_events(trace_dir)
+  with tempfile.TemporaryDirectory(prefix="sh2_train_trace_") as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for i in range(iters):
+        state, metrics = step(state, windows[i % 2])
+      jax.block_until_ready(metrics)
+    events, _ = kernel_events(trace_dir)
   del state
   totals = event_totals(events)
   layers = tuple(model.layers)

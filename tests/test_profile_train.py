@@ -8,7 +8,7 @@ import re
 import jax.numpy as jnp
 import pytest
 
-from experiments import bench_train, profile_train
+from experiments import bench_train, profile_trace, profile_train
 
 _STACK = "jit(step)/jvp(StripedHyena2)/StripedHyena2._stack"
 _BACK = ("jit(step)/transpose(jvp(StripedHyena2))/StripedHyena2._stack/jvp(StripedHyena2)/"
@@ -123,7 +123,7 @@ def test_idle_before_counts_gaps_once_across_streams():
   # Kernel a runs 0-10, b overlaps it on another stream (5-20), c starts after a 5 ns gap,
   # d after a 30 ns gap; a kernel inside a running one (e) adds nothing.
   events = [(0, 10, "a"), (5, 15, "b"), (25, 5, "c"), (26, 2, "e"), (60, 1, "d"), (61, 1, "d")]
-  assert profile_train.idle_before(events) == {"c": 5, "d": 30}
+  assert profile_trace.idle_before(events) == {"c": 5, "d": 30}
 
 
 def test_top_kernels_sums_layers_and_ranks():
