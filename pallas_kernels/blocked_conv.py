@@ -501,8 +501,9 @@ def _dh_from_partials(dh_part_BNSTT: jax.Array, groups: int, num_taps: int) -> j
   batch, num_tiles, segments, chunk, _ = dh_part_BNSTT.shape
   m_GTT = dh_part_BNSTT.reshape(batch, groups, num_tiles // groups * segments, chunk,
                                 chunk).sum((0, 2))
-  lags_TK = (np.arange(chunk)[:, None] - np.arange(num_taps)[None, :]) % chunk  # a literal
-  cols_GTK = np.broadcast_to(lags_TK.astype(np.int32), (groups, chunk, num_taps))
+  # a [T, K] literal (XLA rebuilt the jnp version in a kernel of its own on every call)
+  lags_TK = ((np.arange(chunk)[:, None] - np.arange(num_taps)[None, :]) % chunk).astype(np.int32)
+  cols_GTK = jnp.broadcast_to(lags_TK, (groups, chunk, num_taps))
   return jnp.take_along_axis(m_GTT, cols_GTK, axis=2).sum(1)
 
 
@@ -628,7 +629,7 @@ def _checked(post_BLC, pre_BLC, v_BLC, h_GK, dskip_C, block_sizes):
     raise ValueError(reason)
   channels = v_BLC.shape[2]
   if dskip_C is None:
-    dskip_C = np.zeros((channels,), np.float32)  # a literal: no kernel per call
+    dskip_C = jnp.zeros((channels,), jnp.float32)
   elif dskip_C.shape != (channels,):
     raise ValueError(f"dskip shape {dskip_C.shape} must be ({channels},)")
   return dskip_C, _resolve(block_sizes, v_BLC.shape, h_GK.shape, v_BLC.dtype)

@@ -41,7 +41,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -712,7 +711,7 @@ def _checked(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, tap_grads, layout):
   batch, length, width3 = z_BL3C.shape
   channels = width3 // _STREAMS
   if dskip_C is None:
-    dskip_C = np.zeros((channels,), np.float32)  # a literal: no kernel per call
+    dskip_C = jnp.zeros((channels,), jnp.float32)
   elif dskip_C.shape != (channels,):
     raise ValueError(f"dskip shape {dskip_C.shape} must be ({channels},)")
   if tap_grads not in TAP_GRADS:

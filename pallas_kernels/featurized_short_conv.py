@@ -28,7 +28,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -323,7 +322,7 @@ def featurized_short_conv_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h_GK:
     raise ValueError(f"layout={layout!r}: choose one of {fc.LAYOUTS}")
   channels = z_BL3C.shape[-1] // _STREAMS
   if dskip_C is None:
-    dskip_C = np.zeros((channels,), np.float32)  # a literal: no kernel per call
+    dskip_C = jnp.zeros((channels,), jnp.float32)
   elif dskip_C.shape != (channels,):
     raise ValueError(f"dskip shape {dskip_C.shape} must be ({channels},)")
   return _fsc(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes or ShortBlockSizes(), interpret,

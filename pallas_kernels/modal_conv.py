@@ -54,7 +54,6 @@ import logging
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -956,7 +955,7 @@ def gate_conv_gate_pallas(post_gate_BLC: jax.Array, pre_gate_BLC: jax.Array, v_B
     raise ValueError(reason)
   channels = v_BLC.shape[2]
   if dskip_C is None:
-    dskip_C = np.zeros((channels,), np.float32)  # a literal: no kernel per call
+    dskip_C = jnp.zeros((channels,), jnp.float32)
   elif dskip_C.shape != (channels,):
     raise ValueError(f"dskip shape {dskip_C.shape} must be ({channels},)")
   resolved = _resolve(block_sizes, v_BLC.shape)
