@@ -209,8 +209,8 @@ def main() -> None:
   parser.add_argument("--top", type=int, default=25)
   parser.add_argument("--out", default=None, help="directory for the optimized HLO (gzip)")
   parser.add_argument("--command-buffers", action="store_true",
-                      help="keep XLA's CUDA graphs (wall times as benchmarks see them; the "
-                      "trace then shows graphs, not kernels)")
+                      help="keep XLA's CUDA graphs (command buffers): wall times as `sh2 bench "
+                      "ops` sees them")
   args = parser.parse_args()
   unknown = [op for op in args.ops.split(",") if op not in OPERATORS]
   if unknown:
