@@ -109,7 +109,7 @@ def stored_array_metadata(item_dir: str) -> Any | None:
 
 def _check_shapes(stored: Any, abstract: Any, directory: str) -> None:
   """Raises ModelDirError when the stored parameters' shapes differ from the config's."""
-  reason = stored_shape_mismatch(stored, abstract) if stored is not None else None
+  reason = stored_shape_mismatch(stored, abstract)
   if reason:
     raise ModelDirError(f"{directory!r}: {reason}")
 

@@ -39,7 +39,10 @@ def _path_name(path: tuple) -> str:
 
 def stored_shape_mismatch(stored: Any, expected: Any) -> str | None:
   """A one-line reason when a checkpoint's arrays (`stored`: a tree of anything with .shape,
-  e.g. Orbax array metadata) differ in shape from `expected` at the same path, else None."""
+  e.g. Orbax array metadata) differ in shape from `expected` at the same path, else None
+  (also when `stored` is None: no metadata to compare)."""
+  if stored is None:
+    return None
   expected_shapes = {_path_name(path): tuple(leaf.shape)
                      for path, leaf in jax.tree_util.tree_leaves_with_path(expected)
                      if hasattr(leaf, "shape")}

@@ -60,7 +60,7 @@ class Checkpointer:
     """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs), and the
     data iterator in place when given."""
     stored = stored_array_metadata(os.path.join(self.directory, str(step), "state"))
-    reason = stored_shape_mismatch(stored, abstract_state) if stored is not None else None
+    reason = stored_shape_mismatch(stored, abstract_state)
     if reason:
       raise CheckpointError(f"checkpoint step {step} in {self.directory!r}: {reason}")
     items = {"state": ocp.args.StandardRestore(abstract_state)}
