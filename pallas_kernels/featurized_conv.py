@@ -106,10 +106,16 @@ def unsupported_reason(shape_BL3C: tuple[int, ...], shape_3CJ: tuple[int, ...],
   if not 1 <= num_taps_f <= MAX_FEATURIZER_TAPS:
     return (f"featurizer length {num_taps_f} must be in [1, {MAX_FEATURIZER_TAPS}]; use the "
             "unfused path (ops.hyena.project_and_featurize + gate_conv_gate)")
-  reason = bc.unsupported_reason((batch, length, channels), shape_GK, block_sizes)
+  halo = (block_sizes or bc.BlockSizes.get_default()).halo
+  reason = bc.unsupported_reason((batch, length, channels), shape_GK, dataclasses.replace(
+      block_sizes or bc.BlockSizes.get_default(), halo=None))
   if reason:
     return reason
   resolved = bc._resolve(block_sizes, (batch, length, channels), shape_GK, jnp.bfloat16)
+  if halo and resolved.chunk < 2 * shape_GK[1]:
+    return (f"halo=True overlaps chunks by K - 1 = {shape_GK[1] - 1} rows: it needs a chunk of "
+            f"at least 2 K = {2 * shape_GK[1]} (got {resolved.chunk}); raise BlockSizes.chunk "
+            "or leave halo None")
   if num_taps_f > resolved.chunk:
     return f"featurizer length {num_taps_f} must be <= chunk {resolved.chunk}"
   if not resolved.bwd_dh_in_kernel:
@@ -357,6 +363,142 @@ def _fgcg_bwd_kernel(
   ddskip_part_ref[...] = jnp.sum(ddskip_TC, axis=0)
 
 
+# ---------------------------------------------------------------------------------------------
+# halo=True: chunks overlap by H = K - 1 rows and carry nothing (BlockSizes.halo).
+#
+# Chunk n covers the rows [s - H, s - H + T), s = n (T - H). Its rows o >= H have all K taps
+# inside the chunk, so y = H0 u (+ dskip u) there: the forward writes those T - H rows (s ..
+# s + T - H - 1). In the backward, du = H0^T g (+ dskip g) is complete for the rows o < T - H
+# (their taps reach g up to row o + H), and the filter gradient pairs g of the rows o >= H with
+# u of the same chunk: every row's y, df_post and dh term comes from the one chunk that holds it
+# at o >= H, its du, df_pre, df_v from the one that holds it at o < T - H.
+# ---------------------------------------------------------------------------------------------
+
+
+def _halo_chunks(padded_len: int, chunk: int, halo: int, segments: int,
+                 backward: bool) -> int:
+  """Chunks per segment: the forward's outputs end at row n (T - H) + T - H, the backward's
+  du rows H earlier, so the backward takes ceil((Lp + H) / (T - H)) chunks."""
+  rows = padded_len + (halo if backward else 0)
+  num_chunks = -(-rows // (chunk - halo))
+  return -(-num_chunks // segments)
+
+
+def _featurized_window(z_ref, wf_ref, stream: int, start, chunk: int, num_taps_f: int,
+                       windows: bool, cols) -> jax.Array:
+  """f_stream for the rows start .. start + T - 1, float32 [T, dc]; rows outside z are 0."""
+  padded_len = z_ref.shape[0]
+  shifted = [_rows_window(z_ref, start - j, chunk, padded_len, windows, cols)
+             for j in range(num_taps_f)]
+  return _featurize(wf_ref, stream, shifted)
+
+
+def _store_window(ref, start, value_TC: jax.Array, keep_T: jax.Array, windows: bool,
+                  cols=slice(None)) -> None:
+  """ref[start + o, cols] = value[o] for the rows o with keep[o] that lie inside ref.
+
+  windows=True (GPU): one masked store of the row window. Otherwise (interpret mode) a
+  scatter whose other rows point past the end of ref, where it drops them.
+  """
+  padded_len, chunk = ref.shape[0], value_TC.shape[0]
+  rows = start + jax.lax.iota(jnp.int32, chunk)
+  keep = keep_T & (rows >= 0) & (rows < padded_len)
+  if windows:
+    plgpu.store(ref.at[pl.ds(start, chunk), cols], value_TC, mask=keep[:, None])
+  else:
+    ref[jnp.where(keep, rows, padded_len), cols] = value_TC
+
+
+def _fgcg_fwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref, out_ref, *,
+                          chunk: int, halo: int, segment_chunks: int, num_taps_f: int,
+                          dot_dtype: jnp.dtype, precision: jax.lax.Precision | None,
+                          windows: bool, interleaved: bool):
+  """_fgcg_fwd_kernel's refs; chunk n writes the rows n (T - H) .. n (T - H) + T - H - 1."""
+  f32 = jnp.float32
+  h0_TT = bc._toeplitz_tile(hp_ref, chunk, chunk, False, dot_dtype)
+  dskip_1C = dskip_ref[...].astype(f32)[None, :]
+  cols = _stream_columns(interleaved, out_ref.shape[-1])
+  feat = functools.partial(_featurized_window, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
+                           windows=windows)
+  outputs_T = jax.lax.iota(jnp.int32, chunk) >= halo
+  first = pl.program_id(2) * segment_chunks
+
+  def body(step, carry):
+    start = (first + step) * (chunk - halo) - halo
+    u_TC = (feat(zpre_ref, stream=1, start=start, cols=cols[1])
+            * feat(zv_ref, stream=2, start=start, cols=cols[2]))
+    y_TC = jnp.dot(h0_TT, u_TC.astype(dot_dtype), precision=precision,
+                   preferred_element_type=f32) + dskip_1C * u_TC
+    out_TC = feat(zpost_ref, stream=0, start=start, cols=cols[0]) * y_TC
+    _store_window(out_ref, start, out_TC.astype(out_ref.dtype), outputs_T, windows)
+    return carry
+
+  jax.lax.fori_loop(0, segment_chunks, body, 0)
+
+
+def _fgcg_bwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref, dout_ref,
+                          df_ref, dh_part_ref, ddskip_part_ref, *out_refs, chunk: int, halo: int,
+                          segment_chunks: int, num_taps_f: int, dot_dtype: jnp.dtype,
+                          precision: jax.lax.Precision | None, transpose_by_dot: bool,
+                          windows: bool, interleaved: bool):
+  """_fgcg_bwd_kernel's refs (tap_grads="xla"; out_refs: the forward's output or none)."""
+  f32 = jnp.float32
+  block_c = dskip_ref.shape[-1]
+  channels = df_ref.shape[-1] // _STREAMS
+  if interleaved:
+    df_cols = [pl.ds(_STREAMS * pl.program_id(1) * block_c + s, block_c, stride=_STREAMS)
+               for s in range(_STREAMS)]
+  else:
+    df_cols = [pl.ds(pl.multiple_of(s * channels + pl.program_id(1) * block_c, block_c), block_c)
+               for s in range(_STREAMS)]
+  cols = _stream_columns(interleaved, block_c)
+  h0_TT = bc._toeplitz_tile(hp_ref, chunk, chunk, False, dot_dtype)
+
+  def dot_general(a, b, contract):
+    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                               preferred_element_type=f32)
+
+  if transpose_by_dot:
+    h0t_dot = lambda g: dot_general(h0_TT, g, ((0,), (0,)))  # noqa: E731
+  else:
+    h0t_TT = bc._toeplitz_tile(hp_ref, chunk, chunk, True, dot_dtype)
+    h0t_dot = lambda g: dot_general(h0t_TT, g, ((1,), (0,)))  # noqa: E731
+  dskip_1C = dskip_ref[...].astype(f32)[None, :]
+  feat = functools.partial(_featurized_window, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
+                           windows=windows)
+  rows_T = jax.lax.iota(jnp.int32, chunk)
+  outputs_T, inputs_T = rows_T >= halo, rows_T < chunk - halo
+  first = pl.program_id(2) * segment_chunks
+
+  def body(step, carry):
+    a_TT, ddskip_TC = carry
+    start = (first + step) * (chunk - halo) - halo
+    post_TC = feat(zpost_ref, stream=0, start=start, cols=cols[0])
+    pre_TC = feat(zpre_ref, stream=1, start=start, cols=cols[1])
+    v_TC = feat(zv_ref, stream=2, start=start, cols=cols[2])
+    dout_TC = _rows_window(dout_ref, start, chunk, dout_ref.shape[0], windows)
+    u_TC = pre_TC * v_TC
+    u_dot_TC = u_TC.astype(dot_dtype)
+    y_TC = dot_general(h0_TT, u_dot_TC, ((1,), (0,))) + dskip_1C * u_TC
+    for ref in out_refs:
+      _store_window(ref, start, (post_TC * y_TC).astype(ref.dtype), outputs_T, windows)
+    g_TC = dout_TC * post_TC
+    du_TC = h0t_dot(g_TC.astype(dot_dtype)) + dskip_1C * g_TC
+    for df_TC, keep_T, df_col in ((dout_TC * y_TC, outputs_T, df_cols[0]),
+                                  (du_TC * v_TC, inputs_T, df_cols[1]),
+                                  (du_TC * pre_TC, inputs_T, df_cols[2])):
+      _store_window(df_ref, start, df_TC.astype(df_ref.dtype), keep_T, windows, df_col)
+    g_out_TC = jnp.where(outputs_T[:, None], g_TC, 0.0)
+    a_TT = a_TT + dot_general(g_out_TC.astype(dot_dtype), u_dot_TC, ((1,), (1,)))
+    return a_TT, ddskip_TC + g_out_TC * u_TC
+
+  init = (jnp.zeros((chunk, chunk), f32), jnp.zeros((chunk, block_c), f32))
+  a_TT, ddskip_TC = jax.lax.fori_loop(0, segment_chunks, body, init)
+  lower_TT = rows_T[:, None] >= rows_T[None, :]
+  dh_part_ref[...] = jnp.where(lower_TT, a_TT, 0.0)  # lags o - i >= 0 (bc._dh_from_partials)
+  ddskip_part_ref[...] = jnp.sum(ddskip_TC, axis=0)
+
+
 def _specs(batch: int, padded_len: int, channels: int, groups: int, taps_pad: int,
            block_sizes: bc.BlockSizes, segments: int, layout: str):
   chunk, block_c = block_sizes.chunk, block_sizes.block_c
@@ -373,7 +515,9 @@ def _specs(batch: int, padded_len: int, channels: int, groups: int, taps_pad: in
 
 
 def _fwd_call(z_BL3C, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int, block_sizes: bc.BlockSizes,
-              interpret: bool, layout: str) -> jax.Array:
+              interpret: bool, layout: str, halo: int) -> jax.Array:
+  """The forward kernel over z padded to whole chunks; halo: K - 1 (used with
+  block_sizes.halo)."""
   batch, padded_len, width3 = z_BL3C.shape
   channels = width3 // _STREAMS
   num_chunks = padded_len // block_sizes.chunk
@@ -381,10 +525,13 @@ def _fwd_call(z_BL3C, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int, block_sizes: b
   grid, tile, filter_row, skip, taps, z_tiles = _specs(
       batch, padded_len, channels, hp_GX.shape[0], wf_SJC.shape[1], block_sizes, segments, layout)
   dot_dtype, precision = bc._dot_config(z_BL3C.dtype)
-  kernel = functools.partial(_fgcg_fwd_kernel, chunk=block_sizes.chunk,
-                             segment_chunks=num_chunks // segments, num_taps_f=num_taps_f,
-                             dot_dtype=dot_dtype, precision=precision, windows=not interpret,
-                             interleaved=layout == "interleaved")
+  common = dict(chunk=block_sizes.chunk, num_taps_f=num_taps_f, dot_dtype=dot_dtype,
+                precision=precision, windows=not interpret, interleaved=layout == "interleaved")
+  if block_sizes.halo:
+    kernel = functools.partial(_fgcg_fwd_halo_kernel, halo=halo, **common, segment_chunks=(
+        _halo_chunks(padded_len, block_sizes.chunk, halo, segments, backward=False)))
+  else:
+    kernel = functools.partial(_fgcg_fwd_kernel, segment_chunks=num_chunks // segments, **common)
   return pl.pallas_call(
       kernel,
       grid=grid,
@@ -400,9 +547,9 @@ def _fwd_call(z_BL3C, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int, block_sizes: b
 
 def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
               block_sizes: bc.BlockSizes, interpret: bool, tap_grads: str, layout: str,
-              with_output: bool = False):
+              halo: int, with_output: bool = False):
   """(df, dh partials, ddskip partials), then the forward's output if with_output, then the
-  tap-gradient partials if tap_grads == "kernel"."""
+  tap-gradient partials if tap_grads == "kernel"; halo: K - 1 (used with block_sizes.halo)."""
   batch, padded_len, width3 = z_BL3C.shape
   channels = width3 // _STREAMS
   chunk, block_c = block_sizes.chunk, block_sizes.block_c
@@ -412,12 +559,16 @@ def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
   grid, tile, filter_row, skip, taps, z_tiles = _specs(
       batch, padded_len, channels, hp_GX.shape[0], taps_pad, block_sizes, segments, layout)
   dot_dtype, precision = bc._dot_config(z_BL3C.dtype)
-  kernel = functools.partial(_fgcg_bwd_kernel, chunk=chunk,
-                             segment_chunks=num_chunks // segments, num_chunks=num_chunks,
-                             num_taps_f=num_taps_f, dot_dtype=dot_dtype, precision=precision,
-                             transpose_by_dot=block_sizes.bwd_transpose_by_dot,
-                             windows=not interpret, tap_grads=tap_grads,
-                             interleaved=layout == "interleaved", with_output=with_output)
+  common = dict(chunk=chunk, num_taps_f=num_taps_f, dot_dtype=dot_dtype, precision=precision,
+                transpose_by_dot=block_sizes.bwd_transpose_by_dot, windows=not interpret,
+                interleaved=layout == "interleaved")
+  if block_sizes.halo:
+    kernel = functools.partial(_fgcg_bwd_halo_kernel, halo=halo, **common, segment_chunks=(
+        _halo_chunks(padded_len, chunk, halo, segments, backward=True)))
+  else:
+    kernel = functools.partial(_fgcg_bwd_kernel, segment_chunks=num_chunks // segments,
+                               num_chunks=num_chunks, tap_grads=tap_grads,
+                               with_output=with_output, **common)
   out_shape = (
       jax.ShapeDtypeStruct((batch, padded_len, width3), z_BL3C.dtype),
       jax.ShapeDtypeStruct((batch, channels // block_c, segments, chunk, chunk), jnp.float32),
@@ -603,7 +754,8 @@ def _fwd_impl(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret, layout)
   out = _fwd_call(_pad_rows(z_BL3C, chunk), _kernel_taps(w_feat_3CJ, layout),
                   bc._padded_filter(h_GK, chunk),
                   dskip_C.astype(jnp.float32), num_taps_f=w_feat_3CJ.shape[1],
-                  block_sizes=block_sizes, interpret=interpret, layout=layout)
+                  block_sizes=block_sizes, interpret=interpret, layout=layout,
+                  halo=h_GK.shape[1] - 1)
   return out[:, :length]
 
 
@@ -633,7 +785,8 @@ def _fgcg_bwd_impl(block_sizes, interpret, tap_grads, layout, residuals, dout_BL
       _pad_rows(z_BL3C, chunk), dout, _kernel_taps(w_feat_3CJ, layout),
       bc._padded_filter(h_GK, chunk),
       dskip_C.astype(jnp.float32), num_taps_f=num_taps_f, block_sizes=block_sizes,
-      interpret=interpret, tap_grads=tap_grads, layout=layout, with_output=with_output)
+      interpret=interpret, tap_grads=tap_grads, layout=layout, halo=h_GK.shape[1] - 1,
+      with_output=with_output)
   out, dwf_part = extra[:int(with_output)], extra[int(with_output):]
   if tap_grads == "kernel":
     df_BL3C = df_BL3C[:, :length]
@@ -716,9 +869,13 @@ def _checked(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, tap_grads, layout):
     raise ValueError(f"dskip shape {dskip_C.shape} must be ({channels},)")
   if tap_grads not in TAP_GRADS:
     raise ValueError(f"tap_grads={tap_grads!r}: choose one of {TAP_GRADS}")
+  resolved = _resolve(block_sizes, (batch, length, channels), h_GK.shape, z_BL3C.dtype)
+  if resolved.halo and tap_grads != "xla":
+    raise ValueError("halo=True leaves the featurizer-tap gradient to the featurizer-backward "
+                     "kernel: use tap_grads='xla' (the default)")
   if layout not in LAYOUTS:
     raise ValueError(f"layout={layout!r}: choose one of {LAYOUTS}")
-  return dskip_C, _resolve(block_sizes, (batch, length, channels), h_GK.shape, z_BL3C.dtype)
+  return dskip_C, resolved
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret", "tap_grads", "layout"))

@@ -39,10 +39,11 @@ def _case(kind: str, seed: int, dtype):
                            block_sizes=bc.BlockSizes(chunk=16, num_segments_fwd=2,
                                                      num_segments_bwd=2))
     return op, lambda ops, ct: blocked_tests._reference_f64(*ops, ct), (post, pre, v, h, dskip), 32
-  if kind == "featurized":
+  if kind in ("featurized", "featurized_halo"):
     z, w_feat, h, dskip, _ = featurized_tests._inputs(seed, 2, 150, 32, 2, 7, 3, dtype)
     op = functools.partial(fc.featurized_gate_conv_gate_proj_pallas, interpret=True,
-                           block_sizes=bc.BlockSizes(chunk=16, num_segments_bwd=2))
+                           block_sizes=bc.BlockSizes(chunk=16, num_segments_bwd=2,
+                                                     halo=kind == "featurized_halo"))
     return op, lambda ops, ct: featurized_tests._reference_f64(*ops, ct), (z, w_feat, h, dskip), 32
   args, _ = modal_tests._featurized_case(seed, 2, 150, 32, 16, 3, dtype)
   op = functools.partial(mc.featurized_gate_conv_gate_proj_pallas, interpret=True,
@@ -66,7 +67,7 @@ def _check(kind: str, seed: int, dtype, tol: float) -> None:
   assert len(errs) == len(operands) + 2 and max(errs) < tol, errs
 
 
-@pytest.mark.parametrize("kind", ["blocked", "featurized", "modal"])
+@pytest.mark.parametrize("kind", ["blocked", "featurized", "featurized_halo", "modal"])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
 def test_projected_kernels_match_float64(kind, dtype, tol):
   """L = 150 (not a multiple of any chunk), B = 2, several segments in the backward."""
@@ -76,6 +77,7 @@ def test_projected_kernels_match_float64(kind, dtype, tol):
 @pytest.mark.parametrize("kind,module,name,program", [
     ("blocked", bc, "_gcg_bwd_kernel", (1, 0, 1)),
     ("featurized", fc, "_fgcg_bwd_kernel", (0, 1, 0)),
+    ("featurized_halo", fc, "_fgcg_bwd_halo_kernel", (1, 1, 1)),
     ("modal", mc, "_bwd_forward_kernel", (1, 1, 2))])
 def test_unwritten_gate_output_is_caught(monkeypatch, kind, module, name, program):
   """One backward program that writes nothing (NaN in interpret mode) fails the check: the

@@ -149,6 +149,68 @@ def test_unwritten_tile_is_caught(monkeypatch, which, tap_grads):
     jax.clear_caches()
 
 
+HALO_CASES = [
+    # (batch, length, channels, groups, taps, featurizer taps, dtype, block sizes): L not a
+    # multiple of the chunk or of its stride T - K + 1, B > 1, segments, both transposes
+    (1, 300, 32, 1, 7, 3, jnp.float32, bc.BlockSizes(chunk=64, halo=True)),
+    (2, 200, 64, 4, 7, 3, jnp.bfloat16, bc.BlockSizes(halo=True)),
+    (2, 96, 32, 1, 3, 1, jnp.float32, bc.BlockSizes(chunk=16, num_segments_fwd=3,
+                                                     num_segments_bwd=3, halo=True)),
+    (1, 256, 64, 2, 16, 4, jnp.float32, bc.BlockSizes(chunk=32, block_c=16, num_segments_fwd=4,
+                                                       num_segments_bwd=2, halo=True,
+                                                       bwd_transpose_by_dot=True)),
+]
+
+
+@pytest.mark.parametrize("batch,length,channels,groups,taps,feat_taps,dtype,block_sizes",
+                         HALO_CASES)
+def test_halo_matches_float64_reference(batch, length, channels, groups, taps, feat_taps, dtype,
+                                        block_sizes):
+  """halo=True (overlapping chunks, no carry): output and every gradient."""
+  args = _inputs(41 + length + taps, batch, length, channels, groups, taps, feat_taps, dtype)
+  _check(args, block_sizes, dtype, tap_grads="xla")
+
+
+def test_halo_without_dskip_and_interleaved():
+  """Hyena-SE's form (no skip term) with the Evo 2 column order."""
+  z, w_feat, h, _, ct = _inputs(43, 2, 140, 32, 2, 7, 3, jnp.float32)
+  kernel = functools.partial(fc.featurized_gate_conv_gate_pallas, interpret=True,
+                             block_sizes=bc.BlockSizes(chunk=16, num_segments_bwd=3, halo=True),
+                             layout="interleaved")
+  perm = _interleave(32)
+  out, vjp = jax.vjp(lambda a, b, c: kernel(a, b, c, None), z[..., perm], w_feat[perm], h)
+  dz, dw, dh = vjp(ct)
+  want_out, (want_dz, want_dw, want_dh, _) = _reference_f64(z, w_feat, h, np.zeros(32), ct)
+  errs = {"out": _rel_err(out, want_out), "dz": _rel_err(dz, np.asarray(want_dz)[..., perm]),
+          "dw": _rel_err(dw, np.asarray(want_dw)[perm]), "dh": _rel_err(dh, want_dh)}
+  assert max(errs.values()) < TOLERANCE[jnp.float32], errs
+
+
+@pytest.mark.parametrize("which", ["_fgcg_fwd_halo_kernel", "_fgcg_bwd_halo_kernel"])
+def test_halo_unwritten_tile_is_caught(monkeypatch, which):
+  z, w_feat, h, dskip, ct = _inputs(3, 1, 64, 32, 1, 5, 3, jnp.float32)
+
+  def run():
+    kernel = functools.partial(fc.featurized_gate_conv_gate_pallas, interpret=True,
+                               block_sizes=bc.BlockSizes(chunk=16, block_c=16, halo=True))
+    out, vjp = jax.vjp(kernel, z, w_feat, h, dskip)
+    return out if which == "_fgcg_fwd_halo_kernel" else vjp(ct)[0]
+
+  check_unwritten_tile_caught(monkeypatch, fc, which, run)
+
+
+def test_halo_refusals_say_why():
+  assert "chunk of at least 2 K = 256" in fc.unsupported_reason(
+      (1, 256, 96), (96, 3), (2, 128), bc.BlockSizes(halo=True))
+  assert fc.unsupported_reason((1, 256, 96), (96, 3), (2, 7), bc.BlockSizes(halo=True)) is None
+  assert "fused featurizer kernels" in bc.unsupported_reason((1, 256, 32), (2, 7),
+                                                             bc.BlockSizes(halo=True))
+  with pytest.raises(ValueError, match="tap_grads='xla'"):
+    fc.featurized_gate_conv_gate_pallas(jnp.zeros((1, 64, 96)), jnp.zeros((96, 3)),
+                                        jnp.zeros((2, 7)), interpret=True, tap_grads="kernel",
+                                        block_sizes=bc.BlockSizes(halo=True))
+
+
 def test_unsupported_shapes_say_why():
   assert "featurizer length 5" in fc.unsupported_reason((1, 64, 96), (96, 5), (1, 7))
   assert "3 C" in fc.unsupported_reason((1, 64, 95), (95, 3), (1, 7))
@@ -202,6 +264,9 @@ def _lower_for_cuda(fn, *shapes):
     (jnp.bfloat16, 128, bc.BlockSizes(bwd_transpose_by_dot=False), "xla", "blocked"),
     (jnp.bfloat16, 7, None, "xla", "interleaved"),
     (jnp.float32, 128, None, "kernel", "interleaved"),
+    (jnp.bfloat16, 7, bc.BlockSizes(halo=True), "xla", "blocked"),
+    (jnp.bfloat16, 7, bc.BlockSizes(halo=True, bwd_transpose_by_dot=True), "xla", "interleaved"),
+    (jnp.float32, 7, bc.BlockSizes(halo=True), "xla", "blocked"),
 ])
 def test_lowers_for_cuda(dtype, taps, block_sizes, tap_grads, layout):
   batch, length, channels, groups = 2, 4000, 512, 8
