@@ -412,11 +412,12 @@ def _store_window(ref, start, value_TC: jax.Array, keep_T: jax.Array, windows: b
 def _fgcg_fwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref, out_ref, *,
                           chunk: int, halo: int, segment_chunks: int, num_taps_f: int,
                           dot_dtype: jnp.dtype, precision: jax.lax.Precision | None,
-                          windows: bool, interleaved: bool):
-  """_fgcg_fwd_kernel's refs; chunk n writes the rows n (T - H) .. n (T - H) + T - H - 1."""
+                          windows: bool, interleaved: bool, has_skip: bool):
+  """_fgcg_fwd_kernel's refs; chunk n writes the rows n (T - H) .. n (T - H) + T - H - 1.
+  has_skip=False: no dskip term (Hyena-SE; dskip_ref unread)."""
   f32 = jnp.float32
   h0_TT = bc._toeplitz_tile(hp_ref, chunk, chunk, False, dot_dtype)
-  dskip_1C = dskip_ref[...].astype(f32)[None, :]
+  dskip_1C = dskip_ref[...].astype(f32)[None, :] if has_skip else None
   cols = _stream_columns(interleaved, out_ref.shape[-1])
   feat = functools.partial(_featurized_window, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
                            windows=windows)
@@ -428,7 +429,9 @@ def _fgcg_fwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref
     u_TC = (feat(zpre_ref, stream=1, start=start, cols=cols[1])
             * feat(zv_ref, stream=2, start=start, cols=cols[2]))
     y_TC = jnp.dot(h0_TT, u_TC.astype(dot_dtype), precision=precision,
-                   preferred_element_type=f32) + dskip_1C * u_TC
+                   preferred_element_type=f32)
+    if has_skip:
+      y_TC = y_TC + dskip_1C * u_TC
     out_TC = feat(zpost_ref, stream=0, start=start, cols=cols[0]) * y_TC
     _store_window(out_ref, start, out_TC.astype(out_ref.dtype), outputs_T, windows)
     return carry
@@ -440,8 +443,11 @@ def _fgcg_bwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref
                           df_ref, dh_part_ref, ddskip_part_ref, *out_refs, chunk: int, halo: int,
                           segment_chunks: int, num_taps_f: int, dot_dtype: jnp.dtype,
                           precision: jax.lax.Precision | None, transpose_by_dot: bool,
-                          windows: bool, interleaved: bool):
-  """_fgcg_bwd_kernel's refs (tap_grads="xla"; out_refs: the forward's output or none)."""
+                          windows: bool, interleaved: bool, has_skip: bool):
+  """_fgcg_bwd_kernel's refs (tap_grads="xla"; out_refs: the forward's output or none).
+  has_skip=False: no dskip term (Hyena-SE): dskip_ref unread, ddskip_part_ref written 0, and
+  the kernel holds no ddskip accumulator (on sm_90: 168 registers a thread instead of 182,
+  3 programs an SM instead of 2)."""
   f32 = jnp.float32
   block_c = dskip_ref.shape[-1]
   channels = df_ref.shape[-1] // _STREAMS
@@ -463,7 +469,7 @@ def _fgcg_bwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref
   else:
     h0t_TT = bc._toeplitz_tile(hp_ref, chunk, chunk, True, dot_dtype)
     h0t_dot = lambda g: dot_general(h0t_TT, g, ((1,), (0,)))  # noqa: E731
-  dskip_1C = dskip_ref[...].astype(f32)[None, :]
+  dskip_1C = dskip_ref[...].astype(f32)[None, :] if has_skip else None
   feat = functools.partial(_featurized_window, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
                            windows=windows)
   rows_T = jax.lax.iota(jnp.int32, chunk)
@@ -471,7 +477,7 @@ def _fgcg_bwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref
   first = pl.program_id(2) * segment_chunks
 
   def body(step, carry):
-    a_TT, ddskip_TC = carry
+    a_TT, *ddskip_TC = carry
     start = (first + step) * (chunk - halo) - halo
     post_TC = feat(zpost_ref, stream=0, start=start, cols=cols[0])
     pre_TC = feat(zpre_ref, stream=1, start=start, cols=cols[1])
@@ -479,24 +485,30 @@ def _fgcg_bwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref
     dout_TC = _rows_window(dout_ref, start, chunk, dout_ref.shape[0], windows)
     u_TC = pre_TC * v_TC
     u_dot_TC = u_TC.astype(dot_dtype)
-    y_TC = dot_general(h0_TT, u_dot_TC, ((1,), (0,))) + dskip_1C * u_TC
+    y_TC = dot_general(h0_TT, u_dot_TC, ((1,), (0,)))
+    if has_skip:
+      y_TC = y_TC + dskip_1C * u_TC
     for ref in out_refs:
       _store_window(ref, start, (post_TC * y_TC).astype(ref.dtype), outputs_T, windows)
     g_TC = dout_TC * post_TC
-    du_TC = h0t_dot(g_TC.astype(dot_dtype)) + dskip_1C * g_TC
+    du_TC = h0t_dot(g_TC.astype(dot_dtype))
+    if has_skip:
+      du_TC = du_TC + dskip_1C * g_TC
     for df_TC, keep_T, df_col in ((dout_TC * y_TC, outputs_T, df_cols[0]),
                                   (du_TC * v_TC, inputs_T, df_cols[1]),
                                   (du_TC * pre_TC, inputs_T, df_cols[2])):
       _store_window(df_ref, start, df_TC.astype(df_ref.dtype), keep_T, windows, df_col)
     g_out_TC = jnp.where(outputs_T[:, None], g_TC, 0.0)
     a_TT = a_TT + dot_general(g_out_TC.astype(dot_dtype), u_dot_TC, ((1,), (1,)))
-    return a_TT, ddskip_TC + g_out_TC * u_TC
+    return (a_TT, ddskip_TC[0] + g_out_TC * u_TC) if has_skip else (a_TT,)
 
-  init = (jnp.zeros((chunk, chunk), f32), jnp.zeros((chunk, block_c), f32))
-  a_TT, ddskip_TC = jax.lax.fori_loop(0, segment_chunks, body, init)
+  init = (jnp.zeros((chunk, chunk), f32),)
+  if has_skip:
+    init += (jnp.zeros((chunk, block_c), f32),)
+  a_TT, *ddskip = jax.lax.fori_loop(0, segment_chunks, body, init)
   lower_TT = rows_T[:, None] >= rows_T[None, :]
   dh_part_ref[...] = jnp.where(lower_TT, a_TT, 0.0)  # lags o - i >= 0 (bc._dh_from_partials)
-  ddskip_part_ref[...] = jnp.sum(ddskip_TC, axis=0)
+  ddskip_part_ref[...] = jnp.sum(ddskip[0], axis=0) if has_skip else jnp.zeros((block_c,), f32)
 
 
 def _specs(batch: int, padded_len: int, channels: int, groups: int, taps_pad: int,
@@ -515,9 +527,9 @@ def _specs(batch: int, padded_len: int, channels: int, groups: int, taps_pad: in
 
 
 def _fwd_call(z_BL3C, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int, block_sizes: bc.BlockSizes,
-              interpret: bool, layout: str, halo: int) -> jax.Array:
-  """The forward kernel over z padded to whole chunks; halo: K - 1 (used with
-  block_sizes.halo)."""
+              interpret: bool, layout: str, halo: int, has_skip: bool = True) -> jax.Array:
+  """The forward kernel over z padded to whole chunks; halo: K - 1, has_skip: whether dskip is
+  present (both used with block_sizes.halo)."""
   batch, padded_len, width3 = z_BL3C.shape
   channels = width3 // _STREAMS
   num_chunks = padded_len // block_sizes.chunk
@@ -528,7 +540,8 @@ def _fwd_call(z_BL3C, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int, block_sizes: b
   common = dict(chunk=block_sizes.chunk, num_taps_f=num_taps_f, dot_dtype=dot_dtype,
                 precision=precision, windows=not interpret, interleaved=layout == "interleaved")
   if block_sizes.halo:
-    kernel = functools.partial(_fgcg_fwd_halo_kernel, halo=halo, **common, segment_chunks=(
+    kernel = functools.partial(_fgcg_fwd_halo_kernel, halo=halo, has_skip=has_skip, **common,
+                               segment_chunks=(
         _halo_chunks(padded_len, block_sizes.chunk, halo, segments, backward=False)))
   else:
     kernel = functools.partial(_fgcg_fwd_kernel, segment_chunks=num_chunks // segments, **common)
@@ -547,9 +560,10 @@ def _fwd_call(z_BL3C, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int, block_sizes: b
 
 def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
               block_sizes: bc.BlockSizes, interpret: bool, tap_grads: str, layout: str,
-              halo: int, with_output: bool = False):
+              halo: int, has_skip: bool = True, with_output: bool = False):
   """(df, dh partials, ddskip partials), then the forward's output if with_output, then the
-  tap-gradient partials if tap_grads == "kernel"; halo: K - 1 (used with block_sizes.halo)."""
+  tap-gradient partials if tap_grads == "kernel"; halo: K - 1, has_skip: whether dskip is present
+  (both used with block_sizes.halo)."""
   batch, padded_len, width3 = z_BL3C.shape
   channels = width3 // _STREAMS
   chunk, block_c = block_sizes.chunk, block_sizes.block_c
@@ -563,7 +577,8 @@ def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
                 transpose_by_dot=block_sizes.bwd_transpose_by_dot, windows=not interpret,
                 interleaved=layout == "interleaved")
   if block_sizes.halo:
-    kernel = functools.partial(_fgcg_bwd_halo_kernel, halo=halo, **common, segment_chunks=(
+    kernel = functools.partial(_fgcg_bwd_halo_kernel, halo=halo, has_skip=has_skip, **common,
+                               segment_chunks=(
         _halo_chunks(padded_len, chunk, halo, segments, backward=True)))
   else:
     kernel = functools.partial(_fgcg_bwd_kernel, segment_chunks=num_chunks // segments,
@@ -748,14 +763,20 @@ def _pad_rows(z_BL3C: jax.Array, chunk: int) -> jax.Array:
   return bc._pad_rows(z_BL3C, bc._padded_len(z_BL3C.shape[1], chunk))
 
 
+def _kernel_skip(dskip_C: jax.Array | None, z_BL3C: jax.Array) -> jax.Array:
+  """dskip as the kernels read it: float32 [C], zeros where there is none (Hyena-SE)."""
+  if dskip_C is None:
+    return jnp.zeros((z_BL3C.shape[-1] // _STREAMS,), jnp.float32)
+  return dskip_C.astype(jnp.float32)
+
+
 def _fwd_impl(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, interpret, layout):
   length = z_BL3C.shape[1]
   chunk = block_sizes.chunk
   out = _fwd_call(_pad_rows(z_BL3C, chunk), _kernel_taps(w_feat_3CJ, layout),
-                  bc._padded_filter(h_GK, chunk),
-                  dskip_C.astype(jnp.float32), num_taps_f=w_feat_3CJ.shape[1],
-                  block_sizes=block_sizes, interpret=interpret, layout=layout,
-                  halo=h_GK.shape[1] - 1)
+                  bc._padded_filter(h_GK, chunk), _kernel_skip(dskip_C, z_BL3C),
+                  num_taps_f=w_feat_3CJ.shape[1], block_sizes=block_sizes, interpret=interpret,
+                  layout=layout, halo=h_GK.shape[1] - 1, has_skip=dskip_C is not None)
   return out[:, :length]
 
 
@@ -783,10 +804,9 @@ def _fgcg_bwd_impl(block_sizes, interpret, tap_grads, layout, residuals, dout_BL
   dout = bc._pad_rows(dout_BLC.astype(z_BL3C.dtype), bc._padded_len(length, chunk))
   df_BL3C, dh_part, ddskip_part, *extra = _bwd_call(
       _pad_rows(z_BL3C, chunk), dout, _kernel_taps(w_feat_3CJ, layout),
-      bc._padded_filter(h_GK, chunk),
-      dskip_C.astype(jnp.float32), num_taps_f=num_taps_f, block_sizes=block_sizes,
-      interpret=interpret, tap_grads=tap_grads, layout=layout, halo=h_GK.shape[1] - 1,
-      with_output=with_output)
+      bc._padded_filter(h_GK, chunk), _kernel_skip(dskip_C, z_BL3C), num_taps_f=num_taps_f,
+      block_sizes=block_sizes, interpret=interpret, tap_grads=tap_grads, layout=layout,
+      halo=h_GK.shape[1] - 1, has_skip=dskip_C is not None, with_output=with_output)
   out, dwf_part = extra[:int(with_output)], extra[int(with_output):]
   if tap_grads == "kernel":
     df_BL3C = df_BL3C[:, :length]
@@ -801,7 +821,7 @@ def _fgcg_bwd_impl(block_sizes, interpret, tap_grads, layout, residuals, dout_BL
     dz_BL3C = dz_BL3C[:, :length]
   dw_3CJ = dw_3CJ.astype(w_feat_3CJ.dtype)
   dh_GK = bc._dh_from_partials(dh_part, h_GK.shape[0], h_GK.shape[1]).astype(h_GK.dtype)
-  ddskip_C = ddskip_part.sum((0, 1)).astype(dskip_C.dtype)
+  ddskip_C = None if dskip_C is None else ddskip_part.sum((0, 1)).astype(dskip_C.dtype)
   return (dz_BL3C, dw_3CJ, dh_GK, ddskip_C) + tuple(y[:, :length] for y in out)
 
 
@@ -863,9 +883,7 @@ def _checked(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, tap_grads, layout):
     raise ValueError(reason)
   batch, length, width3 = z_BL3C.shape
   channels = width3 // _STREAMS
-  if dskip_C is None:
-    dskip_C = jnp.zeros((channels,), jnp.float32)
-  elif dskip_C.shape != (channels,):
+  if dskip_C is not None and dskip_C.shape != (channels,):
     raise ValueError(f"dskip shape {dskip_C.shape} must be ({channels},)")
   if tap_grads not in TAP_GRADS:
     raise ValueError(f"tap_grads={tap_grads!r}: choose one of {TAP_GRADS}")

@@ -287,6 +287,25 @@ def test_lowers_for_cuda(dtype, taps, block_sizes, tap_grads, layout):
   assert ("featurizer_bwd" in text) == (tap_grads == "xla")
 
 
+def test_halo_without_dskip_lowers_for_cuda():
+  """Hyena-SE's halo kernels (no dskip: no skip term, no ddskip accumulator) with the output
+  projection, as the module runs them."""
+  batch, length, channels = 1, 4096, 256
+  z = jax.ShapeDtypeStruct((batch, length, 3 * channels), jnp.bfloat16)
+  w_feat = jax.ShapeDtypeStruct((3 * channels, 3), jnp.float32)
+  h = jax.ShapeDtypeStruct((16, 7), jnp.float32)
+  w_out = jax.ShapeDtypeStruct((channels, channels), jnp.bfloat16)
+  kernel = functools.partial(fc.featurized_gate_conv_gate_proj_pallas,
+                             block_sizes=bc.BlockSizes(halo=True), layout="interleaved")
+
+  def fwd_bwd(z, w_feat, h, w_out):
+    out, vjp = jax.vjp(lambda a, b, c, d: kernel(a, b, c, None, d), z, w_feat, h, w_out)
+    return out, vjp(out)
+
+  text = _lower_for_cuda(fwd_bwd, z, w_feat, h, w_out)
+  assert "featurized_gate_conv_gate_fwd" in text and "featurized_gate_conv_gate_bwd" in text
+
+
 @pytest.mark.parametrize("batch,padded_len,width,taps,chunk,launch", [
     (1, 256, 192, 3, 32, {}), (2, 96, 48, 4, 16, {}), (1, 64, 64, 1, 32, {}),
     (1, 1024, 128, 2, 32, {}),
