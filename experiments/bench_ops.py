@@ -8,16 +8,19 @@ runs after warm-up; the results table (markdown) goes to experiments/results/ops
 
 Forward+backward returns the output with the gradients (a random cotangent); `--remat
 save_dots` differentiates each operator inside jax.checkpoint as a training step runs a block,
-and `--set` changes a model setting for every operator.
+`--set` changes a model setting for every operator, and `--block-sizes se:halo=true` the
+kernels' default BlockSizes for the whole run (as `experiments/tune_mixers.py --candidate`
+does: SE and MR share blocked_conv.BlockSizes, LI has modal_conv's).
 
   python -m sh2_jax.cli bench ops [--lengths 4096,8192,16384,32768] [--long 131072,1048576]
       [--ops floor,se,mr,li,mha] [--headline] [--no-xla] [--remat save_dots]
-      [--set out_proj_in_kernel_bwd=false] [--rounds 3]
+      [--set out_proj_in_kernel_bwd=false] [--block-sizes se:halo=true] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -480,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
                            "save-the-products policy, as `sh2 train` runs a block (default none)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="model setting for every operator, e.g. out_proj_in_kernel_bwd=false")
+  parser.add_argument("--block-sizes", action="append", default=[],
+                      metavar="MIXER:FIELD=VALUE[,FIELD=VALUE]",
+                      help="the kernels' default BlockSizes for this run (se, mr or li; SE and MR "
+                           "share one class, so the last of the two given sets both)")
   parser.add_argument("--rounds", type=int, default=1,
                       help="timing rounds per length, alternating between the operators (each "
                            "compiled first; the median round is reported); default 1")
@@ -506,9 +513,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(str(error))
   lengths = parse_lengths(parser, "--lengths", args.lengths)
   long_lengths = parse_lengths(parser, "--long", args.long, allow_empty=True)
-  rows = run(lengths, long_lengths, args.d_model, args.groups, args.heads, kernels,
-             args.iters, on_row=rewrite, families=families, xla=not args.no_xla,
-             headline_only=args.headline, remat=args.remat, overrides=overrides,
-             rounds=args.rounds)
+  from experiments import tune_mixers  # imports this module: here, not at the top
+
+  try:
+    defaults = [tune_mixers.parse_candidate(text) for text in args.block_sizes]
+  except ValueError as error:
+    parser.error(f"--block-sizes: {error}")
+  with contextlib.ExitStack() as stack:
+    for mixer, block_sizes in defaults:
+      stack.enter_context(tune_mixers.default_block_sizes(tune_mixers.MIXERS[mixer][1],
+                                                          block_sizes))
+    rows = run(lengths, long_lengths, args.d_model, args.groups, args.heads, kernels,
+               args.iters, on_row=rewrite, families=families, xla=not args.no_xla,
+               headline_only=args.headline, remat=args.remat, overrides=overrides,
+               rounds=args.rounds)
   print(rewrite(rows))
   return 0

@@ -105,11 +105,12 @@ class BlockSizes:
       chunked g = dout * post and u = pre * v, `_dh_xla`), which frees the kernel of 2 T^2
       float32 accumulators (at T = 128: 64 KiB of registers or shared memory each) for two
       extra reads of the four streams. The blocked kernel only (MR); None: True.
-    halo: the fused featurizer kernels (featurized_conv) only: chunks of T rows overlap by
-      H = K - 1 rows, so each chunk computes its T - H outputs from its own rows with one
-      Toeplitz product (H0) and carries nothing: one product per chunk in the forward instead
-      of two, three in the backward instead of six, for T / (T - H) more chunks. Needs
-      tap_grads="xla". None: False.
+    halo: the fused featurizer kernels (featurized_conv) only; the blocked kernels carry the
+      previous chunk and ignore it. Chunks of T rows overlap by H = K - 1 rows, so each chunk
+      computes its T - H outputs from its own rows with one Toeplitz product (H0) and carries
+      nothing: one product per chunk in the forward instead of two, three in the backward
+      instead of six, for T / (T - H) more chunks. Needs tap_grads="xla" and T >= 2 K.
+      None: False.
   """
   chunk: int | None = None
   block_c: int | None = None
@@ -165,9 +166,6 @@ def unsupported_reason(shape_BLC: tuple[int, ...], shape_GK: tuple[int, ...],
                               or group_width % block_c):
     return (f"block_c {block_c} must be a power of two >= {MIN_DOT_DIM} dividing the group "
             f"width {group_width}")
-  if block_sizes.halo:
-    return ("halo=True is an option of the fused featurizer kernels (featurized_conv); the "
-            "blocked kernels carry the previous chunk: leave it None")
   num_chunks = -(-shape_BLC[1] // chunk)
   for name in ("num_segments_fwd", "num_segments_bwd"):
     segments = getattr(block_sizes, name)

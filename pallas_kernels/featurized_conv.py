@@ -113,8 +113,7 @@ def unsupported_reason(shape_BL3C: tuple[int, ...], shape_3CJ: tuple[int, ...],
     return (f"featurizer length {num_taps_f} must be in [1, {MAX_FEATURIZER_TAPS}]; use the "
             "unfused path (ops.hyena.project_and_featurize + gate_conv_gate)")
   halo = (block_sizes or bc.BlockSizes.get_default()).halo
-  reason = bc.unsupported_reason((batch, length, channels), shape_GK, dataclasses.replace(
-      block_sizes or bc.BlockSizes.get_default(), halo=None))
+  reason = bc.unsupported_reason((batch, length, channels), shape_GK, block_sizes)
   if reason:
     return reason
   resolved = bc._resolve(block_sizes, (batch, length, channels), shape_GK, jnp.bfloat16)

@@ -203,8 +203,6 @@ def test_halo_refusals_say_why():
   assert "chunk of at least 2 K = 256" in fc.unsupported_reason(
       (1, 256, 96), (96, 3), (2, 128), bc.BlockSizes(halo=True))
   assert fc.unsupported_reason((1, 256, 96), (96, 3), (2, 7), bc.BlockSizes(halo=True)) is None
-  assert "fused featurizer kernels" in bc.unsupported_reason((1, 256, 32), (2, 7),
-                                                             bc.BlockSizes(halo=True))
   with pytest.raises(ValueError, match="tap_grads='xla'"):
     fc.featurized_gate_conv_gate_pallas(jnp.zeros((1, 64, 96)), jnp.zeros((96, 3)),
                                         jnp.zeros((2, 7)), interpret=True, tap_grads="kernel",
