@@ -170,6 +170,17 @@ def _stream_columns(interleaved: bool, block_c: int) -> list:
   return [slice(None)] * _STREAMS
 
 
+def _df_columns(interleaved: bool, block_c: int, channels: int) -> list:
+  """Column indexers of this program's dc channels of each stream in the [Lp, 3C] df array:
+  s C + c dc + i (blocked) or 3 (c dc + i) + s (interleaved), c = program_id(1)."""
+  tile = pl.program_id(1)
+  if interleaved:
+    return [pl.ds(_STREAMS * tile * block_c + s, block_c, stride=_STREAMS)
+            for s in range(_STREAMS)]
+  return [pl.ds(pl.multiple_of(s * channels + tile * block_c, block_c), block_c)
+          for s in range(_STREAMS)]
+
+
 def _shifted_rows(z_ref, n, chunk: int, num_taps_f: int, windows: bool,
                   cols=slice(None)) -> list[jax.Array]:
   """z[t - j, cols] for the rows t of chunk n and j < J, float32 [T, dc] each; rows before 0
@@ -271,13 +282,7 @@ def _fgcg_bwd_kernel(
   f32 = jnp.float32
   out_refs, dwf_part_ref = extra_refs[:int(with_output)], extra_refs[int(with_output):]
   block_c = dskip_ref.shape[-1]
-  channels = df_ref.shape[-1] // _STREAMS
-  if interleaved:
-    df_cols = [pl.ds(_STREAMS * pl.program_id(1) * block_c + s, block_c, stride=_STREAMS)
-               for s in range(_STREAMS)]
-  else:
-    df_cols = [pl.ds(pl.multiple_of(s * channels + pl.program_id(1) * block_c, block_c), block_c)
-               for s in range(_STREAMS)]
+  df_cols = _df_columns(interleaved, block_c, df_ref.shape[-1] // _STREAMS)
   z_cols = _stream_columns(interleaved, block_c)
   h0_TT, h1_TT, dot, dot_general, h0t_dot, h1t_dot = bc._toeplitz_ops(
       hp_ref, chunk, dot_dtype, precision, backward=True, transpose_by_dot=transpose_by_dot)
@@ -455,13 +460,7 @@ def _fgcg_bwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref
   3 programs an SM instead of 2)."""
   f32 = jnp.float32
   block_c = dskip_ref.shape[-1]
-  channels = df_ref.shape[-1] // _STREAMS
-  if interleaved:
-    df_cols = [pl.ds(_STREAMS * pl.program_id(1) * block_c + s, block_c, stride=_STREAMS)
-               for s in range(_STREAMS)]
-  else:
-    df_cols = [pl.ds(pl.multiple_of(s * channels + pl.program_id(1) * block_c, block_c), block_c)
-               for s in range(_STREAMS)]
+  df_cols = _df_columns(interleaved, block_c, df_ref.shape[-1] // _STREAMS)
   cols = _stream_columns(interleaved, block_c)
   h0_TT = bc._toeplitz_tile(hp_ref, chunk, chunk, False, dot_dtype)
 
