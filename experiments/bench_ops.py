@@ -8,13 +8,13 @@ runs after warm-up; the results table (markdown) goes to experiments/results/ops
 
 Forward+backward returns the output with the gradients (a random cotangent); `--remat
 save_dots` differentiates each operator inside jax.checkpoint as a training step runs a block,
-`--set` changes a model setting for every operator, and `--block-sizes se:halo=true` the
+`--set` changes a model setting for every operator, and `--block-sizes se:halo_fwd=true` the
 kernels' default BlockSizes for the whole run (as `experiments/tune_mixers.py --candidate`
 does: SE and MR share blocked_conv.BlockSizes, LI has modal_conv's).
 
   python -m sh2_jax.cli bench ops [--lengths 4096,8192,16384,32768] [--long 131072,1048576]
       [--ops floor,se,mr,li,mha] [--headline] [--no-xla] [--remat save_dots]
-      [--set out_proj_in_kernel_bwd=false] [--block-sizes se:halo=true] [--rounds 3]
+      [--set out_proj_in_kernel_bwd=false] [--block-sizes se:halo_fwd=true] [--rounds 3]
 """
 
 from __future__ import annotations

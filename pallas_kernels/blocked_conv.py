@@ -105,12 +105,15 @@ class BlockSizes:
       chunked g = dout * post and u = pre * v, `_dh_xla`), which frees the kernel of 2 T^2
       float32 accumulators (at T = 128: 64 KiB of registers or shared memory each) for two
       extra reads of the four streams. The blocked kernel only (MR); None: True.
-    halo: the fused featurizer kernels (featurized_conv) only; the blocked kernels carry the
-      previous chunk and ignore it. Chunks of T rows overlap by H = K - 1 rows, so each chunk
-      computes its T - H outputs from its own rows with one Toeplitz product (H0) and carries
-      nothing: one product per chunk in the forward instead of two, three in the backward
-      instead of six, for T / (T - H) more chunks. Needs tap_grads="xla" and T >= 2 K.
-      None: False.
+    halo_fwd, halo_bwd: the fused featurizer kernels (featurized_conv) only; the blocked
+      kernels carry the previous chunk and ignore them. Chunks of T rows overlap by
+      H = K - 1 rows, so each chunk computes its T - H outputs from its own rows with one
+      Toeplitz product (H0) and carries nothing: one product per chunk in the forward instead
+      of two, three in the backward instead of six, for T / (T - H) more chunks. Need
+      T >= 2 K; the backward also tap_grads="xla". None: forward False; backward True where
+      T >= 2 K (SE: T = 64, K = 7) and tap_grads is "xla". H100, L = 8K, C = 4096, SE: backward
+      gate kernel 0.397 ms against 0.467, forward 0.229 against 0.221
+      (experiments/results/probe_tile_bandwidth_nvidia_h100_80gb_hbm3.md).
   """
   chunk: int | None = None
   block_c: int | None = None
@@ -122,7 +125,8 @@ class BlockSizes:
   num_stages_bwd: int | None = None
   bwd_transpose_by_dot: bool | None = None
   bwd_dh_in_kernel: bool | None = None
-  halo: bool | None = None
+  halo_fwd: bool | None = None
+  halo_bwd: bool | None = None
 
   @classmethod
   def get_default(cls) -> BlockSizes:
@@ -240,7 +244,8 @@ def _resolve(block_sizes: BlockSizes | None, shape_BLC: tuple[int, ...],
       num_stages_bwd=pick(block_sizes.num_stages_bwd, 2 if wide else 3),
       bwd_transpose_by_dot=pick(block_sizes.bwd_transpose_by_dot, chunk >= 128 or wide),
       bwd_dh_in_kernel=pick(block_sizes.bwd_dh_in_kernel, True),
-      halo=pick(block_sizes.halo, False),
+      halo_fwd=pick(block_sizes.halo_fwd, False),
+      halo_bwd=pick(block_sizes.halo_bwd, 2 * num_taps <= chunk),
   )
 
 

@@ -26,7 +26,8 @@ float32 gates and accumulation, matrix-product operands in the I/O dtype. The th
 are read from the one z array through three BlockSpecs (channel tile offsets 0, C, 2C; or,
 interleaved, one [Lp, 3 dc] tile read at column stride 3), so no slice of z is ever copied.
 
-With BlockSizes(halo=True) the chunks overlap by K - 1 rows instead: each computes the outputs
+With BlockSizes.halo_bwd (the default for SE) or halo_fwd the chunks overlap by K - 1 rows
+instead: each computes the outputs
 whose taps it holds, from its own rows, with the one Toeplitz tile H0 and no carry between
 chunks (`_fgcg_fwd_halo_kernel`, `_fgcg_bwd_halo_kernel`; the section above them says which
 rows each chunk writes). That halves the tile products (forward 2 -> 1, backward 6 -> 3 a
@@ -112,15 +113,15 @@ def unsupported_reason(shape_BL3C: tuple[int, ...], shape_3CJ: tuple[int, ...],
   if not 1 <= num_taps_f <= MAX_FEATURIZER_TAPS:
     return (f"featurizer length {num_taps_f} must be in [1, {MAX_FEATURIZER_TAPS}]; use the "
             "unfused path (ops.hyena.project_and_featurize + gate_conv_gate)")
-  halo = (block_sizes or bc.BlockSizes.get_default()).halo
+  requested = block_sizes or bc.BlockSizes.get_default()
   reason = bc.unsupported_reason((batch, length, channels), shape_GK, block_sizes)
   if reason:
     return reason
   resolved = bc._resolve(block_sizes, (batch, length, channels), shape_GK, jnp.bfloat16)
-  if halo and resolved.chunk < 2 * shape_GK[1]:
-    return (f"halo=True overlaps chunks by K - 1 = {shape_GK[1] - 1} rows: it needs a chunk of "
-            f"at least 2 K = {2 * shape_GK[1]} (got {resolved.chunk}); raise BlockSizes.chunk "
-            "or leave halo None")
+  if (requested.halo_fwd or requested.halo_bwd) and resolved.chunk < 2 * shape_GK[1]:
+    return (f"halo_fwd / halo_bwd overlap chunks by K - 1 = {shape_GK[1] - 1} rows: they need a "
+            f"chunk of at least 2 K = {2 * shape_GK[1]} (got {resolved.chunk}); raise "
+            "BlockSizes.chunk or leave them None")
   if num_taps_f > resolved.chunk:
     return f"featurizer length {num_taps_f} must be <= chunk {resolved.chunk}"
   if not resolved.bwd_dh_in_kernel:
@@ -374,7 +375,7 @@ def _fgcg_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# halo=True: chunks overlap by H = K - 1 rows and carry nothing (BlockSizes.halo).
+# halo_fwd, halo_bwd: chunks overlap by H = K - 1 rows and carry nothing (BlockSizes).
 #
 # Chunk n covers the rows [s - H, s - H + T), s = n (T - H). Its rows o >= H have all K taps
 # inside the chunk, so y = H0 u (+ dskip u) there: the forward writes those T - H rows (s ..
@@ -533,7 +534,7 @@ def _specs(batch: int, padded_len: int, channels: int, groups: int, taps_pad: in
 def _fwd_call(z_BL3C, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int, block_sizes: bc.BlockSizes,
               interpret: bool, layout: str, halo: int, has_skip: bool = True) -> jax.Array:
   """The forward kernel over z padded to whole chunks; halo: K - 1, has_skip: whether dskip is
-  present (both used with block_sizes.halo)."""
+  present (both used with block_sizes.halo_fwd)."""
   batch, padded_len, width3 = z_BL3C.shape
   channels = width3 // _STREAMS
   num_chunks = padded_len // block_sizes.chunk
@@ -543,7 +544,7 @@ def _fwd_call(z_BL3C, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int, block_sizes: b
   dot_dtype, precision = bc._dot_config(z_BL3C.dtype)
   common = dict(chunk=block_sizes.chunk, num_taps_f=num_taps_f, dot_dtype=dot_dtype,
                 precision=precision, windows=not interpret, interleaved=layout == "interleaved")
-  if block_sizes.halo:
+  if block_sizes.halo_fwd:
     kernel = functools.partial(_fgcg_fwd_halo_kernel, halo=halo, has_skip=has_skip, **common,
                                segment_chunks=(
         _halo_chunks(padded_len, block_sizes.chunk, halo, segments, backward=False)))
@@ -567,7 +568,7 @@ def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
               halo: int, has_skip: bool = True, with_output: bool = False):
   """(df, dh partials, ddskip partials), then the forward's output if with_output, then the
   tap-gradient partials if tap_grads == "kernel"; halo: K - 1, has_skip: whether dskip is present
-  (both used with block_sizes.halo)."""
+  (both used with block_sizes.halo_bwd)."""
   batch, padded_len, width3 = z_BL3C.shape
   channels = width3 // _STREAMS
   chunk, block_c = block_sizes.chunk, block_sizes.block_c
@@ -580,7 +581,7 @@ def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
   common = dict(chunk=chunk, num_taps_f=num_taps_f, dot_dtype=dot_dtype, precision=precision,
                 transpose_by_dot=block_sizes.bwd_transpose_by_dot, windows=not interpret,
                 interleaved=layout == "interleaved")
-  if block_sizes.halo:
+  if block_sizes.halo_bwd:
     kernel = functools.partial(_fgcg_bwd_halo_kernel, halo=halo, has_skip=has_skip, **common,
                                segment_chunks=(
         _halo_chunks(padded_len, chunk, halo, segments, backward=True)))
@@ -892,9 +893,11 @@ def _checked(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, tap_grads, layout):
   if tap_grads not in TAP_GRADS:
     raise ValueError(f"tap_grads={tap_grads!r}: choose one of {TAP_GRADS}")
   resolved = _resolve(block_sizes, (batch, length, channels), h_GK.shape, z_BL3C.dtype)
-  if resolved.halo and tap_grads != "xla":
-    raise ValueError("halo=True leaves the featurizer-tap gradient to the featurizer-backward "
-                     "kernel: use tap_grads='xla' (the default)")
+  if tap_grads == "kernel" and resolved.halo_bwd:
+    if (block_sizes or bc.BlockSizes.get_default()).halo_bwd:
+      raise ValueError("halo_bwd=True leaves the featurizer-tap gradient to the "
+                       "featurizer-backward kernel: use tap_grads='xla' (the default)")
+    resolved = dataclasses.replace(resolved, halo_bwd=False)
   if layout not in LAYOUTS:
     raise ValueError(f"layout={layout!r}: choose one of {LAYOUTS}")
   return dskip_C, resolved

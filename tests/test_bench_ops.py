@@ -220,7 +220,7 @@ def test_rounds_alternate_between_operators_and_report_the_median(tmp_path, monk
 
 
 def test_block_sizes_set_the_kernels_defaults_for_the_run(tmp_path, monkeypatch, capsys):
-  """--block-sizes se:halo=true makes blocked_conv.BlockSizes.get_default() that candidate
+  """--block-sizes se:halo_bwd=false,chunk=32 makes blocked_conv.BlockSizes.get_default() that candidate
   while the operators run (the kernels resolve every None field from it), restored after; a
   bad field is a one-line error naming the choices."""
   from pallas_kernels import blocked_conv as bc  # noqa: PLC0415
@@ -233,9 +233,9 @@ def test_block_sizes_set_the_kernels_defaults_for_the_run(tmp_path, monkeypatch,
 
   monkeypatch.setattr(bench_ops, "run", fake_run)
   monkeypatch.setattr(bench_ops, "write_markdown", lambda *a, **k: "")
-  bench_ops.main(["--lengths", "64", "--ops", "se", "--block-sizes", "se:halo=true,chunk=32",
+  bench_ops.main(["--lengths", "64", "--ops", "se", "--block-sizes", "se:halo_bwd=false,chunk=32",
                   "--out", str(tmp_path / "ops.md")])
-  assert seen == [bc.BlockSizes(halo=True, chunk=32)]
+  assert seen == [bc.BlockSizes(halo_bwd=False, chunk=32)]
   assert bc.BlockSizes.get_default() == bc.BlockSizes()
   with pytest.raises(SystemExit):
     bench_ops.main(["--lengths", "64", "--ops", "se", "--block-sizes", "se:no_such=1"])

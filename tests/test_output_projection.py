@@ -43,7 +43,8 @@ def _case(kind: str, seed: int, dtype):
     z, w_feat, h, dskip, _ = featurized_tests._inputs(seed, 2, 150, 32, 2, 7, 3, dtype)
     op = functools.partial(fc.featurized_gate_conv_gate_proj_pallas, interpret=True,
                            block_sizes=bc.BlockSizes(chunk=16, num_segments_bwd=2,
-                                                     halo=kind == "featurized_halo"))
+                                                     halo_fwd=kind == "featurized_halo",
+                                                     halo_bwd=kind == "featurized_halo"))
     return op, lambda ops, ct: featurized_tests._reference_f64(*ops, ct), (z, w_feat, h, dskip), 32
   args, _ = modal_tests._featurized_case(seed, 2, 150, 32, 16, 3, dtype)
   op = functools.partial(mc.featurized_gate_conv_gate_proj_pallas, interpret=True,

@@ -3,6 +3,7 @@ mode vs a float64 numpy loop (output and the gradients of z, featurizer taps, fi
 NaN poisoning of unwritten tiles, and lowering for CUDA on a CPU-only machine.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -113,12 +114,15 @@ def test_matches_float64_reference(batch, length, channels, groups, taps, feat_t
   _check(args, block_sizes, dtype)
 
 
+@pytest.mark.parametrize("halo_bwd", [None, False])
 @pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[5]])
-def test_tap_grads_in_xla_match_float64_reference(case):
-  """tap_grads="xla" (no on-chip tap reduction; pre/v carried between chunks): bf16, segments,
-  one-tap featurizer, L not a multiple of the chunk."""
+def test_tap_grads_in_xla_match_float64_reference(case, halo_bwd):
+  """tap_grads="xla" (no on-chip tap reduction): bf16, segments, one-tap featurizer, L not a
+  multiple of the chunk; the default backward (overlapping chunks at these filter lengths) and
+  the one that carries pre/v between chunks (halo_bwd=False)."""
   batch, length, channels, groups, taps, feat_taps, dtype, block_sizes = case
   args = _inputs(17 + length, batch, length, channels, groups, taps, feat_taps, dtype)
+  block_sizes = dataclasses.replace(block_sizes or bc.BlockSizes(), halo_bwd=halo_bwd)
   _check(args, block_sizes, dtype, tap_grads="xla")
 
 
@@ -144,7 +148,8 @@ def test_unwritten_tile_is_caught(monkeypatch, which, tap_grads):
   try:
     args = _inputs(3, 1, 64, 32, 1, 5, 3, jnp.float32)
     with pytest.raises(AssertionError, match="non-finite"):
-      _check(args, bc.BlockSizes(chunk=16, block_c=16), jnp.float32, tap_grads=tap_grads)
+      _check(args, bc.BlockSizes(chunk=16, block_c=16, halo_bwd=False), jnp.float32,
+             tap_grads=tap_grads)
   finally:
     jax.clear_caches()
 
@@ -152,12 +157,12 @@ def test_unwritten_tile_is_caught(monkeypatch, which, tap_grads):
 HALO_CASES = [
     # (batch, length, channels, groups, taps, featurizer taps, dtype, block sizes): L not a
     # multiple of the chunk or of its stride T - K + 1, B > 1, segments, both transposes
-    (1, 300, 32, 1, 7, 3, jnp.float32, bc.BlockSizes(chunk=64, halo=True)),
-    (2, 200, 64, 4, 7, 3, jnp.bfloat16, bc.BlockSizes(halo=True)),
+    (1, 300, 32, 1, 7, 3, jnp.float32, bc.BlockSizes(chunk=64, halo_fwd=True, halo_bwd=True)),
+    (2, 200, 64, 4, 7, 3, jnp.bfloat16, bc.BlockSizes(halo_fwd=True, halo_bwd=True)),
     (2, 96, 32, 1, 3, 1, jnp.float32, bc.BlockSizes(chunk=16, num_segments_fwd=3,
-                                                     num_segments_bwd=3, halo=True)),
+                                                     num_segments_bwd=3, halo_fwd=True, halo_bwd=True)),
     (1, 256, 64, 2, 16, 4, jnp.float32, bc.BlockSizes(chunk=32, block_c=16, num_segments_fwd=4,
-                                                       num_segments_bwd=2, halo=True,
+                                                       num_segments_bwd=2, halo_fwd=True, halo_bwd=True,
                                                        bwd_transpose_by_dot=True)),
 ]
 
@@ -166,7 +171,7 @@ HALO_CASES = [
                          HALO_CASES)
 def test_halo_matches_float64_reference(batch, length, channels, groups, taps, feat_taps, dtype,
                                         block_sizes):
-  """halo=True (overlapping chunks, no carry): output and every gradient."""
+  """halo_fwd=True, halo_bwd=True (overlapping chunks, no carry): output and every gradient."""
   args = _inputs(41 + length + taps, batch, length, channels, groups, taps, feat_taps, dtype)
   _check(args, block_sizes, dtype, tap_grads="xla")
 
@@ -175,7 +180,7 @@ def test_halo_without_dskip_and_interleaved():
   """Hyena-SE's form (no skip term) with the Evo 2 column order."""
   z, w_feat, h, _, ct = _inputs(43, 2, 140, 32, 2, 7, 3, jnp.float32)
   kernel = functools.partial(fc.featurized_gate_conv_gate_pallas, interpret=True,
-                             block_sizes=bc.BlockSizes(chunk=16, num_segments_bwd=3, halo=True),
+                             block_sizes=bc.BlockSizes(chunk=16, num_segments_bwd=3, halo_fwd=True, halo_bwd=True),
                              layout="interleaved")
   perm = _interleave(32)
   out, vjp = jax.vjp(lambda a, b, c: kernel(a, b, c, None), z[..., perm], w_feat[perm], h)
@@ -192,7 +197,7 @@ def test_halo_unwritten_tile_is_caught(monkeypatch, which):
 
   def run():
     kernel = functools.partial(fc.featurized_gate_conv_gate_pallas, interpret=True,
-                               block_sizes=bc.BlockSizes(chunk=16, block_c=16, halo=True))
+                               block_sizes=bc.BlockSizes(chunk=16, block_c=16, halo_fwd=True, halo_bwd=True))
     out, vjp = jax.vjp(kernel, z, w_feat, h, dskip)
     return out if which == "_fgcg_fwd_halo_kernel" else vjp(ct)[0]
 
@@ -201,12 +206,12 @@ def test_halo_unwritten_tile_is_caught(monkeypatch, which):
 
 def test_halo_refusals_say_why():
   assert "chunk of at least 2 K = 256" in fc.unsupported_reason(
-      (1, 256, 96), (96, 3), (2, 128), bc.BlockSizes(halo=True))
-  assert fc.unsupported_reason((1, 256, 96), (96, 3), (2, 7), bc.BlockSizes(halo=True)) is None
+      (1, 256, 96), (96, 3), (2, 128), bc.BlockSizes(halo_fwd=True, halo_bwd=True))
+  assert fc.unsupported_reason((1, 256, 96), (96, 3), (2, 7), bc.BlockSizes(halo_fwd=True, halo_bwd=True)) is None
   with pytest.raises(ValueError, match="tap_grads='xla'"):
     fc.featurized_gate_conv_gate_pallas(jnp.zeros((1, 64, 96)), jnp.zeros((96, 3)),
                                         jnp.zeros((2, 7)), interpret=True, tap_grads="kernel",
-                                        block_sizes=bc.BlockSizes(halo=True))
+                                        block_sizes=bc.BlockSizes(halo_fwd=True, halo_bwd=True))
 
 
 def test_unsupported_shapes_say_why():
@@ -262,9 +267,9 @@ def _lower_for_cuda(fn, *shapes):
     (jnp.bfloat16, 128, bc.BlockSizes(bwd_transpose_by_dot=False), "xla", "blocked"),
     (jnp.bfloat16, 7, None, "xla", "interleaved"),
     (jnp.float32, 128, None, "kernel", "interleaved"),
-    (jnp.bfloat16, 7, bc.BlockSizes(halo=True), "xla", "blocked"),
-    (jnp.bfloat16, 7, bc.BlockSizes(halo=True, bwd_transpose_by_dot=True), "xla", "interleaved"),
-    (jnp.float32, 7, bc.BlockSizes(halo=True), "xla", "blocked"),
+    (jnp.bfloat16, 7, bc.BlockSizes(halo_fwd=True, halo_bwd=True), "xla", "blocked"),
+    (jnp.bfloat16, 7, bc.BlockSizes(halo_fwd=True, halo_bwd=True, bwd_transpose_by_dot=True), "xla", "interleaved"),
+    (jnp.float32, 7, bc.BlockSizes(halo_fwd=True, halo_bwd=True), "xla", "blocked"),
 ])
 def test_lowers_for_cuda(dtype, taps, block_sizes, tap_grads, layout):
   batch, length, channels, groups = 2, 4000, 512, 8
@@ -294,7 +299,7 @@ def test_halo_without_dskip_lowers_for_cuda():
   h = jax.ShapeDtypeStruct((16, 7), jnp.float32)
   w_out = jax.ShapeDtypeStruct((channels, channels), jnp.bfloat16)
   kernel = functools.partial(fc.featurized_gate_conv_gate_proj_pallas,
-                             block_sizes=bc.BlockSizes(halo=True), layout="interleaved")
+                             block_sizes=bc.BlockSizes(halo_fwd=True, halo_bwd=True), layout="interleaved")
 
   def fwd_bwd(z, w_feat, h, w_out):
     out, vjp = jax.vjp(lambda a, b, c, d: kernel(a, b, c, None, d), z, w_feat, h, w_out)
@@ -479,7 +484,8 @@ def test_interleaved_unwritten_tile_is_caught(monkeypatch, which):
 
   def run():
     kernel = functools.partial(fc.featurized_gate_conv_gate_pallas, interpret=True,
-                               block_sizes=bc.BlockSizes(chunk=16, block_c=16), layout="interleaved")
+                               block_sizes=bc.BlockSizes(chunk=16, block_c=16, halo_bwd=False),
+                               layout="interleaved")
     out, vjp = jax.vjp(kernel, z, w_feat, h, dskip)
     return out if which == "_fgcg_fwd_kernel" else vjp(ct)[0]
 
