@@ -27,10 +27,9 @@ are read from the one z array through three BlockSpecs (channel tile offsets 0, 
 interleaved, one [Lp, 3 dc] tile read at column stride 3), so no slice of z is ever copied.
 
 With BlockSizes.halo_bwd (the default for SE) or halo_fwd the chunks overlap by K - 1 rows
-instead: each computes the outputs
-whose taps it holds, from its own rows, with the one Toeplitz tile H0 and no carry between
-chunks (`_fgcg_fwd_halo_kernel`, `_fgcg_bwd_halo_kernel`; the section above them says which
-rows each chunk writes). That halves the tile products (forward 2 -> 1, backward 6 -> 3 a
+instead: each computes the outputs whose taps it holds, from its own rows, with the one
+Toeplitz tile H0 and no carry between chunks (`_fgcg_fwd_halo_kernel`, `_fgcg_bwd_halo_kernel`;
+the section above them says which rows each chunk writes). That halves the tile products (forward 2 -> 1, backward 6 -> 3 a
 chunk) and the on-chip state, for T / (T - K + 1) as many chunks (1.1x for SE's K = 7, T = 64).
 
 `featurized_gate_conv_gate_proj_pallas` also applies the output projection, with the backward
@@ -545,9 +544,9 @@ def _fwd_call(z_BL3C, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int, block_sizes: b
   common = dict(chunk=block_sizes.chunk, num_taps_f=num_taps_f, dot_dtype=dot_dtype,
                 precision=precision, windows=not interpret, interleaved=layout == "interleaved")
   if block_sizes.halo_fwd:
-    kernel = functools.partial(_fgcg_fwd_halo_kernel, halo=halo, has_skip=has_skip, **common,
-                               segment_chunks=(
-        _halo_chunks(padded_len, block_sizes.chunk, halo, segments, backward=False)))
+    segment_chunks = _halo_chunks(padded_len, block_sizes.chunk, halo, segments, backward=False)
+    kernel = functools.partial(_fgcg_fwd_halo_kernel, halo=halo, has_skip=has_skip,
+                               segment_chunks=segment_chunks, **common)
   else:
     kernel = functools.partial(_fgcg_fwd_kernel, segment_chunks=num_chunks // segments, **common)
   return pl.pallas_call(
@@ -582,9 +581,9 @@ def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
                 transpose_by_dot=block_sizes.bwd_transpose_by_dot, windows=not interpret,
                 interleaved=layout == "interleaved")
   if block_sizes.halo_bwd:
-    kernel = functools.partial(_fgcg_bwd_halo_kernel, halo=halo, has_skip=has_skip, **common,
-                               segment_chunks=(
-        _halo_chunks(padded_len, chunk, halo, segments, backward=True)))
+    segment_chunks = _halo_chunks(padded_len, chunk, halo, segments, backward=True)
+    kernel = functools.partial(_fgcg_bwd_halo_kernel, halo=halo, has_skip=has_skip,
+                               segment_chunks=segment_chunks, **common)
   else:
     kernel = functools.partial(_fgcg_bwd_kernel, segment_chunks=num_chunks // segments,
                                num_chunks=num_chunks, tap_grads=tap_grads,
@@ -861,11 +860,12 @@ def featurized_gate_conv_gate_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h
     dskip_C: [C] skip weights, or None (Hyena-SE).
     block_sizes: tiles and launch parameters (blocked_conv.BlockSizes); None: defaults.
     interpret: Pallas interpret mode (CPU), for tests.
-    tap_grads: "xla" (default): the backward kernel carries the featurized pre/v of the
-      previous chunk, and featurizer_backward_pallas reduces the featurizer-tap gradient
-      (df * shifted z) while it writes dz; "kernel":
-      the kernel reduces it on chip (three [T, dc] accumulators per tap and stream, 2.4x slower
-      fwd+bwd on an H100 at 8K: experiments/results/se_overhead_nvidia_h100_80gb_hbm3.md).
+    tap_grads: "xla" (default): the backward kernel writes df (overlapping its chunks, or
+      with halo_bwd=False carrying the featurized pre/v of the previous chunk), and
+      featurizer_backward_pallas reduces the featurizer-tap gradient (df * shifted z) while
+      it writes dz; "kernel": the carrying backward kernel reduces it on chip (three [T, dc]
+      accumulators per tap and stream, 2.4x slower fwd+bwd on an H100 at 8K:
+      experiments/results/se_overhead_nvidia_h100_80gb_hbm3.md).
     layout: "blocked" or "interleaved" column order of z, the taps and dz. Interleaved lets the
       module feed x @ W_in with its parameter as stored (no per-call column reorder of the
       weight or of its gradient); the kernels then read and write every third column.
