@@ -426,7 +426,7 @@ def _fgcg_fwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref
   """_fgcg_fwd_kernel's refs; chunk n writes the rows n (T - H) .. n (T - H) + T - H - 1.
   has_skip=False: no dskip term (Hyena-SE; dskip_ref unread)."""
   f32 = jnp.float32
-  h0_TT = bc._toeplitz_tile(hp_ref, chunk, chunk, False, dot_dtype)
+  h0_TT, _, dot, *_ = bc._toeplitz_ops(hp_ref, chunk, dot_dtype, precision)
   dskip_1C = dskip_ref[...].astype(f32)[None, :] if has_skip else None
   cols = _stream_columns(interleaved, out_ref.shape[-1])
   feat = functools.partial(_featurized_window, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
@@ -438,8 +438,7 @@ def _fgcg_fwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref
     start = (first + step) * (chunk - halo) - halo
     u_TC = (feat(zpre_ref, stream=1, start=start, cols=cols[1])
             * feat(zv_ref, stream=2, start=start, cols=cols[2]))
-    y_TC = jnp.dot(h0_TT, u_TC.astype(dot_dtype), precision=precision,
-                   preferred_element_type=f32)
+    y_TC = dot(h0_TT, u_TC.astype(dot_dtype))
     if has_skip:
       y_TC = y_TC + dskip_1C * u_TC
     out_TC = feat(zpost_ref, stream=0, start=start, cols=cols[0]) * y_TC
@@ -462,17 +461,9 @@ def _fgcg_bwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref
   block_c = dskip_ref.shape[-1]
   df_cols = _df_columns(interleaved, block_c, df_ref.shape[-1] // _STREAMS)
   cols = _stream_columns(interleaved, block_c)
-  h0_TT = bc._toeplitz_tile(hp_ref, chunk, chunk, False, dot_dtype)
-
-  def dot_general(a, b, contract):
-    return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision,
-                               preferred_element_type=f32)
-
-  if transpose_by_dot:
-    h0t_dot = lambda g: dot_general(h0_TT, g, ((0,), (0,)))  # noqa: E731
-  else:
-    h0t_TT = bc._toeplitz_tile(hp_ref, chunk, chunk, True, dot_dtype)
-    h0t_dot = lambda g: dot_general(h0t_TT, g, ((1,), (0,)))  # noqa: E731
+  # the previous chunk's tiles that _toeplitz_ops also builds go unused (Triton drops them)
+  h0_TT, _, dot, dot_general, h0t_dot, _ = bc._toeplitz_ops(
+      hp_ref, chunk, dot_dtype, precision, backward=True, transpose_by_dot=transpose_by_dot)
   dskip_1C = dskip_ref[...].astype(f32)[None, :] if has_skip else None
   feat = functools.partial(_featurized_window, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
                            windows=windows)
@@ -489,7 +480,7 @@ def _fgcg_bwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref
     dout_TC = _rows_window(dout_ref, start, chunk, dout_ref.shape[0], windows)
     u_TC = pre_TC * v_TC
     u_dot_TC = u_TC.astype(dot_dtype)
-    y_TC = dot_general(h0_TT, u_dot_TC, ((1,), (0,)))
+    y_TC = dot(h0_TT, u_dot_TC)
     if has_skip:
       y_TC = y_TC + dskip_1C * u_TC
     for ref in out_refs:
