@@ -29,8 +29,9 @@ interleaved, one [Lp, 3 dc] tile read at column stride 3), so no slice of z is e
 With BlockSizes.halo_bwd (the default for SE) or halo_fwd the chunks overlap by K - 1 rows
 instead: each computes the outputs whose taps it holds, from its own rows, with the one
 Toeplitz tile H0 and no carry between chunks (`_fgcg_fwd_halo_kernel`, `_fgcg_bwd_halo_kernel`;
-the section above them says which rows each chunk writes). That halves the tile products (forward 2 -> 1, backward 6 -> 3 a
-chunk) and the on-chip state, for T / (T - K + 1) as many chunks (1.1x for SE's K = 7, T = 64).
+the section above them says which rows each chunk writes). That halves the tile products
+(forward 2 -> 1, backward 6 -> 3 a chunk) and the on-chip state, for T / (T - K + 1) as many
+chunks (1.1x for SE's K = 7, T = 64).
 
 `featurized_gate_conv_gate_proj_pallas` also applies the output projection, with the backward
 kernel writing the output that dW_out needs (pallas_kernels/output_projection.py).

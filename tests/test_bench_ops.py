@@ -220,9 +220,9 @@ def test_rounds_alternate_between_operators_and_report_the_median(tmp_path, monk
 
 
 def test_block_sizes_set_the_kernels_defaults_for_the_run(tmp_path, monkeypatch, capsys):
-  """--block-sizes se:halo_bwd=false,chunk=32 makes blocked_conv.BlockSizes.get_default() that candidate
-  while the operators run (the kernels resolve every None field from it), restored after; a
-  bad field is a one-line error naming the choices."""
+  """--block-sizes se:halo_bwd=false,chunk=32 makes blocked_conv.BlockSizes.get_default() that
+  candidate while the operators run (the kernels resolve every None field from it), restored
+  after; a bad field is a one-line error naming the choices."""
   from pallas_kernels import blocked_conv as bc  # noqa: PLC0415
 
   seen = []

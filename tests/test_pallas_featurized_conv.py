@@ -154,15 +154,17 @@ def test_unwritten_tile_is_caught(monkeypatch, which, tap_grads):
     jax.clear_caches()
 
 
+OVERLAP = {"halo_fwd": True, "halo_bwd": True}  # both kernels overlap their chunks
+
 HALO_CASES = [
     # (batch, length, channels, groups, taps, featurizer taps, dtype, block sizes): L not a
     # multiple of the chunk or of its stride T - K + 1, B > 1, segments, both transposes
-    (1, 300, 32, 1, 7, 3, jnp.float32, bc.BlockSizes(chunk=64, halo_fwd=True, halo_bwd=True)),
-    (2, 200, 64, 4, 7, 3, jnp.bfloat16, bc.BlockSizes(halo_fwd=True, halo_bwd=True)),
+    (1, 300, 32, 1, 7, 3, jnp.float32, bc.BlockSizes(chunk=64, **OVERLAP)),
+    (2, 200, 64, 4, 7, 3, jnp.bfloat16, bc.BlockSizes(**OVERLAP)),
     (2, 96, 32, 1, 3, 1, jnp.float32, bc.BlockSizes(chunk=16, num_segments_fwd=3,
-                                                     num_segments_bwd=3, halo_fwd=True, halo_bwd=True)),
+                                                     num_segments_bwd=3, **OVERLAP)),
     (1, 256, 64, 2, 16, 4, jnp.float32, bc.BlockSizes(chunk=32, block_c=16, num_segments_fwd=4,
-                                                       num_segments_bwd=2, halo_fwd=True, halo_bwd=True,
+                                                       num_segments_bwd=2, **OVERLAP,
                                                        bwd_transpose_by_dot=True)),
 ]
 
@@ -178,17 +180,11 @@ def test_halo_matches_float64_reference(batch, length, channels, groups, taps, f
 
 def test_halo_without_dskip_and_interleaved():
   """Hyena-SE's form (no skip term) with the Evo 2 column order."""
-  z, w_feat, h, _, ct = _inputs(43, 2, 140, 32, 2, 7, 3, jnp.float32)
+  args = _inputs(43, 2, 140, 32, 2, 7, 3, jnp.float32)
   kernel = functools.partial(fc.featurized_gate_conv_gate_pallas, interpret=True,
-                             block_sizes=bc.BlockSizes(chunk=16, num_segments_bwd=3, halo_fwd=True, halo_bwd=True),
+                             block_sizes=bc.BlockSizes(chunk=16, num_segments_bwd=3, **OVERLAP),
                              layout="interleaved")
-  perm = _interleave(32)
-  out, vjp = jax.vjp(lambda a, b, c: kernel(a, b, c, None), z[..., perm], w_feat[perm], h)
-  dz, dw, dh = vjp(ct)
-  want_out, (want_dz, want_dw, want_dh, _) = _reference_f64(z, w_feat, h, np.zeros(32), ct)
-  errs = {"out": _rel_err(out, want_out), "dz": _rel_err(dz, np.asarray(want_dz)[..., perm]),
-          "dw": _rel_err(dw, np.asarray(want_dw)[perm]), "dh": _rel_err(dh, want_dh)}
-  assert max(errs.values()) < TOLERANCE[jnp.float32], errs
+  check_permuted_against_f64(kernel, args, _interleave(32), jnp.float32, with_dskip=False)
 
 
 @pytest.mark.parametrize("which", ["_fgcg_fwd_halo_kernel", "_fgcg_bwd_halo_kernel"])
@@ -197,7 +193,7 @@ def test_halo_unwritten_tile_is_caught(monkeypatch, which):
 
   def run():
     kernel = functools.partial(fc.featurized_gate_conv_gate_pallas, interpret=True,
-                               block_sizes=bc.BlockSizes(chunk=16, block_c=16, halo_fwd=True, halo_bwd=True))
+                               block_sizes=bc.BlockSizes(chunk=16, block_c=16, **OVERLAP))
     out, vjp = jax.vjp(kernel, z, w_feat, h, dskip)
     return out if which == "_fgcg_fwd_halo_kernel" else vjp(ct)[0]
 
@@ -206,12 +202,12 @@ def test_halo_unwritten_tile_is_caught(monkeypatch, which):
 
 def test_halo_refusals_say_why():
   assert "chunk of at least 2 K = 256" in fc.unsupported_reason(
-      (1, 256, 96), (96, 3), (2, 128), bc.BlockSizes(halo_fwd=True, halo_bwd=True))
-  assert fc.unsupported_reason((1, 256, 96), (96, 3), (2, 7), bc.BlockSizes(halo_fwd=True, halo_bwd=True)) is None
+      (1, 256, 96), (96, 3), (2, 128), bc.BlockSizes(**OVERLAP))
+  assert fc.unsupported_reason((1, 256, 96), (96, 3), (2, 7), bc.BlockSizes(**OVERLAP)) is None
   with pytest.raises(ValueError, match="tap_grads='xla'"):
     fc.featurized_gate_conv_gate_pallas(jnp.zeros((1, 64, 96)), jnp.zeros((96, 3)),
                                         jnp.zeros((2, 7)), interpret=True, tap_grads="kernel",
-                                        block_sizes=bc.BlockSizes(halo_fwd=True, halo_bwd=True))
+                                        block_sizes=bc.BlockSizes(**OVERLAP))
 
 
 def test_unsupported_shapes_say_why():
@@ -267,9 +263,9 @@ def _lower_for_cuda(fn, *shapes):
     (jnp.bfloat16, 128, bc.BlockSizes(bwd_transpose_by_dot=False), "xla", "blocked"),
     (jnp.bfloat16, 7, None, "xla", "interleaved"),
     (jnp.float32, 128, None, "kernel", "interleaved"),
-    (jnp.bfloat16, 7, bc.BlockSizes(halo_fwd=True, halo_bwd=True), "xla", "blocked"),
-    (jnp.bfloat16, 7, bc.BlockSizes(halo_fwd=True, halo_bwd=True, bwd_transpose_by_dot=True), "xla", "interleaved"),
-    (jnp.float32, 7, bc.BlockSizes(halo_fwd=True, halo_bwd=True), "xla", "blocked"),
+    (jnp.bfloat16, 7, bc.BlockSizes(**OVERLAP), "xla", "blocked"),
+    (jnp.bfloat16, 7, bc.BlockSizes(**OVERLAP, bwd_transpose_by_dot=True), "xla", "interleaved"),
+    (jnp.float32, 7, bc.BlockSizes(**OVERLAP), "xla", "blocked"),
 ])
 def test_lowers_for_cuda(dtype, taps, block_sizes, tap_grads, layout):
   batch, length, channels, groups = 2, 4000, 512, 8
@@ -299,7 +295,7 @@ def test_halo_without_dskip_lowers_for_cuda():
   h = jax.ShapeDtypeStruct((16, 7), jnp.float32)
   w_out = jax.ShapeDtypeStruct((channels, channels), jnp.bfloat16)
   kernel = functools.partial(fc.featurized_gate_conv_gate_proj_pallas,
-                             block_sizes=bc.BlockSizes(halo_fwd=True, halo_bwd=True), layout="interleaved")
+                             block_sizes=bc.BlockSizes(**OVERLAP), layout="interleaved")
 
   def fwd_bwd(z, w_feat, h, w_out):
     out, vjp = jax.vjp(lambda a, b, c, d: kernel(a, b, c, None, d), z, w_feat, h, w_out)
@@ -440,17 +436,24 @@ def _interleave(channels: int) -> np.ndarray:
   return np.arange(3 * channels).reshape(3, channels).T.reshape(-1)
 
 
-def check_permuted_against_f64(kernel, args, perm: np.ndarray, dtype) -> None:
+def check_permuted_against_f64(kernel, args, perm: np.ndarray, dtype,
+                               with_dskip: bool = True) -> None:
   """kernel(z[..., perm], w_feat[perm], h, dskip) and its gradients == the float64 reference
-  of the blocked-layout operator, with z's and the taps' gradients permuted the same way."""
+  of the blocked-layout operator, with z's and the taps' gradients permuted the same way.
+  with_dskip=False: dskip None (Hyena-SE), the reference's skip weights zero."""
   z, w_feat, h, dskip, ct = args
-  out, vjp = jax.vjp(kernel, z[..., perm], w_feat[perm], h, dskip)
-  dz, dw, dh, ddskip = vjp(ct)
+  if with_dskip:
+    out, vjp = jax.vjp(kernel, z[..., perm], w_feat[perm], h, dskip)
+    dz, dw, dh, ddskip = vjp(ct)
+  else:
+    out, vjp = jax.vjp(lambda a, b, c: kernel(a, b, c, None), z[..., perm], w_feat[perm], h)
+    (dz, dw, dh), dskip = vjp(ct), np.zeros(dskip.shape)
   want_out, (want_dz, want_dw, want_dh, want_ddskip) = _reference_f64(z, w_feat, h, dskip, ct)
   assert out.dtype == z.dtype
   errs = {"out": _rel_err(out, want_out), "dz": _rel_err(dz, np.asarray(want_dz)[..., perm]),
-          "dw": _rel_err(dw, np.asarray(want_dw)[perm]), "dh": _rel_err(dh, want_dh),
-          "ddskip": _rel_err(ddskip, want_ddskip)}
+          "dw": _rel_err(dw, np.asarray(want_dw)[perm]), "dh": _rel_err(dh, want_dh)}
+  if with_dskip:
+    errs["ddskip"] = _rel_err(ddskip, want_ddskip)
   assert max(errs.values()) < TOLERANCE[dtype], errs
 
 
