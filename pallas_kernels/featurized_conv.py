@@ -114,10 +114,14 @@ def unsupported_reason(shape_BL3C: tuple[int, ...], shape_3CJ: tuple[int, ...],
     return (f"featurizer length {num_taps_f} must be in [1, {MAX_FEATURIZER_TAPS}]; use the "
             "unfused path (ops.hyena.project_and_featurize + gate_conv_gate)")
   requested = block_sizes or bc.BlockSizes.get_default()
-  reason = bc.unsupported_reason((batch, length, channels), shape_GK, block_sizes)
+  # segment counts are checked below, against the kernels that will run
+  reason = bc.unsupported_reason((batch, length, channels), shape_GK, dataclasses.replace(
+      requested, num_segments_fwd=None, num_segments_bwd=None))
   if reason:
     return reason
   resolved = bc._resolve(block_sizes, (batch, length, channels), shape_GK, jnp.bfloat16)
+  if reason := _segments_reason(resolved, length):
+    return reason
   if (requested.halo_fwd or requested.halo_bwd) and resolved.chunk < 2 * shape_GK[1]:
     return (f"halo_fwd / halo_bwd overlap chunks by K - 1 = {shape_GK[1] - 1} rows: they need a "
             f"chunk of at least 2 K = {2 * shape_GK[1]} (got {resolved.chunk}); raise "
@@ -127,6 +131,20 @@ def unsupported_reason(shape_BL3C: tuple[int, ...], shape_3CJ: tuple[int, ...],
   if not resolved.bwd_dh_in_kernel:
     return ("bwd_dh_in_kernel=False is a blocked-kernel (MR) option; the featurized kernel "
             "accumulates the filter gradient itself: leave it None")
+  return None
+
+
+def _segments_reason(resolved: bc.BlockSizes, length: int) -> str | None:
+  """Why a kernel cannot split its chunks into the requested segments, or None. The carrying
+  kernels need a divisor of the chunk count; the overlapping ones (halo_fwd / halo_bwd) give
+  each segment ceil(chunks / segments) chunks and take any count >= 1."""
+  num_chunks = -(-length // resolved.chunk)
+  for name, halo in (("num_segments_fwd", resolved.halo_fwd),
+                     ("num_segments_bwd", resolved.halo_bwd)):
+    segments = getattr(resolved, name)
+    if segments < 1 or (not halo and num_chunks % segments):
+      return (f"{name} {segments} must divide the number of chunks {num_chunks} (or be any "
+              f"count >= 1 with {name.replace('num_segments', 'halo')}=True)")
   return None
 
 
@@ -890,6 +908,8 @@ def _checked(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, tap_grads, layout):
       raise ValueError("halo_bwd=True leaves the featurizer-tap gradient to the "
                        "featurizer-backward kernel: use tap_grads='xla' (the default)")
     resolved = dataclasses.replace(resolved, halo_bwd=False)
+    if reason := _segments_reason(resolved, length):
+      raise ValueError(reason)
   if layout not in LAYOUTS:
     raise ValueError(f"layout={layout!r}: choose one of {LAYOUTS}")
   return dskip_C, resolved

@@ -166,6 +166,9 @@ HALO_CASES = [
     (1, 256, 64, 2, 16, 4, jnp.float32, bc.BlockSizes(chunk=32, block_c=16, num_segments_fwd=4,
                                                        num_segments_bwd=2, **OVERLAP,
                                                        bwd_transpose_by_dot=True)),
+    # segment counts that do not divide the 10 chunks (the overlapping kernels take any count)
+    (1, 150, 32, 2, 5, 2, jnp.float32, bc.BlockSizes(chunk=16, num_segments_fwd=4,
+                                                      num_segments_bwd=3, **OVERLAP)),
 ]
 
 
@@ -204,6 +207,16 @@ def test_halo_refusals_say_why():
   assert "chunk of at least 2 K = 256" in fc.unsupported_reason(
       (1, 256, 96), (96, 3), (2, 128), bc.BlockSizes(**OVERLAP))
   assert fc.unsupported_reason((1, 256, 96), (96, 3), (2, 7), bc.BlockSizes(**OVERLAP)) is None
+  # 4 chunks of 64: three segments only where the kernel overlaps its chunks
+  thirds = dict(num_segments_fwd=3, num_segments_bwd=3)
+  assert fc.unsupported_reason((1, 256, 96), (96, 3), (2, 7),
+                               bc.BlockSizes(**thirds, **OVERLAP)) is None
+  assert "num_segments_fwd 3 must divide the number of chunks 4" in fc.unsupported_reason(
+      (1, 256, 96), (96, 3), (2, 7), bc.BlockSizes(**thirds, halo_fwd=False))
+  with pytest.raises(ValueError, match="num_segments_bwd 3 must divide"):
+    fc.featurized_gate_conv_gate_pallas(jnp.zeros((1, 256, 96)), jnp.zeros((96, 3)),
+                                        jnp.zeros((2, 7)), interpret=True, tap_grads="kernel",
+                                        block_sizes=bc.BlockSizes(num_segments_bwd=3))
   with pytest.raises(ValueError, match="tap_grads='xla'"):
     fc.featurized_gate_conv_gate_pallas(jnp.zeros((1, 64, 96)), jnp.zeros((96, 3)),
                                         jnp.zeros((2, 7)), interpret=True, tap_grads="kernel",
