@@ -31,7 +31,9 @@ instead: each computes the outputs whose taps it holds, from its own rows, with 
 Toeplitz tile H0 and no carry between chunks (`_fgcg_fwd_halo_kernel`, `_fgcg_bwd_halo_kernel`;
 the section above them says which rows each chunk writes). That halves the tile products
 (forward 2 -> 1, backward 6 -> 3 a chunk) and the on-chip state, for T / (T - K + 1) as many
-chunks (1.1x for SE's K = 7, T = 64).
+chunks (1.1x for SE's K = 7, T = 64). BlockSizes.halo_bwd_featurizer (off by default) has the
+overlapping backward apply the featurizer's backward too: chunks overlap by K - 1 + J - 1 rows,
+dz comes from exact one-row shift products of df, and the featurizer_bwd kernel does not run.
 
 `featurized_gate_conv_gate_proj_pallas` also applies the output projection, with the backward
 kernel writing the output that dW_out needs (pallas_kernels/output_projection.py).
