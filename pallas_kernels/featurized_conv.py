@@ -410,6 +410,9 @@ def _fgcg_bwd_kernel(
 # (their taps reach g up to row o + H), and the filter gradient pairs g of the rows o >= H with
 # u of the same chunk: every row's y, df_post and dh term comes from the one chunk that holds it
 # at o >= H, its du, df_pre, df_v from the one that holds it at o < T - H.
+# With halo_bwd_featurizer the backward's chunks advance by S = T - H - (J - 1) instead
+# (s = n S): a chunk owns the outputs at H <= o < H + S and the inputs at o < S, and holds the
+# J - 1 rows of df after each that dz[t] = sum_j w_j df[t + j] reads.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -491,7 +494,7 @@ def _fgcg_bwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref
   and the tap partial sum_t df[t] z[t - j] (df rounded to the I/O dtype first, as the
   separate featurizer_bwd kernel reads it); chunks then advance by S = T - H - (J - 1) rows,
   so that each holds the J - 1 rows of df after those it owns. Row shifts of df are products
-  with a 0/1 shift matrix (exact), the tap sums [dc, dc] products whose diagonal is kept.
+  with a 0/1 shift matrix (exact); the tap sums are reduced over each chunk's rows.
   has_skip=False: no dskip term (Hyena-SE): dskip_ref unread, ddskip_part_ref written 0, and
   the kernel holds no ddskip accumulator (on sm_90: 168 registers a thread instead of 182,
   3 programs an SM instead of 2)."""
@@ -568,8 +571,8 @@ def _fgcg_bwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref
   lower_TT = rows_T[:, None] >= rows_T[None, :]
   dh_part_ref[...] = jnp.where(lower_TT, a_TT, 0.0)  # lags o - i >= 0 (bc._dh_from_partials)
   ddskip_part_ref[...] = jnp.sum(rest[0], axis=0) if has_skip else jnp.zeros((block_c,), f32)
+  dwf = rest[int(has_skip):]
   for dwf_part_ref in dwf_refs:
-    dwf = rest[int(has_skip):]
     for stream in range(dwf_part_ref.shape[0]):
       for j in range(dwf_part_ref.shape[1]):
         in_use = stream < _STREAMS and j < num_taps_f
