@@ -181,9 +181,12 @@ def test_halo_matches_float64_reference(batch, length, channels, groups, taps, f
   _check(args, block_sizes, dtype, tap_grads="xla")
 
 
-FEATURIZER_CASES = [case[:-1] + (dataclasses.replace(case[-1], halo_bwd_featurizer=True),)
-                    for case in HALO_CASES if case[-1].chunk is None or case[-1].chunk
-                    >= 2 * (case[4] + case[5] - 2)]
+# the HALO_CASES whose chunk holds the fused featurizer's overlap (T >= 2 (K + J - 2))
+FEATURIZER_CASES = [
+    (*case[:-1], dataclasses.replace(block_sizes, halo_bwd_featurizer=True))
+    for case in HALO_CASES
+    for block_sizes, taps, feat_taps in [(case[-1], case[4], case[5])]
+    if (block_sizes.chunk or bc.SHORT_FILTER_CHUNK) >= 2 * (taps + feat_taps - 2)]
 
 
 @pytest.mark.parametrize("batch,length,channels,groups,taps,feat_taps,dtype,block_sizes",
