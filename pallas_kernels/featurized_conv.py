@@ -521,10 +521,11 @@ def _fgcg_bwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref
     a_TT, *rest = carry
     ddskip_TC, dwf = (rest[0], rest[1:]) if has_skip else (None, rest)
     start = (first + step) * stride - halo
-    # z[t - j] of each stream: featurized here, and the tap gradient's other factor (held in
-    # z's dtype: with the featurizer on sm_90, 255 registers and no spills instead of 24 B)
+    # z[t - j] of each stream: featurized here, and with the featurizer the tap sums' other
+    # factor, then held in z's dtype (on sm_90: 255 registers and no spills instead of 24 B)
+    window_dtype = z_refs[0].dtype if featurizer else f32
     z_windows = [[_rows_window(z_ref, start - j, chunk, padded_len, windows, col).astype(
-        z_ref.dtype) for j in range(num_taps_f)] for z_ref, col in zip(z_refs, cols)]
+        window_dtype) for j in range(num_taps_f)] for z_ref, col in zip(z_refs, cols)]
     post_TC, pre_TC, v_TC = (_featurize(wf_ref, s, z_windows[s]) for s in range(_STREAMS))
     dout_TC = _rows_window(dout_ref, start, chunk, padded_len, windows)
     u_TC = pre_TC * v_TC
