@@ -32,6 +32,14 @@ def x64():
 SUBPROCESS_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
+def optimizing_env(**extra: str) -> dict[str, str]:
+  """os.environ for a child process that compiles with XLA's default LLVM optimisation (the
+  session compiles at level 0, see conftest): for the few tests that run many steps, where
+  execution, not compilation, sets the time."""
+  flags = os.environ.get("XLA_FLAGS", "").replace(SUBPROCESS_XLA_FLAGS, "").strip()
+  return dict(os.environ, **extra, XLA_FLAGS=flags)
+
+
 def fake_devices_env(count: int, **extra: str) -> dict[str, str]:
   """os.environ for a child process on `count` fake CPU devices (plus `extra` variables)."""
   return dict(os.environ, JAX_PLATFORMS="cpu", **extra,
