@@ -72,6 +72,12 @@ FUSED_BWD_STAGES_LONG_CHUNK = 1
 # kernel alone, 3 / 2 / 4 stages: 0.222 / 0.232 / 0.351 ms at C = 4096 (256 groups), 0.116 /
 # 0.123 / 0.140 at C = 1920 (experiments/results/probe_tile_bandwidth_nvidia_h100_80gb_hbm3.md).
 FUSED_FWD_STAGES = 3
+# Backward pipelining depth of the overlapping (halo_bwd) kernel for 16-bit I/O and T < 128 (the
+# blocked kernel's 3 costs it 4-11%): H100, K = 7, J = 3, that kernel alone, 3 / 4 / 5 / 6 / 8
+# stages at L = 8K, C = 4096: 0.446 / 0.398 / 0.404 / 0.523 / 0.610 ms; at 4K 0.228 / 0.207 /
+# 0.211 / 0.276 / 0.316; at L = 8K, C = 1920 0.221 / 0.212
+# (experiments/results/probe_tile_bandwidth_nvidia_h100_80gb_hbm3.md).
+FUSED_HALO_BWD_STAGES = 4
 _STREAMS = 3  # post, pre, v
 _STREAMS_PADDED = 4  # Triton block dims are powers of two
 
@@ -159,13 +165,16 @@ def _resolve(block_sizes: bc.BlockSizes | None, shape_BLC: tuple[int, ...],
              shape_GK: tuple[int, ...], dtype: jnp.dtype) -> bc.BlockSizes:
   """blocked_conv's heuristics, except the pipelining depths: the fused backward loads 5 J
   shifted tiles per chunk, so with T >= 128 it gets FUSED_BWD_STAGES_LONG_CHUNK (more stages
-  overflow the H100's shared memory); the forward with 16-bit I/O and T < 128 gets
-  FUSED_FWD_STAGES. A depth set in block_sizes, or else in BlockSizes.get_default(), wins."""
+  overflow the H100's shared memory); with 16-bit I/O and T < 128 the forward gets
+  FUSED_FWD_STAGES and the overlapping backward FUSED_HALO_BWD_STAGES. A depth set in
+  block_sizes, or else in BlockSizes.get_default(), wins."""
   requested = block_sizes or bc.BlockSizes.get_default()
   resolved = bc._resolve(requested, shape_BLC, shape_GK, dtype)
+  sixteen_bit = jnp.dtype(bc._dot_config(dtype)[0]).itemsize <= 2
   if requested.num_stages_bwd is None and resolved.chunk >= 128:
     resolved = dataclasses.replace(resolved, num_stages_bwd=FUSED_BWD_STAGES_LONG_CHUNK)
-  sixteen_bit = jnp.dtype(bc._dot_config(dtype)[0]).itemsize <= 2
+  elif requested.num_stages_bwd is None and resolved.halo_bwd and sixteen_bit:
+    resolved = dataclasses.replace(resolved, num_stages_bwd=FUSED_HALO_BWD_STAGES)
   if requested.num_stages_fwd is None and resolved.chunk < 128 and sixteen_bit:
     resolved = dataclasses.replace(resolved, num_stages_fwd=FUSED_FWD_STAGES)
   if not resolved.halo_bwd:  # an option of the overlapping backward, ignored by the other

@@ -599,13 +599,17 @@ def test_featurizer_backward_reason():
 
 
 def test_resolve_pipelining_depths():
-  """The fused kernels' own stage defaults: 3 forward stages for 16-bit I/O at T < 128 (the
-  shifted-window loads), the blocked kernel's otherwise; 1 backward stage at T >= 128; an
-  explicit value always wins."""
+  """The fused kernels' own stage defaults: 3 forward and 4 overlapping-backward stages for
+  16-bit I/O at T < 128 (the shifted-window loads), the blocked kernel's otherwise (the carrying
+  backward, float32); 1 backward stage at T >= 128; an explicit value always wins."""
   bf16, f32 = jnp.bfloat16, jnp.float32
   se = fc._resolve(None, (1, 8192, 1920), (15, 7), bf16)
-  assert (se.chunk, se.num_stages_fwd, se.num_stages_bwd) == (64, fc.FUSED_FWD_STAGES, 3)
-  assert fc._resolve(None, (1, 8192, 1920), (15, 7), f32).num_stages_fwd == 2
+  assert (se.chunk, se.num_stages_fwd, se.num_stages_bwd) == (64, fc.FUSED_FWD_STAGES,
+                                                              fc.FUSED_HALO_BWD_STAGES) == (64, 3, 4)
+  carrying = fc._resolve(bc.BlockSizes(halo_bwd=False), (1, 8192, 1920), (15, 7), bf16)
+  assert carrying.num_stages_bwd == 3
+  se32 = fc._resolve(None, (1, 8192, 1920), (15, 7), f32)
+  assert (se32.num_stages_fwd, se32.num_stages_bwd) == (2, 2)
   long = fc._resolve(None, (1, 8192, 1920), (15, 128), bf16)
   assert (long.chunk, long.num_stages_fwd, long.num_stages_bwd) == (
       128, 4, fc.FUSED_BWD_STAGES_LONG_CHUNK)
