@@ -114,11 +114,6 @@ class BlockSizes:
       T >= 2 K (SE: T = 64, K = 7) and tap_grads is "xla". H100, L = 8K, C = 4096, SE: backward
       gate kernel 0.397 ms against 0.467, forward 0.229 against 0.221
       (experiments/results/probe_tile_bandwidth_nvidia_h100_80gb_hbm3.md).
-    halo_bwd_featurizer: the overlapping backward (halo_bwd) also applies the featurizer's
-      backward, writing dz and the featurizer-tap gradient itself instead of df for the
-      separate featurizer_bwd kernel (which then does not run: one pass over df and z fewer);
-      its chunks overlap by K - 1 + J - 1 rows (J featurizer taps). Needs T >= 2 (K + J - 2).
-      None: False.
   """
   chunk: int | None = None
   block_c: int | None = None
@@ -132,7 +127,6 @@ class BlockSizes:
   bwd_dh_in_kernel: bool | None = None
   halo_fwd: bool | None = None
   halo_bwd: bool | None = None
-  halo_bwd_featurizer: bool | None = None
 
   @classmethod
   def get_default(cls) -> BlockSizes:
@@ -252,7 +246,6 @@ def _resolve(block_sizes: BlockSizes | None, shape_BLC: tuple[int, ...],
       bwd_dh_in_kernel=pick(block_sizes.bwd_dh_in_kernel, True),
       halo_fwd=pick(block_sizes.halo_fwd, False),
       halo_bwd=pick(block_sizes.halo_bwd, 2 * num_taps <= chunk),
-      halo_bwd_featurizer=pick(block_sizes.halo_bwd_featurizer, False),
   )
 
 

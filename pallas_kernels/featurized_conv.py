@@ -31,9 +31,7 @@ instead: each computes the outputs whose taps it holds, from its own rows, with 
 Toeplitz tile H0 and no carry between chunks (`_fgcg_fwd_halo_kernel`, `_fgcg_bwd_halo_kernel`;
 the section above them says which rows each chunk writes). That halves the tile products
 (forward 2 -> 1, backward 6 -> 3 a chunk) and the on-chip state, for T / (T - K + 1) as many
-chunks (1.1x for SE's K = 7, T = 64). BlockSizes.halo_bwd_featurizer (off by default) has the
-overlapping backward apply the featurizer's backward too: chunks overlap by K - 1 + J - 1 rows,
-dz comes from exact one-row shift products of df, and the featurizer_bwd kernel does not run.
+chunks (1.1x for SE's K = 7, T = 64).
 
 `featurized_gate_conv_gate_proj_pallas` also applies the output projection, with the backward
 kernel writing the output that dW_out needs (pallas_kernels/output_projection.py).
@@ -65,6 +63,10 @@ LAYOUTS = ("blocked", "interleaved")  # column order of z: [post | pre | v] or t
 # through a per-program ring in L2 behind a CTA barrier): on an H100 that kernel took 2.3-3.7x
 # the two kernels it replaced, and Triton's pipelining issued the ring reads before the barrier
 # (wrong gradients at 2-3 stages): experiments/results/ops_nvidia_h100_80gb_hbm3.md, twelfth run.
+# Also dropped: the overlapping backward applying the featurizer's backward itself (chunks
+# overlapping by K - 1 + J - 1 rows, dz from exact one-row shift products of df, tap sums per
+# chunk): 1.6x the two kernels it replaced on an H100 at 4K and 8K
+# (experiments/results/probe_tile_bandwidth_nvidia_h100_80gb_hbm3.md, twenty-sixth session).
 TAP_GRADS = ("kernel", "xla")
 FUSED_BWD_STAGES_LONG_CHUNK = 1
 # Forward pipelining depth for 16-bit I/O and T < 128 (the blocked kernel's 4 costs this one,
@@ -136,11 +138,6 @@ def unsupported_reason(shape_BL3C: tuple[int, ...], shape_3CJ: tuple[int, ...],
             "BlockSizes.chunk or leave them None")
   if num_taps_f > resolved.chunk:
     return f"featurizer length {num_taps_f} must be <= chunk {resolved.chunk}"
-  if resolved.halo_bwd and resolved.halo_bwd_featurizer:
-    span = shape_GK[1] + num_taps_f - 2
-    if resolved.chunk < 2 * span:
-      return (f"halo_bwd_featurizer overlaps chunks by K - 1 + J - 1 = {span} rows: it needs a "
-              f"chunk of at least {2 * span} (got {resolved.chunk}); raise BlockSizes.chunk")
   if not resolved.bwd_dh_in_kernel:
     return ("bwd_dh_in_kernel=False is a blocked-kernel (MR) option; the featurized kernel "
             "accumulates the filter gradient itself: leave it None")
@@ -177,8 +174,6 @@ def _resolve(block_sizes: bc.BlockSizes | None, shape_BLC: tuple[int, ...],
     resolved = dataclasses.replace(resolved, num_stages_bwd=FUSED_HALO_BWD_STAGES)
   if requested.num_stages_fwd is None and resolved.chunk < 128 and sixteen_bit:
     resolved = dataclasses.replace(resolved, num_stages_fwd=FUSED_FWD_STAGES)
-  if not resolved.halo_bwd:  # an option of the overlapping backward, ignored by the other
-    resolved = dataclasses.replace(resolved, halo_bwd_featurizer=False)
   return resolved
 
 
@@ -419,19 +414,15 @@ def _fgcg_bwd_kernel(
 # (their taps reach g up to row o + H), and the filter gradient pairs g of the rows o >= H with
 # u of the same chunk: every row's y, df_post and dh term comes from the one chunk that holds it
 # at o >= H, its du, df_pre, df_v from the one that holds it at o < T - H.
-# With halo_bwd_featurizer the backward's chunks advance by S = T - H - (J - 1) instead
-# (s = n S): a chunk owns the outputs at H <= o < H + S and the inputs at o < S, and holds the
-# J - 1 rows of df after each that dz[t] = sum_j w_j df[t + j] reads.
 # ---------------------------------------------------------------------------------------------
 
 
-def _halo_chunks(padded_len: int, stride: int, halo: int, segments: int,
+def _halo_chunks(padded_len: int, chunk: int, halo: int, segments: int,
                  backward: bool) -> int:
-  """Chunks per segment: chunk n's forward outputs end at row (n + 1) S (stride S, T - H in
-  the forward), the backward's du rows H earlier, so the backward takes ceil((Lp + H) / S)
-  chunks."""
+  """Chunks per segment: the forward's outputs end at row n (T - H) + T - H, the backward's
+  du rows H earlier, so the backward takes ceil((Lp + H) / (T - H)) chunks."""
   rows = padded_len + (halo if backward else 0)
-  num_chunks = -(-rows // stride)
+  num_chunks = -(-rows // (chunk - halo))
   return -(-num_chunks // segments)
 
 
@@ -490,53 +481,35 @@ def _fgcg_fwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref
 
 
 def _fgcg_bwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref, dout_ref,
-                          dgrad_ref, dh_part_ref, ddskip_part_ref, *extra_refs, chunk: int,
-                          halo: int, segment_chunks: int, num_taps_f: int, dot_dtype: jnp.dtype,
+                          df_ref, dh_part_ref, ddskip_part_ref, *out_refs, chunk: int, halo: int,
+                          segment_chunks: int, num_taps_f: int, dot_dtype: jnp.dtype,
                           precision: jax.lax.Precision | None, transpose_by_dot: bool,
-                          windows: bool, interleaved: bool, has_skip: bool, with_output: bool,
-                          featurizer: bool):
-  """_fgcg_bwd_kernel's refs (tap_grads="xla"); extra_refs: the forward's output if
-  with_output, then with featurizer the tap-gradient partial [4, Jp, dc] float32.
-
-  featurizer=False: dgrad_ref gets df, the featurized streams' gradient. featurizer=True: the
-  kernel also applies the featurizer's backward: dgrad_ref gets dz[t] = sum_j w[j] df[t + j]
-  and the tap partial sum_t df[t] z[t - j] (df rounded to the I/O dtype first, as the
-  separate featurizer_bwd kernel reads it); chunks then advance by S = T - H - (J - 1) rows,
-  so that each holds the J - 1 rows of df after those it owns. Row shifts of df are products
-  with a 0/1 shift matrix (exact); the tap sums are reduced over each chunk's rows.
+                          windows: bool, interleaved: bool, has_skip: bool):
+  """_fgcg_bwd_kernel's refs (tap_grads="xla"; out_refs: the forward's output or none).
   has_skip=False: no dskip term (Hyena-SE): dskip_ref unread, ddskip_part_ref written 0, and
-  the kernel holds no ddskip accumulator (on sm_90: 168 registers a thread instead of 182,
-  3 programs an SM instead of 2)."""
+  the kernel holds no ddskip accumulator (on sm_90 at 3 stages: 168 registers a thread instead
+  of 182, 3 programs an SM instead of 2; at the default 4 stages shared memory holds it to 2)."""
   f32 = jnp.float32
   block_c = dskip_ref.shape[-1]
-  out_refs, dwf_refs = extra_refs[:int(with_output)], extra_refs[int(with_output):]
-  df_cols = _df_columns(interleaved, block_c, dgrad_ref.shape[-1] // _STREAMS)
+  df_cols = _df_columns(interleaved, block_c, df_ref.shape[-1] // _STREAMS)
   cols = _stream_columns(interleaved, block_c)
-  z_refs = (zpost_ref, zpre_ref, zv_ref)
-  padded_len = dout_ref.shape[0]
   # the previous chunk's tiles that _toeplitz_ops also builds go unused (Triton drops them)
   h0_TT, _, dot, dot_general, h0t_dot, _ = bc._toeplitz_ops(
       hp_ref, chunk, dot_dtype, precision, backward=True, transpose_by_dot=transpose_by_dot)
   dskip_1C = dskip_ref[...].astype(f32)[None, :] if has_skip else None
-  stride = chunk - halo - (num_taps_f - 1 if featurizer else 0)
+  feat = functools.partial(_featurized_window, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
+                           windows=windows)
   rows_T = jax.lax.iota(jnp.int32, chunk)
-  # rows whose y / df_post (outputs) and du / df_pre / df_v (inputs) this chunk owns
-  outputs_T = (rows_T >= halo) & (rows_T < halo + stride)
-  inputs_T = rows_T < stride
-  shift_TT = (rows_T[None, :] == rows_T[:, None] + 1).astype(dot_dtype)  # (P x)[o] = x[o + 1]
+  outputs_T, inputs_T = rows_T >= halo, rows_T < chunk - halo
   first = pl.program_id(2) * segment_chunks
 
   def body(step, carry):
-    a_TT, *rest = carry
-    ddskip_TC, dwf = (rest[0], rest[1:]) if has_skip else (None, rest)
-    start = (first + step) * stride - halo
-    # z[t - j] of each stream: featurized here, and with the featurizer the tap sums' other
-    # factor, then held in z's dtype (on sm_90: 255 registers and no spills instead of 24 B)
-    window_dtype = z_refs[0].dtype if featurizer else f32
-    z_windows = [[_rows_window(z_ref, start - j, chunk, padded_len, windows, col).astype(
-        window_dtype) for j in range(num_taps_f)] for z_ref, col in zip(z_refs, cols)]
-    post_TC, pre_TC, v_TC = (_featurize(wf_ref, s, z_windows[s]) for s in range(_STREAMS))
-    dout_TC = _rows_window(dout_ref, start, chunk, padded_len, windows)
+    a_TT, *ddskip_TC = carry
+    start = (first + step) * (chunk - halo) - halo
+    post_TC = feat(zpost_ref, stream=0, start=start, cols=cols[0])
+    pre_TC = feat(zpre_ref, stream=1, start=start, cols=cols[1])
+    v_TC = feat(zv_ref, stream=2, start=start, cols=cols[2])
+    dout_TC = _rows_window(dout_ref, start, chunk, dout_ref.shape[0], windows)
     u_TC = pre_TC * v_TC
     u_dot_TC = u_TC.astype(dot_dtype)
     y_TC = dot(h0_TT, u_dot_TC)
@@ -548,47 +521,21 @@ def _fgcg_bwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref
     du_TC = h0t_dot(g_TC.astype(dot_dtype))
     if has_skip:
       du_TC = du_TC + dskip_1C * g_TC
-    new_dwf = []
-    for stream, (df_TC, keep_T) in enumerate(((dout_TC * y_TC, outputs_T),
-                                              (du_TC * v_TC, inputs_T),
-                                              (du_TC * pre_TC, inputs_T))):
-      if featurizer:
-        df_dot_TC = df_TC.astype(dot_dtype)
-        taps = [wf_ref[stream, j, :].astype(f32)[None, :] for j in range(num_taps_f)]
-        # dz = sum_j w_j P^j df, each P^j df a shift of the previous one (exact)
-        shifted_TC = df_dot_TC
-        dz_TC = taps[0] * df_dot_TC.astype(f32)
-        for j in range(1, num_taps_f):
-          shifted_TC = dot(shift_TT, shifted_TC).astype(dot_dtype)
-          dz_TC = dz_TC + taps[j] * shifted_TC.astype(f32)
-        df_TC = dz_TC
-        owned_TC = jnp.where(keep_T[:, None], df_dot_TC.astype(f32), 0.0)
-        for j in range(num_taps_f):
-          new_dwf.append(dwf[stream * num_taps_f + j]
-                         + jnp.sum(owned_TC * z_windows[stream][j], axis=0))
-      _store_window(dgrad_ref, start, df_TC.astype(dgrad_ref.dtype), keep_T, windows,
-                    df_cols[stream])
+    for df_TC, keep_T, df_col in ((dout_TC * y_TC, outputs_T, df_cols[0]),
+                                  (du_TC * v_TC, inputs_T, df_cols[1]),
+                                  (du_TC * pre_TC, inputs_T, df_cols[2])):
+      _store_window(df_ref, start, df_TC.astype(df_ref.dtype), keep_T, windows, df_col)
     g_out_TC = jnp.where(outputs_T[:, None], g_TC, 0.0)
     a_TT = a_TT + dot_general(g_out_TC.astype(dot_dtype), u_dot_TC, ((1,), (1,)))
-    skip = (ddskip_TC + g_out_TC * u_TC,) if has_skip else ()
-    return (a_TT, *skip, *new_dwf)
+    return (a_TT, ddskip_TC[0] + g_out_TC * u_TC) if has_skip else (a_TT,)
 
   init = (jnp.zeros((chunk, chunk), f32),)
   if has_skip:
     init += (jnp.zeros((chunk, block_c), f32),)
-  if featurizer:
-    init += (jnp.zeros((block_c,), f32),) * (_STREAMS * num_taps_f)
-  a_TT, *rest = jax.lax.fori_loop(0, segment_chunks, body, init)
+  a_TT, *ddskip = jax.lax.fori_loop(0, segment_chunks, body, init)
   lower_TT = rows_T[:, None] >= rows_T[None, :]
   dh_part_ref[...] = jnp.where(lower_TT, a_TT, 0.0)  # lags o - i >= 0 (bc._dh_from_partials)
-  ddskip_part_ref[...] = jnp.sum(rest[0], axis=0) if has_skip else jnp.zeros((block_c,), f32)
-  dwf = rest[int(has_skip):]
-  for dwf_part_ref in dwf_refs:
-    for stream in range(dwf_part_ref.shape[0]):
-      for j in range(dwf_part_ref.shape[1]):
-        in_use = stream < _STREAMS and j < num_taps_f
-        dwf_part_ref[stream, j, :] = dwf[stream * num_taps_f + j] if in_use else jnp.zeros(
-            (block_c,), f32)
+  ddskip_part_ref[...] = jnp.sum(ddskip[0], axis=0) if has_skip else jnp.zeros((block_c,), f32)
 
 
 def _specs(batch: int, padded_len: int, channels: int, groups: int, taps_pad: int,
@@ -620,8 +567,7 @@ def _fwd_call(z_BL3C, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int, block_sizes: b
   common = dict(chunk=block_sizes.chunk, num_taps_f=num_taps_f, dot_dtype=dot_dtype,
                 precision=precision, windows=not interpret, interleaved=layout == "interleaved")
   if block_sizes.halo_fwd:
-    segment_chunks = _halo_chunks(padded_len, block_sizes.chunk - halo, halo, segments,
-                                  backward=False)
+    segment_chunks = _halo_chunks(padded_len, block_sizes.chunk, halo, segments, backward=False)
     kernel = functools.partial(_fgcg_fwd_halo_kernel, halo=halo, has_skip=has_skip,
                                segment_chunks=segment_chunks, **common)
   else:
@@ -643,9 +589,8 @@ def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
               block_sizes: bc.BlockSizes, interpret: bool, tap_grads: str, layout: str,
               halo: int, has_skip: bool = True, with_output: bool = False):
   """(df, dh partials, ddskip partials), then the forward's output if with_output, then the
-  tap-gradient partials if tap_grads == "kernel" or block_sizes.halo_bwd_featurizer (whose
-  first output is dz instead of df); halo: K - 1, has_skip: whether dskip is present (both
-  used with block_sizes.halo_bwd)."""
+  tap-gradient partials if tap_grads == "kernel"; halo: K - 1, has_skip: whether dskip is present
+  (both used with block_sizes.halo_bwd)."""
   batch, padded_len, width3 = z_BL3C.shape
   channels = width3 // _STREAMS
   chunk, block_c = block_sizes.chunk, block_sizes.block_c
@@ -658,13 +603,10 @@ def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
   common = dict(chunk=chunk, num_taps_f=num_taps_f, dot_dtype=dot_dtype, precision=precision,
                 transpose_by_dot=block_sizes.bwd_transpose_by_dot, windows=not interpret,
                 interleaved=layout == "interleaved")
-  featurizer = bool(block_sizes.halo_bwd_featurizer)
   if block_sizes.halo_bwd:
-    stride = chunk - halo - (num_taps_f - 1 if featurizer else 0)
-    segment_chunks = _halo_chunks(padded_len, stride, halo, segments, backward=True)
+    segment_chunks = _halo_chunks(padded_len, chunk, halo, segments, backward=True)
     kernel = functools.partial(_fgcg_bwd_halo_kernel, halo=halo, has_skip=has_skip,
-                               segment_chunks=segment_chunks, with_output=with_output,
-                               featurizer=featurizer, **common)
+                               segment_chunks=segment_chunks, **common)
   else:
     kernel = functools.partial(_fgcg_bwd_kernel, segment_chunks=num_chunks // segments,
                                num_chunks=num_chunks, tap_grads=tap_grads,
@@ -682,7 +624,7 @@ def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
   if with_output:
     out_shape += (jax.ShapeDtypeStruct((batch, padded_len, channels), z_BL3C.dtype),)
     out_specs += (tile,)
-  if tap_grads == "kernel" or featurizer:
+  if tap_grads == "kernel":
     out_shape += (jax.ShapeDtypeStruct((batch, segments, _STREAMS_PADDED, taps_pad, channels),
                                        jnp.float32),)
     out_specs += (pl.BlockSpec((None, None, _STREAMS_PADDED, taps_pad, block_c),
@@ -893,11 +835,9 @@ def _fgcg_bwd_impl(block_sizes, interpret, tap_grads, layout, residuals, dout_BL
       block_sizes=block_sizes, interpret=interpret, tap_grads=tap_grads, layout=layout,
       halo=h_GK.shape[1] - 1, has_skip=dskip_C is not None, with_output=with_output)
   out, dwf_part = extra[:int(with_output)], extra[int(with_output):]
-  if dwf_part:
-    if block_sizes.halo_bwd_featurizer:
-      dz_BL3C = df_BL3C[:, :length]  # the kernel applied the featurizer's backward
-    else:
-      dz_BL3C = featurizer_transpose(df_BL3C[:, :length], w_feat_3CJ).astype(z_BL3C.dtype)
+  if tap_grads == "kernel":
+    df_BL3C = df_BL3C[:, :length]
+    dz_BL3C = featurizer_transpose(df_BL3C, w_feat_3CJ).astype(z_BL3C.dtype)
     dw_SJC = dwf_part[0].sum((0, 1))[:_STREAMS, :num_taps_f]
     order = (2, 0, 1) if layout == "interleaved" else (0, 2, 1)
     dw_3CJ = jnp.transpose(dw_SJC, order).reshape(width3, num_taps_f)
@@ -977,9 +917,6 @@ def _checked(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, tap_grads, layout):
     raise ValueError(f"tap_grads={tap_grads!r}: choose one of {TAP_GRADS}")
   resolved = _resolve(block_sizes, (batch, length, channels), h_GK.shape, z_BL3C.dtype)
   if tap_grads == "kernel" and resolved.halo_bwd:
-    if resolved.halo_bwd_featurizer:
-      raise ValueError("halo_bwd_featurizer=True computes the featurizer-tap gradient in the "
-                       "overlapping backward: use tap_grads='xla' (the default)")
     if (block_sizes or bc.BlockSizes.get_default()).halo_bwd:
       raise ValueError("halo_bwd=True leaves the featurizer-tap gradient to the "
                        "featurizer-backward kernel: use tap_grads='xla' (the default)")

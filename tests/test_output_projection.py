@@ -39,13 +39,12 @@ def _case(kind: str, seed: int, dtype):
                            block_sizes=bc.BlockSizes(chunk=16, num_segments_fwd=2,
                                                      num_segments_bwd=2))
     return op, lambda ops, ct: blocked_tests._reference_f64(*ops, ct), (post, pre, v, h, dskip), 32
-  if kind in ("featurized", "featurized_halo", "featurized_halo_dz"):
+  if kind in ("featurized", "featurized_halo"):
     z, w_feat, h, dskip, _ = featurized_tests._inputs(seed, 2, 150, 32, 2, 7, 3, dtype)
-    halo = kind != "featurized"
     op = functools.partial(fc.featurized_gate_conv_gate_proj_pallas, interpret=True,
-                           block_sizes=bc.BlockSizes(chunk=16, num_segments_bwd=2, halo_fwd=halo,
-                                                     halo_bwd=halo,
-                                                     halo_bwd_featurizer=kind.endswith("dz")))
+                           block_sizes=bc.BlockSizes(chunk=16, num_segments_bwd=2,
+                                                     halo_fwd=kind == "featurized_halo",
+                                                     halo_bwd=kind == "featurized_halo"))
     return op, lambda ops, ct: featurized_tests._reference_f64(*ops, ct), (z, w_feat, h, dskip), 32
   args, _ = modal_tests._featurized_case(seed, 2, 150, 32, 16, 3, dtype)
   op = functools.partial(mc.featurized_gate_conv_gate_proj_pallas, interpret=True,
@@ -69,8 +68,7 @@ def _check(kind: str, seed: int, dtype, tol: float) -> None:
   assert len(errs) == len(operands) + 2 and max(errs) < tol, errs
 
 
-@pytest.mark.parametrize("kind", ["blocked", "featurized", "featurized_halo",
-                                  "featurized_halo_dz", "modal"])
+@pytest.mark.parametrize("kind", ["blocked", "featurized", "featurized_halo", "modal"])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
 def test_projected_kernels_match_float64(kind, dtype, tol):
   """L = 150 (not a multiple of any chunk), B = 2, several segments in the backward."""

@@ -181,44 +181,6 @@ def test_halo_matches_float64_reference(batch, length, channels, groups, taps, f
   _check(args, block_sizes, dtype, tap_grads="xla")
 
 
-# the HALO_CASES whose chunk holds the fused featurizer's overlap (T >= 2 (K + J - 2))
-FEATURIZER_CASES = [
-    (*case[:-1], dataclasses.replace(block_sizes, halo_bwd_featurizer=True))
-    for case in HALO_CASES
-    for block_sizes, taps, feat_taps in [(case[-1], case[4], case[5])]
-    if (block_sizes.chunk or bc.SHORT_FILTER_CHUNK) >= 2 * (taps + feat_taps - 2)]
-
-
-@pytest.mark.parametrize("batch,length,channels,groups,taps,feat_taps,dtype,block_sizes",
-                         FEATURIZER_CASES)
-def test_halo_featurizer_backward_matches_float64_reference(batch, length, channels, groups, taps,
-                                                            feat_taps, dtype, block_sizes):
-  """halo_bwd_featurizer=True: the overlapping backward writes dz and the tap gradient itself
-  (chunks overlap by K - 1 + J - 1 rows; no featurizer_bwd kernel)."""
-  args = _inputs(47 + length + taps, batch, length, channels, groups, taps, feat_taps, dtype)
-  _check(args, block_sizes, dtype, tap_grads="xla")
-
-
-def test_halo_featurizer_backward_equals_the_separate_kernel():
-  """Same dz as the separate featurizer_bwd kernel, bit for bit (df rounded to bf16 as that
-  kernel reads it, the row shifts exact), the other gradients to float32 rounding, Hyena-SE's
-  form (no dskip) and the Evo 2 column order."""
-  z, w_feat, h, _, ct = _inputs(53, 2, 200, 64, 4, 7, 3, jnp.bfloat16)
-
-  def grads(featurizer):
-    kernel = functools.partial(
-        fc.featurized_gate_conv_gate_pallas, interpret=True, layout="interleaved",
-        block_sizes=bc.BlockSizes(halo_bwd=True, halo_bwd_featurizer=featurizer))
-    return jax.vjp(lambda a, b, c: kernel(a, b, c, None), z, w_feat, h)[1](ct)
-
-  fused, separate = grads(True), grads(False)
-  np.testing.assert_array_equal(np.asarray(fused[0], np.float32),
-                                np.asarray(separate[0], np.float32))
-  for got, want in zip(fused[1:], separate[1:]):  # sums in another order: scale-relative
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
-  assert np.abs(np.asarray(separate[0], np.float32)).max() > 0
-
-
 def test_halo_without_dskip_and_interleaved():
   """Hyena-SE's form (no skip term) with the Evo 2 column order."""
   args = _inputs(43, 2, 140, 32, 2, 7, 3, jnp.float32)
@@ -228,16 +190,13 @@ def test_halo_without_dskip_and_interleaved():
   check_permuted_against_f64(kernel, args, _interleave(32), jnp.float32, with_dskip=False)
 
 
-@pytest.mark.parametrize("which,featurizer", [("_fgcg_fwd_halo_kernel", False),
-                                              ("_fgcg_bwd_halo_kernel", False),
-                                              ("_fgcg_bwd_halo_kernel", True)])
-def test_halo_unwritten_tile_is_caught(monkeypatch, which, featurizer):
+@pytest.mark.parametrize("which", ["_fgcg_fwd_halo_kernel", "_fgcg_bwd_halo_kernel"])
+def test_halo_unwritten_tile_is_caught(monkeypatch, which):
   z, w_feat, h, dskip, ct = _inputs(3, 1, 64, 32, 1, 5, 3, jnp.float32)
 
   def run():
     kernel = functools.partial(fc.featurized_gate_conv_gate_pallas, interpret=True,
-                               block_sizes=bc.BlockSizes(chunk=16, block_c=16, **OVERLAP,
-                                                         halo_bwd_featurizer=featurizer))
+                               block_sizes=bc.BlockSizes(chunk=16, block_c=16, **OVERLAP))
     out, vjp = jax.vjp(kernel, z, w_feat, h, dskip)
     return out if which == "_fgcg_fwd_halo_kernel" else vjp(ct)[0]
 
@@ -254,19 +213,6 @@ def test_halo_refusals_say_why():
                                bc.BlockSizes(**thirds, **OVERLAP)) is None
   assert "num_segments_fwd 3 must divide the number of chunks 4" in fc.unsupported_reason(
       (1, 256, 96), (96, 3), (2, 7), bc.BlockSizes(**thirds, halo_fwd=False))
-  # J = 3 featurizer taps: with K = 7 the fused featurizer backward overlaps 8 rows (T >= 16),
-  # with K = 8 nine (T >= 18)
-  featurizer = bc.BlockSizes(chunk=16, halo_bwd=True, halo_bwd_featurizer=True)
-  assert "chunk of at least 18" in fc.unsupported_reason((1, 256, 96), (96, 3), (2, 8),
-                                                         featurizer)
-  assert fc.unsupported_reason((1, 256, 96), (96, 3), (2, 7), featurizer) is None
-  with pytest.raises(ValueError, match="halo_bwd_featurizer=True computes"):
-    fc.featurized_gate_conv_gate_pallas(jnp.zeros((1, 64, 96)), jnp.zeros((96, 3)),
-                                        jnp.zeros((2, 7)), interpret=True, tap_grads="kernel",
-                                        block_sizes=featurizer)
-  # ignored where the backward carries (MR's K = 128 = T): a run-wide default reaches MR too
-  assert fc._resolve(bc.BlockSizes(halo_bwd_featurizer=True), (1, 256, 32), (2, 128),
-                     jnp.bfloat16).halo_bwd_featurizer is False
   with pytest.raises(ValueError, match="num_segments_bwd 3 must divide"):
     fc.featurized_gate_conv_gate_pallas(jnp.zeros((1, 256, 96)), jnp.zeros((96, 3)),
                                         jnp.zeros((2, 7)), interpret=True, tap_grads="kernel",
@@ -333,9 +279,6 @@ def _lower_for_cuda(fn, *shapes):
     (jnp.bfloat16, 7, bc.BlockSizes(**OVERLAP), "xla", "blocked"),
     (jnp.bfloat16, 7, bc.BlockSizes(**OVERLAP, bwd_transpose_by_dot=True), "xla", "interleaved"),
     (jnp.float32, 7, bc.BlockSizes(**OVERLAP), "xla", "blocked"),
-    (jnp.bfloat16, 7, bc.BlockSizes(halo_bwd=True, halo_bwd_featurizer=True), "xla", "blocked"),
-    (jnp.bfloat16, 7, bc.BlockSizes(halo_bwd=True, halo_bwd_featurizer=True), "xla",
-     "interleaved"),
 ])
 def test_lowers_for_cuda(dtype, taps, block_sizes, tap_grads, layout):
   batch, length, channels, groups = 2, 4000, 512, 8
@@ -353,8 +296,7 @@ def test_lowers_for_cuda(dtype, taps, block_sizes, tap_grads, layout):
 
   text = _lower_for_cuda(fwd_bwd, z, w_feat, h, dskip, ct)
   assert "featurized_gate_conv_gate_fwd" in text and "featurized_gate_conv_gate_bwd" in text
-  separate = tap_grads == "xla" and not (block_sizes and block_sizes.halo_bwd_featurizer)
-  assert ("featurizer_bwd" in text) == separate
+  assert ("featurizer_bwd" in text) == (tap_grads == "xla")
 
 
 def test_halo_without_dskip_lowers_for_cuda():
