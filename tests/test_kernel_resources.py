@@ -45,7 +45,7 @@ def test_mixer_kernels_capture_every_kernel_with_its_launch():
   resolved = kr.MIXERS["se"][1]()
   fwd, bwd = se[0], se[1]
   assert (fwd.num_warps, fwd.num_stages) == (4, fc.FUSED_FWD_STAGES)
-  assert (bwd.num_warps, bwd.num_stages) == (4, 3)
+  assert (bwd.num_warps, bwd.num_stages) == (4, fc.FUSED_HALO_BWD_STAGES)
   assert fwd.grid[1] == 64 // 16 and bwd.grid[1] == 64 // 16, (fwd.grid, bwd.grid, resolved)
   li = kr.mixer_kernels("li", config, 256)
   assert [k.name for k in li] == ["modal_conv_states", "modal_conv_chain", "modal_conv_fwd",
