@@ -1,6 +1,6 @@
 """`sh2 bench cp` at tiny width on 2 fake CPU devices: the table, the fit search, the checks.
 
-A per-device memory limit (0.022 GiB) between what one device needs at L=256 and at 512 makes
+A per-device memory limit (0.018 GiB) between what one device needs at L=256 and at 512 makes
 the search stop: one device must stop at 256 and CP=2, which holds half the sequence per
 device, must reach 512 (the cap). Context parallelism must also give the one-device loss.
 """
@@ -37,15 +37,15 @@ def _table(text: str) -> dict[tuple[str, int], dict[str, str]]:
 def test_bench_cp_smoke(tmp_path):
   out = tmp_path / "cp.md"
   env = helpers.fake_devices_env(2, PYTHONPATH=ROOT)
-  command = [sys.executable, "-m", "sh2_jax.cli", "bench", "cp", "--smoke", "--layout", "MR LI MHA",
-             "--max-length", "512", "--no-refine", "--compare", "a2a", "--memory-gb", "0.022",
+  command = [sys.executable, "-m", "sh2_jax.cli", "bench", "cp", "--smoke", "--layout", "LI MHA",
+             "--max-length", "512", "--no-refine", "--compare", "a2a", "--memory-gb", "0.018",
              "--out", str(out)]
   result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=400)
   assert result.returncode == 0, result.stderr[-3000:]
   text = out.read_text()
   assert f"- device: cpu x 2 (cpu), jax {jax.__version__}" in text
   assert re.search(r"- date: \d{4}-\d\d-\d\d", text)
-  assert "- command: `sh2 bench cp --smoke --layout MR LI MHA" in text
+  assert "- command: `sh2 bench cp --smoke --layout LI MHA" in text
 
   rows = _table(text)
   cp, one, a2a = "CP=2 p2p/allgather zigzag", "1 device", "CP=2 a2a/allgather zigzag"

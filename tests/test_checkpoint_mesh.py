@@ -3,15 +3,15 @@
 A run trains 3 steps on data=4 (4 fake CPU devices, in a subprocess so the device count can be
 set) and checkpoints; copies of it resume to step 6 on tensor=2,context=2 with zigzag (same
 subprocess: parameters split Megatron-style, the sequence over the context axis) and on this
-process's device. Their steps 4..6 and final state must equal an uninterrupted 6-step run
-on one device (trained here while the subprocess runs).
+process's device. Their steps 4..6, held-out loss (the eval step on the resumed run's mesh)
+and final state must equal an uninterrupted 6-step run on one device (trained here while the
+subprocess runs).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -76,6 +76,12 @@ def _losses(run_dir: str) -> dict[int, float]:
           if "loss" in r}
 
 
+def _held_out(run_dir: str) -> float:
+  """The final held-out loss (nats per token) a run recorded."""
+  return [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "eval_loss" in r][-1][
+      "eval_loss"]
+
+
 def test_checkpoint_resumes_on_other_mesh_shapes(tmp_path):
   env = helpers.fake_devices_env(4)
   process = subprocess.Popen([sys.executable, "-c", FOUR_DEVICE_SCRIPT, ROOT, str(tmp_path)],
@@ -105,6 +111,8 @@ def test_checkpoint_resumes_on_other_mesh_shapes(tmp_path):
     assert sorted(losses) == [1, 2, 3, 4, 5, 6], (name, losses)
     np.testing.assert_allclose([losses[s] for s in (4, 5, 6)], [straight[s] for s in (4, 5, 6)],
                                rtol=2e-5, err_msg=name)
+    assert _held_out(str(tmp_path / name)) == pytest.approx(_held_out(str(tmp_path / "straight")),
+                                                            rel=2e-5), name
 
   final = {name: _restore_on_this_process(str(tmp_path / name), one_device)
            for name in ("straight", "split_tensor_context", "split_one_device")}

@@ -286,48 +286,6 @@ def test_cast_weights_once_gives_the_same_step_with_half_the_casts():
   assert weights >= 8 and once == weights and inside == 2 * weights - hyena_blocks, casts
 
 
-MESH_SCRIPT = r"""
-import dataclasses, json, sys
-import jax, jax.numpy as jnp, numpy as np
-sys.path.insert(0, sys.argv[1])
-from tests.test_train import small_config
-from sh2_jax import config as config_lib
-from sh2_jax.parallel import mesh as mesh_lib
-from sh2_jax.train import optim, step as step_lib
-from sh2_jax.train.state import create_train_state
-config = small_config()
-model = dataclasses.replace(config.model, dtype="float32")
-window = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 65)), jnp.int32)
-out = {}
-for name, mesh_cfg in [("single", config_lib.MeshConfig(data=1)),
-                       ("data2_tensor2", config_lib.MeshConfig(data=2, tensor=2)),
-                       ("fsdp4", config_lib.MeshConfig(data=1, fsdp=4))]:
-  devices = jax.devices()[:1] if name == "single" else jax.devices()
-  mesh = mesh_lib.make_mesh(mesh_cfg, devices)
-  tx = optim.make_optimizer(config.train)
-  state, shardings = create_train_state(model, tx, mesh, seed=0)
-  step = step_lib.make_train_step(model, config.train, tx, mesh, shardings)
-  state, metrics = step(state, window)
-  state, metrics = step(state, window)
-  out[name] = [float(metrics["loss"]), float(metrics["grad_norm"]),
-               float(jnp.sum(state.params["block_0"]["mixer"]["in_proj"]))]
-print(json.dumps(out))
-"""
-
-
-def test_train_step_on_a_device_mesh_matches_one_device(tmp_path):
-  """Data, tensor and FSDP sharding from the logical-axis rules give the single-device step
-  (4 fake CPU devices, in a fresh process so the device count can be set)."""
-  env = helpers.fake_devices_env(4)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run([sys.executable, "-c", MESH_SCRIPT, root], capture_output=True, text=True,
-                          env=env, timeout=300, cwd=root)
-  assert result.returncode == 0, result.stderr[-3000:]
-  out = json.loads(result.stdout.strip().splitlines()[-1])
-  for name in ("data2_tensor2", "fsdp4"):
-    np.testing.assert_allclose(out[name], out["single"], rtol=2e-5, err_msg=name)
-
-
 def test_restore_refuses_a_state_of_another_layout_in_one_line(tmp_path):
   """Checkpointer.restore of a state whose in_proj is [D, 3D] (before [D, 3, D]) raises a
   one-line CheckpointError naming the parameter and both shapes, before Orbax reads arrays."""
