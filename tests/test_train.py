@@ -118,6 +118,37 @@ def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path):
                      restore_params(str(tmp_path / "straight"), config).params)
 
 
+def test_throughput_leaves_out_the_compiling_first_step(tmp_path, monkeypatch, caplog):
+  """tokens/s in metrics.jsonl: the first step's call (the compile, here made 2 s longer) is
+  logged apart and counted in no window; a record after only that step carries no rate."""
+  real_make = step_lib.make_train_step
+  calls = []
+
+  def make_slow_first_call(*args, **kwargs):
+    step = real_make(*args, **kwargs)
+
+    def timed(*step_args):
+      calls.append(len(calls))
+      if len(calls) == 1:
+        time.sleep(2.0)
+      return step(*step_args)
+    return timed
+
+  monkeypatch.setattr(step_lib, "make_train_step", make_slow_first_call)
+  config = small_config(steps=3)  # log_every=1
+  with caplog.at_level("INFO", logger="sh2_jax.train.loop"):
+    train(config, str(tmp_path / "r"), progress=False)
+  assert calls == [0, 1, 2]
+  records = [r for r in read_metrics(str(tmp_path / "r" / "metrics.jsonl")) if "loss" in r]
+  assert [r["step"] for r in records] == [1, 2, 3]
+  assert "tokens_per_s" not in records[0]
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+  # one step per window: 256 tokens in well under the 2 s the first call slept
+  assert all(r["tokens_per_s"] > tokens_per_step / 1.0 for r in records[1:]), records
+  first = [m for m in caplog.messages if m.startswith("step 1 (compiling the train step)")]
+  assert len(first) == 1 and float(first[0].split(": ")[1].split(" s")[0]) >= 2.0
+
+
 def test_existing_checkpoints_need_resume(tmp_path):
   config = small_config(steps=2)
   train(config, str(tmp_path / "r"), progress=False)

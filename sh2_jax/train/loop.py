@@ -2,7 +2,9 @@
 
 A run directory holds:
   config.json      the full Config of the run
-  metrics.jsonl    one JSON object per record: {"step", "loss", "bpb", ...} or {"step", "eval_bpb", ...}
+  metrics.jsonl    one JSON object per record: {"step", "loss", "bpb", ...} or {"step", "eval_bpb", ...};
+                   "tokens_per_s" over the steps since the previous record, leaving out the
+                   run's first step (it compiles) and evaluations
   checkpoints/     orbax steps (train state + data iterator)
   loss.png         training loss and held-out bits per byte against the Markov baselines
 """
@@ -218,18 +220,25 @@ def train(config: Config, run_dir: str, resume: bool = False, progress: bool = T
   for step in range(start + 1, end + 1):
     batch = next(train_iter)["tokens"]
     state, metrics = train_step(state, _global_batch(batch, batch_sharding))
-    window_steps += 1
+    if step == start + 1:  # this call compiled the step: keep it out of the throughput windows
+      jax.block_until_ready(metrics)
+      logger.info("step %d (compiling the train step): %.1f s", step,
+                  time.perf_counter() - window_start)
+      window_start = time.perf_counter()
+    else:
+      window_steps += 1
     bar.update(1)
     if step % max(tc.log_every, 1) == 0 or step == end:
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - window_start
       last = {k: float(v) for k, v in metrics.items()}
-      last["tokens_per_s"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
+      if window_steps:  # none when only the compiling step ran since the last record
+        last["tokens_per_s"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
       if not math.isfinite(last["loss"]):
         raise FloatingPointError(f"loss is {last['loss']} at step {step}: lower train.learning_rate")
       metrics_log.write({"step": step, **last})
-      bar.set_postfix(loss=f"{last['loss']:.3f}", bpb=f"{last['bpb']:.3f}",
-                      tok_s=f"{last['tokens_per_s']:.0f}")
+      rate = {"tok_s": f"{last['tokens_per_s']:.0f}"} if window_steps else {}
+      bar.set_postfix(loss=f"{last['loss']:.3f}", bpb=f"{last['bpb']:.3f}", **rate)
       window_start, window_steps = time.perf_counter(), 0
     if tc.eval_every and step % tc.eval_every == 0 and step != end:
       result = evaluate(eval_step, state.params, eval_batches, batch_sharding)
