@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -219,13 +220,15 @@ def device_ms(fn: Callable[[Any], Any], arrays: list[jax.Array], iters: int
 
 def gate_calls(mixer: str, block_sizes: bc.BlockSizes | mc.BlockSizes | None, length: int,
                channels: int, groups: int, dtype: jnp.dtype, interpret: bool = False,
-               tap_grads: str = "xla"
+               tap_grads: str = "xla", layout: str = "blocked"
                ) -> tuple[Callable[[tuple], Any], Callable[[tuple], Any], tuple, tuple]:
   """(forward fn, backward fn, args of each) of one gate kernel pair as a rematerialised
   step runs it: the forward kernels, then the backward call that also writes the gate output
   for dW_out (output_projection), from the forward's residuals; the backward's args are the
   residuals then the output's cotangent. tap_grads: where SE's backward reduces the
-  featurizer-tap gradient (featurized_conv.TAP_GRADS)."""
+  featurizer-tap gradient (featurized_conv.TAP_GRADS); layout: SE's z column order
+  (featurized_conv.LAYOUTS: the same values as "blocked", its columns permuted by
+  `layout_permutation`)."""
   keys = jax.random.split(jax.random.key(1), 6)
   normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)  # noqa: E731
   dout = normal(keys[0], (1, length, channels))
@@ -256,12 +259,24 @@ def gate_calls(mixer: str, block_sizes: bc.BlockSizes | mc.BlockSizes | None, le
   z = normal(keys[2], (1, length, 3 * channels))
   w_feat = jax.random.normal(keys[3], (3 * channels, 3), jnp.float32) / 2.0
   h = jax.random.normal(keys[4], (groups, 7), jnp.float32) / 3.0
-  _, resolved = fc._checked(z, w_feat, h, dskip, block_sizes, tap_grads, "blocked")
+  perm = layout_permutation(layout, channels)
+  z, w_feat = z[..., perm], w_feat[perm]
+  _, resolved = fc._checked(z, w_feat, h, dskip, block_sizes, tap_grads, layout)
   operands = (z, w_feat, h, dskip)
-  fwd = jax.jit(lambda ops: fc._fwd_impl(*ops, resolved, interpret, "blocked"))
-  bwd = jax.jit(lambda ops: fc._fgcg_bwd_impl(resolved, interpret, tap_grads, "blocked",
+  fwd = jax.jit(lambda ops: fc._fwd_impl(*ops, resolved, interpret, layout))
+  bwd = jax.jit(lambda ops: fc._fgcg_bwd_impl(resolved, interpret, tap_grads, layout,
                                               ops[:-1], ops[-1], with_output=True))
   return fwd, bwd, operands, operands + (dout,)
+
+
+def layout_permutation(layout: str, channels: int) -> np.ndarray:
+  """Columns of z in `layout` as indices into the blocked [post | pre | v] columns."""
+  blocked = np.arange(3 * channels).reshape(3, channels)
+  if layout == "interleaved":
+    return blocked.T.reshape(-1)
+  if layout == "tiled":
+    return blocked.reshape(3, channels // fc.TILED_UNIT, fc.TILED_UNIT).transpose(1, 0, 2).reshape(-1)
+  return blocked.reshape(-1)
 
 
 def relative_gap(got: tuple[jax.Array, ...], want: tuple[jax.Array, ...]) -> float:
@@ -284,19 +299,22 @@ def checked_gap(got: tuple[jax.Array, ...], want: tuple[jax.Array, ...], toleran
   return gap
 
 
+LAYOUT_BLOCK_SIZES = bc.BlockSizes(block_c=fc.TILED_UNIT)  # what the tiled layout holds
 SE_TAP_GRADS_TOLERANCE = 2e-2  # a tap_grads variant's SE gradients vs the default's (bf16 I/O)
 
 
 def gate_rows(length: int, channels: int, groups: int, candidates: list[tuple[str, Any]],
               dtype: jnp.dtype = jnp.bfloat16, iters: int = 20, interpret: bool = False,
-              se_tap_grads: tuple[str, ...] = (), mixers: tuple[str, ...] = ("mr", "se", "li")
+              se_tap_grads: tuple[str, ...] = (), mixers: tuple[str, ...] = ("mr", "se", "li"),
+              se_layouts: tuple[str, ...] = ()
               ) -> list[tuple[str, str, float, list[float]]]:
   """Rows (mixer, candidate label, device ms per call, each kernel's ms) for the `mixers`'
   gate kernels' forward and backward, the defaults first, then each (mixer, BlockSizes), then
   SE's backward with each featurizer-tap-gradient placement in `se_tap_grads`
   (featurized_conv.TAP_GRADS; at the defaults and each SE candidate), whose outputs must equal
   the default's within SE_TAP_GRADS_TOLERANCE (AssertionError otherwise: e.g. a race in the
-  kernel)."""
+  kernel), then SE's kernels on z in each of `se_layouts` (featurized_conv.LAYOUTS, at
+  LAYOUT_BLOCK_SIZES), checked the same way against the blocked layout's."""
   rows = []
   for mixer, block_sizes in [*((mixer, None) for mixer in mixers), *candidates]:
     label = "defaults" if block_sizes is None else candidate_label(block_sizes)
@@ -309,6 +327,23 @@ def gate_rows(length: int, channels: int, groups: int, candidates: list[tuple[st
     _, bwd, _, bwd_args = gate_calls("se", None, length, channels, groups, dtype, interpret)
     want = bwd(bwd_args)
   se_sizes = [None] + [sizes for mixer, sizes in candidates if mixer == "se"]
+  if se_layouts:
+    fwd, bwd, fwd_args, bwd_args = gate_calls("se", LAYOUT_BLOCK_SIZES, length, channels,
+                                              groups, dtype, interpret)
+    want_fwd, want_bwd = fwd(fwd_args), bwd(bwd_args)
+  for layout in se_layouts:
+    perm = layout_permutation(layout, channels)
+    fwd, bwd, fwd_args, bwd_args = gate_calls("se", LAYOUT_BLOCK_SIZES, length, channels, groups,
+                                              dtype, interpret, layout=layout)
+    dz, dw, *rest = want_bwd
+    gap = max(checked_gap(jax.tree.leaves(fwd(fwd_args)), jax.tree.leaves(want_fwd),
+                          SE_TAP_GRADS_TOLERANCE, f"SE forward, layout={layout}"),
+              checked_gap(bwd(bwd_args), (dz[..., perm], dw[perm], *rest),
+                          SE_TAP_GRADS_TOLERANCE, f"SE backward, layout={layout}"))
+    for name, fn, args in (("forward", fwd, fwd_args), ("backward", bwd, bwd_args)):
+      kernels = kernel_ms(fn, args, iters)
+      rows.append((f"SE {name}", f"layout={layout}, {candidate_label(LAYOUT_BLOCK_SIZES)} "
+                   f"(outputs within {gap:.1e} of blocked's)", sum(kernels), kernels))
   for tap_grads in se_tap_grads:
     for block_sizes in se_sizes:
       _, bwd, _, bwd_args = gate_calls("se", block_sizes, length, channels, groups, dtype,
@@ -388,6 +423,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--se-tap-grads", default="", metavar="kernel",
                       help="with --gates, also SE's backward with its featurizer-tap gradient "
                       f"reduced there (featurized_conv tap_grads: {', '.join(fc.TAP_GRADS)})")
+  parser.add_argument("--se-layouts", default="", metavar="tiled",
+                      help="with --gates, also SE's kernels on z in these column orders "
+                      f"({', '.join(fc.LAYOUTS)}) against blocked's, both at block_c = "
+                      f"{fc.TILED_UNIT}")
   parser.add_argument("--out", help="markdown file (default: print only)")
   parser.add_argument("--dry-run", action="store_true", help="tiny shapes, interpret mode (CPU)")
   args = parser.parse_args(argv)
@@ -396,6 +435,9 @@ def main(argv: list[str] | None = None) -> None:
   se_tap_grads = tuple(t for t in args.se_tap_grads.split(",") if t)
   if unknown := sorted(set(se_tap_grads) - set(fc.TAP_GRADS)):
     parser.error(f"--se-tap-grads {','.join(unknown)}: choose from {','.join(fc.TAP_GRADS)}")
+  se_layouts = tuple(t for t in args.se_layouts.split(",") if t)
+  if unknown := sorted(set(se_layouts) - set(fc.LAYOUTS)):
+    parser.error(f"--se-layouts {','.join(unknown)}: choose from {','.join(fc.LAYOUTS)}")
   if args.dry_run:
     length, channels, groups, dtype, iters = 256, 64, 4, jnp.float32, 1
     rows = [] if args.gates_only else run(length, channels, dtype, iters=iters, interpret=True,
@@ -407,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
   gate_length = 128 if args.dry_run else length  # interpret mode walks the kernels row by row
   gates = (gate_rows(gate_length, channels, groups, candidates, dtype, iters,
                      interpret=args.dry_run, se_tap_grads=se_tap_grads,
-                     mixers=tuple(gate_mixers))
+                     mixers=tuple(gate_mixers), se_layouts=se_layouts)
            if args.gates or args.gates_only else [])
   device = jax.devices()[0].device_kind
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -57,7 +57,9 @@ from pallas_kernels import output_projection
 logger = logging.getLogger(__name__)
 
 MAX_FEATURIZER_TAPS = 4
-LAYOUTS = ("blocked", "interleaved")  # column order of z: [post | pre | v] or triples 3i+s
+# column order of z: [post | pre | v], triples 3i + s, or per TILED_UNIT channels [post | pre | v]
+LAYOUTS = ("blocked", "interleaved", "tiled")
+TILED_UNIT = 16  # channels per [post | pre | v] unit of the "tiled" layout (= the kernels' dc)
 # Where the featurizer-tap gradient is reduced (see featurized_gate_conv_gate_pallas). Tried
 # and dropped: the whole featurizer backward inside the gate backward kernel (df rows shifted
 # through a per-program ring in L2 behind a CTA barrier): on an H100 that kernel took 2.3-3.7x
@@ -188,25 +190,35 @@ def _kernel_taps(w_feat_3CJ: jax.Array, layout: str = "blocked") -> jax.Array:
   w = w_feat_3CJ.astype(jnp.float32)
   if layout == "interleaved":
     w_SJC = jnp.transpose(w.reshape(width3 // _STREAMS, _STREAMS, num_taps_f), (1, 2, 0))
+  elif layout == "tiled":
+    w_SJC = jnp.transpose(w.reshape(-1, _STREAMS, TILED_UNIT, num_taps_f), (1, 3, 0, 2)
+                          ).reshape(_STREAMS, num_taps_f, width3 // _STREAMS)
   else:
     w_SJC = jnp.swapaxes(w.reshape(_STREAMS, width3 // _STREAMS, num_taps_f), 1, 2)
   return jnp.pad(w_SJC, ((0, _STREAMS_PADDED - _STREAMS), (0, _taps_pad(num_taps_f) - num_taps_f),
                          (0, 0)))
 
 
-def _stream_columns(interleaved: bool, block_c: int) -> list:
+def _stream_columns(layout: str, block_c: int) -> list:
   """Column indexers of the three streams in a program's z tile: the whole [Lp, dc] tile of
-  each stream's own BlockSpec (blocked), or every third column of one [Lp, 3 dc] tile."""
-  if interleaved:
+  each stream's own BlockSpec (blocked), every third column of one [Lp, 3 dc] tile
+  (interleaved), or its three dc-wide thirds (tiled)."""
+  if layout == "interleaved":
     return [pl.ds(stream, block_c, stride=_STREAMS) for stream in range(_STREAMS)]
+  if layout == "tiled":
+    return [pl.ds(stream * block_c, block_c) for stream in range(_STREAMS)]
   return [slice(None)] * _STREAMS
 
 
-def _df_columns(interleaved: bool, block_c: int, channels: int) -> list:
+def _df_columns(layout: str, block_c: int, channels: int) -> list:
   """Column indexers of this program's dc channels of each stream in the [Lp, 3C] df array:
-  s C + c dc + i (blocked) or 3 (c dc + i) + s (interleaved), c = program_id(1)."""
+  s C + c dc + i (blocked), 3 (c dc + i) + s (interleaved) or 3 c dc + s dc + i (tiled),
+  c = program_id(1)."""
   tile = pl.program_id(1)
-  if interleaved:
+  if layout == "tiled":
+    return [pl.ds(pl.multiple_of(_STREAMS * tile * block_c + s * block_c, block_c), block_c)
+            for s in range(_STREAMS)]
+  if layout == "interleaved":
     return [pl.ds(_STREAMS * tile * block_c + s, block_c, stride=_STREAMS)
             for s in range(_STREAMS)]
   return [pl.ds(pl.multiple_of(s * channels + tile * block_c, block_c), block_c)
@@ -265,14 +277,14 @@ def _fgcg_fwd_kernel(
     dot_dtype: jnp.dtype,
     precision: jax.lax.Precision | None,
     windows: bool,
-    interleaved: bool,
+    layout: str,
 ):
   f32 = jnp.float32
   h0_TT, h1_TT, dot, *_ = bc._toeplitz_ops(hp_ref, chunk, dot_dtype, precision)
   dskip_1C = dskip_ref[...].astype(f32)[None, :]
   feat = functools.partial(_featurized, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
                            windows=windows,
-                           stream_cols=_stream_columns(interleaved, out_ref.shape[-1]))
+                           stream_cols=_stream_columns(layout, out_ref.shape[-1]))
   first = pl.program_id(2) * segment_chunks
 
   def body(step, u_prev_TC):
@@ -308,14 +320,14 @@ def _fgcg_bwd_kernel(
     transpose_by_dot: bool,
     windows: bool,
     tap_grads: str,
-    interleaved: bool,
+    layout: str,
     with_output: bool = False,
 ):
   f32 = jnp.float32
   out_refs, dwf_part_ref = extra_refs[:int(with_output)], extra_refs[int(with_output):]
   block_c = dskip_ref.shape[-1]
-  df_cols = _df_columns(interleaved, block_c, df_ref.shape[-1] // _STREAMS)
-  z_cols = _stream_columns(interleaved, block_c)
+  df_cols = _df_columns(layout, block_c, df_ref.shape[-1] // _STREAMS)
+  z_cols = _stream_columns(layout, block_c)
   h0_TT, h1_TT, dot, dot_general, h0t_dot, h1t_dot = bc._toeplitz_ops(
       hp_ref, chunk, dot_dtype, precision, backward=True, transpose_by_dot=transpose_by_dot)
   dskip_1C = dskip_ref[...].astype(f32)[None, :]
@@ -454,13 +466,13 @@ def _store_window(ref, start, value_TC: jax.Array, keep_T: jax.Array, windows: b
 def _fgcg_fwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref, out_ref, *,
                           chunk: int, halo: int, segment_chunks: int, num_taps_f: int,
                           dot_dtype: jnp.dtype, precision: jax.lax.Precision | None,
-                          windows: bool, interleaved: bool, has_skip: bool):
+                          windows: bool, layout: str, has_skip: bool):
   """_fgcg_fwd_kernel's refs; chunk n writes the rows n (T - H) .. n (T - H) + T - H - 1.
   has_skip=False: no dskip term (Hyena-SE; dskip_ref unread)."""
   f32 = jnp.float32
   h0_TT, _, dot, *_ = bc._toeplitz_ops(hp_ref, chunk, dot_dtype, precision)
   dskip_1C = dskip_ref[...].astype(f32)[None, :] if has_skip else None
-  cols = _stream_columns(interleaved, out_ref.shape[-1])
+  cols = _stream_columns(layout, out_ref.shape[-1])
   feat = functools.partial(_featurized_window, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
                            windows=windows)
   outputs_T = jax.lax.iota(jnp.int32, chunk) >= halo
@@ -484,15 +496,15 @@ def _fgcg_bwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref
                           df_ref, dh_part_ref, ddskip_part_ref, *out_refs, chunk: int, halo: int,
                           segment_chunks: int, num_taps_f: int, dot_dtype: jnp.dtype,
                           precision: jax.lax.Precision | None, transpose_by_dot: bool,
-                          windows: bool, interleaved: bool, has_skip: bool):
+                          windows: bool, layout: str, has_skip: bool):
   """_fgcg_bwd_kernel's refs (tap_grads="xla"; out_refs: the forward's output or none).
   has_skip=False: no dskip term (Hyena-SE): dskip_ref unread, ddskip_part_ref written 0, and
   the kernel holds no ddskip accumulator (on sm_90 at 3 stages: 168 registers a thread instead
   of 182, 3 programs an SM instead of 2; at the default 4 stages shared memory holds it to 2)."""
   f32 = jnp.float32
   block_c = dskip_ref.shape[-1]
-  df_cols = _df_columns(interleaved, block_c, df_ref.shape[-1] // _STREAMS)
-  cols = _stream_columns(interleaved, block_c)
+  df_cols = _df_columns(layout, block_c, df_ref.shape[-1] // _STREAMS)
+  cols = _stream_columns(layout, block_c)
   # the previous chunk's tiles that _toeplitz_ops also builds go unused (Triton drops them)
   h0_TT, _, dot, dot_general, h0t_dot, _ = bc._toeplitz_ops(
       hp_ref, chunk, dot_dtype, precision, backward=True, transpose_by_dot=transpose_by_dot)
@@ -544,7 +556,7 @@ def _specs(batch: int, padded_len: int, channels: int, groups: int, taps_pad: in
   grid, tile, filter_row, skip = bc._specs(batch, padded_len, channels, groups, block_c, chunk,
                                            segments)
   tiles = channels // block_c
-  if layout == "interleaved":
+  if layout in ("interleaved", "tiled"):
     z_tiles = [pl.BlockSpec((None, padded_len, _STREAMS * block_c), lambda b, c, s: (b, 0, c))] * _STREAMS
   else:
     z_tiles = [pl.BlockSpec((None, padded_len, block_c), lambda b, c, s, k=k: (b, 0, c + k * tiles))
@@ -565,7 +577,7 @@ def _fwd_call(z_BL3C, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int, block_sizes: b
       batch, padded_len, channels, hp_GX.shape[0], wf_SJC.shape[1], block_sizes, segments, layout)
   dot_dtype, precision = bc._dot_config(z_BL3C.dtype)
   common = dict(chunk=block_sizes.chunk, num_taps_f=num_taps_f, dot_dtype=dot_dtype,
-                precision=precision, windows=not interpret, interleaved=layout == "interleaved")
+                precision=precision, windows=not interpret, layout=layout)
   if block_sizes.halo_fwd:
     segment_chunks = _halo_chunks(padded_len, block_sizes.chunk, halo, segments, backward=False)
     kernel = functools.partial(_fgcg_fwd_halo_kernel, halo=halo, has_skip=has_skip,
@@ -602,7 +614,7 @@ def _bwd_call(z_BL3C, dout_BLC, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int,
   dot_dtype, precision = bc._dot_config(z_BL3C.dtype)
   common = dict(chunk=chunk, num_taps_f=num_taps_f, dot_dtype=dot_dtype, precision=precision,
                 transpose_by_dot=block_sizes.bwd_transpose_by_dot, windows=not interpret,
-                interleaved=layout == "interleaved")
+                layout=layout)
   if block_sizes.halo_bwd:
     segment_chunks = _halo_chunks(padded_len, chunk, halo, segments, backward=True)
     kernel = functools.partial(_fgcg_bwd_halo_kernel, halo=halo, has_skip=has_skip,
@@ -839,8 +851,11 @@ def _fgcg_bwd_impl(block_sizes, interpret, tap_grads, layout, residuals, dout_BL
     df_BL3C = df_BL3C[:, :length]
     dz_BL3C = featurizer_transpose(df_BL3C, w_feat_3CJ).astype(z_BL3C.dtype)
     dw_SJC = dwf_part[0].sum((0, 1))[:_STREAMS, :num_taps_f]
-    order = (2, 0, 1) if layout == "interleaved" else (0, 2, 1)
-    dw_3CJ = jnp.transpose(dw_SJC, order).reshape(width3, num_taps_f)
+    if layout == "tiled":
+      dw_3CJ = jnp.transpose(dw_SJC.reshape(_STREAMS, num_taps_f, -1, TILED_UNIT), (2, 0, 3, 1))
+    else:
+      dw_3CJ = jnp.transpose(dw_SJC, (2, 0, 1) if layout == "interleaved" else (0, 2, 1))
+    dw_3CJ = dw_3CJ.reshape(width3, num_taps_f)
   else:
     dz_BL3C, dw_3CJ = featurizer_backward_pallas(df_BL3C, _pad_rows(z_BL3C, chunk), w_feat_3CJ,
                                                  chunk=min(chunk, FEAT_BWD_CHUNK),
@@ -925,6 +940,9 @@ def _checked(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, tap_grads, layout):
       raise ValueError(reason)
   if layout not in LAYOUTS:
     raise ValueError(f"layout={layout!r}: choose one of {LAYOUTS}")
+  if layout == "tiled" and resolved.block_c != TILED_UNIT:
+    raise ValueError(f"layout='tiled' holds {TILED_UNIT}-channel units: it needs block_c = "
+                     f"{TILED_UNIT} (got {resolved.block_c}); set BlockSizes(block_c={TILED_UNIT})")
   return dskip_C, resolved
 
 
@@ -969,6 +987,9 @@ def featurize_streams(z_BL3C: jax.Array, w_feat_3CJ: jax.Array,
   if layout == "interleaved":
     f = f.reshape(*f.shape[:-1], -1, _STREAMS)
     return f[..., 0], f[..., 1], f[..., 2]
+  if layout == "tiled":
+    f = f.reshape(*f.shape[:-1], -1, _STREAMS, TILED_UNIT)
+    return tuple(f[..., s, :].reshape(*f.shape[:-3], -1) for s in range(_STREAMS))
   return tuple(jnp.split(f, _STREAMS, axis=-1))
 
 

@@ -35,6 +35,7 @@ from pallas_kernels import blocked_conv as bc
 from pallas_kernels import featurized_conv as fc
 
 MAX_TAPS = 16
+LAYOUTS = ("blocked", "interleaved")
 _STREAMS = 3
 
 
@@ -111,7 +112,7 @@ def _fwd_kernel(hc_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref, out_ref,
   featurized_conv; out_ref [Lp, dc]."""
   f32 = jnp.float32
   padded_len = out_ref.shape[0]
-  cols = fc._stream_columns(interleaved, out_ref.shape[-1])
+  cols = fc._stream_columns("interleaved" if interleaved else "blocked", out_ref.shape[-1])
   feat = functools.partial(_feat, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
                            padded_len=padded_len, windows=windows)
   dskip_1C = dskip_ref[...].astype(f32)[None, :]
@@ -141,7 +142,7 @@ def _bwd_kernel(hc_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref, dout_ref
   block_c = dout_ref.shape[-1]
   padded_len = dout_ref.shape[0]
   channels = df_ref.shape[-1] // _STREAMS
-  cols = fc._stream_columns(interleaved, block_c)
+  cols = fc._stream_columns("interleaved" if interleaved else "blocked", block_c)
   tile = pl.program_id(1)
   if interleaved:
     df_cols = [pl.ds(_STREAMS * tile * block_c + s, block_c, stride=_STREAMS)
@@ -318,8 +319,8 @@ def featurized_short_conv_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h_GK:
   reason = unsupported_reason(z_BL3C.shape, w_feat_3CJ.shape, h_GK.shape, z_BL3C.dtype.itemsize)
   if reason:
     raise ValueError(reason)
-  if layout not in fc.LAYOUTS:
-    raise ValueError(f"layout={layout!r}: choose one of {fc.LAYOUTS}")
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout={layout!r}: choose one of {LAYOUTS}")
   channels = z_BL3C.shape[-1] // _STREAMS
   if dskip_C is None:
     dskip_C = jnp.zeros((channels,), jnp.float32)

@@ -95,6 +95,20 @@ def test_dry_run_times_the_gate_kernels(tmp_path):
     probe.main(["--dry-run", "--gates", "--gate-mixers", "se,xx"])
 
 
+def test_dry_run_times_se_layouts(tmp_path):
+  """--se-layouts: SE's kernels on z permuted into another column order run, their outputs
+  checked against the blocked layout's (permuted back) inside the probe; unknown ones refused."""
+  out = tmp_path / "layouts.md"
+  probe.main(["--dry-run", "--gates-only", "--gate-mixers", "se", "--se-layouts", "interleaved",
+              "--out", str(out)])
+  rows = [line.split(" | ")[:2] for line in out.read_text().splitlines() if line.startswith("| SE ")]
+  assert [name for name, _ in rows] == ["| SE forward", "| SE backward"] * 2
+  assert all(label.startswith("layout=interleaved, block_c=16 (outputs within ")
+             for _, label in rows[2:])
+  with pytest.raises(SystemExit):
+    probe.main(["--dry-run", "--gates-only", "--se-layouts", "diagonal"])
+
+
 def test_relative_gap_is_the_worst_outputs():
   a = jnp.ones((4, 4))
   assert probe.relative_gap((a, 2 * a), (a, 2 * a)) == 0.0
