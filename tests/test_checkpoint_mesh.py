@@ -5,7 +5,8 @@ set) and checkpoints; copies of it resume to step 6 on tensor=2,context=2 with z
 subprocess: parameters split Megatron-style, the sequence over the context axis) and on this
 process's device. Their steps 4..6, held-out loss (the eval step on the resumed run's mesh)
 and final state must equal an uninterrupted 6-step run on one device (trained here while the
-subprocess runs).
+subprocess runs). The subprocess also draws fresh parameters into fsdp x tensor shards and
+checks them equal to one device's draw (train.state.init_params).
 """
 
 from __future__ import annotations
@@ -51,6 +52,20 @@ train(config_on(data=4), f"{tmp}/split_tensor_context", progress=False, stop_at=
 shutil.copytree(f"{tmp}/split_tensor_context", f"{tmp}/split_one_device")
 train(config_on(data=1, tensor=2, context=2, zigzag=True), f"{tmp}/split_tensor_context",
       progress=False, resume=True)
+# fresh parameters drawn into fsdp x tensor shards equal those drawn on one device
+import numpy as np
+from sh2_jax.parallel import mesh as mesh_lib
+from sh2_jax.train import optim
+from sh2_jax.train.state import init_params, state_shardings
+config = config_on(data=1, fsdp=2, tensor=2)
+_, shardings = state_shardings(config.model, optim.make_optimizer(config.train),
+                               mesh_lib.make_mesh(config.mesh), config.mesh)
+sharded = init_params(config.model, jax.random.key(9), shardings.params)
+plain = init_params(config.model, jax.random.key(9))
+placements = jax.tree.leaves(shardings.params)
+assert sum(not s.is_fully_replicated for s in placements) >= 10, placements
+for a, b, s in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain), placements, strict=True):
+  assert a.sharding == s and np.array_equal(np.asarray(a), np.asarray(b)), s
 print("ok")
 """
 

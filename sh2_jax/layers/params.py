@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -69,12 +71,24 @@ def cast_compute_weights(params: Any, dtype: jnp.dtype) -> Any:
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
+@flax.struct.dataclass
+class Declared(nn.LogicallyPartitioned):
+  """A parameter boxed with its logical axis names and the initialiser that drew it (so its
+  value can be redrawn from the abstract tree alone: train.state.init_params)."""
+  initializer: Initializer | None = flax.struct.field(pytree_node=False, default=None)
+
+
 def declare(module: nn.Module, name: str, init: Initializer, shape: Sequence[int],
             axes: Sequence[str | None], dtype: jnp.dtype) -> jax.Array:
-  """`module.param` whose value carries logical axis names (mapped to the mesh by the rules)."""
+  """`module.param` whose value carries logical axis names (mapped to the mesh by the rules)
+  and its initialiser (a `Declared` box)."""
   if len(axes) != len(shape):
     raise ValueError(f"{name}: {len(axes)} axis names {tuple(axes)} for shape {tuple(shape)}")
-  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+  def boxed(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> Declared:
+    return Declared(init(key, shape, dtype), tuple(axes), initializer=init)
+
+  return module.param(name, boxed, tuple(shape), dtype)
 
 
 def matmul_precision(dtype: jnp.dtype) -> contextlib.AbstractContextManager:
@@ -85,29 +99,64 @@ def matmul_precision(dtype: jnp.dtype) -> contextlib.AbstractContextManager:
   return contextlib.nullcontext()
 
 
+@dataclasses.dataclass(frozen=True)
+class Normal:
+  """N(0, std^2)."""
+  std: float
+
+  def __call__(self, key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32
+               ) -> jax.Array:
+    return jax.random.normal(key, shape, dtype) * jnp.array(self.std, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformSymmetric:
+  """U(-bound, bound), the PyTorch Conv1d default with bound = 1 / sqrt(fan_in)."""
+  bound: float
+
+  def __call__(self, key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32
+               ) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -self.bound, self.bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class Constant:
+  """Every element `value` (the key is unused)."""
+  value: float
+
+  def __call__(self, key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32
+               ) -> jax.Array:
+    del key
+    return jnp.full(shape, self.value, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogUniformLog:
+  """log U[low, high]: the LI gamma init."""
+  low: float
+  high: float
+
+  def __call__(self, key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32
+               ) -> jax.Array:
+    return jnp.log(jax.random.uniform(key, shape, dtype, self.low, self.high))
+
+
+# Hashable initialisers (frozen dataclasses): equal ones share one compiled sampler in
+# train.state.init_params.
 def normal(std: float) -> Initializer:
-  return jax.nn.initializers.normal(stddev=std)
+  return Normal(float(std))
 
 
 def uniform_symmetric(bound: float) -> Initializer:
-  """U(-bound, bound), the PyTorch Conv1d default with bound = 1 / sqrt(fan_in)."""
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
+  return UniformSymmetric(float(bound))
 
 
 def constant(value: float) -> Initializer:
-  def init(key, shape, dtype=jnp.float32):
-    del key
-    return jnp.full(shape, value, dtype)
-  return init
+  return Constant(float(value))
 
 
 def log_uniform_log(low: float, high: float) -> Initializer:
-  """log U[low, high]: the LI gamma init."""
-  def init(key, shape, dtype=jnp.float32):
-    return jnp.log(jax.random.uniform(key, shape, dtype, low, high))
-  return init
+  return LogUniformLog(float(low), float(high))
 
 
 def output_std(init_std: float, num_layers: int) -> float:
