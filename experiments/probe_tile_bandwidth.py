@@ -274,8 +274,6 @@ def layout_permutation(layout: str, channels: int) -> np.ndarray:
   blocked = np.arange(3 * channels).reshape(3, channels)
   if layout == "interleaved":
     return blocked.T.reshape(-1)
-  if layout == "tiled":
-    return blocked.reshape(3, channels // fc.TILED_UNIT, fc.TILED_UNIT).transpose(1, 0, 2).reshape(-1)
   return blocked.reshape(-1)
 
 
@@ -299,7 +297,7 @@ def checked_gap(got: tuple[jax.Array, ...], want: tuple[jax.Array, ...], toleran
   return gap
 
 
-LAYOUT_BLOCK_SIZES = bc.BlockSizes(block_c=fc.TILED_UNIT)  # what the tiled layout holds
+LAYOUT_BLOCK_SIZES = bc.BlockSizes(block_c=16)  # --se-layouts: one group's channels a program
 SE_TAP_GRADS_TOLERANCE = 2e-2  # a tap_grads variant's SE gradients vs the default's (bf16 I/O)
 
 
@@ -423,10 +421,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--se-tap-grads", default="", metavar="kernel",
                       help="with --gates, also SE's backward with its featurizer-tap gradient "
                       f"reduced there (featurized_conv tap_grads: {', '.join(fc.TAP_GRADS)})")
-  parser.add_argument("--se-layouts", default="", metavar="tiled",
+  parser.add_argument("--se-layouts", default="", metavar="interleaved",
                       help="with --gates, also SE's kernels on z in these column orders "
                       f"({', '.join(fc.LAYOUTS)}) against blocked's, both at block_c = "
-                      f"{fc.TILED_UNIT}")
+                      f"{LAYOUT_BLOCK_SIZES.block_c}")
   parser.add_argument("--out", help="markdown file (default: print only)")
   parser.add_argument("--dry-run", action="store_true", help="tiny shapes, interpret mode (CPU)")
   args = parser.parse_args(argv)

@@ -73,7 +73,7 @@ def main() -> None:
     report("defaults, layout=interleaved (strided stream columns)",
            lambda z, w, h: fc.featurized_gate_conv_gate_pallas(z, w, h, dskip, layout="interleaved"))
     if taps <= fsc.MAX_TAPS:
-      for layout in fsc.LAYOUTS:
+      for layout in fc.LAYOUTS:
         report(f"direct FIR (featurized_short_conv), layout={layout}",
                lambda z, w, h, layout=layout: fsc.featurized_short_conv_pallas(z, w, h, dskip,
                                                                                layout=layout))

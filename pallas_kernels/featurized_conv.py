@@ -57,9 +57,7 @@ from pallas_kernels import output_projection
 logger = logging.getLogger(__name__)
 
 MAX_FEATURIZER_TAPS = 4
-# column order of z: [post | pre | v], triples 3i + s, or per TILED_UNIT channels [post | pre | v]
-LAYOUTS = ("blocked", "interleaved", "tiled")
-TILED_UNIT = 16  # channels per [post | pre | v] unit of the "tiled" layout (= the kernels' dc)
+LAYOUTS = ("blocked", "interleaved")  # column order of z: [post | pre | v] or triples 3i+s
 # Where the featurizer-tap gradient is reduced (see featurized_gate_conv_gate_pallas). Tried
 # and dropped: the whole featurizer backward inside the gate backward kernel (df rows shifted
 # through a per-program ring in L2 behind a CTA barrier): on an H100 that kernel took 2.3-3.7x
@@ -190,9 +188,6 @@ def _kernel_taps(w_feat_3CJ: jax.Array, layout: str = "blocked") -> jax.Array:
   w = w_feat_3CJ.astype(jnp.float32)
   if layout == "interleaved":
     w_SJC = jnp.transpose(w.reshape(width3 // _STREAMS, _STREAMS, num_taps_f), (1, 2, 0))
-  elif layout == "tiled":
-    w_SJC = jnp.transpose(w.reshape(-1, _STREAMS, TILED_UNIT, num_taps_f), (1, 3, 0, 2)
-                          ).reshape(_STREAMS, num_taps_f, width3 // _STREAMS)
   else:
     w_SJC = jnp.swapaxes(w.reshape(_STREAMS, width3 // _STREAMS, num_taps_f), 1, 2)
   return jnp.pad(w_SJC, ((0, _STREAMS_PADDED - _STREAMS), (0, _taps_pad(num_taps_f) - num_taps_f),
@@ -201,23 +196,17 @@ def _kernel_taps(w_feat_3CJ: jax.Array, layout: str = "blocked") -> jax.Array:
 
 def _stream_columns(layout: str, block_c: int) -> list:
   """Column indexers of the three streams in a program's z tile: the whole [Lp, dc] tile of
-  each stream's own BlockSpec (blocked), every third column of one [Lp, 3 dc] tile
-  (interleaved), or its three dc-wide thirds (tiled)."""
+  each stream's own BlockSpec (blocked), or every third column of one [Lp, 3 dc] tile
+  (interleaved)."""
   if layout == "interleaved":
     return [pl.ds(stream, block_c, stride=_STREAMS) for stream in range(_STREAMS)]
-  if layout == "tiled":
-    return [pl.ds(stream * block_c, block_c) for stream in range(_STREAMS)]
   return [slice(None)] * _STREAMS
 
 
 def _df_columns(layout: str, block_c: int, channels: int) -> list:
   """Column indexers of this program's dc channels of each stream in the [Lp, 3C] df array:
-  s C + c dc + i (blocked), 3 (c dc + i) + s (interleaved) or 3 c dc + s dc + i (tiled),
-  c = program_id(1)."""
+  s C + c dc + i (blocked) or 3 (c dc + i) + s (interleaved), c = program_id(1)."""
   tile = pl.program_id(1)
-  if layout == "tiled":
-    return [pl.ds(pl.multiple_of(_STREAMS * tile * block_c + s * block_c, block_c), block_c)
-            for s in range(_STREAMS)]
   if layout == "interleaved":
     return [pl.ds(_STREAMS * tile * block_c + s, block_c, stride=_STREAMS)
             for s in range(_STREAMS)]
@@ -556,7 +545,7 @@ def _specs(batch: int, padded_len: int, channels: int, groups: int, taps_pad: in
   grid, tile, filter_row, skip = bc._specs(batch, padded_len, channels, groups, block_c, chunk,
                                            segments)
   tiles = channels // block_c
-  if layout in ("interleaved", "tiled"):
+  if layout == "interleaved":
     z_tiles = [pl.BlockSpec((None, padded_len, _STREAMS * block_c), lambda b, c, s: (b, 0, c))] * _STREAMS
   else:
     z_tiles = [pl.BlockSpec((None, padded_len, block_c), lambda b, c, s, k=k: (b, 0, c + k * tiles))
@@ -851,11 +840,8 @@ def _fgcg_bwd_impl(block_sizes, interpret, tap_grads, layout, residuals, dout_BL
     df_BL3C = df_BL3C[:, :length]
     dz_BL3C = featurizer_transpose(df_BL3C, w_feat_3CJ).astype(z_BL3C.dtype)
     dw_SJC = dwf_part[0].sum((0, 1))[:_STREAMS, :num_taps_f]
-    if layout == "tiled":
-      dw_3CJ = jnp.transpose(dw_SJC.reshape(_STREAMS, num_taps_f, -1, TILED_UNIT), (2, 0, 3, 1))
-    else:
-      dw_3CJ = jnp.transpose(dw_SJC, (2, 0, 1) if layout == "interleaved" else (0, 2, 1))
-    dw_3CJ = dw_3CJ.reshape(width3, num_taps_f)
+    order = (2, 0, 1) if layout == "interleaved" else (0, 2, 1)
+    dw_3CJ = jnp.transpose(dw_SJC, order).reshape(width3, num_taps_f)
   else:
     dz_BL3C, dw_3CJ = featurizer_backward_pallas(df_BL3C, _pad_rows(z_BL3C, chunk), w_feat_3CJ,
                                                  chunk=min(chunk, FEAT_BWD_CHUNK),
@@ -940,9 +926,6 @@ def _checked(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, tap_grads, layout):
       raise ValueError(reason)
   if layout not in LAYOUTS:
     raise ValueError(f"layout={layout!r}: choose one of {LAYOUTS}")
-  if layout == "tiled" and resolved.block_c != TILED_UNIT:
-    raise ValueError(f"layout='tiled' holds {TILED_UNIT}-channel units: it needs block_c = "
-                     f"{TILED_UNIT} (got {resolved.block_c}); set BlockSizes(block_c={TILED_UNIT})")
   return dskip_C, resolved
 
 
@@ -987,9 +970,6 @@ def featurize_streams(z_BL3C: jax.Array, w_feat_3CJ: jax.Array,
   if layout == "interleaved":
     f = f.reshape(*f.shape[:-1], -1, _STREAMS)
     return f[..., 0], f[..., 1], f[..., 2]
-  if layout == "tiled":
-    f = f.reshape(*f.shape[:-1], -1, _STREAMS, TILED_UNIT)
-    return tuple(f[..., s, :].reshape(*f.shape[:-3], -1) for s in range(_STREAMS))
   return tuple(jnp.split(f, _STREAMS, axis=-1))
 
 

@@ -35,7 +35,6 @@ from pallas_kernels import blocked_conv as bc
 from pallas_kernels import featurized_conv as fc
 
 MAX_TAPS = 16
-LAYOUTS = ("blocked", "interleaved")
 _STREAMS = 3
 
 
@@ -319,8 +318,8 @@ def featurized_short_conv_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array, h_GK:
   reason = unsupported_reason(z_BL3C.shape, w_feat_3CJ.shape, h_GK.shape, z_BL3C.dtype.itemsize)
   if reason:
     raise ValueError(reason)
-  if layout not in LAYOUTS:
-    raise ValueError(f"layout={layout!r}: choose one of {LAYOUTS}")
+  if layout not in fc.LAYOUTS:
+    raise ValueError(f"layout={layout!r}: choose one of {fc.LAYOUTS}")
   channels = z_BL3C.shape[-1] // _STREAMS
   if dskip_C is None:
     dskip_C = jnp.zeros((channels,), jnp.float32)

@@ -278,7 +278,6 @@ def _lower_for_cuda(fn, *shapes):
     (jnp.float32, 128, None, "kernel", "interleaved"),
     (jnp.bfloat16, 7, bc.BlockSizes(**OVERLAP), "xla", "blocked"),
     (jnp.bfloat16, 7, bc.BlockSizes(**OVERLAP, bwd_transpose_by_dot=True), "xla", "interleaved"),
-    (jnp.bfloat16, 7, bc.BlockSizes(block_c=16), "xla", "tiled"),
     (jnp.float32, 7, bc.BlockSizes(**OVERLAP), "xla", "blocked"),
 ])
 def test_lowers_for_cuda(dtype, taps, block_sizes, tap_grads, layout):
@@ -493,36 +492,6 @@ def test_interleaved_layout_matches_float64_reference(case, tap_grads):
   kernel = functools.partial(fc.featurized_gate_conv_gate_pallas, block_sizes=block_sizes,
                              interpret=True, tap_grads=tap_grads, layout="interleaved")
   check_permuted_against_f64(kernel, args, _interleave(channels), dtype)
-
-
-def _tile(channels: int) -> np.ndarray:
-  """Column permutation blocked [post | pre | v] -> tiled units (48 u + 16 s + i <- s C + 16 u + i)."""
-  unit = fc.TILED_UNIT
-  return np.arange(3 * channels).reshape(3, channels // unit, unit).transpose(1, 0, 2).reshape(-1)
-
-
-@pytest.mark.parametrize("case,tap_grads", [
-    ((2, 150, 64, 4, 7, 3, jnp.bfloat16, bc.BlockSizes(block_c=16, **OVERLAP)), "xla"),
-    ((1, 192, 32, 2, 7, 3, jnp.float32, bc.BlockSizes(chunk=32, block_c=16, halo_bwd=False,
-                                                      num_segments_fwd=2)), "xla"),
-    ((1, 100, 32, 1, 5, 2, jnp.float32, bc.BlockSizes(chunk=32, block_c=16, halo_bwd=False)),
-     "kernel")])
-def test_tiled_layout_matches_float64_reference(case, tap_grads):
-  """layout="tiled" ([post | pre | v] per 16 channels: the three streams of a program's tile
-  side by side) on the tiled copy of the inputs == the float64 reference, for the overlapping
-  and carrying kernels."""
-  batch, length, channels, groups, taps, feat_taps, dtype, block_sizes = case
-  args = _inputs(31 + length, batch, length, channels, groups, taps, feat_taps, dtype)
-  kernel = functools.partial(fc.featurized_gate_conv_gate_pallas, block_sizes=block_sizes,
-                             interpret=True, tap_grads=tap_grads, layout="tiled")
-  check_permuted_against_f64(kernel, args, _tile(channels), dtype)
-
-
-def test_tiled_layout_needs_16_channel_tiles():
-  z, w_feat, h, dskip, _ = _inputs(3, 1, 64, 64, 1, 5, 3, jnp.float32)
-  with pytest.raises(ValueError, match="block_c = 16"):
-    fc.featurized_gate_conv_gate_pallas(z, w_feat, h, dskip, interpret=True, layout="tiled",
-                                        block_sizes=bc.BlockSizes(block_c=32))
 
 
 @pytest.mark.parametrize("which", ["_fgcg_fwd_kernel", "_fgcg_bwd_kernel"])
