@@ -65,6 +65,11 @@ def make_parser() -> argparse.ArgumentParser:
       prog="sh2", description="StripedHyena 2 (Evo 2 architecture) language models in JAX.",
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+  parser.add_argument("--compile-cache", metavar="DIR|off", default=None,
+                      help="persistent XLA compilation cache: a later run of the same programs "
+                      "loads them instead of compiling (default: $SH2_COMPILE_CACHE, else "
+                      "$XDG_CACHE_HOME/sh2-jax/xla or ~/.cache/sh2-jax/xla; 'off' disables it; "
+                      "a JAX_COMPILATION_CACHE_DIR in the environment wins)")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
   p = sub.add_parser("train", help="train a model (default: tiny preset on the bundled bacterial genome)",
@@ -314,6 +319,35 @@ def cmd_convert(args: argparse.Namespace) -> int:
   return 0
 
 
+def default_compile_cache(environ: dict[str, str] | None = None) -> str:
+  """$XDG_CACHE_HOME/sh2-jax/xla, or ~/.cache/sh2-jax/xla."""
+  environ = os.environ if environ is None else environ
+  root = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "sh2-jax", "xla")
+
+
+def configure_compile_cache(requested: str | None, environ: dict[str, str] | None = None
+                            ) -> str | None:
+  """Points JAX's persistent compilation cache (and child processes, through
+  JAX_COMPILATION_CACHE_DIR in `environ`) at the directory `sh2` uses; returns it, or None when
+  off or when JAX_COMPILATION_CACHE_DIR already chose one (JAX reads that itself).
+
+  requested: --compile-cache (a directory or "off"); None: $SH2_COMPILE_CACHE, else
+  default_compile_cache(). JAX caches programs that took >= 1 s to compile.
+  """
+  environ = os.environ if environ is None else environ
+  if environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return None
+  choice = requested or environ.get("SH2_COMPILE_CACHE") or default_compile_cache(environ)
+  if choice == "off":
+    return None
+  import jax
+  path = os.path.abspath(os.path.expanduser(choice))
+  jax.config.update("jax_compilation_cache_dir", path)
+  environ["JAX_COMPILATION_CACHE_DIR"] = path  # for child processes (benchmarks spawn some)
+  return path
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench,
             "generate": cmd_generate, "score": cmd_score, "convert": cmd_convert}
 
@@ -326,6 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   for noisy in ("absl", "jax._src", "orbax", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   from sh2_jax.errors import USER_ERRORS
+  if args.command != "convert":  # the converter compiles nothing
+    cache = configure_compile_cache(args.compile_cache)
+    logger.debug("XLA compilation cache: %s", cache or "JAX's setting")
   try:
     return COMMANDS[args.command](args)
   except USER_ERRORS as error:

@@ -1,6 +1,7 @@
 """The `sh2` command line: help, info, and one-line errors for bad input."""
 
 import gzip
+import os
 import subprocess
 import sys
 
@@ -100,3 +101,29 @@ def test_yaml_config_then_set_overrides(capsys, tmp_path):
   path.write_text("- not a mapping\n")
   code, _, err = run_cli(capsys, "info", "--config", str(path))
   assert code == 2 and "must hold a mapping" in err
+
+
+def test_compile_cache_directory_choice(tmp_path, monkeypatch):
+  """--compile-cache, then $SH2_COMPILE_CACHE, then the XDG default; 'off' disables it; a
+  JAX_COMPILATION_CACHE_DIR already set wins; the choice reaches JAX and child processes."""
+  import jax
+  chosen = {}
+
+  def update(name, value):
+    chosen[name] = value
+
+  monkeypatch.setattr(jax.config, "update", update)
+  env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+  assert cli.configure_compile_cache(None, env) == str(tmp_path / "xdg" / "sh2-jax" / "xla")
+  assert chosen["jax_compilation_cache_dir"] == env["JAX_COMPILATION_CACHE_DIR"]
+  env = {"SH2_COMPILE_CACHE": str(tmp_path / "env")}
+  assert cli.configure_compile_cache(None, env) == str(tmp_path / "env")
+  env = {"SH2_COMPILE_CACHE": str(tmp_path / "env")}
+  assert cli.configure_compile_cache(str(tmp_path / "arg"), env) == str(tmp_path / "arg")
+  assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "arg")
+  chosen.clear()
+  assert cli.configure_compile_cache("off", {"SH2_COMPILE_CACHE": str(tmp_path)}) is None
+  assert cli.configure_compile_cache(str(tmp_path), {"JAX_COMPILATION_CACHE_DIR": "/x"}) is None
+  assert not chosen
+  assert cli.default_compile_cache({}) == os.path.join(os.path.expanduser("~"), ".cache",
+                                                       "sh2-jax", "xla")
