@@ -88,8 +88,9 @@ def init_params(model_config: ModelConfig, rng: jax.Array, shardings: Any = None
   Leaf i of the parameter tree (flattened order) is its declared initialiser applied to
   fold_in(rng, i). Each leaf is drawn by a small compiled sampler shared by all leaves with an
   equal (initialiser, shape, dtype, sharding), 16 for every preset, compiled in parallel:
-  one program with a random generator per parameter took 64 s to compile for evo2-7b on an
-  H100. The values do not depend on the shardings.
+  one program with a random generator per parameter took 72 s to compile for evo2-7b on an
+  H100 (2.6 s this way: experiments/results/startup_nvidia_h100_80gb_hbm3.md). The values do
+  not depend on the shardings.
 
   Args:
     rng: a typed key (jax.random.key) of the default implementation.
