@@ -196,7 +196,8 @@ def train(config: Config, run_dir: str, resume: bool = False, progress: bool = T
   if resume:
     state = ckpt.restore(latest, setup.abstract_state, train_iter)
   else:
-    state, _ = create_train_state(config.model, setup.optimizer, setup.mesh, tc.seed, config.mesh)
+    state, _ = create_train_state(config.model, setup.optimizer, setup.mesh, tc.seed, config.mesh,
+                                  setup.shardings)
   save_config(config, run_dir)
   metrics_log = MetricsWriter(os.path.join(run_dir, "metrics.jsonl"))
   train_step = step_lib.make_train_step(config.model, tc, setup.optimizer, setup.mesh,

@@ -115,11 +115,15 @@ def init_params(model_config: ModelConfig, rng: jax.Array, shardings: Any = None
 
 
 def create_train_state(model_config: ModelConfig, optimizer: optax.GradientTransformation,
-                       mesh: Mesh, seed: int, mesh_config: MeshConfig | None = None
-                       ) -> tuple[TrainState, TrainState]:
+                       mesh: Mesh, seed: int, mesh_config: MeshConfig | None = None,
+                       shardings: TrainState | None = None) -> tuple[TrainState, TrainState]:
   """Initialises the state directly into its shardings (init_params, then the optimizer's
-  init and the scalars under their shardings); returns (state, shardings)."""
-  _, shardings = state_shardings(model_config, optimizer, mesh, mesh_config)
+  init and the scalars under their shardings); returns (state, shardings).
+
+  shardings: state_shardings(...)[1] when the caller has it (saves tracing the init again).
+  """
+  if shardings is None:
+    _, shardings = state_shardings(model_config, optimizer, mesh, mesh_config)
   init_rng, state_rng = jax.random.split(jax.random.key(seed))
   params = init_params(model_config, init_rng, shardings.params)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
