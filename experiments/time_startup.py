@@ -68,8 +68,9 @@ def time_step_compile(model_config: ModelConfig, length: int
   """(cold compile s, compile s loaded from the persistent cache, relative (loss, gradient norm)
   gaps of two runs of the cold executable, the same gaps cold vs cached) of the train step at
   [1, length], each run one step from the same state (a GPU step need not be bitwise
-  reproducible: atomics in reductions and attention's backward). AssertionError when the cached
-  executable is off by more than CACHED_TOLERANCE."""
+  reproducible: atomics in reductions and attention's backward; evo2-1b's gradient norm moved by
+  up to 3.2e-5 between two runs on an H100). AssertionError when the cached executable is off by
+  more than CACHED_TOLERANCE and 10x the cold executable's own spread."""
   step, state, windows = bench_train.build_step(model_config, length, batch=1)
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (the step donates its state)
   runs, seconds = [], []
@@ -83,7 +84,8 @@ def time_step_compile(model_config: ModelConfig, length: int
       metrics = jax.device_get(compiled(copy(state), windows[0])[1])
       runs.append(np.array([metrics["loss"], metrics["grad_norm"]], np.float64))
   cold_gap, cached_gap = (tuple(np.abs(run - runs[0]) / np.abs(runs[0])) for run in runs[1:])
-  if not max(cached_gap) <= CACHED_TOLERANCE:
+  allowed = [max(CACHED_TOLERANCE, 10 * cold) for cold in cold_gap]
+  if not all(cached <= bound for cached, bound in zip(cached_gap, allowed)):
     raise AssertionError(f"the train step loaded from the compilation cache gave (loss, gradient "
                          f"norm) {runs[2]} against {runs[0]} (cold; {runs[1]} on its second run)")
   return seconds[0], seconds[1], cold_gap, cached_gap

@@ -62,7 +62,8 @@ def test_parameters_follow_their_distributions_independently():
       if value.size >= 1000:
         assert abs(value.var() / (init.bound ** 2 / 3) - 1) < 0.1, init
     elif isinstance(init, P.LogUniformLog):
-      assert np.all((np.exp(value) >= init.low * (1 - 1e-6)) & (np.exp(value) <= init.high * (1 + 1e-6)))
+      gamma = np.exp(value)
+      assert np.all((gamma >= init.low * (1 - 1e-6)) & (gamma <= init.high * (1 + 1e-6))), init
     elif isinstance(init, P.Constant):
       np.testing.assert_array_equal(value, init.value)
     if not isinstance(init, P.Constant):
