@@ -30,6 +30,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any, Callable, Iterator
 
 import flax.linen as nn
@@ -167,20 +168,25 @@ def mixer_kernels(mixer: str, config: config_lib.ModelConfig, length: int,
 
 
 def compile_resources(kernel: Kernel) -> dict[str, int]:
-  """Registers, stack and shared bytes of `kernel` compiled for sm_90 by the triton wheel."""
+  """Registers, stack and shared bytes of `kernel` compiled for sm_90 by the triton wheel, and
+  the compile's milliseconds on this machine ("compile_ms": the wheel's Triton on this CPU, a
+  proxy for which kernels dominate a cold compile on the GPU, not its seconds)."""
   try:
     import triton  # noqa: PLC0415
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
   except ImportError as error:
     raise SystemExit("kernel_resources needs the Triton compiler: pip install triton") from error
   os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+  os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # no answer from Triton's disk cache: time the compile
   with tempfile.TemporaryDirectory() as tmp:
     source = os.path.join(tmp, f"{kernel.name}.ttir")
     with open(source, "w") as f:
       f.write(kernel.ttir)
+    start = time.perf_counter()
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": kernel.num_warps,
                                        "num_stages": kernel.num_stages})
+    compile_s = time.perf_counter() - start
     cubin = os.path.join(tmp, "kernel.cubin")
     with open(cubin, "wb") as f:
       f.write(compiled.asm["cubin"])
@@ -190,6 +196,7 @@ def compile_resources(kernel: Kernel) -> dict[str, int]:
                            text=True, check=True).stdout
   found = parse_resource_usage(usage)
   found["shared"] = max(found["shared"], compiled.metadata.shared)  # dynamic shared memory
+  found["compile_ms"] = round(compile_s * 1e3)
   return found
 
 
@@ -197,7 +204,8 @@ def table_rows(mixer: str, label: str, kernels: list[Kernel],
                resources: Callable[[Kernel], dict[str, int]] = compile_resources,
                limits: SmLimits = H100) -> list[str]:
   """Markdown rows: mixer, candidate, kernel, programs, warps, stages, registers, spill stack
-  bytes, shared KiB, programs per SM (limiter), waves."""
+  bytes, shared KiB, programs per SM (limiter), waves, compile seconds ("-" when `resources`
+  does not time it)."""
   rows = []
   for kernel in kernels:
     found = resources(kernel)
@@ -206,7 +214,8 @@ def table_rows(mixer: str, label: str, kernels: list[Kernel],
     waves = programs / (per_sm * limits.sms)
     rows.append(f"| {mixer} | {label} | {kernel.name} | {programs} | {kernel.num_warps} | "
                 f"{kernel.num_stages} | {found['registers']} | {found['stack']} | "
-                f"{found['shared'] / 1024:.1f} | {per_sm} ({limiter}) | {waves:.2f} |")
+                f"{found['shared'] / 1024:.1f} | {per_sm} ({limiter}) | {waves:.2f} | "
+                + (f"{found['compile_ms'] / 1e3:.1f} |" if "compile_ms" in found else "- |"))
   return rows
 
 
@@ -233,9 +242,11 @@ def main(argv: list[str] | None = None) -> int:
            f"- B=1, D={config.d_model}, bf16, forward + backward under save_dots remat; programs "
            f"per SM from an H100's {H100.registers} registers, {H100.shared_bytes // 1024} KiB "
            f"shared memory and {H100.max_warps} warps; waves = programs / (per SM x {H100.sms})",
+           "- compile s: the wheel's Triton compile of the kernel on this CPU (relative sizes "
+           "only; the GPU machine compiles with XLA's Triton on faster cores)",
            "", "| mixer | candidate | kernel | programs | warps | stages | registers | spill stack "
-           "B | shared KiB | programs/SM (limit) | waves |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "B | shared KiB | programs/SM (limit) | waves | compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   runs = [(mixer, None) for mixer in mixers] + candidates
   for mixer, candidate in runs:
     label = "defaults" if candidate is None else ", ".join(

@@ -61,7 +61,9 @@ def test_table_rows_count_waves_from_the_grid():
   kernel = kr.Kernel("k", (1, 120, 4), 4, 3, "module {}")
   rows = kr.table_rows("se", "defaults", [kernel],
                        resources=lambda k: {"registers": 255, "stack": 16, "shared": 83072})
-  assert rows == ["| se | defaults | k | 480 | 4 | 3 | 255 | 16 | 81.1 | 2 (registers+shared) | 1.82 |"]
+  assert rows == ["| se | defaults | k | 480 | 4 | 3 | 255 | 16 | 81.1 | 2 (registers+shared) | 1.82 "
+                  "| - |"]
   limits = dataclasses.replace(kr.H100, sms=240)
-  assert kr.table_rows("se", "d", [kernel], lambda k: {"registers": 255, "stack": 0, "shared": 0},
-                       limits)[0].endswith("| 2 (registers) | 1.00 |")
+  timed = {"registers": 255, "stack": 0, "shared": 0, "compile_ms": 1234}
+  assert kr.table_rows("se", "d", [kernel], lambda k: timed,
+                       limits)[0].endswith("| 2 (registers) | 1.00 | 1.2 |")
