@@ -106,12 +106,12 @@ def _feat(z_ref, wf_ref, stream: int, start, chunk: int, num_taps_f: int, padded
 
 def _fwd_kernel(hc_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref, out_ref, *, chunk: int,
                 segment_chunks: int, num_taps: int, num_taps_f: int, windows: bool,
-                interleaved: bool):
+                layout: str):
   """hc_ref [Kp, dc] per-channel taps; dskip_ref [dc]; wf_ref [4, Jp, dc]; z refs as in
   featurized_conv; out_ref [Lp, dc]."""
   f32 = jnp.float32
   padded_len = out_ref.shape[0]
-  cols = fc._stream_columns("interleaved" if interleaved else "blocked", out_ref.shape[-1])
+  cols = fc._stream_columns(layout, out_ref.shape[-1])
   feat = functools.partial(_feat, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
                            padded_len=padded_len, windows=windows)
   dskip_1C = dskip_ref[...].astype(f32)[None, :]
@@ -134,16 +134,16 @@ def _fwd_kernel(hc_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref, out_ref,
 
 def _bwd_kernel(hc_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref, dout_ref, df_ref,
                 dh_part_ref, *, chunk: int, segment_chunks: int, num_taps: int, num_taps_f: int,
-                windows: bool, interleaved: bool):
+                windows: bool, layout: str):
   """As _fwd_kernel plus dout_ref [Lp, dc]; writes df_ref [Lp, 3C] (this program's columns of
   each stream, in z's layout) and dh_part_ref [Kp, dc] = sum_t g(t) u(t - k) per channel."""
   f32 = jnp.float32
   block_c = dout_ref.shape[-1]
   padded_len = dout_ref.shape[0]
   channels = df_ref.shape[-1] // _STREAMS
-  cols = fc._stream_columns("interleaved" if interleaved else "blocked", block_c)
+  cols = fc._stream_columns(layout, block_c)
   tile = pl.program_id(1)
-  if interleaved:
+  if layout == "interleaved":
     df_cols = [pl.ds(_STREAMS * tile * block_c + s, block_c, stride=_STREAMS)
                for s in range(_STREAMS)]
   else:
@@ -224,7 +224,7 @@ def _call(kernel, z_BL3C, dout_BLC, hc_KC, dskip_C, wf_SJC, *, num_taps: int, nu
                  jax.ShapeDtypeStruct((batch, segments, hc_KC.shape[0], channels), jnp.float32))
   body = functools.partial(kernel, chunk=chunk, segment_chunks=rows // chunk, num_taps=num_taps,
                            num_taps_f=num_taps_f, windows=not interpret,
-                           interleaved=layout == "interleaved")
+                           layout=layout)
   return pl.pallas_call(
       body,
       grid=(batch, tiles, segments),
