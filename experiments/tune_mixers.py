@@ -16,7 +16,8 @@ a value only if it is faster by more than --keep (relative), until --budget seco
 mixer. Prints a markdown table per mixer (resolved tiles, ms) and the best candidate.
 
 With --candidate, no walk: the named candidates and their mixer's defaults are compiled
-first, then timed in --rounds alternating rounds (an A/B whose sides share the drift).
+first (the table gives each one's compile seconds), then timed in --rounds alternating rounds
+(an A/B whose sides share the drift).
 """
 
 from __future__ import annotations
@@ -143,31 +144,38 @@ def time_candidate(mixer: str, candidate: Any, config: config_lib.ModelConfig, x
     return median_ms(fwdbwd, iters=iters, warmup=3)
 
 
+CompareRow = tuple[str, str, list[float] | str, float | None]
+
+
 def compare(mixer: str, candidates: list[Any], config: config_lib.ModelConfig, x_BLD: jax.Array,
-            rounds: int, iters: int) -> list[tuple[str, str, list[float] | str]]:
+            rounds: int, iters: int) -> list[CompareRow]:
   """The defaults and each candidate, compiled ahead of time, then timed in `rounds`
   alternating rounds (median of `iters` runs each), so that the device's drift hits them alike.
 
-  Returns rows (label, resolved tiles, ms per round), the defaults first; a candidate the
-  kernels refuse or that fails to compile has its reason instead of times.
+  Returns rows (label, resolved tiles, ms per round, seconds the module's forward and
+  backward took to compile), the defaults first; a candidate the kernels refuse or that fails
+  to compile has its reason instead of times (and None seconds). The compile seconds include
+  the candidate's kernels through Triton, which this process has not compiled before unless
+  an earlier row resolved to the same tiles.
   """
   module, sizes_cls, _ = MIXERS[mixer]
-  rows: list[tuple[str, str, list[float] | str]] = []
+  rows: list[CompareRow] = []
   thunks = []
   for candidate in [sizes_cls(), *candidates]:
     label = candidate_label(candidate)
     resolved = _resolved(mixer, candidate, config, x_BLD.shape[1])
     if resolved.startswith("unsupported"):
-      rows.append((label, resolved, resolved))
+      rows.append((label, resolved, resolved, None))
       continue
+    start = time.perf_counter()
     try:
       with default_block_sizes(sizes_cls, candidate):
         _, fwdbwd = _module_fns(Variant(mixer, module, {}), config, x_BLD, jax.random.key(0),
                                 remat="save_dots", compile_now=True)
     except Exception as error:  # noqa: BLE001 - a candidate that does not compile is a row
-      rows.append((label, resolved, str(error).splitlines()[0][:100]))
+      rows.append((label, resolved, str(error).splitlines()[0][:100], None))
       continue
-    rows.append((label, resolved, []))
+    rows.append((label, resolved, [], time.perf_counter() - start))
     thunks.append((len(rows) - 1, fwdbwd))
   for round_index in range(rounds):
     for row_index, fwdbwd in thunks:
@@ -177,22 +185,23 @@ def compare(mixer: str, candidates: list[Any], config: config_lib.ModelConfig, x
   return rows
 
 
-def compare_lines(mixer: str, rows: list[tuple[str, str, list[float] | str]]) -> list[str]:
-  """A markdown table of compare()'s rows: ms per round and the median per-round ratio to the
-  defaults (the first row)."""
-  rounds = max((len(t) for _, _, t in rows if isinstance(t, list)), default=0)
+def compare_lines(mixer: str, rows: list[CompareRow]) -> list[str]:
+  """A markdown table of compare()'s rows: ms per round, the median per-round ratio to the
+  defaults (the first row) and the compile seconds."""
+  rounds = max((len(t) for _, _, t, _ in rows if isinstance(t, list)), default=0)
   base = rows[0][2] if isinstance(rows[0][2], list) else None
   lines = [f"## {mixer.upper()}", "",
            "| candidate | resolved at this shape | " + " | ".join(
-               f"round {r + 1} ms" for r in range(rounds)) + " | / defaults |",
-           "|---|---|" + "---|" * rounds + "---|"]
-  for label, resolved, times in rows:
+               f"round {r + 1} ms" for r in range(rounds)) + " | / defaults | compile s |",
+           "|---|---|" + "---|" * rounds + "---|---|"]
+  for label, resolved, times, compile_s in rows:
     if isinstance(times, str):
-      lines.append(f"| {label} | {resolved} | " + " | ".join([times] + ["-"] * rounds) + " |")
+      lines.append(f"| {label} | {resolved} | " + " | ".join([times] + ["-"] * (rounds + 1))
+                   + " |")
       continue
     ratio = "-" if base is None else f"{statistics.median(t / b for t, b in zip(times, base)):.3f}"
     lines.append(f"| {label} | {resolved} | " + " | ".join(f"{t:.3f}" for t in times)
-                 + f" | {ratio} |")
+                 + f" | {ratio} | {compile_s:.1f} |")
   return lines
 
 

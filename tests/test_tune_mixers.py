@@ -75,14 +75,17 @@ def test_compare_alternates_compiled_candidates(monkeypatch, capsys):
   candidates = [bc.BlockSizes(num_stages_bwd=2), bc.BlockSizes(block_c=64)]
   rows = tune_mixers.compare("se", candidates, config, x, rounds=2, iters=1)
   assert built == [(bc.BlockSizes(), True), (candidates[0], True)]
-  assert [label for label, _, _ in rows] == ["defaults", "num_stages_bwd=2", "block_c=64"]
+  assert [label for label, _, _, _ in rows] == ["defaults", "num_stages_bwd=2", "block_c=64"]
   assert rows[0][2] == [2.0, 4.0] and rows[1][2] == [1.0, 3.0]
-  assert rows[2][2].startswith("unsupported")
+  assert rows[2][2].startswith("unsupported") and rows[2][3] is None
+  assert rows[0][3] > 0 and rows[1][3] > 0  # compile seconds
   lines = tune_mixers.compare_lines("se", rows)
-  assert lines[2] == "| candidate | resolved at this shape | round 1 ms | round 2 ms | / defaults |"
-  assert lines[4].startswith("| defaults |") and lines[4].endswith("| 2.000 | 4.000 | 1.000 |")
-  assert lines[5].endswith("| 1.000 | 3.000 | 0.625 |")  # median of 0.5 and 0.75
-  assert "unsupported" in lines[6] and lines[6].endswith("| - | - |")
+  assert lines[2] == ("| candidate | resolved at this shape | round 1 ms | round 2 ms | "
+                      "/ defaults | compile s |")
+  assert lines[4].startswith("| defaults |")
+  assert lines[4].endswith(f"| 2.000 | 4.000 | 1.000 | {rows[0][3]:.1f} |")
+  assert lines[5].endswith(f"| 1.000 | 3.000 | 0.625 | {rows[1][3]:.1f} |")  # median of 0.5, 0.75
+  assert "unsupported" in lines[6] and lines[6].endswith("| - | - | - |")
   assert bc.BlockSizes.get_default() == bc.BlockSizes()
   assert "round 2" in capsys.readouterr().out
 
