@@ -2,7 +2,7 @@
 
   pip install triton   # the compiler and its cuobjdump: no GPU needed
   PYTHONPATH=. python experiments/kernel_resources.py [--preset evo2-1b] [--length 8192]
-      [--mixers se,mr,li] [--candidate se:num_stages_bwd=2 ...] [--out FILE]
+      [--mixers se,mr,li] [--candidate se:num_stages_bwd=2 ...] [--pass-timing] [--out FILE]
 
 Each mixer module's forward + backward (under the model's save_dots remat, as a training step
 runs a block) is lowered for CUDA on this machine, with the backend reported as "gpu" while
@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import math
 import os
 import re
@@ -167,10 +168,40 @@ def mixer_kernels(mixer: str, config: config_lib.ModelConfig, length: int,
     return lowered_kernels(forward_backward, params, x, x)
 
 
-def compile_resources(kernel: Kernel) -> dict[str, int]:
+_PASS_TIME = re.compile(r"^\s+([0-9.]+) \(\s*[0-9.]+%\)\s+(\S.*?)\s*$", re.MULTILINE)
+
+
+def slowest_pass(timing_report: str) -> tuple[str, float]:
+  """(name, seconds) of the slowest pass in MLIR's execution time reports (MLIR_ENABLE_TIMING
+  output; "Total" and "Rest" lines are not passes)."""
+  passes = [(float(seconds), name) for seconds, name in _PASS_TIME.findall(timing_report)
+            if name not in ("Total", "Rest")]
+  if not passes:
+    raise ValueError(f"no pass timings in the report: {timing_report[:200]!r}")
+  seconds, name = max(passes)
+  return name, seconds
+
+
+@contextlib.contextmanager
+def _stderr_to(path: str) -> Iterator[None]:
+  """Within the block, this process's file descriptor 2 (where the compiler's C++ writes)
+  goes to `path`."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with open(path, "wb") as target:
+    os.dup2(target.fileno(), 2)
+    try:
+      yield
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
+def compile_resources(kernel: Kernel, pass_timing: bool = False) -> dict[str, Any]:
   """Registers, stack and shared bytes of `kernel` compiled for sm_90 by the triton wheel, and
   the compile's milliseconds on this machine ("compile_ms": the wheel's Triton on this CPU, a
-  proxy for which kernels dominate a cold compile on the GPU, not its seconds)."""
+  proxy for which kernels dominate a cold compile on the GPU, not its seconds). pass_timing:
+  also "slowest_pass", (name, seconds) of the compiler pass that took longest."""
   try:
     import triton  # noqa: PLC0415
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
@@ -182,11 +213,21 @@ def compile_resources(kernel: Kernel) -> dict[str, int]:
     source = os.path.join(tmp, f"{kernel.name}.ttir")
     with open(source, "w") as f:
       f.write(kernel.ttir)
-    start = time.perf_counter()
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": kernel.num_warps,
-                                       "num_stages": kernel.num_stages})
-    compile_s = time.perf_counter() - start
+    timing = os.path.join(tmp, "timing.txt")
+    if pass_timing:
+      os.environ["MLIR_ENABLE_TIMING"] = "1"
+    try:
+      with _stderr_to(timing) if pass_timing else contextlib.nullcontext():
+        start = time.perf_counter()
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": kernel.num_warps,
+                                           "num_stages": kernel.num_stages})
+        compile_s = time.perf_counter() - start
+    finally:
+      os.environ.pop("MLIR_ENABLE_TIMING", None)
+    if pass_timing:
+      with open(timing) as f:
+        timing_report = f.read()
     cubin = os.path.join(tmp, "kernel.cubin")
     with open(cubin, "wb") as f:
       f.write(compiled.asm["cubin"])
@@ -197,15 +238,18 @@ def compile_resources(kernel: Kernel) -> dict[str, int]:
   found = parse_resource_usage(usage)
   found["shared"] = max(found["shared"], compiled.metadata.shared)  # dynamic shared memory
   found["compile_ms"] = round(compile_s * 1e3)
+  if pass_timing:
+    found["slowest_pass"] = slowest_pass(timing_report)
   return found
 
 
 def table_rows(mixer: str, label: str, kernels: list[Kernel],
-               resources: Callable[[Kernel], dict[str, int]] = compile_resources,
+               resources: Callable[[Kernel], dict[str, Any]] = compile_resources,
                limits: SmLimits = H100) -> list[str]:
   """Markdown rows: mixer, candidate, kernel, programs, warps, stages, registers, spill stack
   bytes, shared KiB, programs per SM (limiter), waves, compile seconds ("-" when `resources`
-  does not time it)."""
+  does not time it), and the slowest pass with its share of the compile when `resources`
+  reports it."""
   rows = []
   for kernel in kernels:
     found = resources(kernel)
@@ -216,6 +260,9 @@ def table_rows(mixer: str, label: str, kernels: list[Kernel],
                 f"{kernel.num_stages} | {found['registers']} | {found['stack']} | "
                 f"{found['shared'] / 1024:.1f} | {per_sm} ({limiter}) | {waves:.2f} | "
                 + (f"{found['compile_ms'] / 1e3:.1f} |" if "compile_ms" in found else "- |"))
+    if "slowest_pass" in found:
+      name, seconds = found["slowest_pass"]
+      rows[-1] += f" {name} ({seconds / max(found['compile_ms'] / 1e3, 1e-9):.0%}) |"
   return rows
 
 
@@ -228,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                       metavar="MIXER:FIELD=VALUE[,FIELD=VALUE]",
                       help="also compile that mixer with these default BlockSizes fields "
                            "(repeatable)")
+  parser.add_argument("--pass-timing", action="store_true",
+                      help="a column with each kernel's slowest compiler pass and its share of "
+                           "the compile (MLIR's pass timing)")
   parser.add_argument("--out", default=None, help="markdown file (default: print only)")
   args = parser.parse_args(argv)
   mixers, candidates = mixers_and_candidates(parser, args.mixers, args.candidate)
@@ -245,14 +295,17 @@ def main(argv: list[str] | None = None) -> int:
            "- compile s: the wheel's Triton compile of the kernel on this CPU (relative sizes "
            "only; the GPU machine compiles with XLA's Triton on faster cores)",
            "", "| mixer | candidate | kernel | programs | warps | stages | registers | spill stack "
-           "B | shared KiB | programs/SM (limit) | waves | compile s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "B | shared KiB | programs/SM (limit) | waves | compile s |"
+           + (" slowest pass (share) |" if args.pass_timing else ""),
+           "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.pass_timing else "")]
+  resources = functools.partial(compile_resources, pass_timing=args.pass_timing)
   runs = [(mixer, None) for mixer in mixers] + candidates
   for mixer, candidate in runs:
     label = "defaults" if candidate is None else ", ".join(
         f"{f.name}={getattr(candidate, f.name)}" for f in dataclasses.fields(candidate)
         if getattr(candidate, f.name) is not None)
-    rows = table_rows(mixer, label, mixer_kernels(mixer, config, args.length, candidate))
+    rows = table_rows(mixer, label, mixer_kernels(mixer, config, args.length, candidate),
+                      resources)
     print("\n".join(rows), flush=True)
     lines += rows
   report.emit(lines, args.out)

@@ -67,3 +67,21 @@ def test_table_rows_count_waves_from_the_grid():
   timed = {"registers": 255, "stack": 0, "shared": 0, "compile_ms": 1234}
   assert kr.table_rows("se", "d", [kernel], lambda k: timed,
                        limits)[0].endswith("| 2 (registers) | 1.00 | 1.2 |")
+
+
+def test_slowest_pass_reads_mlir_timing_reports():
+  """The slowest pass over every report (the compiler prints one per pipeline), Total and Rest
+  lines skipped; a row then names it with its share of the compile."""
+  report = ("===---===\n  Total Execution Time: 34.9780 seconds\n\n  ----Wall Time----  ----Name----\n"
+            "    0.0288 (  0.1%)  ConvertTritonToTritonGPU\n   34.3952 ( 98.3%)  TritonGPUCoalesce\n"
+            "    0.0220 (  0.1%)    CanonicalizerPass\n   34.9780 (100.0%)  Total\n"
+            "===---===\n    0.0817 ( 39.0%)  Rest\n    0.0338 ( 16.1%)  ConvertTritonGPUToLLVM\n"
+            "    0.2091 (100.0%)  Total\n")
+  assert kr.slowest_pass(report) == ("TritonGPUCoalesce", 34.3952)
+  with pytest.raises(ValueError, match="no pass timings"):
+    kr.slowest_pass("  Total Execution Time: 1.0 seconds\n    1.0000 (100.0%)  Total\n")
+  kernel = kr.Kernel("k", (2,), 1, 3, "module {}")
+  found = {"registers": 32, "stack": 0, "shared": 0, "compile_ms": 40000,
+           "slowest_pass": ("TritonGPUCoalesce", 34.3952)}
+  assert kr.table_rows("li", "d", [kernel], lambda k: found)[0].endswith(
+      "| 40.0 | TritonGPUCoalesce (86%) |")
