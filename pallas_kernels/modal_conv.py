@@ -67,6 +67,9 @@ logger = logging.getLogger(__name__)
 # one warp beat 2 and 4 (9x and 15x slower; measured, not profiled), 1024 programs beat
 # 2048/4096/8192 (the sweep stopped at its edge: fewer programs are untried; chunk 4 is within
 # noise for the module, faster for the backward's forward walk alone: DEFAULT_CHUNK_BWD_FORWARD).
+# Chunk 4 halves the kernels' Triton compile (the coalescing pass grows with the square of the
+# unrolled rows) but costs the module 0.8-5.3% of its run time (tune_mixers_nvidia_h100_80gb_
+# hbm3.md, seventh run).
 DEFAULT_CHUNK = 8  # rows unrolled per loop iteration
 # The backward's forward walk (modal_conv_bwd_forward) with 4-row chunks: 0.279 -> 0.250 ms on an
 # H100 at C = 1920, L = 8K, where 4-row chunks slow the other kernels (bwd_reverse 0.136 ->
