@@ -183,9 +183,11 @@ def slowest_pass(timing_report: str) -> tuple[str, float]:
 
 
 @contextlib.contextmanager
-def _stderr_to(path: str) -> Iterator[None]:
-  """Within the block, this process's file descriptor 2 (where the compiler's C++ writes)
-  goes to `path`."""
+def _pass_timing_to(path: str) -> Iterator[None]:
+  """Within the block, Triton compiles with MLIR's pass timing on, and this process's file
+  descriptor 2 (where the compiler's C++ writes its reports) goes to `path`."""
+  previous = os.environ.get("MLIR_ENABLE_TIMING")
+  os.environ["MLIR_ENABLE_TIMING"] = "1"
   sys.stderr.flush()
   saved = os.dup(2)
   with open(path, "wb") as target:
@@ -195,6 +197,10 @@ def _stderr_to(path: str) -> Iterator[None]:
     finally:
       os.dup2(saved, 2)
       os.close(saved)
+      if previous is None:
+        del os.environ["MLIR_ENABLE_TIMING"]
+      else:
+        os.environ["MLIR_ENABLE_TIMING"] = previous
 
 
 def compile_resources(kernel: Kernel, pass_timing: bool = False) -> dict[str, Any]:
@@ -214,17 +220,12 @@ def compile_resources(kernel: Kernel, pass_timing: bool = False) -> dict[str, An
     with open(source, "w") as f:
       f.write(kernel.ttir)
     timing = os.path.join(tmp, "timing.txt")
-    if pass_timing:
-      os.environ["MLIR_ENABLE_TIMING"] = "1"
-    try:
-      with _stderr_to(timing) if pass_timing else contextlib.nullcontext():
-        start = time.perf_counter()
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": kernel.num_warps,
-                                           "num_stages": kernel.num_stages})
-        compile_s = time.perf_counter() - start
-    finally:
-      os.environ.pop("MLIR_ENABLE_TIMING", None)
+    with _pass_timing_to(timing) if pass_timing else contextlib.nullcontext():
+      start = time.perf_counter()
+      compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": kernel.num_warps,
+                                         "num_stages": kernel.num_stages})
+      compile_s = time.perf_counter() - start
     if pass_timing:
       with open(timing) as f:
         timing_report = f.read()
