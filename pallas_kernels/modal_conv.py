@@ -69,7 +69,7 @@ logger = logging.getLogger(__name__)
 # noise for the module, faster for the backward's forward walk alone: DEFAULT_CHUNK_BWD_FORWARD).
 # Chunk 4 halves the kernels' Triton compile (the coalescing pass grows with the square of the
 # unrolled rows) but costs the module 0.8-5.3% of its run time (tune_mixers_nvidia_h100_80gb_
-# hbm3.md, seventh run).
+# hbm3.md, seventh run); the rotated chunk loop (_walk) halves it at no run-time cost.
 DEFAULT_CHUNK = 8  # rows unrolled per loop iteration
 # The backward's forward walk (modal_conv_bwd_forward) with 4-row chunks: 0.279 -> 0.250 ms on an
 # H100 at C = 1920, L = 8K, where 4-row chunks slow the other kernels (bwd_reverse 0.136 ->
@@ -243,17 +243,29 @@ def _walk(refs, chunk: int, segment_chunks: int, reverse: bool, process, init, t
         rows.append(tuple(ref[pl.ds(base + i, 1), :] for i in range(chunk)))
     return tuple(rows)
 
-  def body(step, carry):
-    state, rows = carry
-    next_rows = load(step + 1)
+  def run(state, rows, step):
     raw = tuple(tuple(r.astype(jnp.float32) for r in ref_rows) for ref_rows in rows)
     rows = tuple(ref_rows if not ref_taps else _featurize_rows(ref_rows, ref_taps, halo, chunk)
                  for ref_rows, ref_taps in zip(raw, taps))
     if with_raw:
-      return process(state, chunk_base(step), rows, raw), next_rows
-    return process(state, chunk_base(step), rows), next_rows
+      return process(state, chunk_base(step), rows, raw)
+    return process(state, chunk_base(step), rows)
 
-  return jax.lax.fori_loop(0, segment_chunks, body, (init, load(0)))[0]
+  # Step s loads chunk s and processes chunk s - 1 (loaded by step s - 1), so every row load
+  # appears once in the kernel, with no copy of the loads before the loop, and the chunk's
+  # arithmetic sits in a branch. Both cut Triton's compile (its coalescing pass, which walks
+  # the dependence slice of every memory op): 220 -> 63 s for LI's kernels on the CPU proxy
+  # (kernel_resources_evo2_1b_sm90.md), the module's 14 -> 7-8 s on an H100 at the same run
+  # time within 1% (modal_conv_nvidia_h100_80gb_hbm3.md; experiments/ab_li_walk.py).
+  def body(step, carry):
+    state, rows = carry
+    next_rows = load(step)
+    state = jax.lax.cond(step > 0, lambda: run(state, rows, step - 1), lambda: state)
+    return state, next_rows
+
+  zero_rows = tuple((jnp.zeros((1, ref.shape[-1]), ref.dtype),) * (halo * bool(ref_taps) + chunk)
+                    for ref, ref_taps in zip(refs, taps))
+  return jax.lax.fori_loop(0, segment_chunks + 1, body, (init, zero_rows))[0]
 
 
 def _row_or_zero(ref, row):
