@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import datetime
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -159,14 +160,15 @@ def _report(rows: list[tuple], step_rows: list[tuple], step_length: int,
            f"- device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax "
            f"{jax.__version__}, {os.cpu_count()} CPU cores, {stamp}",
            "- command: `PYTHONPATH=. python3 experiments/time_startup.py "
-           + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
-           "- seconds from the call to the parameters being ready, compilation included", "",
-           "| preset | parameters | one program: compile s | one program: total s | "
-           "init_params: total s | samplers it compiled | one program / init_params |",
-           "|---|---|---|---|---|---|---|"]
-  lines += [f"| {name} | {count / 1e6:.1f} M | {compile_s:.2f} | {one:.2f} | {new:.2f} | "
-            f"{compiled} | {one / new:.1f}x |"
-            for name, count, compile_s, one, new, compiled in rows]
+           + shlex.join(argv if argv is not None else sys.argv[1:]) + "`",
+           "- seconds from the call to the parameters being ready, compilation included"]
+  if rows:
+    lines += ["", "| preset | parameters | one program: compile s | one program: total s | "
+              "init_params: total s | samplers it compiled | one program / init_params |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {count / 1e6:.1f} M | {compile_s:.2f} | {one:.2f} | {new:.2f} | "
+              f"{compiled} | {one / new:.1f}x |"
+              for name, count, compile_s, one, new, compiled in rows]
   if step_rows:
     lines += ["", f"Train step (B = 1, L = {step_length}, one device), compiled into an "
               "empty persistent cache, then again from it; the loss and gradient norm of one "
