@@ -1,16 +1,16 @@
 """A/B on a GPU of the LI kernels' chunk walk: the prefetching loop with its first chunk's loads
-before the loop (`prologue_walk`, pallas_kernels/modal_conv.py before commit bc8dafe) against
+before the loop (`prologue_walk`, pallas_kernels/modal_conv.py before commit 6e8482d) against
 the rotated loop that modal_conv uses (`modal_conv._walk`).
 
   PYTHONPATH=. python3 experiments/ab_li_walk.py [--shapes evo2-1b:8192,evo2-7b:32768]
-      [--rounds 3] [--out FILE]
+      [--rounds 3] [--walks prologue,rotated,rotated:fwd+bwd_reverse] [--out FILE]
   PYTHONPATH=. python3 experiments/ab_li_walk.py --startup-walk prologue [--out FILE]
 
 Default: for each shape, the HyenaLI module's forward+backward (B = 1, bf16, under the
 save_dots remat policy, as a training step runs a block) is compiled with each walk in this
 process (compile seconds: the module's fwd and fwd+bwd, Triton kernels included), then timed in
-alternating rounds (median of 20 calls each), outputs and gradients compared to the prologue
-walk's. --startup-walk WALK: experiments/time_startup.py's train-step compile (evo2-1b, 8K,
+alternating rounds (median of 20 calls each), outputs, gradients and times compared to the
+first walk's. --startup-walk WALK: experiments/time_startup.py's train-step compile (evo2-1b, 8K,
 cold and from the persistent cache) with that walk; one walk per process (JAX reads the cache
 directory once per process).
 """
