@@ -29,7 +29,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import report, time_startup  # noqa: E402
@@ -46,36 +45,17 @@ def prologue_walk(refs, chunk: int, segment_chunks: int, reverse: bool, process,
                   taps=None, with_raw: bool = False):
   """modal_conv._walk as it was before the rotation (same contract): step s processes chunk s
   and loads chunk s + 1; chunk 0's rows are loaded before the loop."""
-  first_row = pl.program_id(2) * segment_chunks * chunk
-  taps = taps or (None,) * len(refs)
-  halo = max([len(t) - 1 for t in taps if t] + [0])
-
-  def chunk_base(step):
-    index = segment_chunks - 1 - step if reverse else step
-    return first_row + index * chunk
-
-  def load(step):
-    base = chunk_base(jnp.minimum(step, segment_chunks - 1))
-    rows = []
-    for ref, ref_taps in zip(refs, taps):
-      if ref_taps:
-        rows.append(tuple(modal_conv._row_or_zero(ref, base + i) for i in range(-halo, chunk)))
-      else:
-        rows.append(tuple(ref[pl.ds(base + i, 1), :] for i in range(chunk)))
-    return tuple(rows)
+  parts = modal_conv._walk_parts(refs, chunk, segment_chunks, reverse, taps)
 
   def body(step, carry):
-    state, rows = carry
-    next_rows = load(step + 1)
-    raw = tuple(tuple(r.astype(jnp.float32) for r in ref_rows) for ref_rows in rows)
-    rows = tuple(ref_rows if not ref_taps
-                 else modal_conv._featurize_rows(ref_rows, ref_taps, halo, chunk)
-                 for ref_rows, ref_taps in zip(raw, taps))
+    state, loaded = carry
+    next_loaded = parts.load(step + 1)
+    rows, raw = parts.prepare(loaded)
     if with_raw:
-      return process(state, chunk_base(step), rows, raw), next_rows
-    return process(state, chunk_base(step), rows), next_rows
+      return process(state, parts.chunk_base(step), rows, raw), next_loaded
+    return process(state, parts.chunk_base(step), rows), next_loaded
 
-  return jax.lax.fori_loop(0, segment_chunks, body, (init, load(0)))[0]
+  return jax.lax.fori_loop(0, segment_chunks, body, (init, parts.load(0)))[0]
 
 
 WALKS: dict[str, Callable[..., Any]] = {"prologue": prologue_walk, "rotated": ROTATED_WALK}

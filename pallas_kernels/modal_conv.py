@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -212,19 +213,17 @@ def _walk_sizes(bs: BlockSizes) -> BlockSizes:
 # ---------------------------------------------------------------------------------------------
 
 
-def _walk(refs, chunk: int, segment_chunks: int, reverse: bool, process, init, taps=None,
-          with_raw: bool = False):
-  """Runs `process(carry, base, rows)` over this program's segment, chunk by chunk (last
-  chunk first if `reverse`); rows[k][i] is row base + i of refs[k], float32 [1, dc]. The next
-  chunk's rows are loaded before the current chunk is processed (software prefetch: the loads
-  are in flight during the chunk's arithmetic).
+class _WalkParts(NamedTuple):
+  """The pieces of a chunk walk over this program's segment (see _walk)."""
+  taps: tuple  # one entry per ref: None or that ref's featurizer taps
+  halo: int  # max J - 1: the rows before a chunk that its featurized rows need
+  chunk_base: Callable[[jax.Array], jax.Array]  # step -> first row of the step's chunk
+  load: Callable[[jax.Array], tuple]  # step -> rows[k][i] as loaded (clamped to the segment)
+  prepare: Callable[[tuple], tuple[tuple, tuple]]  # loaded rows -> (rows, raw), float32
 
-  taps: None, or one entry per ref: None, or the J featurizer taps ([1, dc] float32 each) of
-  that ref, whose rows are then featurized, sum_j taps[j] * ref[t - j] (rows before 0 zero):
-  each chunk also loads the J - 1 rows before it.
-  with_raw: call `process(carry, base, rows, raw)`, raw[k] the float32 rows base - halo ...
-  base + chunk - 1 of refs[k] as loaded (before featurizing; halo = max J - 1).
-  """
+
+def _walk_parts(refs, chunk: int, segment_chunks: int, reverse: bool, taps=None) -> _WalkParts:
+  """Row addressing, loads and featurizing of _walk's chunks, apart from its loop."""
   first_row = pl.program_id(2) * segment_chunks * chunk
   taps = taps or (None,) * len(refs)
   halo = max([len(t) - 1 for t in taps if t] + [0])
@@ -243,13 +242,35 @@ def _walk(refs, chunk: int, segment_chunks: int, reverse: bool, process, init, t
         rows.append(tuple(ref[pl.ds(base + i, 1), :] for i in range(chunk)))
     return tuple(rows)
 
-  def run(state, rows, step):
-    raw = tuple(tuple(r.astype(jnp.float32) for r in ref_rows) for ref_rows in rows)
+  def prepare(loaded):
+    raw = tuple(tuple(r.astype(jnp.float32) for r in ref_rows) for ref_rows in loaded)
     rows = tuple(ref_rows if not ref_taps else _featurize_rows(ref_rows, ref_taps, halo, chunk)
                  for ref_rows, ref_taps in zip(raw, taps))
+    return rows, raw
+
+  return _WalkParts(taps, halo, chunk_base, load, prepare)
+
+
+def _walk(refs, chunk: int, segment_chunks: int, reverse: bool, process, init, taps=None,
+          with_raw: bool = False):
+  """Runs `process(carry, base, rows)` over this program's segment, chunk by chunk (last
+  chunk first if `reverse`); rows[k][i] is row base + i of refs[k], float32 [1, dc]. The next
+  chunk's rows are loaded before the current chunk is processed (software prefetch: the loads
+  are in flight during the chunk's arithmetic).
+
+  taps: None, or one entry per ref: None, or the J featurizer taps ([1, dc] float32 each) of
+  that ref, whose rows are then featurized, sum_j taps[j] * ref[t - j] (rows before 0 zero):
+  each chunk also loads the J - 1 rows before it.
+  with_raw: call `process(carry, base, rows, raw)`, raw[k] the float32 rows base - halo ...
+  base + chunk - 1 of refs[k] as loaded (before featurizing; halo = max J - 1).
+  """
+  parts = _walk_parts(refs, chunk, segment_chunks, reverse, taps)
+
+  def run(state, loaded, step):
+    rows, raw = parts.prepare(loaded)
     if with_raw:
-      return process(state, chunk_base(step), rows, raw)
-    return process(state, chunk_base(step), rows)
+      return process(state, parts.chunk_base(step), rows, raw)
+    return process(state, parts.chunk_base(step), rows)
 
   # Step s loads chunk s and processes chunk s - 1 (loaded by step s - 1), so every row load
   # appears once in the kernel, with no copy of the loads before the loop, and the chunk's
@@ -258,13 +279,14 @@ def _walk(refs, chunk: int, segment_chunks: int, reverse: bool, process, init, t
   # (kernel_resources_evo2_1b_sm90.md), the module's 14 -> 7-8 s on an H100 at the same run
   # time within 1% (modal_conv_nvidia_h100_80gb_hbm3.md; experiments/ab_li_walk.py).
   def body(step, carry):
-    state, rows = carry
-    next_rows = load(step)
-    state = jax.lax.cond(step > 0, lambda: run(state, rows, step - 1), lambda: state)
-    return state, next_rows
+    state, loaded = carry
+    next_loaded = parts.load(step)
+    state = jax.lax.cond(step > 0, lambda: run(state, loaded, step - 1), lambda: state)
+    return state, next_loaded
 
-  zero_rows = tuple((jnp.zeros((1, ref.shape[-1]), ref.dtype),) * (halo * bool(ref_taps) + chunk)
-                    for ref, ref_taps in zip(refs, taps))
+  zero_rows = tuple((jnp.zeros((1, ref.shape[-1]), ref.dtype),) * (parts.halo * bool(ref_taps)
+                                                                     + chunk)
+                    for ref, ref_taps in zip(refs, parts.taps))
   return jax.lax.fori_loop(0, segment_chunks + 1, body, (init, zero_rows))[0]
 
 
