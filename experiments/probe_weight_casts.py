@@ -14,7 +14,11 @@ cotangent), as device time per kernel from a profiler trace, for:
 - float32, blocked: W float32 in blocked column order, cast per call (SE's fused path since
   in_proj is stored [D, 3, D]: its reshape to [D, 3D] is blocked);
 - float32, blocked, float32 dW: as above, with the weight gradient written by the GEMM in
-  float32 (`jax.custom_vjp`, preferred_element_type) instead of a bf16 GEMM plus a cast.
+  float32 (`jax.custom_vjp`, preferred_element_type) instead of a bf16 GEMM plus a cast;
+- float32, blocked, float32 dW in row chunks: the same gradient as a batched product over
+  chunks of `--chunk-rows` rows (each chunk's [D, 3D] float32 partial) summed after it: a
+  candidate for long L, where SE with float32 params fell 9-13% behind bf16 params at 128K
+  (ops_nvidia_h100_80gb_hbm3.md, eighteenth run) while the float32 GEMM contracts all L rows.
 
 Every variant's (z, dx, dW) is checked against the bf16-weight variant's.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import sys
 import tempfile
@@ -62,10 +67,36 @@ def _project_bwd(residuals, dz_LE):
 project_f32_grad.defvjp(_project_fwd, _project_bwd)
 
 
-def _vjp(view: Callable[[jax.Array], jax.Array] | None, custom: bool = False) -> Projection:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def project_f32_grad_chunked(x_LD: jax.Array, w_DE: jax.Array, chunk_rows: int) -> jax.Array:
+  """project_f32_grad with dW summed over chunks of `chunk_rows` rows (one chunk where L is
+  not a multiple of it)."""
+  return x_LD @ w_DE.astype(x_LD.dtype)
+
+
+def _project_chunked_fwd(x_LD, w_DE, chunk_rows):
+  return _project_fwd(x_LD, w_DE)
+
+
+def _project_chunked_bwd(chunk_rows, residuals, dz_LE):
+  x_LD, w_view = residuals
+  length = x_LD.shape[0]
+  chunks = length // chunk_rows if length % chunk_rows == 0 else 1
+  x_NCD = x_LD.reshape(chunks, length // chunks, -1)
+  dz_NCE = dz_LE.reshape(chunks, length // chunks, -1)
+  dw_NDE = jax.lax.dot_general(x_NCD, dz_NCE, (((1,), (1,)), ((0,), (0,))),
+                               preferred_element_type=jnp.float32)
+  return dz_LE @ w_view.T, dw_NDE.sum(axis=0)
+
+
+project_f32_grad_chunked.defvjp(_project_chunked_fwd, _project_chunked_bwd)
+
+
+def _vjp(view: Callable[[jax.Array], jax.Array] | None,
+         custom: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> Projection:
   def run(x, w, dz):
-    if custom:
-      z, pull = jax.vjp(project_f32_grad, x, w)
+    if custom is not None:
+      z, pull = jax.vjp(custom, x, w)
     else:
       z, pull = jax.vjp(lambda x, w: x @ view(w), x, w)
     dx, dw = pull(dz)
@@ -73,10 +104,10 @@ def _vjp(view: Callable[[jax.Array], jax.Array] | None, custom: bool = False) ->
   return jax.jit(run)
 
 
-def variants(dtype: jnp.dtype) -> dict[str, tuple[Projection, str]]:
+def variants(dtype: jnp.dtype, chunk_rows: int = 32768) -> dict[str, tuple[Projection, str]]:
   """{name: (fn(x, w, dz) -> (z, dx, dW), weight storage)}; storage "bf16" (blocked columns),
   "bf16_interleaved", "interleaved" (float32, interleaved columns) or "blocked" (float32,
-  blocked columns)."""
+  blocked columns); `chunk_rows` for the chunked float32 dW."""
   def interleaved_view(w):
     return _blocked(w.astype(dtype))
   return {
@@ -84,7 +115,9 @@ def variants(dtype: jnp.dtype) -> dict[str, tuple[Projection, str]]:
       "bf16, interleaved + reorder": (_vjp(interleaved_view), "bf16_interleaved"),
       "float32, interleaved + reorder": (_vjp(interleaved_view), "interleaved"),
       "float32, blocked (today)": (_vjp(lambda w: w.astype(dtype)), "blocked"),
-      "float32, blocked, float32 dW": (_vjp(None, custom=True), "blocked"),
+      "float32, blocked, float32 dW": (_vjp(None, custom=project_f32_grad), "blocked"),
+      "float32, blocked, float32 dW in row chunks": (
+          _vjp(None, custom=lambda x, w: project_f32_grad_chunked(x, w, chunk_rows)), "blocked"),
   }
 
 
@@ -116,6 +149,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--lengths", default="4096,8192")
   parser.add_argument("--d-model", type=int, default=4096)
   parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--chunk-rows", type=int, default=32768,
+                      help="rows per chunk of the chunked float32 dW (one chunk where L is not "
+                           "a multiple)")
   parser.add_argument("--out", default=None, help="markdown file (default: print only)")
   parser.add_argument("--dry-run", action="store_true", help="tiny shapes (CPU)")
   args = parser.parse_args(argv)
@@ -142,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
                "bf16_interleaved": _interleave(w_blocked.astype(dtype))}
     reference = None
     floor_ms = None
-    for name, (fn, storage) in variants(dtype).items():
+    for name, (fn, storage) in variants(dtype, 16 if args.dry_run else args.chunk_rows).items():
       z, dx, dw = fn(x, weights[storage], dz)
       if storage in ("interleaved", "bf16_interleaved"):
         dw = _blocked(dw)

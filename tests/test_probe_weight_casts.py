@@ -21,7 +21,7 @@ def test_variant_matches_float64(name):
   x = rng.standard_normal((length, d)).astype(np.float32)
   dz = rng.standard_normal((length, 3 * d)).astype(np.float32)
   w_blocked = rng.standard_normal((d, 3 * d)).astype(np.float32)
-  fn, storage = probe.variants(jnp.bfloat16)[name]
+  fn, storage = probe.variants(jnp.bfloat16, chunk_rows=16)[name]
   weight = {"bf16": jnp.asarray(w_blocked).astype(jnp.bfloat16), "blocked": jnp.asarray(w_blocked),
             "interleaved": probe._interleave(jnp.asarray(w_blocked)),
             "bf16_interleaved": probe._interleave(jnp.asarray(w_blocked).astype(jnp.bfloat16))
@@ -35,6 +35,17 @@ def test_variant_matches_float64(name):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
   expected_dw_dtype = jnp.bfloat16 if storage.startswith("bf16") else jnp.float32
   assert dw.dtype == expected_dw_dtype
+
+
+def test_chunked_weight_gradient_sums_row_chunks():
+  """The chunked variant's dW is a batched product over L / chunk_rows chunks, summed; one
+  chunk where L is not a multiple of chunk_rows."""
+  x, dz = jnp.ones((48, 16), jnp.bfloat16), jnp.ones((48, 48), jnp.bfloat16)
+  w = jnp.ones((16, 48), jnp.float32)
+  for chunk_rows, partials in ((16, "f32[3,16,48]"), (20, "f32[1,16,48]")):
+    fn, _ = probe.variants(jnp.bfloat16, chunk_rows=chunk_rows)[
+        "float32, blocked, float32 dW in row chunks"]
+    assert partials in str(jax.make_jaxpr(fn)(x, w, dz)), chunk_rows
 
 
 def test_interleave_inverts_blocked():
