@@ -22,14 +22,14 @@ import argparse
 import contextlib
 import datetime
 import os
-import statistics
 import sys
-import time
 from typing import Any, Callable, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import probe_weight_casts  # noqa: E402
 from experiments.cli_args import parse_lengths  # noqa: E402
 from experiments.profile_trace import fwd_bwd_fn  # noqa: E402
+from experiments.timing import median_ms  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -50,12 +50,9 @@ def _dw_bf16_cast(w_dtype: jnp.dtype, residuals: tuple[jax.Array, jax.Array],
 def _dw_row_chunks(rows: int) -> WeightGrad:
   def bwd(w_dtype, residuals, dz_BLE):
     x_BLD, w_view = residuals
-    x_ND, dz_NE = x_BLD.reshape(-1, x_BLD.shape[-1]), dz_BLE.reshape(-1, dz_BLE.shape[-1])
-    chunks = x_ND.shape[0] // rows if x_ND.shape[0] % rows == 0 else 1
-    dw_CDE = jax.lax.dot_general(
-        x_ND.reshape(chunks, -1, x_ND.shape[-1]), dz_NE.reshape(chunks, -1, dz_NE.shape[-1]),
-        (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
-    return dz_BLE @ w_view.T, dw_CDE.sum(axis=0).astype(w_dtype)
+    dx_ND, dw_DE = probe_weight_casts._project_chunked_bwd(
+        rows, (x_BLD.reshape(-1, x_BLD.shape[-1]), w_view), dz_BLE.reshape(-1, dz_BLE.shape[-1]))
+    return dx_ND.reshape(x_BLD.shape), dw_DE.astype(w_dtype)
   return bwd
 
 
@@ -80,17 +77,7 @@ def weight_grad_form(bwd: WeightGrad) -> Iterator[None]:
 
 def round_medians(fn: Callable[..., Any], args: tuple, iters: int, rounds: int) -> list[float]:
   """Median ms of `iters` synchronised calls, per round, after two warm-up calls."""
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  medians = []
-  for _ in range(rounds):
-    times = []
-    for _ in range(iters):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times.append((time.perf_counter() - start) * 1e3)
-    medians.append(statistics.median(times))
-  return medians
+  return [median_ms(fn, *args, warmup=2 if r == 0 else 0, iters=iters) for r in range(rounds)]
 
 
 def main(argv: list[str] | None = None) -> None:
