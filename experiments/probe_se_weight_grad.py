@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--chunk-rows", default="16384,32768",
                       help="row counts of the chunked float32 dW forms (comma-separated)")
   parser.add_argument("--out", default=None, help="markdown file (default: print only)")
-  parser.add_argument("--dry-run", action="store_true", help="tiny shapes (CPU)")
+  parser.add_argument("--dry-run", action="store_true",
+                      help="tiny shapes (CPU: SE takes its XLA path there, so the dW forms "
+                           "differ only on GPU)")
   args = parser.parse_args(argv)
   lengths = [128] if args.dry_run else parse_lengths(parser, "--lengths", args.lengths)
   d = 64 if args.dry_run else args.d_model
