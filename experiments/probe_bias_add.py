@@ -6,9 +6,10 @@
 out = y @ W + b (y [L, D] bf16, W [D, D], b [D]), forward + backward for a random cotangent, as
 device time per kernel from a profiler trace, for: bf16 W and b; float32 W and b cast per call
 (the mixers' out-projection today); the bias cast behind an optimization barrier; the weight
-cast behind one; the add in float32 after a float32-output GEMM. With bf16 params XLA folds
-the add into the GEMM (a cuBLASLt bias epilogue); with float32 params SE's profile at 128K has
-a separate [L, D] add pass (`ops_nvidia_h100_80gb_hbm3.md`, thirty-second session).
+cast behind one; both behind one; the add in float32 after a float32-output GEMM. With bf16
+params XLA folds the add into the GEMM (a cuBLASLt bias epilogue); with float32 params SE's
+profile at 128K has a separate [L, D] add pass (`ops_nvidia_h100_80gb_hbm3.md`, thirty-second
+session; `probe_bias_add_nvidia_h100_80gb_hbm3.md`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def _cast_per_call(y: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
   return y @ w.astype(y.dtype) + b.astype(y.dtype)
 
 
+def _both_behind_one_barrier(y: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+  w_bf16, b_bf16 = jax.lax.optimization_barrier((w.astype(y.dtype), b.astype(y.dtype)))
+  return y @ w_bf16 + b_bf16
+
+
 def forms() -> dict[str, tuple[Form, jnp.dtype]]:
   """{name: (out(y, w, b), the params' dtype)}."""
   return {
@@ -46,6 +52,7 @@ def forms() -> dict[str, tuple[Form, jnp.dtype]]:
           lambda y, w, b: y @ w.astype(y.dtype) + _barrier_bf16(b), jnp.float32),
       "float32, weight cast behind a barrier": (
           lambda y, w, b: y @ _barrier_bf16(w) + b.astype(y.dtype), jnp.float32),
+      "float32, both casts behind one barrier": (_both_behind_one_barrier, jnp.float32),
       "float32, add in float32": (
           lambda y, w, b: (jnp.dot(y, w.astype(y.dtype), preferred_element_type=jnp.float32)
                            + b).astype(y.dtype), jnp.float32),
