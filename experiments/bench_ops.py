@@ -66,6 +66,8 @@ def default_variants(kernels: bool) -> list[Variant]:
       Variant("SE (pallas, XLA featurizer)", HyenaSE, {"conv_method": "pallas_unfused"}),
       Variant("SE (pallas direct FIR)", HyenaSE, {"conv_method": "pallas"},
               switches=(("SHORT_FILTER_KERNEL", "direct"),)),
+      Variant("SE (pallas, dW_out on stream 1)", HyenaSE, {"conv_method": "pallas"},
+              switches=(("OUTPUT_WEIGHT_GRAD_STREAM", 1),)),
       Variant("SE (XLA direct)", HyenaSE, {"conv_method": "direct"}),
       Variant(f"MR ({fast})", HyenaMR, {"conv_method": fast}),
       Variant("MR (pallas, fused featurizer)", HyenaMR, {"conv_method": "pallas_fused"}),
@@ -232,11 +234,13 @@ def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups
         on_row: Callable[[list[dict[str, Any]]], None] | None = None,
         families: list[str] | None = None, xla: bool = True,
         headline_only: bool = False, remat: str = "none",
-        overrides: dict[str, str] | None = None, rounds: int = 1) -> list[dict[str, Any]]:
+        overrides: dict[str, str] | None = None, rounds: int = 1,
+        names: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
   """Times every variant at every length; returns rows {op, L, fwd_ms, fwdbwd_ms}.
 
   `families` (floor, se, mr, li, mha), `xla=False` and `headline_only` (the default path of
-  each family, the rows the ratios read) restrict the variants; `remat` as in _module_fns;
+  each family, the rows the ratios read) restrict the variants, `names` (variant names) too,
+  in place of headline_only; `remat` as in _module_fns;
   `overrides`: model settings for every operator, e.g. {"out_proj_in_kernel_bwd": "false"}.
   `rounds` > 1: at each length every variant is compiled first, then timed in that many rounds
   alternating between the variants (so a drift of the GPU's clock reaches all of them alike);
@@ -252,8 +256,9 @@ def run(lengths: list[int], long_lengths: list[int], d_model: int = 4096, groups
   config = bench_config(d_model, groups, heads, remat, overrides)
   rows = []
   key = jax.random.key(0)
-  variants = select_variants(default_variants(kernels), families, xla,
-                             headline_names(kernels) if headline_only else None)
+  if names is None and headline_only:
+    names = headline_names(kernels)
+  variants = select_variants(default_variants(kernels), families, xla, names)
   for length in sorted(set(lengths) | set(long_lengths)):
     x = jax.random.normal(jax.random.fold_in(key, length), (1, length, d_model), jnp.bfloat16)
     here = [v for v in variants
@@ -478,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no-xla", action="store_true", help="skip the plain-XLA variants")
   parser.add_argument("--headline", action="store_true",
                       help="only the default path of each operator (the rows the ratios read)")
+  parser.add_argument("--variant", action="append", default=[], metavar="NAME",
+                      help="time only the variants of these names (repeat the option), e.g. "
+                           "--variant 'GEMM floor' --variant 'SE (pallas)'; in place of --headline")
   parser.add_argument("--remat", default="none", choices=REMAT,
                       help="save_dots: differentiate each operator inside jax.checkpoint with the "
                            "save-the-products policy, as `sh2 train` runs a block (default none)")
@@ -511,6 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     select_variants(default_variants(kernels), families)
   except ValueError as error:
     parser.error(str(error))
+  known = [v.name for v in default_variants(kernels)]
+  if unknown := [name for name in args.variant if name not in known]:
+    parser.error(f"--variant {unknown[0]!r} is not a variant here: choose from "
+                 + "; ".join(known))
   lengths = parse_lengths(parser, "--lengths", args.lengths)
   long_lengths = parse_lengths(parser, "--long", args.long, allow_empty=True)
   from experiments import tune_mixers  # imports this module: here, not at the top
@@ -526,6 +538,6 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(lengths, long_lengths, args.d_model, args.groups, args.heads, kernels,
                args.iters, on_row=rewrite, families=families, xla=not args.no_xla,
                headline_only=args.headline, remat=args.remat, overrides=overrides,
-               rounds=args.rounds)
+               rounds=args.rounds, names=tuple(args.variant) or None)
   print(rewrite(rows))
   return 0

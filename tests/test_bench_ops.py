@@ -14,7 +14,7 @@ def test_select_variants_by_family_and_without_xla():
   variants = bench_ops.default_variants(kernels=True)
   names = [v.name for v in bench_ops.select_variants(variants, ["se", "floor"], xla=False)]
   assert names == ["GEMM floor", "SE (pallas)", "SE (pallas, bf16 params)", "SE (pallas, XLA featurizer)",
-                   "SE (pallas direct FIR)"]
+                   "SE (pallas direct FIR)", "SE (pallas, dW_out on stream 1)"]
   assert all(not v.switches for v in bench_ops.default_variants(kernels=False))
   assert [v.name for v in bench_ops.select_variants(variants, ["li"])] == [
       "LI (pallas)", "LI (pallas, fused featurizer)", "LI (XLA fft)", "LI (XLA chunked)"]
@@ -135,6 +135,9 @@ def test_bench_ops_rejects_unknown_family(capsys):
   with pytest.raises(SystemExit):
     bench_ops.main(["--ops", "se,attention"])
   assert "--ops attention: choose from" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    bench_ops.main(["--variant", "GEMM floor", "--variant", "SE (fast)"])
+  assert "--variant 'SE (fast)' is not a variant here: choose from GEMM floor; SE (" in capsys.readouterr().err
 
 
 def test_vjp_fn_uses_a_random_cotangent():
