@@ -66,8 +66,6 @@ def default_variants(kernels: bool) -> list[Variant]:
       Variant("SE (pallas, XLA featurizer)", HyenaSE, {"conv_method": "pallas_unfused"}),
       Variant("SE (pallas direct FIR)", HyenaSE, {"conv_method": "pallas"},
               switches=(("SHORT_FILTER_KERNEL", "direct"),)),
-      Variant("SE (pallas, dW_out on stream 1)", HyenaSE, {"conv_method": "pallas"},
-              switches=(("OUTPUT_WEIGHT_GRAD_STREAM", 1),)),
       Variant("SE (XLA direct)", HyenaSE, {"conv_method": "direct"}),
       Variant(f"MR ({fast})", HyenaMR, {"conv_method": fast}),
       Variant("MR (pallas, fused featurizer)", HyenaMR, {"conv_method": "pallas_fused"}),

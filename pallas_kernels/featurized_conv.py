@@ -929,19 +929,17 @@ def _checked(z_BL3C, w_feat_3CJ, h_GK, dskip_C, block_sizes, tap_grads, layout):
   return dskip_C, resolved
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret", "tap_grads", "layout",
-                                             "weight_grad_stream"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret", "tap_grads", "layout"))
 def featurized_gate_conv_gate_proj_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Array,
                                           h_GK: jax.Array, dskip_C: jax.Array | None,
                                           w_out_CE: jax.Array, *,
                                           block_sizes: bc.BlockSizes | None = None,
                                           interpret: bool = False, tap_grads: str = "xla",
-                                          layout: str = "blocked",
-                                          weight_grad_stream: int | None = None) -> jax.Array:
+                                          layout: str = "blocked") -> jax.Array:
   """featurized_gate_conv_gate_pallas(...) @ w_out, whose backward takes the gate output for
   dW_out from the backward kernel (output_projection.project_output): a rematerialised block
   does not rerun the forward kernel. Arguments as featurized_gate_conv_gate_pallas, plus
-  w_out_CE [C, E] and weight_grad_stream (output_projection.project_output).
+  w_out_CE [C, E].
 
   Returns:
     [B, L, E] in z's dtype. Gradients for z, the taps, h, dskip and w_out.
@@ -953,7 +951,7 @@ def featurized_gate_conv_gate_proj_pallas(z_BL3C: jax.Array, w_feat_3CJ: jax.Arr
   return output_projection.project_output(
       functools.partial(_fgcg_projected_fwd, resolved, interpret, tap_grads, layout),
       functools.partial(_fgcg_projected_bwd, resolved, interpret, tap_grads, layout),
-      (z_BL3C, w_feat_3CJ, h_GK, dskip_C), w_out_CE, weight_grad_stream)
+      (z_BL3C, w_feat_3CJ, h_GK, dskip_C), w_out_CE)
 
 
 # ---------------------------------------------------------------------------------------------

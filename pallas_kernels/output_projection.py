@@ -8,10 +8,7 @@ dpost = dy * conv), so it can also write y = post * (conv + skip) at the cost of
 element. `project_output` wires that: its backward computes dy = dout @ W_out^T, runs the
 kernel backward that also returns y, then dW_out = y^T dout; the forward kernel is never
 rerun when the operator's residuals are the block's saved values (inputs, matrix products).
-dW_out depends on nothing after the kernel backward, so it may run on a second GPU stream
-(`weight_grad_stream`) beside what follows (the featurizer backward, the in-projection's
-products); XLA honours that only under `--xla_gpu_experimental_stream_annotation=true` and
-ignores it elsewhere. This module depends on jax only.
+This module depends on jax only.
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.compute_on import compute_on
 
 # forward(operands) -> (y [B, L, C], residuals); backward(residuals, dy) -> (y, operand grads).
 Forward = Callable[[tuple], tuple[jax.Array, Any]]
@@ -36,32 +32,23 @@ def _project(y_BLC: jax.Array, w_out_CE: jax.Array) -> jax.Array:
                     preferred_element_type=y_BLC.dtype)
 
 
-def _weight_grad(y_BLC: jax.Array, dout_BLE: jax.Array) -> jax.Array:
-  return jnp.einsum("blc,ble->ce", y_BLC, dout_BLE.astype(y_BLC.dtype),
-                    preferred_element_type=jnp.float32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _projected(forward: Forward, backward: Backward, stream: int | None, operands: tuple,
-               w_out_CE: jax.Array):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _projected(forward: Forward, backward: Backward, operands: tuple, w_out_CE: jax.Array):
   return _project(forward(operands)[0], w_out_CE)
 
 
-def _projected_fwd(forward, backward, stream, operands, w_out_CE):
+def _projected_fwd(forward, backward, operands, w_out_CE):
   y_BLC, residuals = forward(operands)
   return _project(y_BLC, w_out_CE), (residuals, w_out_CE)
 
 
-def _projected_bwd(forward, backward, stream, saved, dout_BLE):
+def _projected_bwd(forward, backward, saved, dout_BLE):
   residuals, w_out_CE = saved
   dy_BLC = jnp.einsum("ble,ce->blc", dout_BLE, w_out_CE.astype(dout_BLE.dtype),
                       preferred_element_type=jnp.float32).astype(dout_BLE.dtype)
   y_BLC, operand_grads = backward(residuals, dy_BLC)
-  if stream is None:
-    dw_out_CE = _weight_grad(y_BLC, dout_BLE)
-  else:
-    with compute_on(f"gpu_stream:{stream}"):
-      dw_out_CE = jax.jit(_weight_grad)(y_BLC, dout_BLE)
+  dw_out_CE = jnp.einsum("blc,ble->ce", y_BLC, dout_BLE.astype(y_BLC.dtype),
+                         preferred_element_type=jnp.float32)
   return operand_grads, dw_out_CE.astype(w_out_CE.dtype)
 
 
@@ -69,7 +56,7 @@ _projected.defvjp(_projected_fwd, _projected_bwd)
 
 
 def project_output(forward: Forward, backward: Backward, operands: tuple,
-                   w_out_CE: jax.Array, weight_grad_stream: int | None = None) -> jax.Array:
+                   w_out_CE: jax.Array) -> jax.Array:
   """forward(operands)[0] @ w_out, differentiable, y for dW_out from `backward`.
 
   Args:
@@ -78,13 +65,9 @@ def project_output(forward: Forward, backward: Backward, operands: tuple,
       cotangents of `operands`, one per operand with its shape and dtype).
     operands: tuple of arrays, the kernel's differentiable inputs.
     w_out_CE: [C, E] projection; products in y's dtype with float32 accumulation.
-    weight_grad_stream: None (dW_out in line) or n >= 1: dW_out annotated for GPU stream n.
 
   Returns:
     [B, L, E] in y's dtype. forward and backward must be hashable (functions or
     functools.partial of hashable arguments): they are static to the custom_vjp.
   """
-  if weight_grad_stream is not None and weight_grad_stream < 1:
-    raise ValueError(f"weight_grad_stream={weight_grad_stream}: use None or a stream >= 1 "
-                     "(0 is the main stream)")
-  return _projected(forward, backward, weight_grad_stream, tuple(operands), w_out_CE)
+  return _projected(forward, backward, tuple(operands), w_out_CE)

@@ -14,7 +14,7 @@ def test_select_variants_by_family_and_without_xla():
   variants = bench_ops.default_variants(kernels=True)
   names = [v.name for v in bench_ops.select_variants(variants, ["se", "floor"], xla=False)]
   assert names == ["GEMM floor", "SE (pallas)", "SE (pallas, bf16 params)", "SE (pallas, XLA featurizer)",
-                   "SE (pallas direct FIR)", "SE (pallas, dW_out on stream 1)"]
+                   "SE (pallas direct FIR)"]
   assert all(not v.switches for v in bench_ops.default_variants(kernels=False))
   assert [v.name for v in bench_ops.select_variants(variants, ["li"])] == [
       "LI (pallas)", "LI (pallas, fused featurizer)", "LI (XLA fft)", "LI (XLA chunked)"]
@@ -201,7 +201,8 @@ def test_remat_fwd_bwd_runs_under_checkpoint(monkeypatch):
 
 def test_rounds_alternate_between_operators_and_report_the_median(tmp_path, monkeypatch):
   """--rounds 3: at each length every operator is timed once per round, in turn (floor, SE,
-  floor, SE, ...), and its row holds the median of its rounds; the table lists each round."""
+  floor, SE, ...), and its row holds the median of its rounds; the table lists each round.
+  --variant NAME (repeated) times just the variants so named."""
   calls = []
 
   def fake_median_ms(fn, *, iters, max_seconds):
@@ -220,6 +221,12 @@ def test_rounds_alternate_between_operators_and_report_the_median(tmp_path, monk
   assert "- SE (blocked, bf16 params) at 64: 6.00, 12.00, 18.00" in text
   with pytest.raises(ValueError, match="rounds=0 must be >= 1"):
     bench_ops.run([64], [], 32, 2, 2, kernels=False, families=["floor"], rounds=0)
+  calls.clear()
+  bench_ops.main(["--lengths", "64", "--d-model", "32", "--groups", "2", "--heads", "2",
+                  "--variant", "SE (blocked, bf16 params)", "--variant", "GEMM floor",
+                  "--rounds", "2", "--out", str(out)])
+  rows = [line.split(" | ")[0] for line in out.read_text().splitlines() if " | " in line]
+  assert len(calls) == 8 and rows[1:3] == ["| GEMM floor", "| SE (blocked, bf16 params)"], rows
 
 
 def test_block_sizes_set_the_kernels_defaults_for_the_run(tmp_path, monkeypatch, capsys):

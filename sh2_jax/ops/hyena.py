@@ -218,10 +218,6 @@ FUSED_FEATURIZER_MAX_TAPS = 64
 # (featurized_short_conv: the FIR on CUDA cores from shifted windows, 64-channel tiles across
 # groups; fwd+bwd within 2.5% of the Toeplitz kernel on an H100, ops results' fifth run).
 SHORT_FILTER_KERNEL = "toeplitz"
-# GPU stream for the fused SE/MR kernel's dW_out product (output_projection.project_output):
-# None keeps it in line; a stream n >= 1 lets it overlap the featurizer backward when XLA runs
-# with --xla_gpu_experimental_stream_annotation=true.
-OUTPUT_WEIGHT_GRAD_STREAM: int | None = None
 
 
 def fuses_featurizer(method: str, num_taps: int) -> bool:
@@ -280,8 +276,7 @@ def explicit_mixer(x_BLD: jax.Array, w_in_DSC: jax.Array, w_feat_SCK: jax.Array,
             z, w_feat, h_GK, dskip_D, interpret=interpret), w_out_DE)
       if w_out_DE is not None:
         return featurized_conv.featurized_gate_conv_gate_proj_pallas(
-            z, w_feat, h_GK, dskip_D, w_out_DE.astype(z.dtype), interpret=interpret,
-            weight_grad_stream=OUTPUT_WEIGHT_GRAD_STREAM)
+            z, w_feat, h_GK, dskip_D, w_out_DE.astype(z.dtype), interpret=interpret)
       return featurized_conv.featurized_gate_conv_gate_pallas(
           z, w_feat, h_GK, dskip_D, interpret=interpret)
   post, pre, v = project_and_featurize(x_BLD, w_in_DSC.astype(x_BLD.dtype), w_feat_SCK)
