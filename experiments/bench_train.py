@@ -9,6 +9,9 @@ for is reported too). MFU = model FLOPs per step / step time / peak bf16 rate, w
 6 x (non-embedding params) x tokens + attention 6 x 2 x L^2 x D per MHA layer (causal: half
 of 12 L^2 D) + the tied unembedding 6 x L x D x V. Hyena filter FLOPs are not counted (they
 are small next to the projections), so Hyena MFU is slightly understated.
+Step memory: the device bytes XLA's buffer assignment gives the compiled step (train state,
+window, outputs, temporaries; the compiled program's memory analysis, so the same on every
+run), per model and as SH2 / all-MHA.
 
   python -m sh2_jax.cli bench train [--lengths 8192,32768] [--preset evo2-1b] [--models sh2,mha]
       [--set li_method=pallas_fused ...] [--rounds 5]
@@ -72,9 +75,22 @@ def build_step(model: config_lib.ModelConfig, length: int, batch: int
   return step, state, windows
 
 
+def step_memory_bytes(step: Any, state: Any, window: jax.Array) -> int | None:
+  """Device bytes a train step needs by XLA's buffer assignment: its arguments (the train
+  state, the window), its outputs not written over a donated argument, and its temporaries;
+  None where the backend gives no memory analysis. Compiles the step (the call after it reuses
+  the executable)."""
+  stats = step.lower(state, window).compile().memory_analysis()
+  if stats is None:
+    return None
+  return (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+          + stats.temp_size_in_bytes)
+
+
 def time_step(model: config_lib.ModelConfig, length: int, batch: int, iters: int
-              ) -> tuple[float, float]:
-  """(pipelined, synchronised) ms of a jitted train step (forward, backward, AdamW update).
+              ) -> tuple[float, float, int | None]:
+  """(pipelined, synchronised) ms of a jitted train step (forward, backward, AdamW update),
+  and its step_memory_bytes.
 
   Pipelined: `iters` steps dispatched back to back and one wait at the end, as `sh2 train`
   runs them (it waits only to log), so the host enqueues step i + 1 while step i runs;
@@ -82,6 +98,7 @@ def time_step(model: config_lib.ModelConfig, length: int, batch: int, iters: int
   latency at the start of every step.
   """
   step, state, windows = build_step(model, length, batch)
+  memory = step_memory_bytes(step, state, windows[0])
   state, synced = _warm_up_and_time_synchronised(step, state, windows, iters)
   start = time.perf_counter()
   for i in range(iters):
@@ -89,7 +106,7 @@ def time_step(model: config_lib.ModelConfig, length: int, batch: int, iters: int
   jax.block_until_ready(metrics)
   pipelined = (time.perf_counter() - start) * 1e3 / iters
   del state
-  return pipelined, synced
+  return pipelined, synced, memory
 
 
 def _warm_up_and_time_synchronised(step, state, windows, iters: int) -> tuple[Any, float]:
@@ -107,14 +124,16 @@ def _warm_up_and_time_synchronised(step, state, windows, iters: int) -> tuple[An
 
 
 def time_steps_interleaved(models: list[config_lib.ModelConfig], length: int, batch: int,
-                           iters: int, rounds: int) -> list[tuple[list[float], float]]:
-  """Per model: (pipelined ms of each round, synchronised median ms), with the models' timing
+                           iters: int, rounds: int) -> list[tuple[list[float], float, int | None]]:
+  """Per model: (pipelined ms of each round, synchronised median ms, step_memory_bytes), with
+  the models' timing
   windows alternating: round r times `iters` back-to-back steps of every model in turn, so
   that drift of the device's speed (clocks, temperature) during the run hits all of them
   alike. Every model's step and state stay allocated for the whole run."""
   built = [build_step(model, length, batch) for model in models]
-  states, synced = [], []
+  states, synced, memory = [], [], []
   for step, state, windows in built:
+    memory.append(step_memory_bytes(step, state, windows[0]))
     state, synced_ms = _warm_up_and_time_synchronised(step, state, windows, iters)
     states.append(state)
     synced.append(synced_ms)
@@ -128,7 +147,7 @@ def time_steps_interleaved(models: list[config_lib.ModelConfig], length: int, ba
       jax.block_until_ready(metrics)
       pipelined[k].append((time.perf_counter() - start) * 1e3 / iters)
       states[k] = state
-  return list(zip(pipelined, synced))
+  return list(zip(pipelined, synced, memory))
 
 
 def variants(preset: str, remat: str = "full", overrides: dict[str, str] | None = None
@@ -151,6 +170,10 @@ def with_settings(preset: str, model: config_lib.ModelConfig, settings: dict[str
   config = dataclasses.replace(config_lib.get_preset(preset), model=model)
   return config_lib.apply_overrides(
       config, {k if k.startswith("model.") else f"model.{k}": v for k, v in settings.items()}).model
+
+
+def _gib(nbytes: int | None) -> str:
+  return "—" if nbytes is None else f"{nbytes / 2**30:.2f}"
 
 
 def _per_round(label: str, ratios: list[float], ranges: list[tuple[float, float]], names: str) -> str:
@@ -221,13 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(timings[k], Exception):
           raise timings[k]
         if interleaved:
-          windows, synced_ms = timings[k]
+          windows, synced_ms, memory = timings[k]
           ms = statistics.median(windows)
           row["window_range"] = (min(windows), max(windows))
         else:
-          ms, synced_ms = time_step(model, length, args.batch, args.iters)
+          ms, synced_ms, memory = time_step(model, length, args.batch, args.iters)
         flops = model_flops_per_step(model, length, args.batch)
-        row.update(ms=ms, synced_ms=synced_ms, tokens_per_s=args.batch * length / (ms / 1e3),
+        row.update(ms=ms, synced_ms=synced_ms, memory=memory,
+                   tokens_per_s=args.batch * length / (ms / 1e3),
                    mfu=None if peak is None else flops / (ms / 1e3) / (peak * 1e12))
       except Exception as error:  # noqa: BLE001 - OOM/compile failures are reported in the table
         message = str(error).splitlines()[0][:100]
@@ -246,16 +270,19 @@ def main(argv: list[str] | None = None) -> int:
            f"`sh2 train` runs)" + (f", the median of {args.rounds} such windows alternating "
                                    "between the models" if args.rounds > 1 else "")
            + f"; synchronised: median of {args.iters} steps each waited for; "
-           "tokens/s and MFU from the first", "",
-           "| model | L | step ms | synchronised step ms | tokens/s | MFU |", "|---|---|---|---|---|---|"]
+           "tokens/s and MFU from the first; step memory: the step's arguments (train state, "
+           "window), outputs and temporaries by XLA's buffer assignment", "",
+           "| model | L | step ms | synchronised step ms | tokens/s | MFU | step memory GiB |",
+           "|---|---|---|---|---|---|---|"]
   for r in rows:
     if "error" in r:
-      lines.append(f"| {r['model']} | {r['L']} | {r['error']} | | | |")
+      lines.append(f"| {r['model']} | {r['L']} | {r['error']} | | | | |")
     else:
       mfu = "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
       lines.append(f"| {r['model']} | {r['L']} | {r['ms']:.1f} | {r['synced_ms']:.1f} | "
-                   f"{r['tokens_per_s']:.0f} | {mfu} |")
-  lines += ["", "| L | SH2 tokens/s / all-MHA tokens/s | synchronised steps | target |", "|---|---|---|---|"]
+                   f"{r['tokens_per_s']:.0f} | {mfu} | {_gib(r['memory'])} |")
+  lines += ["", "| L | SH2 tokens/s / all-MHA tokens/s | synchronised steps | SH2 / all-MHA step memory "
+            "| target |", "|---|---|---|---|---|"]
   for length in sorted({r["L"] for r in rows}):
     pair = [r for tag in ("sh2", "mha") for r in rows
             if r["L"] == length and r["tag"] == tag and "tokens_per_s" in r]
@@ -263,8 +290,10 @@ def main(argv: list[str] | None = None) -> int:
       target = ">= 1.3" if length <= 8192 else ">= 2"
       ratio = (statistics.median(round_ratios[length]) if length in round_ratios
                else pair[0]["tokens_per_s"] / pair[1]["tokens_per_s"])
+      memory = ("—" if None in (pair[0]["memory"], pair[1]["memory"])
+                else f"{pair[0]['memory'] / pair[1]['memory']:.2f}")
       lines.append(f"| {length} | {ratio:.2f} | "
-                   f"{pair[1]['synced_ms'] / pair[0]['synced_ms']:.2f} | {target} |")
+                   f"{pair[1]['synced_ms'] / pair[0]['synced_ms']:.2f} | {memory} | {target} |")
   def ranges(length: int, tags: tuple[str, ...]) -> list[tuple[float, float]]:
     return [r["window_range"] for tag in tags for r in rows
             if r["L"] == length and r["tag"] == tag and "window_range" in r]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import collections
 import re
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import bench_train, profile_trace, profile_train
@@ -164,15 +166,35 @@ def test_bench_train_rounds_alternate_and_report_the_median_ratio(tmp_path, monk
     assert float(lo) - 0.05 <= float(ms) <= float(hi) + 0.05
   # both rows: pipelined and synchronised step ms, tokens/s from the pipelined one, and the
   # synchronised ratio from the rows
-  full = re.findall(r"^\| (tiny[^|]*) \| 64 \| ([\d.]+) \| ([\d.]+) \| (\d+) \| — \|$", text, re.M)
+  full = re.findall(r"^\| (tiny[^|]*) \| 64 \| ([\d.]+) \| ([\d.]+) \| (\d+) \| — \| ([\d.]+) \|$",
+                    text, re.M)
   assert [r[0] for r in full] == ["tiny (SH2: 1 MHA of 4)", "tiny shape, all MHA"]
-  for _, ms, _, tokens in full:
+  for _, ms, _, tokens, _ in full:
     assert abs(int(tokens) - 64 / (float(ms) / 1e3)) <= 0.01 * int(tokens) + 1
-  synced = re.search(r"^\| 64 \| [\d.]+ \| ([\d.]+) \| >= 1.3 \|$", text, re.M).group(1)
+  synced, memory = re.search(r"^\| 64 \| [\d.]+ \| ([\d.]+) \| ([\d.]+) \| >= 1.3 \|$", text,
+                             re.M).groups()
   assert abs(float(synced) - float(full[1][2]) / float(full[0][2])) < 0.02
+  # GiB printed to 2 decimals: the tiny model's ~0.02-0.05 GiB make the ratio coarse
+  assert abs(float(memory) - float(full[0][4]) / float(full[1][4])) < 0.35
   assert "the median of 3 such windows alternating" in text
   with pytest.raises(SystemExit):
     bench_train.main(["--preset", "tiny", "--rounds", "0"])
+
+
+def test_step_memory_holds_the_state_and_grows_with_the_window():
+  """step_memory_bytes of the tiny SH2 train step: at least the train state's own bytes
+  (params and both Adam moments, float32), and more at a 4x longer window (the activations);
+  the step still runs after it."""
+  model = bench_train.variants("tiny", "save_dots")[0][1]
+  memory = {}
+  for length in (64, 256):
+    step, state, windows = bench_train.build_step(model, length, 1)
+    state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    memory[length] = bench_train.step_memory_bytes(step, state, windows[0])
+    assert memory[length] >= state_bytes + windows[0].nbytes, (memory[length], state_bytes)
+  assert memory[256] > memory[64] + 3 * (memory[64] - state_bytes) // 2, memory
+  state, metrics = step(state, windows[0])
+  assert np.isfinite(float(metrics["loss"]))
 
 
 def test_bench_train_compare_times_a_variant_after_sh2(tmp_path, monkeypatch):
