@@ -128,18 +128,6 @@ def _short_op(op_name: str, keep: int = 90) -> str:
   return name if len(name) <= keep else "..." + name[-keep:]
 
 
-def _compiled_bytes(compiled: Any) -> float | None:
-  """Per-device bytes the compiled step needs (XLA memory analysis), None if unavailable."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # noqa: BLE001 - some backends have no analysis
-    return None
-  if m is None:
-    return None
-  return float(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-               + m.temp_size_in_bytes)
-
-
 def mock_topology(gpus: int) -> None:
   """Makes this process one of `gpus` one-GPU hosts of XLA's mock topology (mock NCCL): a
   program over `gpus` devices compiles on one real GPU, for its memory (running needs real
@@ -255,7 +243,7 @@ class Bench:
       compiled, peak = xla_memory.compile_with_dump(lowered)
     else:
       compiled, peak = lowered.compile(), []
-    need = _compiled_bytes(compiled)
+    need = xla_memory.compiled_bytes(compiled)
     row: dict[str, Any] = {"need_gib": None if need is None else need / GIB}
     if peak:
       row["peak_buffers"] = peak[:EXPLAIN_ROWS]

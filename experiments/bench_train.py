@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import xla_memory
 from experiments.cli_args import parse_lengths
 from sh2_jax import config as config_lib
 from sh2_jax.model import abstract_params, count_params
@@ -76,15 +77,9 @@ def build_step(model: config_lib.ModelConfig, length: int, batch: int
 
 
 def step_memory_bytes(step: Any, state: Any, window: jax.Array) -> int | None:
-  """Device bytes a train step needs by XLA's buffer assignment: its arguments (the train
-  state, the window), its outputs not written over a donated argument, and its temporaries;
-  None where the backend gives no memory analysis. Compiles the step (the call after it reuses
-  the executable)."""
-  stats = step.lower(state, window).compile().memory_analysis()
-  if stats is None:
-    return None
-  return (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-          + stats.temp_size_in_bytes)
+  """xla_memory.compiled_bytes of a jitted train step (its arguments being the train state and
+  the window). Compiles the step; the call after it reuses the executable."""
+  return xla_memory.compiled_bytes(step.lower(state, window).compile())
 
 
 def time_step(model: config_lib.ModelConfig, length: int, batch: int, iters: int

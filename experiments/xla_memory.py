@@ -22,6 +22,20 @@ _HLO_LINE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) [\w\-]+\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
+def compiled_bytes(compiled: Any) -> int | None:
+  """Device bytes a compiled program needs by XLA's buffer assignment: its arguments, its
+  outputs not written over a donated argument, and its temporaries; None where the backend
+  gives no memory analysis."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - some backends have no analysis
+    return None
+  if m is None:
+    return None
+  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+          + m.temp_size_in_bytes)
+
+
 def compile_with_dump(lowered: Any, module: str = "jit_step") -> tuple[Any, list[dict[str, Any]]]:
   """Compiles `lowered` (a jax Lowered) with XLA's dump on; returns the compiled program and
   the buffers alive at its memory peak (`peak_buffers`). The dump is deleted afterwards."""

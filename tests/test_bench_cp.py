@@ -144,7 +144,7 @@ def test_peak_buffers_of_a_program_with_known_live_values(tmp_path):
   assert total and sum(g["bytes"] for g in peak) == int(total[1].replace(" ", ""))
   compiled, again = xla_memory.compile_with_dump(lowered, module="jit_f")
   assert again == peak
-  assert sum(g["bytes"] for g in peak) <= bench_cp._compiled_bytes(compiled)
+  assert sum(g["bytes"] for g in peak) <= xla_memory.compiled_bytes(compiled)
 
 
 def test_tuple_subshapes():
