@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sh2_jax.ops import attention, conv, filters, hyena, norms, rotary
+from sh2_jax.ops import attention, bias, conv, filters, hyena, norms, rotary
 from tests.helpers import DTYPES, x64  # noqa: F401 - x64 is a fixture
 from tests.helpers import assert_close as _assert_close
 from tests.helpers import jax_vjp as _jax_vjp
@@ -213,6 +213,28 @@ def test_rms_norm_grads(dtype):
                 GRAD_TOL[dtype])
   _assert_close(dscale, _fd_grad(lambda s: np.sum(cot * np_rms_norm(x64, s, eps)), scale64),
                 GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("y_dtype,bias_dtype", [("bfloat16", "float32"), ("bfloat16", "bfloat16"),
+                                              ("float32", "float32")])
+def test_add_bias_sums_its_gradient_in_float32(y_dtype, bias_dtype):
+  """y + b in y's dtype, and db = the sum of the cotangent over 2 x 4096 tokens as float64
+  gives it (then rounded to b's dtype): a sum accumulated in bf16 is ~1% off at this length."""
+  rng = _rng("bias", y_dtype, bias_dtype)
+  y, y64 = _rand(rng, (2, 4096, 16), y_dtype)
+  b, b64 = _rand(rng, (16,), bias_dtype)
+  cot, cot64 = _rand(rng, (2, 4096, 16), y_dtype)
+  cot = cot + jnp.asarray(1.0, cot.dtype)  # a mean far from 0: the sum grows like L
+  cot64 = np.asarray(cot).astype(np.float64)
+  out, pullback = jax.vjp(jax.jit(bias.add_bias), y, b)
+  dy, db = pullback(cot)
+  assert out.dtype == y.dtype and dy.dtype == y.dtype and db.dtype == b.dtype
+  want_out = np.asarray(jnp.asarray(y64 + np.asarray(b.astype(y.dtype)).astype(np.float64), y.dtype))
+  np.testing.assert_array_equal(np.asarray(out), want_out)
+  np.testing.assert_array_equal(np.asarray(dy), np.asarray(cot))
+  want_db = cot64.sum(axis=(0, 1))
+  rounding = 2.0 ** -8 if bias_dtype == "bfloat16" else 1e-6
+  np.testing.assert_allclose(np.asarray(db, np.float64), want_db, rtol=rounding, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from sh2_jax.config import ModelConfig
 from sh2_jax.layers import params as P
 from sh2_jax.ops.attention import causal_attention
+from sh2_jax.ops.bias import add_bias
 from sh2_jax.ops.rotary import apply_rope
 from sh2_jax.parallel.context_sharding import ContextSharding
 
@@ -39,4 +40,4 @@ class MHA(nn.Module):
     q = apply_rope(q, positions, cfg.rope_base)
     k = apply_rope(k, positions, cfg.rope_base)
     out_BLNH = causal_attention(q, k, v) if cp is None else cp.attention(q, k, v, positions)
-    return jnp.einsum("BLNH,NHD->BLD", out_BLNH, w_out.astype(dt)) + b_out.astype(dt)
+    return add_bias(jnp.einsum("BLNH,NHD->BLD", out_BLNH, w_out.astype(dt)), b_out)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from sh2_jax.config import ModelConfig
 from sh2_jax.layers import params as P
 from sh2_jax.ops import filters, hyena
+from sh2_jax.ops.bias import add_bias
 from sh2_jax.parallel.context_sharding import ContextSharding
 
 
@@ -78,7 +79,7 @@ class HyenaBase(nn.Module):
       y_BLD = self.inner(post, pre, v)
     if not in_op:
       y_BLD = y_BLD.astype(dt) @ w_out.astype(dt)
-    return y_BLD.astype(dt) + b_out.astype(dt)
+    return add_bias(y_BLD.astype(dt), b_out)
 
 
 class HyenaSE(HyenaBase):
