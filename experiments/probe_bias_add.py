@@ -5,7 +5,8 @@
 
 out = y @ W + b (y [L, D] bf16, W [D, D], b [D]), forward + backward for a random cotangent, as
 device time per kernel from a profiler trace, for: bf16 W and b; float32 W and b cast per call
-(the mixers' out-projection today); the bias cast behind an optimization barrier; the weight
+(the mixers' out-projection forward; their bias gradient is since summed in float32 by
+`sh2_jax.ops.bias.add_bias`, which this probe does not use); the bias cast behind an optimization barrier; the weight
 cast behind one; both behind one; the add in float32 after a float32-output GEMM. With bf16
 params XLA folds the add into the GEMM (a cuBLASLt bias epilogue); with float32 params SE's
 profile at 128K has a separate [L, D] add pass (`ops_nvidia_h100_80gb_hbm3.md`, thirty-second
