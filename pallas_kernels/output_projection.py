@@ -32,24 +32,37 @@ def _project(y_BLC: jax.Array, w_out_CE: jax.Array) -> jax.Array:
                     preferred_element_type=y_BLC.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _projected(forward: Forward, backward: Backward, operands: tuple, w_out_CE: jax.Array):
+def _weight_view(w_out_CE: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """W_out in the products' dtype. The barrier keeps the one cast for both products: without
+  it XLA folds the cast into the forward GEMM (a Triton fusion, slower than cuBLAS, whose bias
+  epilogue it then loses) and casts again for dy in the backward."""
+  if w_out_CE.dtype == dtype:
+    return w_out_CE
+  return jax.lax.optimization_barrier(w_out_CE.astype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _projected(forward: Forward, backward: Backward, w_dtype: jnp.dtype, operands: tuple,
+               w_out_CE: jax.Array):
   return _project(forward(operands)[0], w_out_CE)
 
 
-def _projected_fwd(forward, backward, operands, w_out_CE):
+def _projected_fwd(forward, backward, w_dtype, operands, w_out_CE):
   y_BLC, residuals = forward(operands)
-  return _project(y_BLC, w_out_CE), (residuals, w_out_CE)
+  w_view_CE = _weight_view(w_out_CE, y_BLC.dtype)
+  return _project(y_BLC, w_view_CE), (residuals, w_view_CE)
 
 
-def _projected_bwd(forward, backward, saved, dout_BLE):
-  residuals, w_out_CE = saved
-  dy_BLC = jnp.einsum("ble,ce->blc", dout_BLE, w_out_CE.astype(dout_BLE.dtype),
+def _projected_bwd(forward, backward, w_dtype, saved, dout_BLE):
+  residuals, w_view_CE = saved
+  dy_BLC = jnp.einsum("ble,ce->blc", dout_BLE, w_view_CE.astype(dout_BLE.dtype),
                       preferred_element_type=jnp.float32).astype(dout_BLE.dtype)
   y_BLC, operand_grads = backward(residuals, dy_BLC)
+  # accumulated in float32 and written in W_out's dtype by the GEMM: a float32 W_out gets its
+  # gradient without a rounding to y's dtype and without a conversion pass
   dw_out_CE = jnp.einsum("blc,ble->ce", y_BLC, dout_BLE.astype(y_BLC.dtype),
                          preferred_element_type=jnp.float32)
-  return operand_grads, dw_out_CE.astype(w_out_CE.dtype)
+  return operand_grads, dw_out_CE.astype(w_dtype)
 
 
 _projected.defvjp(_projected_fwd, _projected_bwd)
@@ -64,10 +77,12 @@ def project_output(forward: Forward, backward: Backward, operands: tuple,
     backward: (residuals, dy [B, L, C] in y's dtype) -> (y recomputed by the backward kernel,
       cotangents of `operands`, one per operand with its shape and dtype).
     operands: tuple of arrays, the kernel's differentiable inputs.
-    w_out_CE: [C, E] projection; products in y's dtype with float32 accumulation.
+    w_out_CE: [C, E] projection in any float dtype (float32 master weights included): cast
+      once to y's dtype for both products (float32 accumulation); its gradient comes in its
+      own dtype straight from the float32 accumulation.
 
   Returns:
     [B, L, E] in y's dtype. forward and backward must be hashable (functions or
     functools.partial of hashable arguments): they are static to the custom_vjp.
   """
-  return _projected(forward, backward, tuple(operands), w_out_CE)
+  return _projected(forward, backward, jnp.dtype(w_out_CE.dtype), tuple(operands), w_out_CE)

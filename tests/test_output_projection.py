@@ -163,3 +163,27 @@ def test_module_projects_in_the_kernel_only_with_remat(monkeypatch, layout, sett
   for key in ((True, False), (False, True)):
     for got, want in zip(results[True, True], results[key]):
       assert _rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["blocked", "featurized_halo", "modal"])
+def test_float32_w_out_takes_its_gradient_in_float32(kind):
+  """bf16 operands with float32 master W_out: the output is the bf16-cast W_out's, and dW_out
+  comes in float32 straight from the float32 accumulation, several times closer to the float64
+  y^T ct (y the kernel's own bf16 output) than a bf16 rounding of it would be."""
+  op, _, operands, channels = _case(kind, 11, jnp.bfloat16)
+  plain = functools.partial({"blocked": bc.gate_conv_gate_pallas,
+                             "featurized_halo": fc.featurized_gate_conv_gate_pallas,
+                             "modal": mc.featurized_gate_conv_gate_pallas}[kind], **op.keywords)
+  rng = np.random.default_rng(12)
+  w_out = jnp.asarray(rng.standard_normal((channels, 24)) / np.sqrt(channels), jnp.float32)
+  ct = jnp.asarray(rng.standard_normal(operands[0].shape[:2] + (24,)), jnp.bfloat16)
+  out, vjp = jax.vjp(op, *operands, w_out)
+  dw_out = vjp(ct)[-1]
+  assert out.dtype == jnp.bfloat16 and dw_out.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                np.asarray(op(*operands, w_out.astype(jnp.bfloat16)), np.float32))
+  y64 = np.asarray(plain(*operands), np.float64)
+  want = np.einsum("blc,ble->ce", y64, np.asarray(ct, np.float64))
+  rounded = np.asarray(jnp.asarray(want, jnp.float32).astype(jnp.bfloat16), np.float64)
+  assert _rel_err(dw_out, want) < _rel_err(rounded, want) / 4, (_rel_err(dw_out, want),
+                                                                _rel_err(rounded, want))

@@ -61,9 +61,11 @@ class HyenaBase(nn.Module):
     explicit = self.explicit_filter() if self.parallel is None else None
     modal = self.modal_filter() if self.parallel is None else None
     # One device, rematerialised: the ops apply W_out themselves, taking y for dW_out from the
-    # kernel's backward where one runs (without remat the forward's y is kept anyway).
+    # kernel's backward where one runs (without remat the forward's y is kept anyway). Either
+    # way W_out goes in in the param dtype: the product casts it once and writes its gradient
+    # in that dtype.
     in_op = self.parallel is None and cfg.out_proj_in_kernel_bwd and cfg.remat
-    w_out_in_op = w_out.astype(dt) if in_op else None
+    w_out_in_op = w_out if in_op else None
     if explicit is not None:  # SE/MR on one device: fused kernel where it applies
       # w_in in the param dtype: the product casts it and writes its gradient in that dtype
       y_BLD = hyena.explicit_mixer(x_BLD.astype(dt), w_in, w_feat, *explicit,
@@ -78,7 +80,7 @@ class HyenaBase(nn.Module):
         post, pre, v = self.parallel.project_and_featurize(x_BLD.astype(dt), w_in.astype(dt), w_feat)
       y_BLD = self.inner(post, pre, v)
     if not in_op:
-      y_BLD = y_BLD.astype(dt) @ w_out.astype(dt)
+      y_BLD = hyena.matmul_weight_in_own_dtype(y_BLD.astype(dt), w_out)
     return add_bias(y_BLD.astype(dt), b_out)
 
 

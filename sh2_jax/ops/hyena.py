@@ -165,9 +165,10 @@ _matmul_cast.defvjp(_matmul_cast_fwd, _matmul_cast_bwd)
 
 
 def project(y_BLD: jax.Array, w_out_DE: jax.Array | None) -> jax.Array:
-  """y @ w_out in y's dtype (the mixers' output projection, as the modules apply it); y when
-  w_out is None."""
-  return y_BLD if w_out_DE is None else y_BLD @ w_out_DE.astype(y_BLD.dtype)
+  """y @ w_out in y's dtype (the mixers' output projection, as the modules apply it; w_out in
+  any float dtype, its gradient in that dtype: matmul_weight_in_own_dtype); y when w_out is
+  None."""
+  return y_BLD if w_out_DE is None else matmul_weight_in_own_dtype(y_BLD, w_out_DE)
 
 
 def gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array, h_GK: jax.Array,
@@ -184,9 +185,10 @@ def gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array, h_
       "pallas" on GPU falls back to the blocked reference for shapes the kernel does not take,
       and runs in interpret mode off GPU).
     chunk: block length of the blocked method.
-    w_out_DE: [D, E] output projection, or None. Given, returns project(out, w_out); where the
-      Pallas kernel runs, by blocked_conv.gate_conv_gate_proj_pallas (dW_out from the backward
-      kernel: no forward-kernel rerun in a rematerialised block).
+    w_out_DE: [D, E] output projection (any float dtype, its gradient in that dtype), or None.
+      Given, returns project(out, w_out); where the Pallas kernel runs, by
+      blocked_conv.gate_conv_gate_proj_pallas (dW_out from the backward kernel: no
+      forward-kernel rerun in a rematerialised block).
 
   Returns:
     [B, L, D] (or [B, L, E]) in v's dtype.
@@ -197,8 +199,7 @@ def gate_conv_gate(post_BLD: jax.Array, pre_BLD: jax.Array, v_BLD: jax.Array, h_
     if w_out_DE is not None and (not on_gpu or blocked_conv.unsupported_reason(
         v_BLD.shape, h_GK.shape) is None):
       return blocked_conv.gate_conv_gate_proj_pallas(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D,
-                                                     w_out_DE.astype(v_BLD.dtype),
-                                                     interpret=not on_gpu)
+                                                     w_out_DE, interpret=not on_gpu)
     kernel = (blocked_conv.gate_conv_gate_auto if on_gpu else
               functools.partial(blocked_conv.gate_conv_gate_pallas, interpret=True))
     return project(kernel(post_BLD, pre_BLD, v_BLD, h_GK, dskip_D), w_out_DE)
@@ -276,7 +277,7 @@ def explicit_mixer(x_BLD: jax.Array, w_in_DSC: jax.Array, w_feat_SCK: jax.Array,
             z, w_feat, h_GK, dskip_D, interpret=interpret), w_out_DE)
       if w_out_DE is not None:
         return featurized_conv.featurized_gate_conv_gate_proj_pallas(
-            z, w_feat, h_GK, dskip_D, w_out_DE.astype(z.dtype), interpret=interpret)
+            z, w_feat, h_GK, dskip_D, w_out_DE, interpret=interpret)
       return featurized_conv.featurized_gate_conv_gate_pallas(
           z, w_feat, h_GK, dskip_D, interpret=interpret)
   post, pre, v = project_and_featurize(x_BLD, w_in_DSC.astype(x_BLD.dtype), w_feat_SCK)
@@ -377,7 +378,7 @@ def li_mixer(x_BLD: jax.Array, w_in_DSC: jax.Array, w_feat_SCK: jax.Array,
     interpret = jax.default_backend() != "gpu"
     if w_out_DE is not None:
       return modal_conv.featurized_gate_conv_gate_proj_pallas(
-          *operands, w_out_DE.astype(x_BLD.dtype), interpret=interpret).astype(x_BLD.dtype)
+          *operands, w_out_DE, interpret=interpret).astype(x_BLD.dtype)
     return modal_conv.featurized_gate_conv_gate_pallas(
         *operands, interpret=interpret).astype(x_BLD.dtype)
   post, pre, v = project_and_featurize(x_BLD, w_in_DSC, w_feat_SCK)
