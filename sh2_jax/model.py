@@ -21,11 +21,13 @@ REMAT_POLICIES = {  # model.remat_policy -> what jax.checkpoint keeps of a block
     "save_dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(hyena_ops.SEGMENT_STATES,
-                                                      hyena_ops.WEIGHT_VIEWS)),
+                                                      hyena_ops.WEIGHT_VIEWS,
+                                                      hyena_ops.OUT_WEIGHT_VIEW)),
     "save_dots_features": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names(hyena_ops.SEGMENT_STATES,
                                                       hyena_ops.WEIGHT_VIEWS,
+                                                      hyena_ops.OUT_WEIGHT_VIEW,
                                                       hyena_ops.FEATURIZED)),
 }
 RESIDUAL = "residual_stream"  # checkpoint name of each block's input (model.offload_residuals)

@@ -97,26 +97,28 @@ def _kernel_launches(text: str, name: str) -> int:
   return len(re.findall(f'name = "{name}"', text))
 
 
-@pytest.mark.parametrize("kind,fwd_name,bwd_name", [
-    ("blocked", "gate_conv_gate_fwd", "gate_conv_gate_bwd"),
-    ("featurized", "featurized_gate_conv_gate_fwd", "featurized_gate_conv_gate_bwd"),
-    ("modal", "modal_conv_fwd", "modal_conv_bwd_forward")])
-def test_remat_runs_the_forward_kernel_once(kind, fwd_name, bwd_name):
+@pytest.mark.parametrize("kind,fwd_name,bwd_name,w_dtype", [
+    ("blocked", "gate_conv_gate_fwd", "gate_conv_gate_bwd", jnp.bfloat16),
+    ("featurized", "featurized_gate_conv_gate_fwd", "featurized_gate_conv_gate_bwd", jnp.bfloat16),
+    ("featurized", "featurized_gate_conv_gate_fwd", "featurized_gate_conv_gate_bwd", jnp.float32),
+    ("modal", "modal_conv_fwd", "modal_conv_bwd_forward", jnp.bfloat16)])
+def test_remat_runs_the_forward_kernel_once(kind, fwd_name, bwd_name, w_dtype):
   """grad of a checkpointed block (the model's save_dots policy, as training runs it) lowered
   for CUDA: the projected operator launches its forward kernel once (and the modal kernels
-  their state pass once: the states are saved); the plain kernel followed by `@ W_out` launches
-  it twice (the backward reruns it for dW_out)."""
+  their state pass once: the states are saved), a float32 W_out (its cast held behind a
+  barrier) included; the plain kernel followed by `@ W_out` launches it twice (the backward
+  reruns it for dW_out)."""
   from sh2_jax import model as model_lib  # noqa: PLC0415
 
   op, _, operands, channels = _case(kind, 1, jnp.bfloat16)
   plain = {"blocked": bc.gate_conv_gate_pallas, "featurized": fc.featurized_gate_conv_gate_pallas,
            "modal": mc.featurized_gate_conv_gate_pallas}[kind]
-  w_out = jnp.ones((channels, 32), jnp.bfloat16)
+  w_out = jnp.ones((channels, 32), w_dtype)
   policy = model_lib.REMAT_POLICIES["save_dots"]
   counts = {}
   for projected in (True, False):
     def block(ops, w):
-      return op.func(*ops, w) if projected else plain(*ops) @ w
+      return op.func(*ops, w) if projected else plain(*ops) @ w.astype(jnp.bfloat16)
 
     loss = lambda ops, w: jnp.sum(jax.checkpoint(block, policy=policy)(ops, w).astype(jnp.float32) ** 2)  # noqa: E731
     text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(operands, w_out).lower(

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from pallas_kernels import blocked_conv, featurized_conv, featurized_short_conv, modal_conv
+from pallas_kernels import (blocked_conv, featurized_conv, featurized_short_conv, modal_conv,
+                            output_projection)
 from sh2_jax.ops import conv, filters
 
 LI_CHUNKED_MIN_LEN = 1 << 16
@@ -30,6 +31,9 @@ FEATURIZED = "hyena_featurized"
 # paths): weight-sized, so remat policies keep them rather than rebuild them in the backward
 # (0.09-0.11 ms a step per mixer kind at evo2-1b on an H100).
 WEIGHT_VIEWS = "hyena_weight_views"
+# Checkpoint name of the output projection's weight cast to the compute dtype, where the
+# projected kernels apply W_out in another dtype (remat policies "save_dots*").
+OUT_WEIGHT_VIEW = output_projection.WEIGHT_VIEW
 # Checkpoint name of the LI kernels' segment-start states (remat policies "save_dots*").
 SEGMENT_STATES = modal_conv.SEGMENT_STATES
 
