@@ -324,20 +324,27 @@ def _gcg_fwd_kernel(
   h0_TT, h1_TT, dot, *_ = _toeplitz_ops(hp_ref, chunk, dot_dtype, precision)
   dskip_1C = dskip_ref[...].astype(f32)[None, :]
   first = pl.program_id(2) * segment_chunks
+  last = first + segment_chunks - 1
 
-  def body(step, u_prev_TC):
-    rows = _chunk_rows(first + step, chunk)
+  def body(step, carry):
+    u_prev_TC, post_TC = carry
+    n = first + step
+    rows = _chunk_rows(n, chunk)
+    post_next_TC = post_ref[_chunk_rows(jnp.minimum(n + 1, last), chunk), :]
     u_TC = pre_ref[rows, :].astype(f32) * v_ref[rows, :].astype(f32)
     u_dot_TC = u_TC.astype(dot_dtype)
     y_TC = dot(h0_TT, u_dot_TC) + dot(h1_TT, u_prev_TC) + dskip_1C * u_TC
-    out_ref[rows, :] = (post_ref[rows, :].astype(f32) * y_TC).astype(out_ref.dtype)
-    return u_dot_TC
+    out_ref[rows, :] = (post_TC.astype(f32) * y_TC).astype(out_ref.dtype)
+    return u_dot_TC, post_next_TC
 
   # The chunk before the segment (zero before the sequence start).
   rows_prev = _chunk_rows(jnp.maximum(first - 1, 0), chunk)
   u_prev_TC = pre_ref[rows_prev, :].astype(f32) * v_ref[rows_prev, :].astype(f32)
   u_prev_TC = jnp.where(first > 0, u_prev_TC, 0.0).astype(dot_dtype)
-  jax.lax.fori_loop(0, segment_chunks, body, u_prev_TC)
+  # The output gate is read a chunk ahead, as the loop carry: Triton's pipeliner prefetches only
+  # the loads that feed a matrix product (pre, v), so a gate load in its own chunk would wait
+  # out the memory latency every chunk after the products.
+  jax.lax.fori_loop(0, segment_chunks, body, (u_prev_TC, post_ref[_chunk_rows(first, chunk), :]))
 
 
 def _gcg_bwd_kernel(

@@ -215,33 +215,34 @@ def _df_columns(layout: str, block_c: int, channels: int) -> list:
 
 
 def _shifted_rows(z_ref, n, chunk: int, num_taps_f: int, windows: bool,
-                  cols=slice(None)) -> list[jax.Array]:
-  """z[t - j, cols] for the rows t of chunk n and j < J, float32 [T, dc] each; rows before 0
-  are 0.
+                  cols=slice(None), dtype: jnp.dtype | None = jnp.float32) -> list[jax.Array]:
+  """z[t - j, cols] for the rows t of chunk n and j < J, [T, dc] each in `dtype` (None: z's);
+  rows before 0 are 0.
 
   windows=True (GPU): masked loads of row windows starting at nT - j (contiguous, any start).
   windows=False (interpret mode, whose loads cannot start before row 0): clamped row
   gathers, then masked. Both read the same values.
   """
-  f32 = jnp.float32
-  out = [z_ref[bc._chunk_rows(n, chunk), cols].astype(f32)]
+  dtype = dtype or z_ref.dtype
+  out = [z_ref[bc._chunk_rows(n, chunk), cols].astype(dtype)]
   for j in range(1, num_taps_f):
     rows = n * chunk - j + jax.lax.iota(jnp.int32, chunk)
     valid = (rows >= 0)[:, None]
     if windows:
       z_TC = plgpu.load(z_ref.at[pl.ds(n * chunk - j, chunk), cols], mask=valid, other=0.0)
-      out.append(z_TC.astype(f32))
+      out.append(z_TC.astype(dtype))
     else:
-      z_TC = z_ref[jnp.maximum(rows, 0), cols].astype(f32)
-      out.append(jnp.where(valid, z_TC, 0.0))
+      z_TC = z_ref[jnp.maximum(rows, 0), cols].astype(dtype)
+      out.append(jnp.where(valid, z_TC, jnp.zeros((), dtype)))
   return out
 
 
 def _featurize(wf_ref, stream: int, shifted: list[jax.Array]) -> jax.Array:
-  """f = sum_j w[stream, j] z[t - j], float32 [T, dc]."""
-  acc = wf_ref[stream, 0, :].astype(jnp.float32)[None, :] * shifted[0]
+  """f = sum_j w[stream, j] z[t - j], float32 [T, dc] (shifted: the J windows, any dtype)."""
+  f32 = jnp.float32
+  acc = wf_ref[stream, 0, :].astype(f32)[None, :] * shifted[0].astype(f32)
   for j in range(1, len(shifted)):
-    acc = acc + wf_ref[stream, j, :].astype(jnp.float32)[None, :] * shifted[j]
+    acc = acc + wf_ref[stream, j, :].astype(f32)[None, :] * shifted[j].astype(f32)
   return acc
 
 
@@ -271,23 +272,32 @@ def _fgcg_fwd_kernel(
   f32 = jnp.float32
   h0_TT, h1_TT, dot, *_ = bc._toeplitz_ops(hp_ref, chunk, dot_dtype, precision)
   dskip_1C = dskip_ref[...].astype(f32)[None, :]
+  stream_cols = _stream_columns(layout, out_ref.shape[-1])
   feat = functools.partial(_featurized, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
-                           windows=windows,
-                           stream_cols=_stream_columns(layout, out_ref.shape[-1]))
+                           windows=windows, stream_cols=stream_cols)
+  post_windows = functools.partial(_shifted_rows, zpost_ref, chunk=chunk, num_taps_f=num_taps_f,
+                                   windows=windows, cols=stream_cols[0], dtype=None)
   first = pl.program_id(2) * segment_chunks
+  last = first + segment_chunks - 1
 
-  def body(step, u_prev_TC):
+  def body(step, carry):
+    u_prev_TC, post_shifted = carry
     n = first + step
+    post_next = post_windows(jnp.minimum(n + 1, last))
     u_TC = feat(zpre_ref, stream=1, n=n) * feat(zv_ref, stream=2, n=n)
     u_dot_TC = u_TC.astype(dot_dtype)
     y_TC = dot(h0_TT, u_dot_TC) + dot(h1_TT, u_prev_TC) + dskip_1C * u_TC
-    out_ref[bc._chunk_rows(n, chunk), :] = (feat(zpost_ref, stream=0, n=n) * y_TC).astype(out_ref.dtype)
-    return u_dot_TC
+    out_TC = _featurize(wf_ref, 0, post_shifted) * y_TC
+    out_ref[bc._chunk_rows(n, chunk), :] = out_TC.astype(out_ref.dtype)
+    return u_dot_TC, tuple(post_next)
 
   prev = jnp.maximum(first - 1, 0)
   u_prev_TC = feat(zpre_ref, stream=1, n=prev) * feat(zv_ref, stream=2, n=prev)
   u_prev_TC = jnp.where(first > 0, u_prev_TC, 0.0).astype(dot_dtype)
-  jax.lax.fori_loop(0, segment_chunks, body, u_prev_TC)
+  # The post stream's windows are read a chunk ahead, as the loop carry (in z's dtype): Triton's
+  # pipeliner prefetches only the loads that feed a matrix product (pre, v), so post loaded in
+  # its own chunk would wait out the memory latency every chunk after the products.
+  jax.lax.fori_loop(0, segment_chunks, body, (u_prev_TC, tuple(post_windows(first))))
 
 
 def _fgcg_bwd_kernel(
@@ -466,19 +476,27 @@ def _fgcg_fwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref
                            windows=windows)
   outputs_T = jax.lax.iota(jnp.int32, chunk) >= halo
   first = pl.program_id(2) * segment_chunks
+  padded_len = zpost_ref.shape[0]
 
-  def body(step, carry):
+  def post_windows(step):  # the post stream's J windows of chunk first + step, in z's dtype
     start = (first + step) * (chunk - halo) - halo
+    return tuple(_rows_window(zpost_ref, start - j, chunk, padded_len, windows, cols[0],
+                              dtype=None) for j in range(num_taps_f))
+
+  def body(step, post_shifted):
+    start = (first + step) * (chunk - halo) - halo
+    post_next = post_windows(jnp.minimum(step + 1, segment_chunks - 1))
     u_TC = (feat(zpre_ref, stream=1, start=start, cols=cols[1])
             * feat(zv_ref, stream=2, start=start, cols=cols[2]))
     y_TC = dot(h0_TT, u_TC.astype(dot_dtype))
     if has_skip:
       y_TC = y_TC + dskip_1C * u_TC
-    out_TC = feat(zpost_ref, stream=0, start=start, cols=cols[0]) * y_TC
+    out_TC = _featurize(wf_ref, 0, post_shifted) * y_TC
     _store_window(out_ref, start, out_TC.astype(out_ref.dtype), outputs_T, windows)
-    return carry
+    return post_next
 
-  jax.lax.fori_loop(0, segment_chunks, body, 0)
+  # post a chunk ahead, as in _fgcg_fwd_kernel
+  jax.lax.fori_loop(0, segment_chunks, body, post_windows(0))
 
 
 def _fgcg_bwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref, dout_ref,
@@ -672,15 +690,17 @@ FEAT_BWD_NUM_STAGES = 3
 
 
 def _rows_window(ref, start, chunk: int, padded_len: int, windows: bool,
-                 cols=slice(None)) -> jax.Array:
-  """Rows start .. start + chunk - 1 (columns `cols`) of ref, float32 [chunk, dc]; rows
-  outside [0, Lp) are 0. windows: masked contiguous loads (GPU), else clamped row gathers
-  (interpret mode, whose loads cannot start before row 0)."""
+                 cols=slice(None), dtype: jnp.dtype | None = jnp.float32) -> jax.Array:
+  """Rows start .. start + chunk - 1 (columns `cols`) of ref, [chunk, dc] in `dtype` (None:
+  ref's); rows outside [0, Lp) are 0. windows: masked contiguous loads (GPU), else clamped row
+  gathers (interpret mode, whose loads cannot start before row 0)."""
+  dtype = dtype or ref.dtype
   rows = start + jax.lax.iota(jnp.int32, chunk)
   valid = ((rows >= 0) & (rows < padded_len))[:, None]
   if windows:
-    return plgpu.load(ref.at[pl.ds(start, chunk), cols], mask=valid, other=0.0).astype(jnp.float32)
-  return jnp.where(valid, ref[jnp.clip(rows, 0, padded_len - 1), cols].astype(jnp.float32), 0.0)
+    return plgpu.load(ref.at[pl.ds(start, chunk), cols], mask=valid, other=0.0).astype(dtype)
+  return jnp.where(valid, ref[jnp.clip(rows, 0, padded_len - 1), cols].astype(dtype),
+                   jnp.zeros((), dtype))
 
 
 def _featurizer_bwd_kernel(w_ref, df_ref, z_ref, dz_ref, dw_part_ref, *, chunk: int,
