@@ -284,10 +284,11 @@ def _fgcg_fwd_kernel(
     u_prev_TC, post_shifted = carry
     n = first + step
     post_next = post_windows(jnp.minimum(n + 1, last))
+    post_TC = _featurize(wf_ref, 0, post_shifted)  # before the products: its tap loads overlap them
     u_TC = feat(zpre_ref, stream=1, n=n) * feat(zv_ref, stream=2, n=n)
     u_dot_TC = u_TC.astype(dot_dtype)
     y_TC = dot(h0_TT, u_dot_TC) + dot(h1_TT, u_prev_TC) + dskip_1C * u_TC
-    out_TC = _featurize(wf_ref, 0, post_shifted) * y_TC
+    out_TC = post_TC * y_TC
     out_ref[bc._chunk_rows(n, chunk), :] = out_TC.astype(out_ref.dtype)
     return u_dot_TC, tuple(post_next)
 
@@ -486,12 +487,13 @@ def _fgcg_fwd_halo_kernel(hp_ref, dskip_ref, wf_ref, zpost_ref, zpre_ref, zv_ref
   def body(step, post_shifted):
     start = (first + step) * (chunk - halo) - halo
     post_next = post_windows(jnp.minimum(step + 1, segment_chunks - 1))
+    post_TC = _featurize(wf_ref, 0, post_shifted)
     u_TC = (feat(zpre_ref, stream=1, start=start, cols=cols[1])
             * feat(zv_ref, stream=2, start=start, cols=cols[2]))
     y_TC = dot(h0_TT, u_TC.astype(dot_dtype))
     if has_skip:
       y_TC = y_TC + dskip_1C * u_TC
-    out_TC = _featurize(wf_ref, 0, post_shifted) * y_TC
+    out_TC = post_TC * y_TC
     _store_window(out_ref, start, out_TC.astype(out_ref.dtype), outputs_T, windows)
     return post_next
 
