@@ -268,10 +268,13 @@ def _fgcg_fwd_kernel(
     precision: jax.lax.Precision | None,
     windows: bool,
     layout: str,
+    has_skip: bool = True,
 ):
+  """has_skip=False: no dskip term (Hyena-SE; dskip_ref unread): without it the skip product
+  and its layout conversion to the product's register layout leave every chunk."""
   f32 = jnp.float32
   h0_TT, h1_TT, dot, *_ = bc._toeplitz_ops(hp_ref, chunk, dot_dtype, precision)
-  dskip_1C = dskip_ref[...].astype(f32)[None, :]
+  dskip_1C = dskip_ref[...].astype(f32)[None, :] if has_skip else None
   stream_cols = _stream_columns(layout, out_ref.shape[-1])
   feat = functools.partial(_featurized, wf_ref=wf_ref, chunk=chunk, num_taps_f=num_taps_f,
                            windows=windows, stream_cols=stream_cols)
@@ -287,7 +290,9 @@ def _fgcg_fwd_kernel(
     post_TC = _featurize(wf_ref, 0, post_shifted)  # before the products: its tap loads overlap them
     u_TC = feat(zpre_ref, stream=1, n=n) * feat(zv_ref, stream=2, n=n)
     u_dot_TC = u_TC.astype(dot_dtype)
-    y_TC = dot(h0_TT, u_dot_TC) + dot(h1_TT, u_prev_TC) + dskip_1C * u_TC
+    y_TC = dot(h0_TT, u_dot_TC) + dot(h1_TT, u_prev_TC)
+    if has_skip:
+      y_TC = y_TC + dskip_1C * u_TC
     out_TC = post_TC * y_TC
     out_ref[bc._chunk_rows(n, chunk), :] = out_TC.astype(out_ref.dtype)
     return u_dot_TC, tuple(post_next)
@@ -576,8 +581,8 @@ def _specs(batch: int, padded_len: int, channels: int, groups: int, taps_pad: in
 
 def _fwd_call(z_BL3C, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int, block_sizes: bc.BlockSizes,
               interpret: bool, layout: str, halo: int, has_skip: bool = True) -> jax.Array:
-  """The forward kernel over z padded to whole chunks; halo: K - 1, has_skip: whether dskip is
-  present (both used with block_sizes.halo_fwd)."""
+  """The forward kernel over z padded to whole chunks; halo: K - 1 (used with
+  block_sizes.halo_fwd), has_skip: whether dskip is present."""
   batch, padded_len, width3 = z_BL3C.shape
   channels = width3 // _STREAMS
   num_chunks = padded_len // block_sizes.chunk
@@ -592,7 +597,8 @@ def _fwd_call(z_BL3C, wf_SJC, hp_GX, dskip_C, *, num_taps_f: int, block_sizes: b
     kernel = functools.partial(_fgcg_fwd_halo_kernel, halo=halo, has_skip=has_skip,
                                segment_chunks=segment_chunks, **common)
   else:
-    kernel = functools.partial(_fgcg_fwd_kernel, segment_chunks=num_chunks // segments, **common)
+    kernel = functools.partial(_fgcg_fwd_kernel, segment_chunks=num_chunks // segments,
+                               has_skip=has_skip, **common)
   return pl.pallas_call(
       kernel,
       grid=grid,
