@@ -168,6 +168,32 @@ def mixer_kernels(mixer: str, config: config_lib.ModelConfig, length: int,
     return lowered_kernels(forward_backward, params, x, x)
 
 
+def loop_loads(ttgir: str) -> tuple[int, int, int]:
+  """(loads the software pipeliner issues stages ahead, plain loads the kernel carries to the
+  next iteration, plain loads used in their own) in the body of a kernel's first `scf.for`
+  loop (its chunk loop), from Triton GPU IR text. A prefetched load is a
+  `ttg.async_copy_global_to_local`; a plain `tt.load` waits out the memory latency at its
+  first use, hidden only when that use is an iteration later (its value in the loop's
+  `scf.yield`). Triton pipelines only the loads that feed a matrix product."""
+  lines = ttgir.splitlines()
+  start = next((i for i, line in enumerate(lines) if "scf.for" in line), None)
+  if start is None:
+    return 0, 0, 0
+  indent = len(lines[start]) - len(lines[start].lstrip())
+  prefetched, plain, carried = 0, [], set()
+  for line in lines[start + 1:]:
+    body = line.lstrip()
+    if body.startswith("}") and len(line) - len(body) <= indent:
+      break
+    prefetched += "ttg.async_copy_global_to_local" in body
+    if match := re.match(r"(%[\w#]+) = tt\.load ", body):
+      plain.append(match.group(1))
+    if body.startswith("scf.yield") and len(line) - len(body) == indent + 2:
+      carried = set(re.findall(r"%[\w#]+", body.split(":")[0]))
+  ahead = sum(name in carried for name in plain)
+  return prefetched, ahead, len(plain) - ahead
+
+
 _PASS_TIME = re.compile(r"^\s+([0-9.]+) \(\s*[0-9.]+%\)\s+(\S.*?)\s*$", re.MULTILINE)
 
 
@@ -206,8 +232,9 @@ def _pass_timing_to(path: str) -> Iterator[None]:
 def compile_resources(kernel: Kernel, pass_timing: bool = False) -> dict[str, Any]:
   """Registers, stack and shared bytes of `kernel` compiled for sm_90 by the triton wheel, and
   the compile's milliseconds on this machine ("compile_ms": the wheel's Triton on this CPU, a
-  proxy for which kernels dominate a cold compile on the GPU, not its seconds). pass_timing:
-  also "slowest_pass", (name, seconds) of the compiler pass that took longest."""
+  proxy for which kernels dominate a cold compile on the GPU, not its seconds), and
+  "loop_loads" (loop_loads of its Triton GPU IR). pass_timing: also "slowest_pass", (name,
+  seconds) of the compiler pass that took longest."""
   try:
     import triton  # noqa: PLC0415
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
@@ -239,6 +266,7 @@ def compile_resources(kernel: Kernel, pass_timing: bool = False) -> dict[str, An
   found = parse_resource_usage(usage)
   found["shared"] = max(found["shared"], compiled.metadata.shared)  # dynamic shared memory
   found["compile_ms"] = round(compile_s * 1e3)
+  found["loop_loads"] = loop_loads(compiled.asm["ttgir"])
   if pass_timing:
     found["slowest_pass"] = slowest_pass(timing_report)
   return found
@@ -249,8 +277,8 @@ def table_rows(mixer: str, label: str, kernels: list[Kernel],
                limits: SmLimits = H100) -> list[str]:
   """Markdown rows: mixer, candidate, kernel, programs, warps, stages, registers, spill stack
   bytes, shared KiB, programs per SM (limiter), waves, compile seconds ("-" when `resources`
-  does not time it), and the slowest pass with its share of the compile when `resources`
-  reports it."""
+  does not time it), then the chunk loop's prefetched / plain loads and the slowest pass with
+  its share of the compile where `resources` reports them."""
   rows = []
   for kernel in kernels:
     found = resources(kernel)
@@ -261,6 +289,8 @@ def table_rows(mixer: str, label: str, kernels: list[Kernel],
                 f"{kernel.num_stages} | {found['registers']} | {found['stack']} | "
                 f"{found['shared'] / 1024:.1f} | {per_sm} ({limiter}) | {waves:.2f} | "
                 + (f"{found['compile_ms'] / 1e3:.1f} |" if "compile_ms" in found else "- |"))
+    if "loop_loads" in found:
+      rows[-1] += " {} / {} / {} |".format(*found["loop_loads"])
     if "slowest_pass" in found:
       name, seconds = found["slowest_pass"]
       rows[-1] += f" {name} ({seconds / max(found['compile_ms'] / 1e3, 1e-9):.0%}) |"
@@ -295,10 +325,15 @@ def main(argv: list[str] | None = None) -> int:
            f"shared memory and {H100.max_warps} warps; waves = programs / (per SM x {H100.sms})",
            "- compile s: the wheel's Triton compile of the kernel on this CPU (relative sizes "
            "only; the GPU machine compiles with XLA's Triton on faster cores)",
+           "- chunk-loop loads: in the kernel's loop, the loads Triton's pipeliner issues stages "
+           "ahead (async copies), the plain loads the kernel itself issues an iteration ahead, "
+           "and the plain loads used in their own iteration, which wait out the memory latency "
+           "(`loop_loads`)",
            "", "| mixer | candidate | kernel | programs | warps | stages | registers | spill stack "
-           "B | shared KiB | programs/SM (limit) | waves | compile s |"
-           + (" slowest pass (share) |" if args.pass_timing else ""),
-           "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.pass_timing else "")]
+           "B | shared KiB | programs/SM (limit) | waves | compile s | chunk-loop loads "
+           "(prefetched / ahead / waiting) |" + (" slowest pass (share) |" if args.pass_timing else ""),
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+           + ("---|" if args.pass_timing else "")]
   resources = functools.partial(compile_resources, pass_timing=args.pass_timing)
   runs = [(mixer, None) for mixer in mixers] + candidates
   for mixer, candidate in runs:

@@ -69,6 +69,33 @@ def test_table_rows_count_waves_from_the_grid():
                        limits)[0].endswith("| 2 (registers) | 1.00 | 1.2 |")
 
 
+def test_loop_loads_counts_the_first_loop_body_only():
+  """Async copies and plain loads between the first scf.for and its closing brace (a nested
+  loop's included), a plain load whose value the loop yields counted as loaded ahead; loads
+  before and after the loop are not counted; no loop: (0, 0, 0)."""
+  ttgir = """    %1 = tt.load %0 : tensor<16x!tt.ptr<f32>>
+    %2 = ttg.async_copy_global_to_local %0, %a : tensor<64x16x!tt.ptr<bf16>>
+    %3:2 = scf.for %i = %c0 to %c8 step %c1 iter_args(%x = %1, %w = %1) -> (tensor<16xf32>) {
+      %4 = tt.load %p : tensor<64x16x!tt.ptr<bf16>>
+      %post_next = tt.load %p, %m, %other : tensor<16x!tt.ptr<f32>>
+      %5 = ttg.async_copy_global_to_local %q, %b : tensor<64x16x!tt.ptr<bf16>>
+      %6 = scf.for %j = %c0 to %c2 step %c1 iter_args(%y = %x) -> (tensor<16xf32>) {
+        %7 = tt.load %r, %m, %other : tensor<16x!tt.ptr<f32>>
+        scf.yield %7 : tensor<16xf32>
+      } loc(#loc1)
+      %8 = ttg.async_copy_global_to_local %s, %c : tensor<16x!tt.ptr<f32>>
+      tt.store %t, %4 : tensor<64x16x!tt.ptr<bf16>>
+      scf.yield %6, %post_next : tensor<16xf32>, tensor<16xf32>
+    } loc(#loc2)
+    %9 = tt.load %u : tensor<16x!tt.ptr<f32>>
+"""
+  assert kr.loop_loads(ttgir) == (2, 1, 2)
+  assert kr.loop_loads("    %1 = tt.load %0 : tensor<16x!tt.ptr<f32>>\n") == (0, 0, 0)
+  kernel = kr.Kernel("k", (2,), 1, 3, "module {}")
+  found = {"registers": 32, "stack": 0, "shared": 0, "compile_ms": 500, "loop_loads": (12, 3, 3)}
+  assert kr.table_rows("se", "d", [kernel], lambda k: found)[0].endswith("| 0.5 | 12 / 3 / 3 |")
+
+
 def test_slowest_pass_reads_mlir_timing_reports():
   """The slowest pass over every report (the compiler prints one per pipeline), Total and Rest
   lines skipped; a row then names it with its share of the compile."""
