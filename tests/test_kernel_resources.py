@@ -96,6 +96,19 @@ def test_loop_loads_counts_the_first_loop_body_only():
   assert kr.table_rows("se", "d", [kernel], lambda k: found)[0].endswith("| 0.5 | 12 / 3 / 3 |")
 
 
+def test_gate_forwards_load_the_output_gate_a_chunk_ahead():
+  """In the Triton IR Pallas emits (before Triton's pipeliner, which prefetches only the loads
+  feeding a product), SE's forward carries its post stream's J = 3 windows and MR's its post
+  tile to the next chunk: their values are in the chunk loop's yield."""
+  config = ModelConfig(d_model=64, num_heads=2, se_groups=4, mr_groups=4, layout="SE MR",
+                       dtype="bfloat16", remat=True)
+  se_fwd = kr.mixer_kernels("se", config, 256)[0]
+  mr_fwd = kr.mixer_kernels("mr", config, 256)[0]
+  assert (se_fwd.name, mr_fwd.name) == ("featurized_gate_conv_gate_fwd", "gate_conv_gate_fwd")
+  assert kr.loop_loads(se_fwd.ttir)[1] == 3
+  assert kr.loop_loads(mr_fwd.ttir)[1] == 1
+
+
 def test_slowest_pass_reads_mlir_timing_reports():
   """The slowest pass over every report (the compiler prints one per pipeline), Total and Rest
   lines skipped; a row then names it with its share of the compile."""
