@@ -62,7 +62,7 @@ class HyenaBase(nn.Module):
     modal = self.modal_filter() if self.parallel is None else None
     # One device, rematerialised: the ops apply W_out themselves, taking y for dW_out from the
     # kernel's backward where one runs (without remat the forward's y is kept anyway). Either
-    # way W_out goes in in the param dtype: the product casts it once and writes its gradient
+    # way W_out enters in the param dtype: the product casts it once and writes its gradient
     # in that dtype.
     in_op = self.parallel is None and cfg.out_proj_in_kernel_bwd and cfg.remat
     w_out_in_op = w_out if in_op else None
