@@ -219,7 +219,7 @@ class _WalkParts(NamedTuple):
   halo: int  # max J - 1: the rows before a chunk that its featurized rows need
   chunk_base: Callable[[jax.Array], jax.Array]  # step -> first row of the step's chunk
   load: Callable[[jax.Array], tuple]  # step -> rows[k][i] as loaded (clamped to the segment)
-  prepare: Callable[[tuple], tuple[tuple, tuple]]  # loaded rows -> (rows, raw), float32
+  prepare: Callable[[tuple, jax.Array], tuple[tuple, tuple]]  # (loaded, base) -> (rows, raw)
 
 
 def _walk_parts(refs, chunk: int, segment_chunks: int, reverse: bool, taps=None) -> _WalkParts:
@@ -232,18 +232,21 @@ def _walk_parts(refs, chunk: int, segment_chunks: int, reverse: bool, taps=None)
     index = segment_chunks - 1 - step if reverse else step
     return first_row + index * chunk
 
+  # Loads only: nothing may read a loaded row in the step that loads it, or that step waits
+  # for the load before processing the previous chunk (a row before the array start loads row
+  # 0 here; prepare zeroes it).
   def load(step):
     base = chunk_base(jnp.minimum(step, segment_chunks - 1))
-    rows = []
-    for ref, ref_taps in zip(refs, taps):
-      if ref_taps:
-        rows.append(tuple(_row_or_zero(ref, base + i) for i in range(-halo, chunk)))
-      else:
-        rows.append(tuple(ref[pl.ds(base + i, 1), :] for i in range(chunk)))
-    return tuple(rows)
+    return tuple(tuple(ref[pl.ds(jnp.maximum(base + i, 0) if i < 0 else base + i, 1), :]
+                       for i in range(-halo if ref_taps else 0, chunk))
+                 for ref, ref_taps in zip(refs, taps))
 
-  def prepare(loaded):
-    raw = tuple(tuple(r.astype(jnp.float32) for r in ref_rows) for ref_rows in loaded)
+  def prepare(loaded, base):
+    raw = tuple(
+        tuple(jnp.where(base + i >= 0, r.astype(jnp.float32), 0.0) if i < 0
+              else r.astype(jnp.float32) for i, r in zip(range(-halo if ref_taps else 0, chunk),
+                                                         ref_rows))
+        for ref_rows, ref_taps in zip(loaded, taps))
     rows = tuple(ref_rows if not ref_taps else _featurize_rows(ref_rows, ref_taps, halo, chunk)
                  for ref_rows, ref_taps in zip(raw, taps))
     return rows, raw
@@ -267,10 +270,11 @@ def _walk(refs, chunk: int, segment_chunks: int, reverse: bool, process, init, t
   parts = _walk_parts(refs, chunk, segment_chunks, reverse, taps)
 
   def run(state, loaded, step):
-    rows, raw = parts.prepare(loaded)
+    base = parts.chunk_base(step)
+    rows, raw = parts.prepare(loaded, base)
     if with_raw:
-      return process(state, parts.chunk_base(step), rows, raw)
-    return process(state, parts.chunk_base(step), rows)
+      return process(state, base, rows, raw)
+    return process(state, base, rows)
 
   # Step s loads chunk s and processes chunk s - 1 (loaded by step s - 1), so every row load
   # appears once in the kernel, with no copy of the loads before the loop, and the chunk's
@@ -288,12 +292,6 @@ def _walk(refs, chunk: int, segment_chunks: int, reverse: bool, process, init, t
                                                                      + chunk)
                     for ref, ref_taps in zip(refs, parts.taps))
   return jax.lax.fori_loop(0, segment_chunks + 1, body, (init, zero_rows))[0]
-
-
-def _row_or_zero(ref, row):
-  """Row `row` of ref as [1, dc], zero where row < 0 (the featurizer's rows before the start)."""
-  value = ref[pl.ds(jnp.maximum(row, 0), 1), :]
-  return jnp.where(row >= 0, value, jnp.zeros_like(value))
 
 
 def _row_in_range(ref, row):

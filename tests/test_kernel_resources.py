@@ -109,6 +109,16 @@ def test_gate_forwards_load_the_output_gate_a_chunk_ahead():
   assert kr.loop_loads(mr_fwd.ttir)[1] == 1
 
 
+def test_li_walks_carry_every_loaded_row_to_the_next_step():
+  """LI's walks load chunk s while they process chunk s - 1: every row they load (8 rows and
+  the featurizer's 2 before them, per featurized stream) is yielded as loaded, not read in the
+  step that loads it (a select on a loaded row made that step wait for its loads first)."""
+  config = ModelConfig(d_model=64, num_heads=2, layout="LI", dtype="bfloat16", remat=True)
+  kernels = {k.name: k for k in kr.mixer_kernels("li", config, 256)}
+  assert kr.loop_loads(kernels["modal_conv_states"].ttir)[1] == 2 * 10  # pre, v
+  assert kr.loop_loads(kernels["modal_conv_fwd"].ttir)[1] == 3 * 10  # post, pre, v
+
+
 def test_slowest_pass_reads_mlir_timing_reports():
   """The slowest pass over every report (the compiler prints one per pipeline), Total and Rest
   lines skipped; a row then names it with its share of the compile."""
