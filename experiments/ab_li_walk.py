@@ -50,10 +50,11 @@ def prologue_walk(refs, chunk: int, segment_chunks: int, reverse: bool, process,
   def body(step, carry):
     state, loaded = carry
     next_loaded = parts.load(step + 1)
-    rows, raw = parts.prepare(loaded)
+    base = parts.chunk_base(step)
+    rows, raw = parts.prepare(loaded, base)
     if with_raw:
-      return process(state, parts.chunk_base(step), rows, raw), next_loaded
-    return process(state, parts.chunk_base(step), rows), next_loaded
+      return process(state, base, rows, raw), next_loaded
+    return process(state, base, rows), next_loaded
 
   return jax.lax.fori_loop(0, segment_chunks, body, (init, parts.load(0)))[0]
 
