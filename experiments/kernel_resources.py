@@ -277,8 +277,8 @@ def table_rows(mixer: str, label: str, kernels: list[Kernel],
                limits: SmLimits = H100) -> list[str]:
   """Markdown rows: mixer, candidate, kernel, programs, warps, stages, registers, spill stack
   bytes, shared KiB, programs per SM (limiter), waves, compile seconds ("-" when `resources`
-  does not time it), then the chunk loop's prefetched / plain loads and the slowest pass with
-  its share of the compile where `resources` reports them."""
+  does not time it), then the chunk loop's prefetched / ahead / waiting loads and the slowest
+  pass with its share of the compile where `resources` reports them."""
   rows = []
   for kernel in kernels:
     found = resources(kernel)
